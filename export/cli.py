@@ -1,0 +1,67 @@
+"""`qwen-vl-export CHECKPOINT OUT_DIR [--dtype bf16|fp16|fp32] [--graphs vision,embed,decoder]`.
+
+Writes OUT_DIR/{vision,embed,decoder}.onnx with their weights in `<graph>.onnx.data` (external data,
+streamed one tensor at a time). A bad checkpoint ends with one line on stderr and exit code 2.
+"""
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+from pathlib import Path
+
+from .onnx_graph import DTYPE_ALIASES
+from .spec import CheckpointError, ModelSpec
+from .weights import CheckpointWeights
+
+
+def export_graphs(ckpt_dir, out_dir, dtype: str = "bfloat16", graphs=("vision", "embed", "decoder"),
+                  progress=None) -> dict:
+    """Export the graphs of a checkpoint; returns {"spec": ModelSpec, "dtype": str, "graphs": {name: file}}."""
+    from .decoder import export_decoder
+    from .embed import export_embed
+
+    dtype = DTYPE_ALIASES[dtype]
+    spec = ModelSpec.from_checkpoint(ckpt_dir)
+    weights = CheckpointWeights(ckpt_dir)
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    exporters = {"vision": _vision_exporter(spec), "embed": export_embed, "decoder": export_decoder}
+    files = {}
+    for name in graphs:
+        t0 = time.perf_counter()
+        files[name] = exporters[name](spec, weights, out, dtype).name
+        if progress:
+            progress(f"exported {name}.onnx in {time.perf_counter() - t0:.1f} s")
+    return {"spec": spec, "dtype": dtype, "graphs": files}
+
+
+def _vision_exporter(spec: ModelSpec):
+    if spec.model_type == "qwen2_5_vl":
+        from .vision_qwen2_5 import export_vision_qwen2_5
+
+        return export_vision_qwen2_5
+    from .vision import export_vision
+
+    return export_vision
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(prog="qwen-vl-export", description=__doc__.splitlines()[0])
+    ap.add_argument("checkpoint", help="Hugging Face checkpoint directory (config.json, *.safetensors)")
+    ap.add_argument("out_dir")
+    ap.add_argument("--dtype", default="bf16", choices=sorted(DTYPE_ALIASES),
+                    help="graph dtype (default bf16, the released checkpoints' dtype; fp16 drifts on Qwen3-VL)")
+    ap.add_argument("--graphs", default="vision,embed,decoder")
+    args = ap.parse_args(argv)
+    try:
+        export_graphs(args.checkpoint, args.out_dir, args.dtype, tuple(args.graphs.split(",")),
+                      progress=lambda msg: print(msg, file=sys.stderr, flush=True))
+    except CheckpointError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,113 @@
+"""Graph 3, `decoder.onnx`: one step of the text model (prefill: seq > 1, decode: seq == 1) with an explicit
+fixed-capacity KV cache.
+
+Per layer: RMSNorm -> q/k/v proj (+bias for Qwen2.5-VL) -> per-head q/k RMSNorm (Qwen3-VL) -> MRoPE
+(interleaved for Qwen3-VL, chunked for Qwen2.5-VL) -> write K/V at rows past_lengths[b]..+seq-1 of the
+cache -> causal GQA attention over the cache -> o_proj -> residual -> RMSNorm -> SwiGLU MLP (or the sparse
+MoE block) -> residual -> + DeepStack level i after layer i (Qwen3-VL, HF `_deepstack_process`).
+Final RMSNorm, then lm_head on the row `logits_index[b]` of each sequence only.
+
+Sequences of one batch may have different lengths: right-pad them, give each its own past_lengths and
+logits_index. Padded rows write garbage into cache rows that the next step overwrites and never attend
+beyond their own row, so they do not disturb valid tokens. The runtime keeps past_lengths[b] + seq <= cache_len.
+
+| I/O | name | dtype | shape | meaning |
+|---|---|---|---|---|
+| in | `inputs_embeds` | DT | [batch, seq, C] | from embed.onnx |
+| in | `deepstack_embeds` | DT | [Ld, batch, seq, C] | added after decoder layers 0..Ld-1 (Qwen3-VL only) |
+| in | `position_ids` | int64 | [3, batch, seq] | MRoPE positions (t, h, w) per token |
+| in | `past_lengths` | int64 | [batch] | tokens already in the cache per sequence |
+| in | `logits_index` | int64 | [batch] | position in seq whose logits are returned (last valid) |
+| in | `past_key.{i}` | DT | [batch, Hkv, cache_len, D] | layer i key cache (i < L) |
+| in | `past_value.{i}` | DT | [batch, Hkv, cache_len, D] | layer i value cache |
+| out | `logits` | float32 | [batch, V] | next-token logits |
+| out | `present_key.{i}` | DT | [batch, Hkv, cache_len, D] | key cache with rows past_lengths..past_lengths+seq-1 written |
+| out | `present_value.{i}` | DT | [batch, Hkv, cache_len, D] | value cache, same rows |
+"""
+from __future__ import annotations
+
+from pathlib import Path
+
+from . import ops
+from .contracts import decoder_contract
+from .layers import activation, cast, linear, reshape, rms_norm
+from .onnx_graph import GraphBuilder
+from .rotary import text_tables
+from .spec import ModelSpec
+from .weights import CheckpointWeights
+
+
+def export_decoder(spec: ModelSpec, weights: CheckpointWeights, out_dir: Path, dtype: str) -> Path:
+    contract = decoder_contract(spec).resolve(dtype)
+    path = Path(out_dir) / "decoder.onnx"
+    g = GraphBuilder("decoder", path.with_name("decoder.onnx.data"), dtype)
+    x = {t.name: g.input(t.name, t.dtype, t.dims) for t in contract.inputs}
+    t = spec.text
+    pre = spec.weight_prefixes["text"]
+    inv_freq, axis = text_tables(t.head_dim, t.rope_theta, t.mrope_section, t.mrope_interleaved)
+
+    with g.scope("text"):
+        positions = g.op("Transpose", [x["position_ids"]], perm=[1, 2, 0])  # [B, S, 3]
+        h = x["inputs_embeds"]
+        for i in range(t.num_hidden_layers):
+            with g.scope(f"layers.{i}"):
+                h, pk, pv = decoder_layer(g, weights, f"{pre}layers.{i}", h, x, i, positions, spec, inv_freq, axis)
+                if i < spec.num_deepstack:
+                    level = g.op("Gather", [x["deepstack_embeds"], g.const(i, "int64")], axis=0)  # [B, S, C]
+                    h = g.op("Add", [h, level])
+            g.output(pk, f"present_key.{i}", dtype, contract.output(f"present_key.{i}").dims)
+            g.output(pv, f"present_value.{i}", dtype, contract.output(f"present_value.{i}").dims)
+        h = rms_norm(g, weights, h, f"{pre}norm", t.rms_norm_eps)
+        with g.scope("lm_head"):
+            g.output(lm_head(g, weights, h, x["logits_index"], spec), "logits", "float32",
+                     contract.output("logits").dims)
+    g.finish(path, doc=__doc__)
+    return path
+
+
+def decoder_layer(g, w, key, h, x, i, positions, spec: ModelSpec, inv_freq, axis):
+    t = spec.text
+    with g.scope("self_attn"):
+        n = rms_norm(g, w, h, f"{key}.input_layernorm", t.rms_norm_eps)
+        q = reshape(g, linear(g, w, n, f"{key}.self_attn.q_proj", t.attention_bias), [0, 0, -1, t.head_dim])
+        k = reshape(g, linear(g, w, n, f"{key}.self_attn.k_proj", t.attention_bias), [0, 0, -1, t.head_dim])
+        v = reshape(g, linear(g, w, n, f"{key}.self_attn.v_proj", t.attention_bias), [0, 0, -1, t.head_dim])
+        if t.qk_norm:  # per-head RMSNorm over D, before RoPE (Qwen3)
+            q = rms_norm(g, w, q, f"{key}.self_attn.q_norm", t.rms_norm_eps)
+            k = rms_norm(g, w, k, f"{key}.self_attn.k_norm", t.rms_norm_eps)
+        q = ops.mrope(g, q, positions, inv_freq, axis)  # [B, S, Hq, D]
+        k = ops.mrope(g, k, positions, inv_freq, axis)  # [B, S, Hkv, D]
+        o, pk, pv = ops.kv_cache_attention(g, q, k, v, x[f"past_key.{i}"], x[f"past_value.{i}"], x["past_lengths"],
+                                           t.head_dim**-0.5, t.num_key_value_heads, t.head_dim)
+        o = linear(g, w, reshape(g, o, [0, 0, -1]), f"{key}.self_attn.o_proj", False)  # [B, S, C]
+        h = g.op("Add", [h, o])
+    with g.scope("mlp"):
+        n = rms_norm(g, w, h, f"{key}.post_attention_layernorm", t.rms_norm_eps)
+        h = g.op("Add", [h, mlp(g, w, n, f"{key}.mlp", spec, i)])
+    return h, pk, pv
+
+
+def mlp(g, w, n, key, spec: ModelSpec, layer: int) -> str:
+    moe = spec.text.moe
+    if moe is not None and moe.is_sparse(layer):
+        from .moe import sparse_moe_block
+
+        return sparse_moe_block(g, w, n, key, spec)
+    gate = activation(g, linear(g, w, n, f"{key}.gate_proj", False), spec.text.hidden_act)
+    up = linear(g, w, n, f"{key}.up_proj", False)
+    return linear(g, w, g.op("Mul", [gate, up]), f"{key}.down_proj", False)
+
+
+def lm_head(g, w, h, logits_index, spec: ModelSpec) -> str:
+    """Select row logits_index[b] of each sequence, then logits = h @ E^T in the compute dtype, cast to fp32."""
+    c = spec.text.hidden_size
+    idx = g.op("Expand", [reshape(g, logits_index, [-1, 1, 1]), g.op("Concat", [
+        g.op("Shape", [logits_index]), g.const([1, c], "int64")], axis=0)])  # [B, 1, C]
+    last = reshape(g, g.op("GatherElements", [h, idx], axis=1), [-1, c])  # [B, C]
+    if spec.text.tie_word_embeddings:
+        key = f"{spec.weight_prefixes['text']}embed_tokens.weight"
+    else:
+        key = w.resolve(f"{spec.weight_prefixes['lm_head']}weight", "lm_head.weight")
+    table = g.weight(f"{key}", w.get(key))  # [V, C]; Gemm transB avoids a transposed copy
+    logits = g.op("Gemm", [last, table], transB=1)  # [B, V]
+    return cast(g, logits, "float32") if g.dtype != "float32" else logits

@@ -1,0 +1,67 @@
+"""Building blocks shared by the graphs: linear, norms, activations, casts.
+
+Numerics follow HF (STYLE G5): norm statistics in fp32; RMSNorm multiplies its weight in the compute dtype
+after casting back (HF Qwen3VLTextRMSNorm / Qwen2RMSNorm); LayerNorm in fp32 (torch computes bf16/fp16
+layer_norm in fp32 internally); weights of Linear layers are stored transposed ([in, out]) so the graph
+uses plain MatMul, which TensorRT and ORT both fuse with the bias Add.
+"""
+from __future__ import annotations
+
+from .onnx_graph import ELEM, GraphBuilder
+from .weights import CheckpointWeights
+
+
+def cast(g: GraphBuilder, x: str, dtype: str) -> str:
+    return g.op("Cast", [x], to=ELEM[dtype])
+
+
+def to_compute(g: GraphBuilder, x: str) -> str:
+    return x if g.dtype == "float32" else cast(g, x, g.dtype)
+
+
+def linear(g: GraphBuilder, w: CheckpointWeights, x: str, key: str, bias: bool, weight=None) -> str:
+    """y = x @ W^T + b for HF Linear `key` (weight [out, in] stored as [in, out])."""
+    with g.scope(key.split(".")[-1]):
+        wt = (weight if weight is not None else w.get(f"{key}.weight")).t()
+        y = g.op("MatMul", [x, g.weight(f"{key}.weight_t", wt)])
+        if bias:
+            y = g.op("Add", [y, g.weight(f"{key}.bias", w.get(f"{key}.bias"))])
+    return y
+
+
+def rms_norm(g: GraphBuilder, w: CheckpointWeights, x: str, key: str, eps: float) -> str:
+    """HF RMSNorm: fp32 statistics, cast back, times the weight in the compute dtype."""
+    with g.scope(key.split(".")[-1]):
+        x32 = cast(g, x, "float32") if g.dtype != "float32" else x
+        var = g.op("ReduceMean", [g.op("Mul", [x32, x32]), g.const([-1], "int64")], keepdims=1)
+        inv = g.op("Reciprocal", [g.op("Sqrt", [g.op("Add", [var, g.const(eps, "float32")])])])
+        y = to_compute(g, g.op("Mul", [x32, inv]))
+        return g.op("Mul", [y, g.weight(f"{key}.weight", w.get(f"{key}.weight"))])
+
+
+def layer_norm(g: GraphBuilder, w: CheckpointWeights, x: str, key: str, eps: float) -> str:
+    """nn.LayerNorm over the last dim, computed in fp32 (weights kept fp32: they are tiny)."""
+    with g.scope(key.split(".")[-1]):
+        x32 = cast(g, x, "float32") if g.dtype != "float32" else x
+        y = g.op("LayerNormalization", [x32, g.weight(f"{key}.weight", w.get(f"{key}.weight"), "float32"),
+                                        g.weight(f"{key}.bias", w.get(f"{key}.bias"), "float32")],
+                 axis=-1, epsilon=eps)
+        return to_compute(g, y)
+
+
+def activation(g: GraphBuilder, x: str, kind: str) -> str:
+    if kind in ("gelu_pytorch_tanh", "gelu_tanh"):
+        return g.op("Gelu", [x], approximate="tanh")
+    if kind == "gelu":
+        return g.op("Gelu", [x])
+    if kind == "silu":
+        return g.op("Mul", [x, g.op("Sigmoid", [x])])
+    raise ValueError(f"unsupported activation {kind!r}")
+
+
+def reshape(g: GraphBuilder, x: str, shape) -> str:
+    return g.op("Reshape", [x, g.const(list(shape), "int64")])
+
+
+def transpose(g: GraphBuilder, x: str, perm) -> str:
+    return g.op("Transpose", [x], perm=list(perm))

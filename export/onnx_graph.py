@@ -1,0 +1,131 @@
+"""A small ONNX graph builder that streams weights to external data one tensor at a time.
+
+Graphs are written directly as ONNX (no tracing): we choose every op (TensorRT-parsable, plugin-replaceable)
+and every cast, and the process never holds more than one weight tensor (STYLE G14 node names:
+`/text/layers.3/self_attn/q_proj/MatMul`).
+"""
+from __future__ import annotations
+
+import contextlib
+from pathlib import Path
+
+import numpy as np
+import onnx
+from onnx import TensorProto, helper, numpy_helper
+
+OPSET = 21
+
+ELEM = {"float32": TensorProto.FLOAT, "float16": TensorProto.FLOAT16, "bfloat16": TensorProto.BFLOAT16,
+        "int64": TensorProto.INT64, "int32": TensorProto.INT32, "bool": TensorProto.BOOL}
+DTYPE_ALIASES = {"fp32": "float32", "fp16": "float16", "bf16": "bfloat16",
+                 "float32": "float32", "float16": "float16", "bfloat16": "bfloat16"}
+
+
+class GraphBuilder:
+    def __init__(self, name: str, data_path: Path | None, dtype: str):
+        self.name = name
+        self.dtype = dtype  # compute dtype of activations and weights ("float32" | "float16" | "bfloat16")
+        self.nodes: list[onnx.NodeProto] = []
+        self.inputs: list[onnx.ValueInfoProto] = []
+        self.outputs: list[onnx.ValueInfoProto] = []
+        self.initializers: list[onnx.TensorProto] = []
+        self.functions: dict[tuple[str, str], onnx.FunctionProto] = {}
+        self.domains: dict[str, int] = {}
+        self._scope: list[str] = []
+        self._count: dict[str, int] = {}
+        self._consts: dict[bytes, str] = {}
+        self._data_path = data_path
+        self._data = open(data_path, "wb") if data_path else None
+        self._offset = 0
+
+    # ---- naming -------------------------------------------------------------------------------------
+    @contextlib.contextmanager
+    def scope(self, name: str):
+        self._scope.append(name)
+        try:
+            yield
+        finally:
+            self._scope.pop()
+
+    def _node_name(self, op_type: str) -> str:
+        base = "/" + "/".join(self._scope + [op_type])
+        n = self._count.get(base, 0)
+        self._count[base] = n + 1
+        return base if n == 0 else f"{base}_{n}"
+
+    # ---- graph I/O ----------------------------------------------------------------------------------
+    def input(self, name: str, dtype: str, dims) -> str:
+        self.inputs.append(helper.make_tensor_value_info(name, ELEM[dtype], list(dims)))
+        return name
+
+    def output(self, value: str, name: str, dtype: str, dims) -> None:
+        """Expose `value` as graph output `name` (an Identity keeps the contract's name)."""
+        self.op("Identity", [value], outputs=[name])
+        self.outputs.append(helper.make_tensor_value_info(name, ELEM[dtype], list(dims)))
+
+    # ---- nodes --------------------------------------------------------------------------------------
+    def op(self, op_type: str, inputs, n_out: int = 1, outputs=None, domain: str = "", **attrs):
+        name = self._node_name(op_type)
+        outs = outputs or [f"{name}/output_{i}" for i in range(n_out)]
+        self.nodes.append(helper.make_node(op_type, list(inputs), outs, name=name, domain=domain or None, **attrs))
+        if domain:
+            self.domains.setdefault(domain, 1)
+        return outs[0] if len(outs) == 1 else outs
+
+    def const(self, value, dtype=None) -> str:
+        """A small inline constant (shapes, axes, scalars, index tables); deduplicated by value."""
+        arr = np.asarray(value, dtype=dtype)
+        key = arr.dtype.str.encode() + str(arr.shape).encode() + arr.tobytes()
+        if key not in self._consts:
+            name = f"/const/{len(self._consts)}"
+            self.initializers.append(numpy_helper.from_array(arr, name))
+            self._consts[key] = name
+        return self._consts[key]
+
+    def weight(self, name: str, tensor, dtype: str | None = None) -> str:
+        """Stream one torch tensor to the external data file, converted to `dtype` (default: compute dtype)."""
+        import torch
+
+        dtype = dtype or self.dtype
+        t = tensor.to(getattr(torch, dtype)).contiguous()
+        raw = t.reshape(-1).view(torch.uint8).numpy() if t.numel() else np.zeros(0, np.uint8)
+        proto = TensorProto()
+        proto.name = name
+        proto.data_type = ELEM[dtype]
+        proto.dims.extend(t.shape)
+        if self._data is None:
+            proto.raw_data = raw.tobytes()
+        else:
+            pad = (-self._offset) % 64  # aligned for mmap / page-wise loading
+            if pad:
+                self._data.write(b"\0" * pad)
+                self._offset += pad
+            self._data.write(memoryview(raw))
+            proto.data_location = TensorProto.EXTERNAL
+            for k, v in (("location", self._data_path.name), ("offset", str(self._offset)),
+                         ("length", str(raw.nbytes))):
+                entry = proto.external_data.add()
+                entry.key, entry.value = k, v
+            self._offset += raw.nbytes
+        self.initializers.append(proto)
+        return name
+
+    def add_function(self, fn: onnx.FunctionProto) -> None:
+        self.functions[(fn.domain, fn.name)] = fn
+        self.domains.setdefault(fn.domain, 1)
+
+    # ---- output -------------------------------------------------------------------------------------
+    def finish(self, path: Path, doc: str = "") -> onnx.ModelProto:
+        if self._data is not None:
+            self._data.close()
+        graph = helper.make_graph(self.nodes, self.name, self.inputs, self.outputs, self.initializers)
+        opsets = [helper.make_opsetid("", OPSET)] + [helper.make_opsetid(d, v) for d, v in self.domains.items()]
+        model = helper.make_model(graph, opset_imports=opsets, producer_name="qwen-vl-trt",
+                                  functions=list(self.functions.values()), doc_string=doc)
+        model.ir_version = 10
+        onnx.save_model(model, str(path))
+        return model
+
+
+def elem_type(dtype: str) -> int:
+    return ELEM[dtype]

@@ -1,0 +1,91 @@
+"""Lazy access to a checkpoint's safetensors weights, one tensor at a time.
+
+Single-file (`model.safetensors`) and sharded (`model.safetensors.index.json`) checkpoints, any of
+fp32/fp16/bf16. Nothing is read until `get(key)` is called, and only that tensor is materialized, so
+exporting a 64 GB checkpoint needs memory for its largest tensor, not for the model.
+"""
+from __future__ import annotations
+
+import json
+import struct
+from pathlib import Path
+
+from .spec import CheckpointError
+
+
+class CheckpointWeights:
+    def __init__(self, ckpt_dir: str | Path):
+        self.dir = Path(ckpt_dir)
+        self._key_to_file = self._index()
+        self._handles: dict[Path, object] = {}
+
+    def _index(self) -> dict[str, Path]:
+        index = self.dir / "model.safetensors.index.json"
+        if index.is_file():
+            try:
+                weight_map = json.loads(index.read_text())["weight_map"]
+            except (ValueError, KeyError) as e:
+                raise CheckpointError(f"{index}: not a valid safetensors index ({e})") from None
+            files = {f: self.dir / f for f in set(weight_map.values())}
+            missing = sorted(f for f, p in files.items() if not p.is_file())
+            if missing:
+                raise CheckpointError(f"{self.dir}: shard(s) listed in {index.name} are missing: {', '.join(missing)}")
+            for p in files.values():
+                _check_safetensors_file(p)
+            return {k: files[f] for k, f in weight_map.items()}
+        shards = sorted(self.dir.glob("*.safetensors"))
+        if not shards:
+            raise CheckpointError(f"{self.dir}: no *.safetensors weights found")
+        out: dict[str, Path] = {}
+        for p in shards:
+            for key in _check_safetensors_file(p):
+                out[key] = p
+        return out
+
+    def keys(self):
+        return self._key_to_file.keys()
+
+    def has(self, key: str) -> bool:
+        return key in self._key_to_file
+
+    def resolve(self, *candidates: str) -> str:
+        """The first candidate key present (checkpoints of different transformers versions name keys differently)."""
+        for key in candidates:
+            if key in self._key_to_file:
+                return key
+        raise CheckpointError(f"{self.dir}: weight {candidates[0]!r} not found in the checkpoint")
+
+    def get(self, key: str):
+        """One tensor as a torch.Tensor in its stored dtype."""
+        from safetensors import safe_open
+
+        path = self._key_to_file.get(key)
+        if path is None:
+            raise CheckpointError(f"{self.dir}: weight {key!r} not found in the checkpoint")
+        if path not in self._handles:
+            self._handles[path] = safe_open(str(path), framework="pt")
+        try:
+            return self._handles[path].get_tensor(key)
+        except Exception as e:  # safetensors raises its own error types for damaged files
+            raise CheckpointError(f"{path}: cannot read tensor {key!r} ({e})") from None
+
+
+def _check_safetensors_file(path: Path) -> list[str]:
+    """Validate the header and the file size (a truncated download is caught here, not mid-export)."""
+    try:
+        with open(path, "rb") as f:
+            raw = f.read(8)
+            if len(raw) < 8:
+                raise ValueError("file shorter than the 8-byte header length")
+            (n,) = struct.unpack("<Q", raw)
+            if n > 100_000_000:
+                raise ValueError("implausible header length")
+            header = json.loads(f.read(n))
+    except (OSError, ValueError) as e:
+        raise CheckpointError(f"{path}: not a valid safetensors file ({e})") from None
+    header.pop("__metadata__", None)
+    end = max((v["data_offsets"][1] for v in header.values()), default=0)
+    size = path.stat().st_size
+    if size < 8 + n + end:
+        raise CheckpointError(f"{path}: truncated ({size} bytes, header needs {8 + n + end}); download it again")
+    return list(header)
