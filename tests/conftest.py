@@ -1,0 +1,43 @@
+"""Session-scoped tiny checkpoints of the real architectures (made with HF transformers) and their exports.
+
+Every fixture is seeded; every checkpoint is written as a user would have it (config.json, safetensors,
+tokenizer, processor configs) by `qwen_vl_trt.export.demo_checkpoint.make_checkpoint`.
+"""
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from qwen_vl_trt.export.demo_checkpoint import make_checkpoint
+
+
+@pytest.fixture(scope="session")
+def qwen3_vl_ckpt(tmp_path_factory):
+    """Untied Qwen3-VL: 4 text layers (GQA 4/2, head_dim 32 != 64/4), 4 vision blocks, 3 DeepStack levels."""
+    return make_checkpoint(tmp_path_factory.mktemp("qwen3_vl"), "qwen3_vl", seed=0)
+
+
+@pytest.fixture(scope="session")
+def qwen3_vl_tied_ckpt(tmp_path_factory):
+    return make_checkpoint(tmp_path_factory.mktemp("qwen3_vl_tied"), "qwen3_vl", tie_word_embeddings=True, seed=1)
+
+
+@pytest.fixture(scope="session")
+def qwen3_vl_fp32_graphs(qwen3_vl_ckpt, tmp_path_factory):
+    from qwen_vl_trt.export.cli import export_graphs
+
+    out = tmp_path_factory.mktemp("qwen3_vl_fp32_graphs")
+    export_graphs(qwen3_vl_ckpt, out, "fp32")
+    return out
+
+
+@pytest.fixture(scope="session")
+def hf_qwen3_vl(qwen3_vl_ckpt):
+    import transformers
+
+    return transformers.Qwen3VLForConditionalGeneration.from_pretrained(qwen3_vl_ckpt, dtype="float32").eval()
+
+
+@pytest.fixture
+def rng():
+    return np.random.default_rng(1234)

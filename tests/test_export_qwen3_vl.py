@@ -1,0 +1,182 @@
+"""Qwen3-VL graphs (ONNX Runtime CPU, fp32) against HF transformers on the same inputs.
+
+vision.onnx vs `model.model.visual` (merged + every DeepStack level), embed.onnx vs HF's placeholder
+scatter, decoder.onnx vs the full HF forward (prefill with an image, 16 decode steps through the explicit
+cache vs HF with its own cache, a right-padded batch of two different lengths), tied and untied.
+"""
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from hf_reference import carry_cache, empty_cache, mm_token_type_ids, run, session, vision_feeds
+from qwen_vl_trt.export.cli import export_graphs
+from qwen_vl_trt.export.spec import ModelSpec
+from tolerances import FP32_ATOL
+
+# grids (t, h, w) in patches: 224x160 -> (1, 14, 10); 96x320 -> (1, 6, 20); 4 frames of 64x64 -> (2, 4, 4)
+ONE_IMAGE = [[1, 14, 10]]
+TWO_IMAGES = [[1, 14, 10], [1, 6, 20]]
+VIDEO = [[2, 4, 4]]
+
+
+@pytest.mark.parametrize("grids", [ONE_IMAGE, TWO_IMAGES, VIDEO], ids=["one_image", "two_images", "video"])
+def test_vision_matches_hf(grids, qwen3_vl_fp32_graphs, hf_qwen3_vl):
+    grid = torch.tensor(grids)
+    torch.manual_seed(0)
+    pixels = torch.randn(int(grid.prod(1).sum()), 3 * 2 * 16 * 16)
+    with torch.no_grad():
+        ref = hf_qwen3_vl.model.visual(pixels, grid_thw=grid)
+    out = run(session(qwen3_vl_fp32_graphs / "vision.onnx"), vision_feeds(grid, pixels, hf_qwen3_vl.config.vision_config))
+    np.testing.assert_allclose(out["vision_features"], ref.pooler_output.numpy(), rtol=0, atol=FP32_ATOL)
+    assert out["deepstack_features"].shape[0] == len(ref.deepstack_features) == 3
+    for level, feat in enumerate(ref.deepstack_features):
+        np.testing.assert_allclose(out["deepstack_features"][level], feat.numpy(), rtol=0, atol=FP32_ATOL)
+
+
+def _prompt_with_pads(spec, n_pads_per_image, text_len=5, seed=0):
+    """Token ids: text, then <vision_start> pads <vision_end> for each image, then text."""
+    g = torch.Generator().manual_seed(seed)
+    ids = torch.randint(0, 5000, (text_len,), generator=g).tolist()
+    for n in n_pads_per_image:
+        ids += [spec.vision_start_token_id] + [spec.image_token_id] * n + [spec.vision_end_token_id]
+    ids += torch.randint(0, 5000, (text_len,), generator=g).tolist()
+    return torch.tensor([ids])
+
+
+def test_embed_matches_hf_scatter(qwen3_vl_ckpt, qwen3_vl_fp32_graphs, hf_qwen3_vl):
+    spec = ModelSpec.from_checkpoint(qwen3_vl_ckpt)
+    ids = _prompt_with_pads(spec, [35, 30])
+    feats = torch.randn(65, spec.text.hidden_size)
+    deep = torch.randn(3, 65, spec.text.hidden_size)
+    model = hf_qwen3_vl.model
+    with torch.no_grad():
+        text = model.get_input_embeddings()(ids)
+        mask, _ = model.get_placeholder_mask(ids, inputs_embeds=text, image_features=feats)
+        ref = text.masked_scatter(mask, feats)
+    out = run(session(qwen3_vl_fp32_graphs / "embed.onnx"),
+              {"input_ids": ids.numpy(), "vision_features": feats.numpy(), "deepstack_features": deep.numpy()})
+    np.testing.assert_array_equal(out["inputs_embeds"], ref.numpy())  # a gather/copy: exact
+    visual = mask[..., 0].numpy()
+    for level in range(3):  # HF adds deepstack rows at visual positions only
+        np.testing.assert_array_equal(out["deepstack_embeds"][level][visual], deep[level].numpy())
+        assert not out["deepstack_embeds"][level][~visual].any()
+
+
+def test_embed_text_only_has_no_rows(qwen3_vl_fp32_graphs, hf_qwen3_vl):
+    ids = torch.tensor([[1, 2, 3, 4]])
+    out = run(session(qwen3_vl_fp32_graphs / "embed.onnx"), {
+        "input_ids": ids.numpy(), "vision_features": np.zeros((0, 64), np.float32),
+        "deepstack_features": np.zeros((3, 0, 64), np.float32)})
+    np.testing.assert_array_equal(out["inputs_embeds"], hf_qwen3_vl.model.get_input_embeddings()(ids).detach().numpy())
+
+
+def _pipeline_prefill(graphs, spec, hf, ids, grid, pixels, cache_len=128):
+    """Our vision -> embed -> decoder prefill with HF's MRoPE positions (graph parity in isolation)."""
+    vis = run(session(graphs / "vision.onnx"), vision_feeds(grid, pixels, hf.config.vision_config))
+    emb = run(session(graphs / "embed.onnx"), {"input_ids": ids.numpy(), "vision_features": vis["vision_features"],
+                                              "deepstack_features": vis["deepstack_features"]})
+    tt = mm_token_type_ids(ids, spec.image_token_id, spec.video_token_id)
+    pos, deltas = hf.model.get_rope_index(ids, tt, image_grid_thw=grid)
+    feeds = {"inputs_embeds": emb["inputs_embeds"], "deepstack_embeds": emb["deepstack_embeds"],
+             "position_ids": pos.numpy(), "past_lengths": np.zeros(ids.shape[0], np.int64),
+             "logits_index": np.full(ids.shape[0], ids.shape[1] - 1, np.int64),
+             **empty_cache(spec, ids.shape[0], cache_len)}
+    return run(session(graphs / "decoder.onnx"), feeds), deltas
+
+
+def _decode_feeds(spec, graphs, token, outputs, cache_pos, rope_delta):
+    emb = run(session(graphs / "embed.onnx"), {
+        "input_ids": np.array([[token]]), "vision_features": np.zeros((0, spec.text.hidden_size), np.float32),
+        "deepstack_features": np.zeros((3, 0, spec.text.hidden_size), np.float32)})
+    return {"inputs_embeds": emb["inputs_embeds"], "deepstack_embeds": emb["deepstack_embeds"],
+            "position_ids": np.full((3, 1, 1), cache_pos + rope_delta, np.int64),
+            "past_lengths": np.array([cache_pos]), "logits_index": np.array([0]),
+            **carry_cache(outputs, spec.text.num_hidden_layers)}
+
+
+@pytest.mark.parametrize("tied", [False, True], ids=["untied", "tied"])
+def test_decoder_prefill_and_16_decode_steps_match_hf(tied, request, tmp_path_factory):
+    ckpt = request.getfixturevalue("qwen3_vl_tied_ckpt" if tied else "qwen3_vl_ckpt")
+    if tied:
+        import transformers
+
+        hf = transformers.Qwen3VLForConditionalGeneration.from_pretrained(ckpt, dtype="float32").eval()
+        graphs = tmp_path_factory.mktemp("tied_graphs")
+        export_graphs(ckpt, graphs, "fp32")
+    else:
+        hf, graphs = request.getfixturevalue("hf_qwen3_vl"), request.getfixturevalue("qwen3_vl_fp32_graphs")
+    spec = ModelSpec.from_checkpoint(ckpt)
+    assert spec.text.tie_word_embeddings == tied
+    grid = torch.tensor(ONE_IMAGE)
+    ids = _prompt_with_pads(spec, [35])
+    torch.manual_seed(1)
+    pixels = torch.randn(140, 1536)
+    tt = mm_token_type_ids(ids, spec.image_token_id, spec.video_token_id)
+    with torch.no_grad():
+        ref = hf(input_ids=ids, pixel_values=pixels, image_grid_thw=grid, mm_token_type_ids=tt, use_cache=True)
+    out, deltas = _pipeline_prefill(graphs, spec, hf, ids, grid, pixels)
+    np.testing.assert_allclose(out["logits"][0], ref.logits[0, -1].numpy(), rtol=0, atol=FP32_ATOL)
+
+    cache, pos, dec = ref.past_key_values, ids.shape[1], session(graphs / "decoder.onnx")
+    token = int(ref.logits[0, -1].argmax())
+    for _ in range(16):
+        with torch.no_grad():
+            step = hf(input_ids=torch.tensor([[token]]), past_key_values=cache, use_cache=True,
+                      position_ids=torch.full((3, 1, 1), pos + int(deltas[0])))
+        cache = step.past_key_values
+        out = run(dec, _decode_feeds(spec, graphs, token, out, pos, int(deltas[0])))
+        np.testing.assert_allclose(out["logits"][0], step.logits[0, -1].numpy(), rtol=0, atol=FP32_ATOL)
+        token, pos = int(step.logits[0, -1].argmax()), pos + 1
+
+
+def test_decoder_batch_of_different_lengths(qwen3_vl_ckpt, qwen3_vl_fp32_graphs, hf_qwen3_vl):
+    """Two right-padded text prompts in one call == each run alone in HF; then one decode step each."""
+    spec = ModelSpec.from_checkpoint(qwen3_vl_ckpt)
+    prompts = [torch.arange(100, 111), torch.arange(300, 306)]
+    s_max, c = 11, spec.text.hidden_size
+    emb = session(qwen3_vl_fp32_graphs / "embed.onnx")
+    padded = torch.zeros(2, s_max, dtype=torch.long)
+    pos = np.zeros((3, 2, s_max), np.int64)
+    for b, p in enumerate(prompts):
+        padded[b, :len(p)] = p
+        pos[:, b, :len(p)] = np.arange(len(p))
+    e = run(emb, {"input_ids": padded.numpy(), "vision_features": np.zeros((0, c), np.float32),
+                  "deepstack_features": np.zeros((3, 0, c), np.float32)})
+    feeds = {"inputs_embeds": e["inputs_embeds"], "deepstack_embeds": e["deepstack_embeds"], "position_ids": pos,
+             "past_lengths": np.zeros(2, np.int64), "logits_index": np.array([len(p) - 1 for p in prompts]),
+             **empty_cache(spec, 2, 32)}
+    dec = session(qwen3_vl_fp32_graphs / "decoder.onnx")
+    out = run(dec, feeds)
+    nxt = np.array([[7], [9]])
+    e = run(emb, {"input_ids": nxt, "vision_features": np.zeros((0, c), np.float32),
+                  "deepstack_features": np.zeros((3, 0, c), np.float32)})
+    lens = np.array([len(p) for p in prompts])
+    step = run(dec, {"inputs_embeds": e["inputs_embeds"], "deepstack_embeds": e["deepstack_embeds"],
+                     "position_ids": np.broadcast_to(lens[None, :, None], (3, 2, 1)).copy(), "past_lengths": lens,
+                     "logits_index": np.zeros(2, np.int64), **carry_cache(out, spec.text.num_hidden_layers)})
+    for b, p in enumerate(prompts):
+        with torch.no_grad():
+            # explicit positions: HF caches rope_deltas on the model between calls
+            ref = hf_qwen3_vl(input_ids=p[None], use_cache=True,
+                              position_ids=torch.arange(len(p)).expand(3, 1, -1))
+            ref2 = hf_qwen3_vl(input_ids=torch.tensor([[int(nxt[b, 0])]]), past_key_values=ref.past_key_values,
+                               use_cache=True, position_ids=torch.full((3, 1, 1), len(p)))
+        np.testing.assert_allclose(out["logits"][b], ref.logits[0, -1].numpy(), rtol=0, atol=FP32_ATOL)
+        np.testing.assert_allclose(step["logits"][b], ref2.logits[0, -1].numpy(), rtol=0, atol=FP32_ATOL)
+
+
+def test_sharded_checkpoint_exports_the_same_graphs(qwen3_vl_ckpt, qwen3_vl_fp32_graphs, tmp_path):
+    """A checkpoint saved in shards with model.safetensors.index.json gives the same weights bytes."""
+    import transformers
+
+    from qwen_vl_trt.export.demo_checkpoint import make_checkpoint
+
+    sharded = make_checkpoint(tmp_path / "sharded", "qwen3_vl", seed=0, max_shard_size="20MB")
+    assert (sharded / "model.safetensors.index.json").is_file()
+    assert len(list(sharded.glob("*.safetensors"))) > 1
+    export_graphs(sharded, tmp_path / "g", "fp32", graphs=("decoder",))
+    a = (tmp_path / "g" / "decoder.onnx.data").read_bytes()
+    b = (qwen3_vl_fp32_graphs / "decoder.onnx.data").read_bytes()
+    assert a == b
