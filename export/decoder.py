@@ -61,7 +61,7 @@ def export_decoder(spec: ModelSpec, weights: CheckpointWeights, out_dir: Path, d
         with g.scope("lm_head"):
             g.output(lm_head(g, weights, h, x["logits_index"], spec), "logits", "float32",
                      contract.output("logits").dims)
-    g.finish(path, doc=__doc__)
+    g.finish(path, doc=__doc__, output_order=[t.name for t in contract.outputs])
     return path
 
 

@@ -55,7 +55,7 @@ def export_embed(spec: ModelSpec, weights: CheckpointWeights, out_dir: Path, dty
             ds_table = g.op("Concat", [ds, ds_zero], axis=1)  # [Ld, M+1, C]
             g.output(g.op("Gather", [ds_table, rows], axis=1), "deepstack_embeds", dtype,
                      contract.output("deepstack_embeds").dims)  # [Ld, B, S, C]
-    g.finish(path, doc=__doc__)
+    g.finish(path, doc=__doc__, output_order=[t.name for t in contract.outputs])
     return path
 
 

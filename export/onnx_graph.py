@@ -115,7 +115,9 @@ class GraphBuilder:
         self.domains.setdefault(fn.domain, 1)
 
     # ---- output -------------------------------------------------------------------------------------
-    def finish(self, path: Path, doc: str = "") -> onnx.ModelProto:
+    def finish(self, path: Path, doc: str = "", output_order=None) -> onnx.ModelProto:
+        if output_order is not None:  # graph outputs in the contract's order
+            self.outputs.sort(key=lambda v: list(output_order).index(v.name))
         if self._data is not None:
             self._data.close()
         graph = helper.make_graph(self.nodes, self.name, self.inputs, self.outputs, self.initializers)

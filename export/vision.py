@@ -60,7 +60,7 @@ def export_vision(spec: ModelSpec, weights: CheckpointWeights, out_dir: Path, dt
     if deepstack:
         stacked = g.op("Concat", [g.op("Unsqueeze", [d, g.const([0])]) for d in deepstack], axis=0)
         g.output(stacked, out[1].name, out[1].dtype, out[1].dims)
-    g.finish(path, doc=__doc__)
+    g.finish(path, doc=__doc__, output_order=[t.name for t in contract.outputs])
     return path
 
 

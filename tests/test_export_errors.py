@@ -1,0 +1,52 @@
+"""Export of a broken checkpoint ends with one clear line on stderr and exit code 2 (no traceback)."""
+from __future__ import annotations
+
+import json
+import shutil
+import subprocess
+import sys
+
+
+def _export(ckpt, out):
+    return subprocess.run([sys.executable, "-m", "qwen_vl_trt.export.cli", str(ckpt), str(out), "--dtype", "fp32"],
+                          capture_output=True, text=True, timeout=300)
+
+
+def _copy(src, dst):
+    shutil.copytree(src, dst)
+    return dst
+
+
+def test_unknown_model_type(qwen3_vl_ckpt, tmp_path):
+    ckpt = _copy(qwen3_vl_ckpt, tmp_path / "ck")
+    cfg = json.loads((ckpt / "config.json").read_text())
+    cfg["model_type"] = "mllama"
+    (ckpt / "config.json").write_text(json.dumps(cfg))
+    r = _export(ckpt, tmp_path / "out")
+    assert r.returncode == 2
+    assert r.stderr.strip().splitlines() == [
+        f"error: {ckpt / 'config.json'}: model_type 'mllama' is not supported (supported: qwen2_5_vl, qwen3_vl, qwen3_vl_moe)"]
+
+
+def test_truncated_safetensors(qwen3_vl_ckpt, tmp_path):
+    ckpt = _copy(qwen3_vl_ckpt, tmp_path / "ck")
+    st = ckpt / "model.safetensors"
+    data = st.read_bytes()
+    st.write_bytes(data[: len(data) // 2])
+    r = _export(ckpt, tmp_path / "out")
+    assert r.returncode == 2 and "Traceback" not in r.stderr
+    assert r.stderr.strip().splitlines() == [
+        f"error: {st}: truncated ({len(data) // 2} bytes, header needs {len(data)}); download it again"]
+
+
+def test_missing_shard(tmp_path):
+    from qwen_vl_trt.export.demo_checkpoint import make_checkpoint
+
+    ckpt = make_checkpoint(tmp_path / "sharded", "qwen3_vl", max_shard_size="20MB")
+    index = json.loads((ckpt / "model.safetensors.index.json").read_text())
+    victim = sorted(set(index["weight_map"].values()))[-1]
+    (ckpt / victim).unlink()
+    r = _export(ckpt, tmp_path / "out")
+    assert r.returncode == 2 and "Traceback" not in r.stderr
+    assert r.stderr.strip().splitlines() == [
+        f"error: {ckpt}: shard(s) listed in model.safetensors.index.json are missing: {victim}"]
