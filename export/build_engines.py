@@ -1,0 +1,142 @@
+"""ONNX graphs -> TensorRT engines, with optimization profiles derived from the contracts and user limits.
+
+Works with full TensorRT (`tensorrt`) and TensorRT-RTX (`tensorrt_rtx`, which builds ahead of time on a
+CPU-only machine for the compute capabilities given). Every named dynamic dim of export/contracts.py gets
+min/opt/max from `Limits`; an impossible limit (e.g. max < min) is an error before any build starts.
+
+    python -m qwen_vl_trt.export.build_engines ARTIFACTS_DIR [--max-patches N] [--max-batch B]
+        [--max-seq S] [--max-cache-len K] [--compute-capabilities 8.6 8.9 12.0] [--plugins LIB]
+"""
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+from .contracts import CONTRACTS, GraphSpec
+from .spec import CheckpointError, ModelSpec
+
+
+@dataclass(frozen=True)
+class Limits:
+    max_patches: int = 16384  # patches per vision call (a 2048x2048 image is 16384 patches of 16 px)
+    max_frames: int = 64  # images + temporal patches per vision call
+    max_batch: int = 4
+    max_seq: int = 4096  # tokens per prefill call per sequence
+    max_cache_len: int = 8192  # context capacity (prompt + generated)
+
+    def check(self) -> None:
+        for k, v in asdict(self).items():
+            if v < 1:
+                raise CheckpointError(f"limit {k}={v} is impossible: it must be >= 1")
+        if self.max_cache_len < self.max_seq:
+            raise CheckpointError(f"max_cache_len {self.max_cache_len} < max_seq {self.max_seq}: a prompt of "
+                                  f"max_seq tokens would not fit the cache; raise --max-cache-len")
+        if self.max_patches % 4:
+            raise CheckpointError(f"max_patches {self.max_patches} must be a multiple of 4 (2x2 merge blocks)")
+
+
+def dim_ranges(limits: Limits) -> dict[str, tuple[int, int, int]]:
+    """(min, opt, max) of each named dynamic dim; opt is the shape TensorRT tunes for."""
+    lim = limits
+    return {
+        "num_patches": (4, min(1024, lim.max_patches), lim.max_patches),
+        "num_merged": (0, min(256, lim.max_patches // 4), lim.max_patches // 4),
+        "num_frames_1": (2, 2, lim.max_frames + 1),
+        "num_windows_1": (2, 17, lim.max_patches // 4 + 1),
+        "batch": (1, 1, lim.max_batch),
+        "seq": (1, min(256, lim.max_seq), lim.max_seq),
+        "cache_len": (16, min(1024, lim.max_cache_len), lim.max_cache_len),
+    }
+
+
+def profile_shapes(contract: GraphSpec, limits: Limits) -> dict[str, tuple[tuple, tuple, tuple]]:
+    ranges = dim_ranges(limits)
+    shapes = {}
+    for t in contract.inputs:
+        mins, opts, maxs = zip(*((d, d, d) if isinstance(d, int) else ranges[d] for d in t.dims))
+        shapes[t.name] = (mins, opts, maxs)
+    return shapes
+
+
+def build_engine(trt, onnx_path: Path, engine_path: Path, contract: GraphSpec, limits: Limits,
+                 compute_capabilities=(), plugin_lib: str | None = None, timing_cache: Path | None = None,
+                 log=print) -> Path:
+    logger = trt.Logger(trt.Logger.WARNING)
+    builder = trt.Builder(logger)
+    if plugin_lib:
+        builder.get_plugin_registry().load_library(str(plugin_lib))
+    # Strongly typed: the graph's own casts decide every dtype (bf16/fp16/fp32), as the HF parity needs.
+    # TensorRT-RTX networks are always strongly typed; full TensorRT needs the flag.
+    flag = getattr(trt.NetworkDefinitionCreationFlag, "STRONGLY_TYPED", None)
+    network = builder.create_network(0 if flag is None else 1 << int(flag))
+    parser = trt.OnnxParser(network, logger)
+    if not parser.parse_from_file(str(onnx_path)):
+        errors = "; ".join(parser.get_error(i).desc() for i in range(parser.num_errors))
+        raise CheckpointError(f"{onnx_path}: TensorRT cannot parse the graph: {errors}")
+    config = builder.create_builder_config()
+    profile = builder.create_optimization_profile()
+    for name, (lo, opt, hi) in profile_shapes(contract, limits).items():
+        profile.set_shape(name, lo, opt, hi)
+    config.add_optimization_profile(profile)
+    if compute_capabilities and hasattr(config, "num_compute_capabilities"):  # TensorRT-RTX AOT targets
+        config.num_compute_capabilities = len(compute_capabilities)
+        for i, cc in enumerate(compute_capabilities):
+            config.set_compute_capability(getattr(trt.ComputeCapability, "SM" + cc.replace(".", "")), i)
+    cache = None
+    if timing_cache is not None and hasattr(config, "create_timing_cache"):
+        data = timing_cache.read_bytes() if timing_cache.is_file() else b""
+        cache = config.create_timing_cache(data)
+        config.set_timing_cache(cache, ignore_mismatch=True)
+    t0 = time.perf_counter()
+    blob = builder.build_serialized_network(network, config)
+    if blob is None:
+        raise CheckpointError(f"{onnx_path}: TensorRT engine build failed (see the TensorRT log above)")
+    engine_path.write_bytes(bytes(blob))
+    if cache is not None:
+        timing_cache.write_bytes(bytes(cache.serialize()))
+    log(f"built {engine_path.name} ({network.num_layers} layers) in {time.perf_counter() - t0:.1f} s")
+    return engine_path
+
+
+def build_all(artifacts: Path, limits: Limits, compute_capabilities=(), plugin_lib=None, dtype="float32",
+              spec: ModelSpec | None = None, log=print) -> dict[str, str]:
+    from .trt_compat import import_tensorrt
+
+    limits.check()
+    trt = import_tensorrt()
+    spec = spec or ModelSpec.from_checkpoint(artifacts)
+    engines = {}
+    for name, contract_fn in CONTRACTS.items():
+        onnx_path = artifacts / f"{name}.onnx"
+        engines[name] = build_engine(trt, onnx_path, artifacts / f"{name}.engine", contract_fn(spec).resolve(dtype),
+                                     limits, compute_capabilities, plugin_lib, artifacts / "timing.cache", log).name
+    return engines
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(prog="build_engines", description=__doc__.splitlines()[0])
+    ap.add_argument("artifacts", type=Path, help="directory with the ONNX graphs and config.json")
+    for field, default in asdict(Limits()).items():
+        ap.add_argument("--" + field.replace("_", "-"), type=int, default=default)
+    ap.add_argument("--dtype", default="float32")
+    ap.add_argument("--compute-capabilities", nargs="*", default=[], help="TensorRT-RTX AOT targets, e.g. 8.6 12.0")
+    ap.add_argument("--plugins", default=None, help="plugin library to load (libqwen_vl_plugins.so)")
+    args = ap.parse_args(argv)
+    limits = Limits(**{f: getattr(args, f) for f in asdict(Limits())})
+    try:
+        build_all(args.artifacts, limits, args.compute_capabilities, args.plugins, args.dtype,
+                  log=lambda m: print(m, file=sys.stderr, flush=True))
+    except CheckpointError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    except ImportError as e:
+        print(f"error: no TensorRT module ({e}); install tensorrt or tensorrt-rtx", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,9 @@
+#!/usr/bin/env bash
+# The test command: set up, build the plugin library if nvcc is present, run the CPU suite.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+bash scripts/setup.sh
+if [ -f plugins/build.sh ] && command -v nvcc >/dev/null 2>&1; then
+  bash plugins/build.sh
+fi
+exec .venv/bin/python -m pytest -q -m "not gpu" -p no:cacheprovider "$@"
