@@ -4,7 +4,8 @@ What is HF's and what is ours:
 - Images: `Qwen2VLImageProcessorPil.from_pretrained(ckpt)` -- HF's own PIL backend, unmodified.
 - Tokenizer: `AutoTokenizer.from_pretrained(ckpt)` -- unmodified (renders the checkpoint's chat template).
 - Video: HF's `Qwen3VLVideoProcessor` / `Qwen2VLVideoProcessor` classes (imported from their modules, past the
-  lazy-import torchvision guard) with the three torchvision calls they make replaced:
+  lazy-import torchvision guard; Qwen2-VL's module imports torchvision at top only for string annotations, so a
+  stub module stands in during that import) with the three torchvision calls they make replaced:
   `convert_to_rgb` (`tvF.grayscale_to_rgb`, identity on the 3-channel frames we pass),
   `normalize` (`tvF.normalize` is `x.sub(mean).div(std)`, the same float32 ops), and
   `resize` -> only the identity is allowed (torchvision returns the input when the size is unchanged);
@@ -58,8 +59,27 @@ class _NoTorchvisionOps:
         return image
 
 
+def _import_without_torchvision(module_name: str):
+    """Import a video-processor module whose top-level `import torchvision...functional as tvF` is used only in
+    (string) annotations: a stub stands in for torchvision during the import and is removed right after."""
+    import sys
+
+    names = ["torchvision", "torchvision.transforms", "torchvision.transforms.v2", "torchvision.transforms.v2.functional"]
+    if module_name in sys.modules or "torchvision" in sys.modules:
+        return importlib.import_module(module_name)
+    stubs = {name: types.ModuleType(name) for name in names}
+    for parent, child in zip(names, names[1:]):
+        setattr(stubs[parent], child.rsplit(".", 1)[1], stubs[child])
+    sys.modules.update(stubs)
+    try:
+        return importlib.import_module(module_name)
+    finally:
+        for name in names:
+            sys.modules.pop(name, None)
+
+
 def _patched(module_name: str, class_name: str):
-    module = importlib.import_module(module_name)
+    module = _import_without_torchvision(module_name)
     base = getattr(module, class_name)
     parent = base.__mro__[1]  # BaseVideoProcessor: the TorchvisionBackend.resize that the model's resize calls
 
