@@ -109,6 +109,9 @@ def load_image(path: str | Path) -> Image.Image:
             img.load()  # decode now: a truncated/corrupt file fails here, not later
             img = ImageOps.exif_transpose(img)
             return img.convert("RGB")
+    except Image.DecompressionBombError:
+        raise ImageError(f"image {p} is too large to decode safely (over {Image.MAX_IMAGE_PIXELS} pixels); "
+                         "downscale it first") from None
     except UnidentifiedImageError:
         raise ImageError(f"cannot read image {p}: not a supported image format; convert it to PNG or JPEG") from None
     except (OSError, ValueError, SyntaxError) as e:
