@@ -1,0 +1,47 @@
+// The library's only exported symbols: getCreators and setLoggerFinder (IPluginRegistry::loadLibrary needs both).
+#include "common/checkMacros.h"
+#include "kvCacheAttention/kvCacheAttentionPlugin.h"
+#include "mrope/mropePlugin.h"
+#include "varlenAttention/varlenAttentionPlugin.h"
+
+#include <atomic>
+#include <cstdio>
+
+using namespace nvinfer1;
+
+namespace
+{
+std::atomic<ILoggerFinder*> gLoggerFinder{nullptr};
+}
+
+namespace qwen_vl
+{
+void logMessage(ILogger::Severity severity, char const* msg) noexcept
+{
+    ILoggerFinder* finder = gLoggerFinder.load();
+    ILogger* logger = finder != nullptr ? finder->findLogger() : nullptr;
+    if (logger != nullptr)
+    {
+        logger->log(severity, msg);
+    }
+    else
+    {
+        std::fprintf(stderr, "[qwen_vl plugins] %s\n", msg);
+    }
+}
+} // namespace qwen_vl
+
+extern "C" __attribute__((visibility("default"))) void setLoggerFinder(ILoggerFinder* finder)
+{
+    gLoggerFinder.store(finder);
+}
+
+extern "C" __attribute__((visibility("default"))) IPluginCreatorInterface* const* getCreators(int32_t& nbCreators)
+{
+    static qwen_vl::MropePluginCreator sMrope;
+    static qwen_vl::VarlenAttentionPluginCreator sVarlen;
+    static qwen_vl::KvCacheAttentionPluginCreator sKvCache;
+    static IPluginCreatorInterface* const sCreators[] = {&sMrope, &sVarlen, &sKvCache};
+    nbCreators = 3;
+    return sCreators;
+}
