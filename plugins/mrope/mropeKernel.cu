@@ -20,7 +20,7 @@ struct MropeTables
 //! are applied to every head. Angles and rotation in fp32 (HF computes cos/sin in fp32).
 template <typename T>
 __global__ void mropeKernel(T const* __restrict__ x, int32_t const* __restrict__ positions, T* __restrict__ y,
-    int64_t nTokens, int32_t nHeads, int32_t half, int32_t nAxes, MropeTables const tables)
+    int64_t nTokens, int32_t nHeads, int32_t half, int32_t nAxes, __grid_constant__ MropeTables const tables)
 {
     __shared__ float sCos[kMAX_PAIRS];
     __shared__ float sSin[kMAX_PAIRS];
