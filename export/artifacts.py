@@ -1,0 +1,129 @@
+"""Make an artifact directory self-describing: copy the checkpoint's tokenizer/processor files and write
+manifest.json (format in runtime/manifest.py). Called by export_all.sh after the graph export:
+
+    python -m qwen_vl_trt.export.artifacts copy CHECKPOINT OUT
+    python -m qwen_vl_trt.export.artifacts manifest CHECKPOINT OUT --dtype fp32 [--engines] [--plugins LIB]
+        [--max-patches N] [--max-frames N] [--max-batch B] [--max-seq S] [--max-cache-len K]
+
+The limits default to export/build_engines.py `Limits` and are the ones the engines were built with; the
+runtime enforces them on every backend so a request that an engine would refuse fails the same way on ONNX
+Runtime. Errors: one line on stderr, exit 2.
+"""
+from __future__ import annotations
+
+import argparse
+import importlib.metadata
+import json
+import shutil
+import sys
+from dataclasses import asdict
+from pathlib import Path
+
+from qwen_vl_trt.runtime.manifest import (COPIED_FILES, FORMAT, FORMAT_VERSION, GRAPHS, REQUIRED_FILES,
+                                          contract_to_json, sha256_file)
+
+from .build_engines import Limits
+from .contracts import CONTRACTS
+from .onnx_graph import DTYPE_ALIASES
+from .spec import CheckpointError, ModelSpec
+
+_TOOLS = ("onnx", "onnxruntime", "torch", "transformers", "numpy", "tokenizers", "tensorrt", "tensorrt_rtx",
+          "tensorrt-rtx-cu13")
+
+
+def copy_checkpoint_files(ckpt: Path, out: Path) -> dict[str, str]:
+    """Copy the files the runtime reads (tokenizer, chat template, processor and generation configs,
+    config.json) into `out`; returns name -> sha256. A missing required file is a CheckpointError."""
+    missing = [f for f in REQUIRED_FILES if not (ckpt / f).is_file()]
+    if missing:
+        raise CheckpointError(f"{ckpt}: {', '.join(missing)} missing; the runtime needs them (copy them from the "
+                              "original Hugging Face repository)")
+    out.mkdir(parents=True, exist_ok=True)
+    copied = {}
+    for name in COPIED_FILES:
+        if (ckpt / name).is_file():
+            shutil.copyfile(ckpt / name, out / name)
+            copied[name] = sha256_file(out / name)
+    return copied
+
+
+def checkpoint_hashes(ckpt: Path) -> dict[str, str]:
+    """sha256 of model.safetensors.index.json when sharded, else of each *.safetensors file."""
+    index = ckpt / "model.safetensors.index.json"
+    files = [index] if index.is_file() else sorted(ckpt.glob("*.safetensors"))
+    return {f.name: sha256_file(f) for f in files}
+
+
+def tool_versions() -> dict[str, str]:
+    versions = {"python": sys.version.split()[0]}
+    for name in _TOOLS:
+        try:
+            versions[name] = importlib.metadata.version(name)
+        except importlib.metadata.PackageNotFoundError:
+            pass
+    return versions
+
+
+def write_manifest(ckpt: Path, out: Path, dtype: str, limits: Limits, engines: bool = False,
+                   plugins: str | None = None) -> Path:
+    """Write out/manifest.json for graphs already exported to `out` (and engines when `engines`)."""
+    dtype = DTYPE_ALIASES[dtype]
+    limits.check()
+    spec = ModelSpec.from_checkpoint(ckpt)
+    graphs = {}
+    for name in GRAPHS:
+        onnx_file = out / f"{name}.onnx"
+        if not onnx_file.is_file():
+            raise CheckpointError(f"{onnx_file} missing: export the graphs first (qwen-vl-export {ckpt} {out})")
+        data = out / f"{name}.onnx.data"
+        engine = out / f"{name}.engine"
+        if engines and not engine.is_file():
+            raise CheckpointError(f"{engine} missing: the engine build did not finish")
+        graphs[name] = {"onnx": onnx_file.name, "onnx_data": data.name if data.is_file() else None,
+                        "engine": engine.name if engines else None}
+    files = {f: sha256_file(out / f) for f in COPIED_FILES if (out / f).is_file()}
+    manifest = {
+        "format": FORMAT, "format_version": FORMAT_VERSION,
+        "model_type": spec.model_type, "model_spec": spec.to_json(), "dtype": dtype,
+        "graphs": graphs,
+        "contracts": {name: contract_to_json(CONTRACTS[name](spec).resolve(dtype)) for name in GRAPHS},
+        "limits": asdict(limits),
+        "files": files,
+        "checkpoint": {"name": ckpt.resolve().name, "sha256": checkpoint_hashes(ckpt)},
+        "tools": tool_versions(),
+        "plugins": {"library": str(Path(plugins).resolve()), "namespace": "qwen_vl", "version": "1"} if plugins else None,
+    }
+    path = out / "manifest.json"
+    path.write_text(json.dumps(manifest, indent=2) + "\n")
+    return path
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(prog="python -m qwen_vl_trt.export.artifacts", description=__doc__.splitlines()[0])
+    sub = ap.add_subparsers(dest="command", required=True)
+    cp = sub.add_parser("copy", help="copy tokenizer/processor/config files into OUT")
+    mf = sub.add_parser("manifest", help="write OUT/manifest.json")
+    for p in (cp, mf):
+        p.add_argument("checkpoint", type=Path)
+        p.add_argument("out", type=Path)
+    mf.add_argument("--dtype", default="bf16", choices=sorted(DTYPE_ALIASES))
+    mf.add_argument("--engines", action="store_true", help="OUT holds the three engines built with these limits")
+    mf.add_argument("--plugins", default=None, help="plugin library the engines were built with")
+    for key, default in asdict(Limits()).items():
+        mf.add_argument("--" + key.replace("_", "-"), type=int, default=default)
+    args = ap.parse_args(argv)
+    try:
+        if args.command == "copy":
+            copy_checkpoint_files(args.checkpoint, args.out)
+        else:
+            limits = Limits(**{k: getattr(args, k) for k in asdict(Limits())})
+            print(f"wrote {write_manifest(args.checkpoint, args.out, args.dtype, limits, args.engines, args.plugins)}",
+                  file=sys.stderr)
+    except CheckpointError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

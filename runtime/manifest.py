@@ -1,0 +1,171 @@
+"""ARTIFACTS_DIR/manifest.json: what an export produced, read and verified before anything runs (STYLE G12).
+
+Written by export/artifacts.py. Fields (format version 1):
+
+| key | meaning |
+|---|---|
+| `format`, `format_version` | "qwen-vl-trt-artifacts", 1 |
+| `model_type`, `model_spec` | `ModelSpec.to_json()` of the checkpoint (must equal the spec of the copied config.json) |
+| `dtype` | export dtype of the graphs: float32 / float16 / bfloat16 (logits always float32) |
+| `graphs` | name -> {"onnx", "onnx_data", "engine" (null without TensorRT)} |
+| `contracts` | name -> {"inputs"/"outputs": [[name, dtype, dims], ...]}, export/contracts.py resolved to `dtype` |
+| `limits` | max_patches, max_frames (per vision call), max_batch, max_seq, max_cache_len |
+| `files` | copied tokenizer/processor/config files -> sha256 |
+| `checkpoint` | source directory name and sha256 of its safetensors index or files |
+| `tools`, `plugins` | versions used; plugin library and op version when engines use plugins |
+
+`load_manifest(dir)` refuses, with one ArtifactError line, a missing or foreign manifest, another format
+version, a missing or modified file, a spec from another model, and contracts that differ from this
+runtime's (the graphs are then checked against these contracts when the sessions load).
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from qwen_vl_trt.export.contracts import CONTRACTS, GraphSpec, TensorSpec
+from qwen_vl_trt.export.spec import CheckpointError, ModelSpec
+
+from .errors import ArtifactError
+
+FORMAT = "qwen-vl-trt-artifacts"
+FORMAT_VERSION = 1
+GRAPHS = ("vision", "embed", "decoder")
+LIMIT_KEYS = ("max_patches", "max_frames", "max_batch", "max_seq", "max_cache_len")
+# copied from the checkpoint when present; the first three are required
+COPIED_FILES = ("config.json", "tokenizer.json", "generation_config.json", "tokenizer_config.json",
+                "chat_template.jinja", "chat_template.json", "preprocessor_config.json",
+                "video_preprocessor_config.json")
+REQUIRED_FILES = ("config.json", "tokenizer.json", "generation_config.json", "preprocessor_config.json")
+_REEXPORT = "re-run export_all.sh for this checkpoint"
+
+
+def contract_to_json(contract: GraphSpec) -> dict:
+    return {"inputs": [[t.name, t.dtype, list(t.dims)] for t in contract.inputs],
+            "outputs": [[t.name, t.dtype, list(t.dims)] for t in contract.outputs]}
+
+
+def contract_from_json(name: str, data: dict) -> GraphSpec:
+    def specs(rows):
+        return tuple(TensorSpec(n, dt, tuple(dims)) for n, dt, dims in rows)
+
+    return GraphSpec(name, specs(data["inputs"]), specs(data["outputs"]))
+
+
+def sha256_file(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def _canonical(obj) -> str:
+    return json.dumps(json.loads(json.dumps(obj)), sort_keys=True)
+
+
+@dataclass(frozen=True)
+class Limits:
+    max_patches: int
+    max_frames: int
+    max_batch: int
+    max_seq: int
+    max_cache_len: int
+
+
+@dataclass(frozen=True)
+class Manifest:
+    directory: Path
+    spec: ModelSpec
+    dtype: str
+    contracts: dict
+    limits: Limits
+    graphs: dict
+    generation_config: dict = field(default_factory=dict)
+    plugins: dict | None = None
+
+    def graph_paths(self) -> dict:
+        return {name: self.directory / self.graphs[name]["onnx"] for name in GRAPHS}
+
+    def engine_paths(self) -> dict:
+        """name -> engine path when all three engines were built, else {}."""
+        files = {name: self.graphs[name].get("engine") for name in GRAPHS}
+        if not all(files.values()):
+            return {}
+        return {name: self.directory / f for name, f in files.items()}
+
+    def plugin_library(self) -> Path | None:
+        lib = (self.plugins or {}).get("library")
+        return None if not lib else Path(lib)
+
+    @property
+    def eos_token_ids(self) -> tuple[int, ...]:
+        eos = self.generation_config.get("eos_token_id")
+        return tuple(eos) if isinstance(eos, list) else (() if eos is None else (int(eos),))
+
+    @property
+    def pad_token_id(self) -> int:
+        pad = self.generation_config.get("pad_token_id")
+        return int(pad) if pad is not None else (self.eos_token_ids or (0,))[0]
+
+
+def load_manifest(directory: str | Path) -> Manifest:
+    d = Path(directory)
+    raw = _read(d)
+    _check_files(d, raw)
+    try:
+        spec = ModelSpec.from_checkpoint(d)
+    except CheckpointError as e:
+        raise ArtifactError(f"{e}; {_REEXPORT}") from None
+    if _canonical(spec.to_json()) != _canonical(raw["model_spec"]):
+        raise ArtifactError(f"{d}/manifest.json describes another model than {d}/config.json "
+                            f"({raw.get('model_type')!r}); {_REEXPORT}")
+    dtype = raw["dtype"]
+    contracts = {}
+    for name in GRAPHS:
+        contracts[name] = contract_from_json(name, raw["contracts"][name])
+        ours = CONTRACTS[name](spec).resolve(dtype)
+        if contract_to_json(contracts[name]) != contract_to_json(ours):
+            raise ArtifactError(f"{d}/manifest.json: the {name} graph contract differs from this runtime's "
+                                f"(export/contracts.py changed since the export); {_REEXPORT}")
+    gen = json.loads((d / "generation_config.json").read_text())
+    return Manifest(d, spec, dtype, contracts, Limits(**{k: int(raw["limits"][k]) for k in LIMIT_KEYS}),
+                    raw["graphs"], gen, raw.get("plugins"))
+
+
+def _read(d: Path) -> dict:
+    path = d / "manifest.json"
+    if not d.is_dir():
+        raise ArtifactError(f"artifacts directory not found: {d}; run export_all.sh CHECKPOINT {d} first")
+    if not path.is_file():
+        raise ArtifactError(f"{path} not found: {d} holds no exported artifacts; run export_all.sh CHECKPOINT {d}")
+    try:
+        raw = json.loads(path.read_text())
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise ArtifactError(f"{path} is not valid JSON ({e}); {_REEXPORT}") from None
+    if not isinstance(raw, dict) or raw.get("format") != FORMAT:
+        raise ArtifactError(f"{path} is not a qwen-vl-trt manifest; {_REEXPORT}")
+    if raw.get("format_version") != FORMAT_VERSION:
+        raise ArtifactError(f"{path} has format version {raw.get('format_version')!r}, this runtime reads "
+                            f"version {FORMAT_VERSION}; {_REEXPORT}")
+    missing = [k for k in ("model_spec", "dtype", "graphs", "contracts", "limits", "files") if k not in raw]
+    missing += [f"limits.{k}" for k in LIMIT_KEYS if k not in raw.get("limits", {})]
+    missing += [f"graphs.{g}" for g in GRAPHS if g not in raw.get("graphs", {}) or g not in raw.get("contracts", {})]
+    if missing:
+        raise ArtifactError(f"{path} lacks {', '.join(missing)}; {_REEXPORT}")
+    return raw
+
+
+def _check_files(d: Path, raw: dict) -> None:
+    needed = [f for g in GRAPHS for f in (raw["graphs"][g].get("onnx"), raw["graphs"][g].get("onnx_data"),
+                                          raw["graphs"][g].get("engine")) if f]
+    needed += [f for f in REQUIRED_FILES if f not in raw["files"]] + list(raw["files"])
+    for name in needed:
+        if not (d / name).is_file():
+            raise ArtifactError(f"{d / name} is missing; {_REEXPORT}")
+    for name, digest in raw["files"].items():
+        if sha256_file(d / name) != digest:
+            raise ArtifactError(f"{d / name} was changed after the export (sha256 differs from manifest.json); "
+                                f"{_REEXPORT}")

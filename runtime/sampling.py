@@ -1,0 +1,75 @@
+"""Next-token choice from float32 logits [B, V], with Hugging Face `generate` semantics (numpy only).
+
+Order as HF's warpers (`transformers.generation.logits_process`): temperature scaling, then top-k
+(`TopKLogitsWarper`: drop logits below the k-th largest, ties kept), then top-p (`TopPLogitsWarper`: sort
+ascending, drop tokens whose cumulative probability is <= 1 - top_p, always keep the most likely), then
+softmax and one multinomial draw per row from a seeded `numpy.random.Generator`.
+Temperature 0 (or `do_sample: false` in generation_config.json) is greedy: argmax, first index on ties.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+
+
+@dataclass(frozen=True)
+class SamplingConfig:
+    temperature: float = 1.0  # 0 -> greedy
+    top_k: int = 0  # 0 -> off
+    top_p: float = 1.0  # 1 -> off
+    seed: int | None = None
+
+    @property
+    def greedy(self) -> bool:
+        return self.temperature == 0
+
+    @classmethod
+    def from_generation_config(cls, gen: dict, **overrides) -> "SamplingConfig":
+        """Defaults of generation_config.json (`do_sample` false -> greedy), then the non-None overrides."""
+        base = {"temperature": float(gen.get("temperature", 1.0)) if gen.get("do_sample", False) else 0.0,
+                "top_k": int(gen.get("top_k") or 0), "top_p": float(gen.get("top_p", 1.0) or 1.0)}
+        base.update({k: v for k, v in overrides.items() if v is not None})
+        return cls(**base)
+
+
+def logits_to_probs(logits: np.ndarray, cfg: SamplingConfig) -> np.ndarray:
+    """float32 [B, V] logits -> float64 [B, V] probabilities after temperature, top-k and top-p."""
+    scores = logits.astype(np.float32) / np.float32(cfg.temperature)
+    if cfg.top_k > 0:
+        k = min(cfg.top_k, scores.shape[-1])
+        kth = np.partition(scores, -k, axis=-1)[:, -k, None]  # [B, 1]
+        scores = np.where(scores < kth, -np.inf, scores)
+    if cfg.top_p < 1.0:
+        order = np.argsort(scores, axis=-1, kind="stable")  # ascending, as HF
+        sorted_scores = np.take_along_axis(scores, order, axis=-1)
+        cum = np.cumsum(_softmax(sorted_scores), axis=-1)
+        remove = cum <= (1 - cfg.top_p)
+        remove[:, -1] = False  # min_tokens_to_keep = 1
+        mask = np.zeros_like(remove)
+        np.put_along_axis(mask, order, remove, axis=-1)
+        scores = np.where(mask, -np.inf, scores)
+    return _softmax(scores.astype(np.float64))
+
+
+def _softmax(x: np.ndarray) -> np.ndarray:
+    e = np.exp(x - x.max(axis=-1, keepdims=True))
+    return e / e.sum(axis=-1, keepdims=True)
+
+
+class Sampler:
+    """`sample(logits [B, V]) -> int64 [B]`; holds the random generator so a seed fixes the whole run."""
+
+    def __init__(self, cfg: SamplingConfig):
+        self.cfg = cfg
+        self.rng = np.random.default_rng(cfg.seed)
+
+    def sample(self, logits: np.ndarray) -> np.ndarray:
+        if self.cfg.greedy:
+            return logits.argmax(axis=-1).astype(np.int64)
+        probs = logits_to_probs(logits, self.cfg)
+        # inverse-CDF draw: one uniform per row
+        u = self.rng.random((probs.shape[0], 1))
+        cdf = np.cumsum(probs, axis=-1)
+        idx = (cdf < u * cdf[:, -1:]).sum(axis=-1)
+        return np.minimum(idx, probs.shape[-1] - 1).astype(np.int64)
