@@ -1,0 +1,136 @@
+"""`trt-run`: generate text from images / a video and a prompt with exported artifacts (argparse -> RunConfig
+-> generate). Text streams to stdout as tokens arrive and timings go to stderr; `--json` prints one object.
+Bad input or artifacts: one line `error: ...` on stderr and exit code 2 (STYLE G11).
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from dataclasses import dataclass
+
+from .errors import UserError
+
+DEFAULT_MEDIA_PROMPT = "Describe this image."
+DEFAULT_MAX_NEW_TOKENS = 128
+
+
+@dataclass(frozen=True)
+class RunConfig:
+    model_dir: str
+    prompts: tuple
+    images: tuple
+    video: str | None
+    system: str | None
+    max_new_tokens: int | None
+    temperature: float | None
+    top_p: float | None
+    top_k: int | None
+    seed: int | None
+    ignore_eos: bool
+    backend: str
+    json: bool
+
+    @classmethod
+    def from_args(cls, args: argparse.Namespace) -> "RunConfig":
+        prompts = tuple(args.prompt or ())
+        if not prompts:
+            if not args.image and args.video is None:
+                raise UserError("nothing to do: pass --prompt TEXT, --image PATH or --video PATH")
+            prompts = (DEFAULT_MEDIA_PROMPT,)
+        if args.temperature is not None and args.temperature < 0:
+            raise UserError(f"--temperature {args.temperature}: must be >= 0 (0 = greedy)")
+        if args.top_p is not None and not 0 < args.top_p <= 1:
+            raise UserError(f"--top-p {args.top_p}: must be in (0, 1]")
+        if args.top_k is not None and args.top_k < 0:
+            raise UserError(f"--top-k {args.top_k}: must be >= 0 (0 = off)")
+        if args.max_new_tokens is not None and args.max_new_tokens < 1:
+            raise UserError(f"--max-new-tokens {args.max_new_tokens}: must be >= 1")
+        return cls(args.model_dir, prompts, tuple(args.image or ()), args.video, args.system, args.max_new_tokens,
+                   args.temperature, args.top_p, args.top_k, args.seed, args.ignore_eos, args.backend, args.json)
+
+
+def parser() -> argparse.ArgumentParser:
+    ap = argparse.ArgumentParser(prog="trt-run", description=__doc__.splitlines()[0])
+    ap.add_argument("--model-dir", default="artifacts", help="artifact directory from export_all.sh (default: artifacts)")
+    ap.add_argument("--image", action="append", help="image file; repeat for several images")
+    ap.add_argument("--video", help="video file (needs PyAV) or a directory of frame images")
+    ap.add_argument("--prompt", action="append",
+                    help=f"user text (default with media: {DEFAULT_MEDIA_PROMPT!r}); repeat for a batch, each with "
+                         "the same media")
+    ap.add_argument("--system", help="system message")
+    ap.add_argument("--max-new-tokens", type=int, help=f"default: generation_config.json, else {DEFAULT_MAX_NEW_TOKENS}")
+    ap.add_argument("--temperature", type=float, help="0 = greedy; default from generation_config.json")
+    ap.add_argument("--top-p", type=float, help="default from generation_config.json")
+    ap.add_argument("--top-k", type=int, help="default from generation_config.json")
+    ap.add_argument("--seed", type=int, help="seed of the sampler")
+    ap.add_argument("--ignore-eos", action="store_true", help="generate exactly --max-new-tokens tokens")
+    ap.add_argument("--backend", choices=("auto", "tensorrt", "onnxruntime"), default="auto",
+                    help="auto: TensorRT engines when present and runnable, else ONNX Runtime")
+    ap.add_argument("--json", action="store_true", help="print one JSON object instead of streaming text")
+    return ap
+
+
+def run(cfg: RunConfig, out=sys.stdout, err=sys.stderr) -> list:
+    from .generate import generate, load_model
+    from .pipeline import Preprocessor, Request
+    from .prompt import IncrementalDecoder
+    from .sampling import Sampler, SamplingConfig
+
+    model = load_model(cfg.model_dir, cfg.backend)
+    pre = Preprocessor(model.manifest)
+    requests = [pre.prepare(Request(p, cfg.images, cfg.video, cfg.system)) for p in cfg.prompts]
+    gen = model.manifest.generation_config
+    sampling = SamplingConfig.from_generation_config(gen, temperature=cfg.temperature, top_p=cfg.top_p,
+                                                     top_k=cfg.top_k, seed=cfg.seed)
+    max_new = cfg.max_new_tokens or int(gen.get("max_new_tokens") or DEFAULT_MAX_NEW_TOKENS)
+    stream = None
+    if not cfg.json and len(requests) == 1:
+        decoder = IncrementalDecoder(pre.tokenizer)
+        stream = lambda b, tok: out.write(decoder.push(tok)) or out.flush()  # noqa: E731
+    results = generate(model, requests, Sampler(sampling), max_new, eos_token_ids=model.manifest.eos_token_ids,
+                       ignore_eos=cfg.ignore_eos, on_token=stream)
+    texts = [pre.tokenizer.decode(r.token_ids) for r in results]
+    if cfg.json:
+        obj = [{"text": t, "token_ids": r.token_ids, "prompt_tokens": r.prompt_tokens, "timings": r.timings}
+               for t, r in zip(texts, results)]
+        if len(obj) == 1:
+            out.write(json.dumps(obj[0], ensure_ascii=False) + "\n")
+        else:
+            out.write(json.dumps({k: [o[k] for o in obj] for k in obj[0]}, ensure_ascii=False) + "\n")
+        return results
+    if stream is not None:
+        out.write(decoder.flush() + "\n")
+    else:
+        for i, t in enumerate(texts):
+            out.write(f"[{i}] {t}\n")
+    for i, r in enumerate(results):
+        err.write(_timing_line(i if len(results) > 1 else None, r) + "\n")
+    return results
+
+
+def _timing_line(index, result) -> str:
+    t = result.timings
+    head = f"[{index}] " if index is not None else ""
+    rate = f"{t['decode_tok_per_s']} tok/s" if t["decode_tok_per_s"] is not None else "n/a"
+    return (f"{head}{t['backend']}: prompt {result.prompt_tokens} tokens | preprocess {t['preprocess_ms']} ms | "
+            f"vision {t['vision_ms']} ms | prefill {t['prefill_ms']} ms | TTFT {t['ttft_ms']} ms | "
+            f"{len(result.token_ids)} tokens, decode {rate}")
+
+
+def main(argv=None) -> int:
+    from qwen_vl_trt.export.spec import CheckpointError
+
+    args = parser().parse_args(argv)
+    try:
+        run(RunConfig.from_args(args))
+    except (UserError, CheckpointError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        return 130
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,121 @@
+"""One request (system + prompt + images + video) -> the host tensors generation needs, in prompt order.
+
+`Preprocessor(manifest).prepare(Request)`: load and patchify the media (runtime/preprocess.py, video.py),
+render the chat template and expand the vision placeholders (runtime/prompt.py), compute the MRoPE
+positions and rope delta of the prompt (runtime/positions.py), and check it against the artifact limits.
+`vision_feeds(spec, pixel_values, grids)` builds the vision graph's host inputs (runtime/vision_inputs.py).
+Media order is the order of their placeholders: the images, then the video (`prompt.build_messages`).
+"""
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from . import positions, preprocess, prompt, video, vision_inputs
+from .errors import PromptTooLong
+
+
+@dataclass(frozen=True)
+class Request:
+    prompt: str
+    images: tuple = ()
+    video: str | None = None
+    system: str | None = None
+
+
+@dataclass(frozen=True)
+class Media:
+    pixel_values: np.ndarray  # float32 [T, patch_dim]
+    grid_thw: tuple  # (t, h, w) in patches
+
+
+@dataclass(frozen=True)
+class PreparedRequest:
+    input_ids: np.ndarray  # int64 [S]
+    position_ids: np.ndarray  # int64 [3, S]
+    rope_delta: int
+    media: tuple = ()  # Media in prompt order
+    timings: dict = field(default_factory=dict)
+
+    @property
+    def num_tokens(self) -> int:
+        return len(self.input_ids)
+
+
+def vision_feeds(spec, pixel_values: np.ndarray, grids) -> dict:
+    """Host inputs of vision.onnx for patches of several images/videos (grids int [n, 3], prompt order)."""
+    v, merge = spec.vision, spec.vision.spatial_merge_size
+    feeds = {"pixel_values": np.ascontiguousarray(pixel_values, np.float32),
+             "rotary_pos_ids": vision_inputs.rotary_pos_ids(grids, merge),
+             "cu_seqlens": vision_inputs.cu_seqlens(grids)}
+    if spec.model_type == "qwen2_5_vl":
+        feeds["window_index"], feeds["cu_window_seqlens"] = vision_inputs.window_index(
+            grids, merge, v.window_size, v.patch_size)
+    else:
+        feeds["pos_embed_indices"], feeds["pos_embed_weights"] = vision_inputs.pos_embed_interpolation(
+            grids, v.num_grid_per_side, merge)
+    return feeds
+
+
+class Preprocessor:
+    """Tokenizer, chat template and processor configs of an artifact directory."""
+
+    def __init__(self, manifest):
+        self.manifest, self.spec = manifest, manifest.spec
+        self.tokenizer = prompt.Tokenizer(manifest.directory)
+        self.image_cfg = preprocess.ImageProcessorConfig.from_dir(manifest.directory)
+        self.family = "qwen2_5_vl" if self.spec.model_type == "qwen2_5_vl" else "qwen3_vl"
+
+    def _video(self, path: str):
+        cfg = video.VideoProcessorConfig.from_dir(self.manifest.directory)
+        if self.family == "qwen2_5_vl":
+            return video.preprocess_video_qwen2_5(path, cfg)
+        return video.preprocess_video_qwen3(path, cfg)
+
+    def prepare(self, request: Request) -> PreparedRequest:
+        t0 = time.perf_counter()
+        images = [preprocess.preprocess_image(preprocess.load_image(p), self.image_cfg) for p in request.images]
+        vid = self._video(request.video) if request.video is not None else None
+        media = [Media(pv, tuple(grid)) for pv, grid in images]
+        if vid is not None:
+            media.append(Media(vid.pixel_values, tuple(vid.grid_thw)))
+        self._check_media(media, request)
+        messages = prompt.build_messages(request.prompt, request.system, n_images=len(images), video=vid is not None)
+        image_grids = [g for _, g in images]
+        video_grids = [vid.grid_thw] if vid is not None else []
+        built = prompt.build_prompt(self.tokenizer, messages, image_grids=image_grids, video_grids=video_grids,
+                                    video_timestamps=[vid.timestamps] if vid is not None else [],
+                                    family=self.family, merge_size=self.spec.vision.spatial_merge_size)
+        limit = self.manifest.limits.max_seq
+        if len(built.input_ids) > limit:
+            raise PromptTooLong(f"prompt has {len(built.input_ids)} tokens, artifacts allow at most {limit}: "
+                                "re-export with a larger --max-seq")
+        pos, delta = self._positions(built, image_grids, video_grids, vid)
+        return PreparedRequest(built.input_ids, pos[:, 0], int(delta[0]), tuple(media),
+                               {"preprocess_ms": 1e3 * (time.perf_counter() - t0)})
+
+    def _positions(self, built, image_grids, video_grids, vid):
+        ids, types = built.input_ids[None], built.mm_token_type_ids[None]
+        common = dict(image_grid_thw=image_grids or None, video_grid_thw=video_grids or None,
+                      spatial_merge_size=self.spec.vision.spatial_merge_size,
+                      image_token_id=self.spec.image_token_id, video_token_id=self.spec.video_token_id)
+        if self.family == "qwen2_5_vl":
+            return positions.qwen2_5_vl_rope_index(
+                ids, types, second_per_grid_ts=[vid.second_per_grid_ts] if vid is not None else None,
+                tokens_per_second=int(self.spec.vision.tokens_per_second), **common)
+        return positions.qwen3_vl_rope_index(ids, types, **common)
+
+    def _check_media(self, media: list, request: Request) -> None:
+        lim = self.manifest.limits
+        names = [str(p) for p in request.images] + ([str(request.video)] if request.video is not None else [])
+        for name, m in zip(names, media):
+            t, h, w = m.grid_thw
+            if t * h * w > lim.max_patches:
+                raise PromptTooLong(f"{name} needs {t * h * w} vision patches, artifacts allow at most "
+                                    f"{lim.max_patches} per vision call: re-export with a larger --max-patches "
+                                    "or pass a smaller image")
+            if t > lim.max_frames:
+                raise PromptTooLong(f"{name} needs {t} temporal patches, artifacts allow at most {lim.max_frames} "
+                                    "per vision call: re-export with a larger --max-frames or pass fewer frames")
