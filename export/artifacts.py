@@ -98,6 +98,16 @@ def write_manifest(ckpt: Path, out: Path, dtype: str, limits: Limits, engines: b
     return path
 
 
+def export_artifacts(ckpt, out, dtype: str = "bf16", limits: Limits = Limits(), progress=None) -> Path:
+    """export_all.sh without engines, in-process: graphs, copied files, manifest. Returns out/manifest.json."""
+    from .cli import export_graphs
+
+    ckpt, out = Path(ckpt), Path(out)
+    export_graphs(ckpt, out, dtype, progress=progress)
+    copy_checkpoint_files(ckpt, out)
+    return write_manifest(ckpt, out, dtype, limits)
+
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(prog="python -m qwen_vl_trt.export.artifacts", description=__doc__.splitlines()[0])
     sub = ap.add_subparsers(dest="command", required=True)
