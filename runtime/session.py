@@ -137,9 +137,9 @@ def open_sessions(manifest, backend: str = "auto", *, io_binding: bool = False, 
     """-> (backend used, {"vision"|"embed"|"decoder": Session}). `backend`: auto | tensorrt | onnxruntime."""
     if backend not in ("auto", "tensorrt", "onnxruntime"):
         raise BackendUnavailable(f"unknown backend {backend!r}; use auto, tensorrt or onnxruntime")
-    if backend != "onnxruntime":
+    engines = manifest.engine_paths()
+    if backend == "tensorrt" or (backend == "auto" and engines):
         ok, why = tensorrt_available()
-        engines = manifest.engine_paths()
         if backend == "tensorrt" and not ok:
             raise BackendUnavailable(f"--backend tensorrt: {why}; use --backend onnxruntime")
         if backend == "tensorrt" and not engines:

@@ -149,3 +149,25 @@ def test_kv_cache_update_swaps_without_copy():
     assert cache.past_lengths.tolist() == [5, 3]
     cache.update(present, 1)
     assert cache.feeds()["past_lengths"].tolist() == [6, 4] and cache.fits(10) and not cache.fits(11)
+
+
+def test_auto_backend_falls_back_to_onnxruntime_when_engines_cannot_run(artifacts, qwen3_vl_ckpt, tmp_path,
+                                                                        monkeypatch):
+    """Engines listed in the manifest, but no TensorRT runtime/GPU to run them: auto -> ORT, tensorrt -> error."""
+    from qwen_vl_trt.export.artifacts import write_manifest
+    from qwen_vl_trt.runtime import session
+    from qwen_vl_trt.runtime.errors import BackendUnavailable
+
+    d = clone(artifacts, tmp_path / "a")
+    for name in ("vision", "embed", "decoder"):
+        (d / f"{name}.engine").write_bytes(b"not run in this test")
+    write_manifest(qwen3_vl_ckpt, d, "fp32", LIMITS, engines=True)
+    m = load_manifest(d)
+    assert set(m.engine_paths()) == {"vision", "embed", "decoder"}
+    monkeypatch.setattr(session, "tensorrt_available", lambda: (False, "no CUDA GPU is visible"))
+    assert session.open_sessions(m, "auto")[0] == "onnxruntime"
+    with pytest.raises(BackendUnavailable) as e:
+        session.open_sessions(m, "tensorrt")
+    assert str(e.value) == "--backend tensorrt: no CUDA GPU is visible; use --backend onnxruntime"
+    (d / "embed.engine").unlink()
+    _refused(d, f"{d / 'embed.engine'} is missing; {REEXPORT}")
