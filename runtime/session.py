@@ -72,29 +72,56 @@ class OrtSession:
         check_io(contract, found_in, found_out, str(path))
         self.output_names = [o.name for o in self.sess.get_outputs()]
         self.device = "cuda" if "CUDAExecutionProvider" in self.sess.get_providers() else "cpu"
-        self.io_binding = io_binding or self.device == "cuda"
+        # bf16 has no numpy type in onnxruntime's Python API: only bound OrtValues carry it
+        has_bf16 = any(d == "bfloat16" for d, _ in (*found_in.values(), *found_out.values()))
+        self.io_binding = io_binding or has_bf16 or self.device == "cuda"
         self.resident = frozenset(resident) if self.io_binding else frozenset()
 
     def allocate(self, shape: tuple, dtype: str):
         zeros = np.zeros(shape, numpy_dtype(dtype))
         if not self.io_binding:
             return zeros
-        return self.ort.OrtValue.ortvalue_from_numpy(zeros, self.device, 0)
+        if dtype != "bfloat16":
+            return self.ort.OrtValue.ortvalue_from_numpy(zeros, self.device, 0)
+        value = self.ort.OrtValue.ortvalue_from_shape_and_type(shape, _ONNX_BF16, self.device, 0)
+        value.update_inplace(zeros.view(np.uint16))  # all-zero bits == bf16 zeros
+        return value
+
+    def _ortvalue(self, value: np.ndarray):
+        """numpy -> CPU OrtValue; ml_dtypes bfloat16 goes in as its uint16 bits tagged BFLOAT16."""
+        value = np.ascontiguousarray(value)
+        if value.dtype == numpy_dtype("bfloat16"):
+            return self.ort.OrtValue.ortvalue_from_numpy_with_onnx_type(value.view(np.uint16), _ONNX_BF16)
+        return self.ort.OrtValue.ortvalue_from_numpy(value)
 
     def run(self, feeds: dict) -> dict:
         if not self.io_binding:
             return dict(zip(self.output_names, self.sess.run(None, feeds)))
         binding = self.sess.io_binding()
         for name, value in feeds.items():
-            if isinstance(value, self.ort.OrtValue):
-                binding.bind_ortvalue_input(name, value)
-            else:
-                binding.bind_cpu_input(name, np.ascontiguousarray(value))
+            binding.bind_ortvalue_input(name, value if isinstance(value, self.ort.OrtValue) else self._ortvalue(value))
         for name in self.output_names:
             binding.bind_output(name, self.device if name in self.resident else "cpu", 0)
         self.sess.run_with_iobinding(binding)
         values = binding.get_outputs()
-        return {name: (v if name in self.resident else v.numpy()) for name, v in zip(self.output_names, values)}
+        return {name: (v if name in self.resident else _to_numpy(v)) for name, v in zip(self.output_names, values)}
+
+
+_ONNX_BF16 = 16  # onnx.TensorProto.BFLOAT16
+
+
+def _to_numpy(value) -> np.ndarray:
+    """A CPU OrtValue -> numpy; bfloat16 (which OrtValue.numpy() refuses) is copied out as ml_dtypes.bfloat16."""
+    if value.data_type() != "tensor(bfloat16)":
+        return value.numpy()
+    shape = tuple(value.shape())
+    n = int(np.prod(shape, dtype=np.int64))
+    if n == 0:
+        return np.zeros(shape, numpy_dtype("bfloat16"))
+    import ctypes
+
+    bits = np.ctypeslib.as_array((ctypes.c_uint16 * n).from_address(value.data_ptr()))
+    return bits.copy().view(numpy_dtype("bfloat16")).reshape(shape)
 
 
 def ort_providers() -> tuple[str, ...]:

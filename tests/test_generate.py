@@ -201,3 +201,31 @@ def test_sampling_defaults_from_generation_config():
     assert SamplingConfig.from_generation_config(gen) == SamplingConfig(0.7, 20, 0.8)
     assert SamplingConfig.from_generation_config(gen, temperature=0.0).greedy
     assert SamplingConfig.from_generation_config({"do_sample": False}).greedy
+
+
+def test_ort_session_carries_bfloat16_through_bound_ortvalues(tmp_path):
+    """onnxruntime's Python API has no numpy bf16: bf16 feeds/outputs go through bound OrtValues (ml_dtypes
+    on the host side), and a resident bf16 output is fed back without leaving the OrtValue."""
+    import ml_dtypes
+    import onnx
+    from onnx import TensorProto, helper
+
+    from qwen_vl_trt.export.contracts import GraphSpec, TensorSpec
+    from qwen_vl_trt.runtime.session import OrtSession
+
+    graph = helper.make_graph(
+        [helper.make_node("Identity", ["x"], ["present_key.0"]), helper.make_node("Cast", ["x"], ["logits"], to=1)],
+        "bf16", [helper.make_tensor_value_info("x", TensorProto.BFLOAT16, ["n"])],
+        [helper.make_tensor_value_info("present_key.0", TensorProto.BFLOAT16, ["n"]),
+         helper.make_tensor_value_info("logits", TensorProto.FLOAT, ["n"])])
+    onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)]), tmp_path / "g.onnx")
+    contract = GraphSpec("g", (TensorSpec("x", "bfloat16", ("n",)),),
+                         (TensorSpec("present_key.0", "bfloat16", ("n",)), TensorSpec("logits", "float32", ("n",))))
+    x = np.array([1.5, -2, 3.25], ml_dtypes.bfloat16)
+    plain = OrtSession(tmp_path / "g.onnx", contract).run({"x": x})
+    assert plain["present_key.0"].dtype == ml_dtypes.bfloat16 and plain["present_key.0"].tolist() == [1.5, -2, 3.25]
+    sess = OrtSession(tmp_path / "g.onnx", contract, resident=("present_key.0",))
+    out = sess.run({"x": x})
+    again = sess.run({"x": out["present_key.0"]})  # an OrtValue fed back as is
+    assert again["logits"].tolist() == [1.5, -2.0, 3.25]
+    assert sess.run({"x": sess.allocate((3,), "bfloat16")})["logits"].tolist() == [0, 0, 0]
