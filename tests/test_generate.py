@@ -229,3 +229,18 @@ def test_ort_session_carries_bfloat16_through_bound_ortvalues(tmp_path):
     again = sess.run({"x": out["present_key.0"]})  # an OrtValue fed back as is
     assert again["logits"].tolist() == [1.5, -2.0, 3.25]
     assert sess.run({"x": sess.allocate((3,), "bfloat16")})["logits"].tolist() == [0, 0, 0]
+
+
+def test_batch_with_different_media_per_prompt_matches_hf(artifacts, media, hf_qwen3_vl, processor):
+    """Python API: prompt 0 with image 1, prompt 1 with images 0 and 1: vision rows go in prompt order."""
+    from qwen_vl_trt.runtime.generate import generate, load_model
+    from qwen_vl_trt.runtime.pipeline import Preprocessor, Request
+
+    imgs = media["images"]
+    model = load_model(artifacts, "onnxruntime")
+    pre = Preprocessor(model.manifest)
+    cases = [(LONG_PROMPT, [imgs[1]]), ("Compare them.", [imgs[0], imgs[1]])]
+    reqs = [pre.prepare(Request(p, tuple(map(str, ims)))) for p, ims in cases]
+    results = generate(model, reqs, Sampler(SamplingConfig(temperature=0)), N_NEW, ignore_eos=True)
+    for (prompt, ims), res in zip(cases, results):
+        assert res.token_ids == hf_generate(hf_qwen3_vl, processor, prompt, ims)
