@@ -80,7 +80,10 @@ QWEN3_VL_GENERATION = {
     "do_sample": True, "top_k": 20, "top_p": 0.8, "temperature": 0.7, "repetition_penalty": 1.0,
 }
 
-FAMILIES = {"qwen3_vl": (QWEN3_VL_TINY, QWEN3_VL_PREPROCESSOR, QWEN3_VL_VIDEO_PREPROCESSOR, QWEN3_VL_GENERATION)}
+# family -> (config.json, preprocessor_config.json, video_preprocessor_config.json, generation_config.json)
+FAMILIES = {
+    "qwen3_vl": (QWEN3_VL_TINY, QWEN3_VL_PREPROCESSOR, QWEN3_VL_VIDEO_PREPROCESSOR, QWEN3_VL_GENERATION),
+}
 
 
 def tokenizer_dir() -> Path:
