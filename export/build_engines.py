@@ -64,10 +64,15 @@ def profile_shapes(contract: GraphSpec, limits: Limits) -> dict[str, tuple[tuple
 def build_engine(trt, onnx_path: Path, engine_path: Path, contract: GraphSpec, limits: Limits,
                  compute_capabilities=(), plugin_lib: str | None = None, timing_cache: Path | None = None,
                  log=print) -> Path:
+    from .trt_compat import load_plugin_library
+
     logger = trt.Logger(trt.Logger.WARNING)
     builder = trt.Builder(logger)
-    if plugin_lib:
-        builder.get_plugin_registry().load_library(str(plugin_lib))
+    if plugin_lib:  # the qwen_vl nodes become PLUGIN_V3 layers; without it TensorRT inlines their ONNX bodies
+        try:
+            load_plugin_library(plugin_lib, trt=trt)
+        except (FileNotFoundError, RuntimeError) as e:
+            raise CheckpointError(str(e)) from None
     # Strongly typed: the graph's own casts decide every dtype (bf16/fp16/fp32), as the HF parity needs.
     # TensorRT-RTX networks are always strongly typed; full TensorRT needs the flag.
     flag = getattr(trt.NetworkDefinitionCreationFlag, "STRONGLY_TYPED", None)
@@ -76,7 +81,10 @@ def build_engine(trt, onnx_path: Path, engine_path: Path, contract: GraphSpec, l
     if not parser.parse_from_file(str(onnx_path)):
         errors = "; ".join(parser.get_error(i).desc() for i in range(parser.num_errors))
         raise CheckpointError(f"{onnx_path}: TensorRT cannot parse the graph: {errors}")
+    n_plugins = sum(network.get_layer(i).type == trt.LayerType.PLUGIN_V3 for i in range(network.num_layers))
     config = builder.create_builder_config()
+    if n_plugins:  # KVCacheAttention's present_key/value alias past_key/value (in-place cache write)
+        config.set_preview_feature(trt.PreviewFeature.ALIASED_PLUGIN_IO_10_03, True)
     profile = builder.create_optimization_profile()
     for name, (lo, opt, hi) in profile_shapes(contract, limits).items():
         profile.set_shape(name, lo, opt, hi)
@@ -97,7 +105,7 @@ def build_engine(trt, onnx_path: Path, engine_path: Path, contract: GraphSpec, l
     engine_path.write_bytes(bytes(blob))
     if cache is not None:
         timing_cache.write_bytes(bytes(cache.serialize()))
-    log(f"built {engine_path.name} ({network.num_layers} layers) in {time.perf_counter() - t0:.1f} s")
+    log(f"built {engine_path.name} ({network.num_layers} layers, {n_plugins} plugin) in {time.perf_counter() - t0:.1f} s")
     return engine_path
 
 

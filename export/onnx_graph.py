@@ -31,6 +31,7 @@ class GraphBuilder:
         self.initializers: list[onnx.TensorProto] = []
         self.functions: dict[tuple[str, str], onnx.FunctionProto] = {}
         self.domains: dict[str, int] = {}
+        self.memo: dict = {}  # values derived once per graph (e.g. an int64 input cast to int32)
         self._scope: list[str] = []
         self._count: dict[str, int] = {}
         self._consts: dict[bytes, str] = {}

@@ -28,6 +28,8 @@ import numpy as np
 import onnx
 from onnx import AttributeProto, TensorProto, helper
 
+from .rotary import text_tables, vision_tables
+
 DOMAIN = "qwen_vl"
 PLUGIN_NAMESPACE = "qwen_vl"
 PLUGIN_VERSION = "1"
@@ -42,53 +44,9 @@ OP_ATTRIBUTES = {  # op -> its own attributes (the plugin fields), in addition t
 }
 
 
-# ---- rotary tables -------------------------------------------------------------------------------------
-def _inv_freq(dim: int, theta: float) -> np.ndarray:
-    """1 / theta^(arange(0, dim, 2) / dim) as float32, bit-identical to HF's rope init.
-
-    HF evaluates `base ** (arange(0, dim, 2).float() / dim)` with torch's fp32 pow, which is not correctly
-    rounded; the export always has torch, so we evaluate the same expression. Without torch (a torch-free
-    caller) the fp32 power is rounded from fp64: at most 1 ulp from HF's value for a few frequencies.
-    """
-    try:
-        import torch
-    except ImportError:
-        exponent = np.arange(0, dim, 2, dtype=np.int64).astype(np.float32) / np.float32(dim)
-        return np.float32(1.0) / np.power(np.float64(theta), exponent.astype(np.float64)).astype(np.float32)
-    return (1.0 / (theta ** (torch.arange(0, dim, 2, dtype=torch.int64).float() / dim))).numpy().astype(np.float32)
-
-
-def mrope_tables_text(head_dim: int, theta: float, mrope_section, interleaved: bool):
-    """(inv_freq float32 [D/2], axis int64 [D/2]) of the text MRoPE; positions are (t, h, w).
-
-    interleaved (Qwen3-VL): frequency i takes H if i % 3 == 1 and i < 3*sec[1], W if i % 3 == 2 and
-    i < 3*sec[2], else T (HF apply_interleaved_mrope). Chunked (Qwen2.5-VL): the first sec[0] frequencies
-    take T, the next sec[1] H, the last sec[2] W (HF apply_multimodal_rotary_pos_emb).
-    """
-    half = head_dim // 2
-    sec = [int(s) for s in mrope_section]
-    if head_dim % 2 or len(sec) != 3 or sum(sec) != half:
-        raise ValueError(f"mrope_section {sec} must have 3 entries summing to head_dim/2 = {half}")
-    i = np.arange(half)
-    if interleaved:
-        axis = np.zeros(half, np.int64)
-        axis[(i % 3 == 1) & (i < 3 * sec[1])] = 1
-        axis[(i % 3 == 2) & (i < 3 * sec[2])] = 2
-    else:
-        axis = np.repeat(np.arange(3, dtype=np.int64), sec)
-    return _inv_freq(head_dim, theta), axis
-
-
-def rotary_tables_vision(head_dim: int, theta: float = 10000.0):
-    """(inv_freq float32 [D/2], axis int64 [D/2]) of the 2-D vision rotary; positions are (h, w).
-
-    HF Qwen3VLVisionRotaryEmbedding(dim=D/2) has D/4 frequencies f_j = theta^(-2j/(D/2)); a patch's D/2
-    angles are [h*f_j] ++ [w*f_j] (rot_pos_emb), so the table is f ++ f with axis 0 then 1.
-    """
-    if head_dim % 4:
-        raise ValueError(f"vision head_dim {head_dim} must be a multiple of 4")
-    f = _inv_freq(head_dim // 2, theta)
-    return np.concatenate([f, f]), np.repeat(np.arange(2, dtype=np.int64), head_dim // 4)
+# ---- rotary tables (export/rotary.py; the names the plugin tests and benchmarks use) --------------------
+mrope_tables_text = text_tables
+rotary_tables_vision = vision_tables
 
 
 # ---- nodes -----------------------------------------------------------------------------------------------

@@ -14,29 +14,39 @@ import numpy as np
 
 
 def text_tables(head_dim: int, theta: float, mrope_section, interleaved: bool) -> tuple[np.ndarray, np.ndarray]:
+    """(inv_freq float32 [D/2], axis int64 [D/2]) of the text MRoPE; positions are (t, h, w)."""
     half = head_dim // 2
-    inv_freq = _inv_freq(theta, head_dim, head_dim)
-    axis = np.zeros(half, np.int64)
+    sec = [int(s) for s in mrope_section]
+    if head_dim % 2 or len(sec) != 3 or sum(sec) != half:
+        raise ValueError(f"mrope_section {sec} must have 3 entries summing to head_dim/2 = {half}")
+    i = np.arange(half)
     if interleaved:
-        for dim, offset in ((1, 1), (2, 2)):
-            axis[offset: mrope_section[dim] * 3: 3] = dim
+        axis = np.zeros(half, np.int64)
+        axis[(i % 3 == 1) & (i < 3 * sec[1])] = 1
+        axis[(i % 3 == 2) & (i < 3 * sec[2])] = 2
     else:
-        bounds = np.cumsum(mrope_section)
-        axis[bounds[0]:bounds[1]] = 1
-        axis[bounds[1]:bounds[2]] = 2
-    return inv_freq.astype(np.float32), axis
+        axis = np.repeat(np.arange(3, dtype=np.int64), sec)
+    return _inv_freq(head_dim, theta), axis
 
 
 def vision_tables(head_dim: int, theta: float = 10000.0) -> tuple[np.ndarray, np.ndarray]:
-    spatial = head_dim // 2
-    f = _inv_freq(theta, spatial, spatial)
-    inv_freq = np.concatenate([f, f]).astype(np.float32)
-    axis = np.concatenate([np.zeros(len(f), np.int64), np.ones(len(f), np.int64)])
-    return inv_freq, axis
+    """(inv_freq float32 [D/2], axis int64 [D/2]) of the 2-D vision rotary; positions are (h, w)."""
+    if head_dim % 4:
+        raise ValueError(f"vision head_dim {head_dim} must be a multiple of 4")
+    f = _inv_freq(head_dim // 2, theta)
+    return np.concatenate([f, f]), np.repeat(np.arange(2, dtype=np.int64), head_dim // 4)
 
 
-def _inv_freq(theta: float, stop: int, dim: int) -> np.ndarray:
-    """1 / theta^(arange(0, stop, 2) / dim), in torch float32 exactly as HF computes it (bit-identical)."""
-    import torch
+def _inv_freq(dim: int, theta: float) -> np.ndarray:
+    """1 / theta^(arange(0, dim, 2) / dim) as float32, bit-identical to HF's rope init.
 
-    return (1.0 / (theta ** (torch.arange(0, stop, 2, dtype=torch.float) / dim))).numpy()
+    HF evaluates `base ** (arange(0, dim, 2).float() / dim)` with torch's fp32 pow, which is not correctly
+    rounded; the export always has torch, so we evaluate the same expression. Without torch (a torch-free
+    caller) the fp32 power is rounded from fp64: at most 1 ulp from HF's value for a few frequencies.
+    """
+    try:
+        import torch
+    except ImportError:
+        exponent = np.arange(0, dim, 2, dtype=np.int64).astype(np.float32) / np.float32(dim)
+        return np.float32(1.0) / np.power(np.float64(theta), exponent.astype(np.float64)).astype(np.float32)
+    return (1.0 / (theta ** (torch.arange(0, dim, 2, dtype=torch.int64).float() / dim))).numpy().astype(np.float32)

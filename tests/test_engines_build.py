@@ -1,4 +1,6 @@
-"""The three bf16 graphs of a tiny Qwen3-VL parse in TensorRT(-RTX) and build engines ahead of time.
+"""The three bf16 graphs of a tiny Qwen3-VL parse in TensorRT(-RTX) and build engines ahead of time,
+with the plugin library loaded (every qwen_vl node becomes a PLUGIN_V3 layer) and without it (TensorRT
+inlines the nodes' ONNX reference functions).
 
 On this CPU-only CI the TensorRT-RTX builder checks parsing, shape inference over the profiles derived
 from export/contracts.py, and the build; engines cannot run here (RTX compiles kernels on the GPU at load,
@@ -6,26 +8,60 @@ and refuses Hopper). Runs in a subprocess because the RTX library path must be s
 """
 from __future__ import annotations
 
+import re
 import subprocess
 import sys
+from pathlib import Path
+
+import onnx
+import pytest
 
 from qwen_vl_trt.export.build_engines import Limits, dim_ranges
 from qwen_vl_trt.export.cli import export_graphs
 from qwen_vl_trt.export.trt_compat import rtx_env
 
 
-def test_bf16_engines_build_for_three_targets(qwen3_vl_ckpt, tmp_path):
-    export_graphs(qwen3_vl_ckpt, tmp_path, "bf16")
-    (tmp_path / "config.json").write_bytes((qwen3_vl_ckpt / "config.json").read_bytes())
+ROOT = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture(scope="module")
+def bf16_graphs(qwen3_vl_ckpt, tmp_path_factory) -> Path:
+    out = tmp_path_factory.mktemp("bf16_graphs")
+    export_graphs(qwen3_vl_ckpt, out, "bf16")
+    (out / "config.json").write_bytes((qwen3_vl_ckpt / "config.json").read_bytes())
+    return out
+
+
+def _plugin_node_count(onnx_path: Path) -> int:
+    return sum(n.domain == "qwen_vl" for n in onnx.load(str(onnx_path), load_external_data=False).graph.node)
+
+
+@pytest.mark.parametrize("with_plugins", [True, False], ids=["plugins", "reference-bodies"])
+def test_bf16_engines_build_for_three_targets(bf16_graphs, tmp_path, with_plugins):
+    for f in bf16_graphs.iterdir():
+        (tmp_path / f.name).symlink_to(f)
+    plugin_flags = []
+    if with_plugins:
+        r = subprocess.run(["bash", str(ROOT / "plugins" / "build.sh")], capture_output=True, text=True, timeout=900)
+        assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-4000:]
+        from qwen_vl_trt.export.trt_compat import plugin_library_path
+
+        plugin_flags = ["--plugins", str(plugin_library_path())]
     r = subprocess.run([sys.executable, "-m", "qwen_vl_trt.export.build_engines", str(tmp_path), "--dtype", "bfloat16",
                         "--max-patches", "1024", "--max-batch", "2", "--max-seq", "256", "--max-cache-len", "512",
-                        "--compute-capabilities", "8.6", "8.9", "12.0"],
+                        "--compute-capabilities", "8.6", "8.9", "12.0", *plugin_flags],
                        capture_output=True, text=True, env=rtx_env(), timeout=600)
     assert r.returncode == 0, r.stderr[-3000:]
     for name in ("vision", "embed", "decoder"):
         blob = (tmp_path / f"{name}.engine").read_bytes()
         assert blob[:4] in (b"vtrt", b"ftrt"), name  # TensorRT-RTX / TensorRT engine magic
-        assert f"built {name}.engine" in r.stderr
+        built = re.search(rf"built {name}\.engine \((\d+) layers, (\d+) plugin\)", r.stderr)
+        assert built, r.stderr[-2000:]
+        expected = _plugin_node_count(bf16_graphs / f"{name}.onnx") if with_plugins else 0
+        assert int(built.group(2)) == expected, (name, built.group(0))
+    # vision: 2 MRoPE + 1 VarlenAttention per block; decoder: 2 MRoPE + 1 KVCacheAttention per layer
+    assert _plugin_node_count(bf16_graphs / "vision.onnx") == 3 * 4
+    assert _plugin_node_count(bf16_graphs / "decoder.onnx") == 3 * 4
 
 
 def test_impossible_limit_is_a_clear_error(tmp_path):
