@@ -1,7 +1,6 @@
 """Export time and peak RSS for a random-weight checkpoint with a released Qwen3-VL config (a script).
 
   python bench/bench_export_memory.py [--config 8B] [--work /tmp/qwen-vl-export-bench] [--keep] [--cold]
-                                      [--variant as-is|per-get-open]
 
 Makes the checkpoint with bench/make_random_checkpoint.py (or reuses WORK/ckpt-<config> if complete), then
 runs `python -m qwen_vl_trt.export.cli CKPT OUT --dtype bf16` as a child process and measures:
@@ -95,33 +94,8 @@ class StatusSampler(threading.Thread):
             time.sleep(self.period)
 
 
-# --variant per-get-open: the export with CheckpointWeights.get opening the shard for each tensor instead
-# of keeping one safe_open handle per shard for the whole process (an experiment measuring a proposed fix
-# of export/weights.py without editing it; the tensor returned keeps its mapping alive until it is freed).
-PER_GET_OPEN = """
-import sys
-from safetensors import safe_open
-from qwen_vl_trt.export import weights as W
-from qwen_vl_trt.export.cli import main
-
-def get(self, key):
-    path = self._key_to_file.get(key)
-    if path is None:
-        raise W.CheckpointError(f"{self.dir}: weight {key!r} not found in the checkpoint")
-    with safe_open(str(path), framework="pt") as f:
-        return f.get_tensor(key)
-
-W.CheckpointWeights.get = get
-sys.exit(main(sys.argv[1:]))
-"""
-
-
-def run_export(ckpt: Path, out: Path, dtype: str, variant: str = "as-is") -> dict:
-    args = [str(ckpt), str(out), "--dtype", dtype]
-    if variant == "as-is":
-        cmd = [sys.executable, "-m", "qwen_vl_trt.export.cli", *args]
-    else:
-        cmd = [sys.executable, "-c", PER_GET_OPEN, *args]
+def run_export(ckpt: Path, out: Path, dtype: str) -> dict:
+    cmd = [sys.executable, "-m", "qwen_vl_trt.export.cli", str(ckpt), str(out), "--dtype", dtype]
     t0 = time.perf_counter()
     proc = subprocess.Popen(cmd, stderr=subprocess.PIPE, text=True)
     sampler = StatusSampler(proc.pid)
@@ -163,8 +137,6 @@ def main(argv=None) -> int:
     ap.add_argument("--keep", action="store_true", help="keep the checkpoint and the graphs")
     ap.add_argument("--cold", action="store_true",
                     help="evict the checkpoint files from the page cache before the export (posix_fadvise)")
-    ap.add_argument("--variant", default="as-is", choices=["as-is", "per-get-open"],
-                    help="per-get-open: measure the proposed export/weights.py fix (see PER_GET_OPEN)")
     args = ap.parse_args(argv)
 
     work = Path(args.work)
@@ -183,7 +155,7 @@ def main(argv=None) -> int:
         total, largest, largest_key = safetensors_sizes(ckpt)
         if args.cold:
             drop_file_cache(ckpt)
-        r = run_export(ckpt, out, args.dtype, args.variant)
+        r = run_export(ckpt, out, args.dtype)
         graphs = dir_bytes(out)
     finally:
         if not args.keep:
@@ -194,7 +166,7 @@ def main(argv=None) -> int:
     print("| config | checkpoint GB | largest tensor GB | export s | peak RSS GiB | peak RssAnon GiB (sampled) "
           "| peak RssFile GiB (sampled) | graphs GB |")
     print("|---|---|---|---|---|---|---|---|")
-    variant = ("" if args.variant == "as-is" else f", {args.variant}") + (", cold cache" if args.cold else "")
+    variant = ", cold cache" if args.cold else ""
     print(f"| Qwen3-VL-{args.config} ({args.dtype}, random{variant}) | {total / 1e9:.2f} | {largest / 1e9:.2f} "
           f"| {r['wall_s']:.0f} | {r['maxrss'] / GiB:.2f} | {p['RssAnon'] / GiB:.2f} | {p['RssFile'] / GiB:.2f} "
           f"| {graphs / 1e9:.2f} |")
@@ -208,7 +180,7 @@ def main(argv=None) -> int:
         print(f"checkpoint written in {make_s:.0f} s (bench/make_random_checkpoint.py {args.config})")
     print(f"bench: python bench/bench_export_memory.py {' '.join(argv if argv is not None else sys.argv[1:])}")
     print(f"command: {' '.join(['python', '-m', 'qwen_vl_trt.export.cli', 'CKPT', 'OUT', '--dtype', args.dtype])}"
-          + ("" if args.variant == "as-is" else f" (with CheckpointWeights.get patched: --variant {args.variant})"))
+          )
     print(f"machine: {machine()}")
     print(f"date: {dt.datetime.now(dt.timezone.utc).strftime('%Y-%m-%d %H:%M UTC')}")
     return 0
