@@ -20,7 +20,7 @@ from .errors import PromptTooLong
 @dataclass(frozen=True)
 class Request:
     prompt: str
-    images: tuple = ()
+    images: tuple = ()  # image file paths or encoded image bytes (a server request)
     video: str | None = None
     system: str | None = None
 
@@ -76,7 +76,8 @@ class Preprocessor:
 
     def prepare(self, request: Request) -> PreparedRequest:
         t0 = time.perf_counter()
-        images = [preprocess.preprocess_image(preprocess.load_image(p), self.image_cfg) for p in request.images]
+        images = [preprocess.preprocess_image(preprocess.load_image(p, _media_name(p, i)), self.image_cfg)
+                  for i, p in enumerate(request.images)]
         vid = self._video(request.video) if request.video is not None else None
         media = [Media(pv, tuple(grid)) for pv, grid in images]
         if vid is not None:
@@ -109,7 +110,8 @@ class Preprocessor:
 
     def _check_media(self, media: list, request: Request) -> None:
         lim = self.manifest.limits
-        names = [str(p) for p in request.images] + ([str(request.video)] if request.video is not None else [])
+        names = [_media_name(p, i) for i, p in enumerate(request.images)] + \
+            ([str(request.video)] if request.video is not None else [])
         for name, m in zip(names, media):
             t, h, w = m.grid_thw
             if t * h * w > lim.max_patches:
@@ -119,3 +121,8 @@ class Preprocessor:
             if t > lim.max_frames:
                 raise PromptTooLong(f"{name} needs {t} temporal patches, artifacts allow at most {lim.max_frames} "
                                     "per vision call: re-export with a larger --max-frames or pass fewer frames")
+
+
+def _media_name(image, index: int) -> str:
+    """What messages call an image: its path, or `<image i>` for bytes."""
+    return f"<image {index}>" if isinstance(image, (bytes, bytearray, memoryview)) else str(image)

@@ -15,6 +15,7 @@ No torch (rule G10).
 """
 from __future__ import annotations
 
+import io
 import json
 import math
 from dataclasses import dataclass
@@ -92,20 +93,26 @@ def read_json(path: Path) -> dict:
         raise ArtifactError(f"{path} is not valid JSON ({e}); restore it from the original checkpoint") from None
 
 
-def load_image(path: str | Path) -> Image.Image:
-    """Open an image file as an RGB PIL image (EXIF orientation applied), like HF's `load_image(path)`.
+def load_image(path: str | Path | bytes, name: str | None = None) -> Image.Image:
+    """Open an image file (or encoded image bytes, e.g. from a server request) as an RGB PIL image, EXIF
+    orientation applied, like HF's `load_image(path)`. `name` is what error messages call bytes input.
 
     Raises ImageError for a missing, empty, corrupt or unsupported file.
     """
-    p = Path(path)
-    if not p.exists():
-        raise ImageError(f"image not found: {p}; check the path")
-    if p.is_dir():
-        raise ImageError(f"image path is a directory: {p}; pass an image file (PNG, JPEG, WebP, ...)")
-    if p.stat().st_size == 0:
-        raise ImageError(f"image file is empty: {p}; pass a valid PNG, JPEG or WebP image")
+    if isinstance(path, (bytes, bytearray, memoryview)):
+        p, source = name or "<image bytes>", io.BytesIO(bytes(path))
+        if not len(path):
+            raise ImageError(f"image {p} is empty; pass a valid PNG, JPEG or WebP image")
+    else:
+        p = source = Path(path)
+        if not p.exists():
+            raise ImageError(f"image not found: {p}; check the path")
+        if p.is_dir():
+            raise ImageError(f"image path is a directory: {p}; pass an image file (PNG, JPEG, WebP, ...)")
+        if p.stat().st_size == 0:
+            raise ImageError(f"image file is empty: {p}; pass a valid PNG, JPEG or WebP image")
     try:
-        with Image.open(p) as img:
+        with Image.open(source) as img:
             img.load()  # decode now: a truncated/corrupt file fails here, not later
             img = ImageOps.exif_transpose(img)
             return img.convert("RGB")

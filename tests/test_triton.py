@@ -1,0 +1,121 @@
+"""Triton deployment: the generated model repository and the Python-backend model vs HF `generate`.
+
+The config.pbtxt is parsed with Triton's own ModelConfig protobuf (tritonclient), so a field Triton would
+reject fails here. The model runs through its real entry point (the repository's 1/model.py shim) with a
+stand-in of `triton_python_backend_utils` (tests/triton_stub; the real module exists only inside
+tritonserver's Python backend, which cannot be installed here): streamed and whole responses must carry
+exactly HF's greedy tokens (32 new tokens, EOS ignored), for an image sent as bytes and a text-only prompt
+batched together, and a corrupt image fails only its own request with the one-line message trt-run prints.
+"""
+from __future__ import annotations
+
+import importlib
+import importlib.util
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+from google.protobuf import json_format, text_format
+from tritonclient.grpc import model_config_pb2
+
+from test_generate import N_NEW, artifacts, hf_generate, media, processor  # noqa: F401 (fixtures)
+
+STUB = Path(__file__).parent / "triton_stub"
+
+
+@pytest.fixture(scope="module")
+def repo(artifacts, tmp_path_factory):  # noqa: F811
+    from qwen_vl_trt.runtime.triton_repo import write_model_repository
+
+    out = tmp_path_factory.mktemp("triton_repo")
+    write_model_repository(artifacts, out, decoupled=True)
+    write_model_repository(artifacts, out, name="qwen_vl_whole", decoupled=False)
+    return out
+
+
+def model_config(repo: Path, name: str) -> model_config_pb2.ModelConfig:
+    return text_format.Parse((repo / name / "config.pbtxt").read_text(), model_config_pb2.ModelConfig())
+
+
+@pytest.fixture
+def load_model(repo, monkeypatch):
+    """Instantiate TritonPythonModel the way the Python backend does: import 1/model.py, initialize(args)."""
+    monkeypatch.syspath_prepend(str(STUB))
+    import qwen_vl_trt.runtime.triton_model as tm
+
+    importlib.reload(tm)  # binds the stand-in pb_utils
+
+    def load(name: str):
+        spec = importlib.util.spec_from_file_location(f"triton_{name}", repo / name / "1" / "model.py")
+        module = importlib.util.module_from_spec(spec)
+        spec.loader.exec_module(module)
+        model = module.TritonPythonModel()
+        cfg = json_format.MessageToJson(model_config(repo, name), preserving_proto_field_name=True)
+        model.initialize({"model_config": cfg, "model_instance_kind": "CPU", "model_repository": str(repo)})
+        return model
+
+    return load
+
+
+def request(prompt: str, images=(), **params):
+    import triton_python_backend_utils as pb
+
+    inputs = {"prompt": np.array([prompt.encode()], dtype=object), "max_new_tokens": np.array([N_NEW], np.int32),
+              "temperature": np.array([0.0], np.float32), "ignore_eos": np.array([True])}
+    if images:
+        inputs["images"] = np.array([Path(p).read_bytes() if isinstance(p, Path) else p for p in images], dtype=object)
+    inputs.update(params)
+    return pb.FakeRequest(**inputs)
+
+
+def test_config_pbtxt_is_a_valid_triton_model_config(repo, artifacts):  # noqa: F811
+    from qwen_vl_trt.runtime.manifest import load_manifest
+
+    cfg = model_config(repo, "qwen_vl")
+    assert cfg.backend == "python" and cfg.name == "qwen_vl"
+    assert cfg.max_batch_size == load_manifest(artifacts).limits.max_batch == 2
+    assert cfg.model_transaction_policy.decoupled and not model_config(repo, "qwen_vl_whole").model_transaction_policy.decoupled
+    inputs = {i.name: (model_config_pb2.DataType.Name(i.data_type), list(i.dims), i.optional) for i in cfg.input}
+    assert inputs["prompt"] == ("TYPE_STRING", [1], False)
+    assert inputs["images"] == ("TYPE_STRING", [-1], True)
+    assert {o.name: model_config_pb2.DataType.Name(o.data_type) for o in cfg.output} == \
+        {"text": "TYPE_STRING", "token_ids": "TYPE_INT64"}
+    assert Path(cfg.parameters["artifacts_dir"].string_value) == Path(artifacts).resolve()
+
+
+def test_streamed_tokens_match_hf(load_model, media, hf_qwen3_vl, processor):  # noqa: F811
+    model = load_model("qwen_vl")
+    img = media["images"][0]
+    req = request("Describe this image.", [img])
+    assert model.execute([req]) is None  # decoupled: everything goes through the sender
+    sent = req.sender.sent
+    assert [flags for _, flags in sent] == [0] * N_NEW + [1]  # one response per token, then the final one
+    tokens = [int(t) for r, _ in sent for t in r.tensor("token_ids").reshape(-1)]
+    assert tokens == hf_generate(hf_qwen3_vl, processor, "Describe this image.", [img])
+    text = "".join(r.tensor("text")[0, 0].decode() for r, _ in sent)
+    assert text == model.pre.tokenizer.decode(tokens)
+
+
+def test_batched_requests_match_hf_and_a_bad_image_fails_alone(load_model, media, hf_qwen3_vl, processor):  # noqa: F811
+    model = load_model("qwen_vl_whole")
+    img = media["images"][1]
+    reqs = [request("What is shown?", [img]), request("Write a haiku about the sea."),
+            request("Describe this image.", [b"\x89PNG\r\n\x1a\n not really a png"])]
+    responses = model.execute(reqs)
+    assert len(responses) == 3
+    assert [int(t) for t in responses[0].tensor("token_ids").reshape(-1)] == \
+        hf_generate(hf_qwen3_vl, processor, "What is shown?", [img])
+    assert [int(t) for t in responses[1].tensor("token_ids").reshape(-1)] == \
+        hf_generate(hf_qwen3_vl, processor, "Write a haiku about the sea.")
+    assert responses[2].has_error()
+    assert responses[2].error.message().startswith("cannot read image <image 0>: not a supported image format")
+
+
+def test_repository_cli_refuses_a_directory_without_artifacts(tmp_path):
+    r = subprocess.run([sys.executable, "-m", "qwen_vl_trt.runtime.triton_repo", str(tmp_path / "none"),
+                        str(tmp_path / "repo")], capture_output=True, text=True, timeout=60)
+    assert r.returncode == 2
+    lines = r.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error: ") and "Traceback" not in r.stderr

@@ -1,0 +1,73 @@
+"""Stand-in for Triton's `triton_python_backend_utils` (only inside the Python backend's stub process).
+
+It mirrors the parts of the real API that runtime/triton_model.py uses, with the real names and semantics
+(python_backend README, "Usage"): Tensor(name, numpy array) / as_numpy(), InferenceResponse(output_tensors,
+error), TritonError(message), get_input_tensor_by_name(request, name) -> Tensor | None,
+using_decoupled_model_transaction_policy(model_config), request.get_response_sender().send(response, flags),
+TRITONSERVER_RESPONSE_COMPLETE_FINAL. Tests build requests with `FakeRequest`.
+"""
+from __future__ import annotations
+
+import numpy as np
+
+TRITONSERVER_RESPONSE_COMPLETE_FINAL = 1
+
+
+class TritonError(Exception):
+    def __init__(self, message: str):
+        super().__init__(message)
+        self._message = message
+
+    def message(self) -> str:
+        return self._message
+
+
+class Tensor:
+    def __init__(self, name: str, array: np.ndarray):
+        self._name, self._array = name, np.asarray(array)
+
+    def name(self) -> str:
+        return self._name
+
+    def as_numpy(self) -> np.ndarray:
+        return self._array
+
+
+class InferenceResponse:
+    def __init__(self, output_tensors=(), error: TritonError | None = None):
+        self.output_tensors, self.error = list(output_tensors), error
+
+    def has_error(self) -> bool:
+        return self.error is not None
+
+    def tensor(self, name: str) -> np.ndarray:
+        return next(t.as_numpy() for t in self.output_tensors if t.name() == name)
+
+
+class ResponseSender:
+    def __init__(self):
+        self.sent: list[tuple[InferenceResponse | None, int]] = []
+
+    def send(self, response=None, flags: int = 0) -> None:
+        if self.sent and self.sent[-1][1] & TRITONSERVER_RESPONSE_COMPLETE_FINAL:
+            raise RuntimeError("response sent after the final flag")
+        self.sent.append((response, flags))
+
+
+class FakeRequest:
+    """A request as Triton delivers it with max_batch_size > 0: every tensor has a leading batch dim of 1."""
+
+    def __init__(self, **inputs):
+        self.inputs = {k: Tensor(k, np.asarray(v)[None]) for k, v in inputs.items()}
+        self.sender = ResponseSender()
+
+    def get_response_sender(self) -> ResponseSender:
+        return self.sender
+
+
+def get_input_tensor_by_name(request: FakeRequest, name: str):
+    return request.inputs.get(name)
+
+
+def using_decoupled_model_transaction_policy(model_config: dict) -> bool:
+    return bool(model_config.get("model_transaction_policy", {}).get("decoupled", False))
