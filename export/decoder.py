@@ -30,7 +30,7 @@ from pathlib import Path
 
 from . import ops
 from .contracts import decoder_contract
-from .layers import activation, cast, linear, reshape, rms_norm
+from .layers import cast, gated_mlp, linear, reshape, rms_norm
 from .onnx_graph import GraphBuilder
 from .rotary import text_tables
 from .spec import ModelSpec
@@ -93,9 +93,7 @@ def mlp(g, w, n, key, spec: ModelSpec, layer: int) -> str:
         from .moe import sparse_moe_block
 
         return sparse_moe_block(g, w, n, key, spec)
-    gate = activation(g, linear(g, w, n, f"{key}.gate_proj", False), spec.text.hidden_act)
-    up = linear(g, w, n, f"{key}.up_proj", False)
-    return linear(g, w, g.op("Mul", [gate, up]), f"{key}.down_proj", False)
+    return gated_mlp(g, w, n, key, spec.text.hidden_act, bias=False)
 
 
 def lm_head(g, w, h, logits_index, spec: ModelSpec) -> str:

@@ -80,9 +80,66 @@ QWEN3_VL_GENERATION = {
     "do_sample": True, "top_k": 20, "top_p": 0.8, "temperature": 0.7, "repetition_penalty": 1.0,
 }
 
-# family -> (config.json, preprocessor_config.json, video_preprocessor_config.json, generation_config.json)
+# Qwen2.5-VL in the released (flat, transformers 4.x) config spelling: text keys at the top level, `rope_scaling`
+# {type: mrope}. Kept: patch 14 / merge 2, window_size 112 (4x4 merged tokens per window, so a 224x308 image
+# spans 2x3 windows), full-attention blocks among windowed ones, RMSNorm + gated SiLU MLP with biases, q/k/v
+# bias, chunked MRoPE [2, 3, 3] = the release's [16, 24, 24] / 8 covering head_dim/2 (HF's Qwen2.5-VL text
+# attention always uses head_dim = hidden / heads), GQA 4/2. The values that transformers would default wrongly
+# are given explicitly (vision hidden_size, tokens_per_second 2, rms_norm_eps 1e-6).
+QWEN2_5_VL_TINY = {
+    "model_type": "qwen2_5_vl",
+    "architectures": ["Qwen2_5_VLForConditionalGeneration"],
+    "image_token_id": 151655,
+    "video_token_id": 151656,
+    "vision_start_token_id": 151652,
+    "vision_end_token_id": 151653,
+    "tie_word_embeddings": False,
+    "vocab_size": 151936,
+    "hidden_size": 64,
+    "intermediate_size": 37,
+    "num_hidden_layers": 4,
+    "num_attention_heads": 4,  # head_dim 16
+    "num_key_value_heads": 2,
+    "hidden_act": "silu",
+    "max_position_embeddings": 128000,
+    "rms_norm_eps": 1e-6,
+    "rope_theta": 1000000.0,
+    "rope_scaling": {"type": "mrope", "mrope_section": [2, 3, 3]},
+    "bos_token_id": 151643,
+    "eos_token_id": 151645,
+    "vision_config": {
+        "depth": 4,
+        "hidden_size": 48,
+        "intermediate_size": 53,
+        "num_heads": 3,  # vision head_dim 16
+        "hidden_act": "silu",
+        "patch_size": 14,
+        "temporal_patch_size": 2,
+        "spatial_merge_size": 2,
+        "in_chans": 3,
+        "out_hidden_size": 64,
+        "window_size": 112,
+        "fullatt_block_indexes": [1, 3],
+        "tokens_per_second": 2,
+    },
+}
+
+QWEN2_5_VL_PREPROCESSOR = {  # released Qwen2.5-VL preprocessor_config.json (CLIP mean/std, factor 28)
+    "min_pixels": 3136, "max_pixels": 12845056,
+    "patch_size": 14, "temporal_patch_size": 2, "merge_size": 2,
+    "image_mean": [0.48145466, 0.4578275, 0.40821073], "image_std": [0.26862954, 0.26130258, 0.27577711],
+    "processor_class": "Qwen2_5_VLProcessor", "image_processor_type": "Qwen2VLImageProcessor",
+}
+QWEN2_5_VL_GENERATION = {  # released Qwen2.5-VL Instruct generation_config.json
+    "bos_token_id": 151643, "pad_token_id": 151643, "eos_token_id": [151645, 151643],
+    "do_sample": True, "top_k": 1, "top_p": 0.001, "temperature": 0.1, "repetition_penalty": 1.05,
+}
+
+# family -> (config.json, preprocessor_config.json, video_preprocessor_config.json or None, generation_config.json)
+# (Qwen2.5-VL releases ship no video_preprocessor_config.json: video uses the image processor's limits)
 FAMILIES = {
     "qwen3_vl": (QWEN3_VL_TINY, QWEN3_VL_PREPROCESSOR, QWEN3_VL_VIDEO_PREPROCESSOR, QWEN3_VL_GENERATION),
+    "qwen2_5_vl": (QWEN2_5_VL_TINY, QWEN2_5_VL_PREPROCESSOR, None, QWEN2_5_VL_GENERATION),
 }
 
 
@@ -120,7 +177,8 @@ def make_checkpoint(out_dir: str | Path, family: str = "qwen3_vl", *, tie_word_e
     kwargs = {"max_shard_size": max_shard_size} if max_shard_size else {}
     model.save_pretrained(out, **kwargs)
     (out / "preprocessor_config.json").write_text(json.dumps(pre_cfg, indent=2))
-    (out / "video_preprocessor_config.json").write_text(json.dumps(video_cfg, indent=2))
+    if video_cfg is not None:
+        (out / "video_preprocessor_config.json").write_text(json.dumps(video_cfg, indent=2))
     (out / "generation_config.json").write_text(json.dumps(gen_cfg, indent=2))
     _write_tokenizer(out, family)
     return out

@@ -59,6 +59,13 @@ def activation(g: GraphBuilder, x: str, kind: str) -> str:
     raise ValueError(f"unsupported activation {kind!r}")
 
 
+def gated_mlp(g: GraphBuilder, w: CheckpointWeights, x: str, key: str, act: str, bias: bool) -> str:
+    """down(act(gate(x)) * up(x)): the text MLP (no bias) and the Qwen2.5-VL vision MLP (with bias)."""
+    gate = activation(g, linear(g, w, x, f"{key}.gate_proj", bias), act)
+    up = linear(g, w, x, f"{key}.up_proj", bias)
+    return linear(g, w, g.op("Mul", [gate, up]), f"{key}.down_proj", bias)
+
+
 def reshape(g: GraphBuilder, x: str, shape) -> str:
     return g.op("Reshape", [x, g.const(list(shape), "int64")])
 

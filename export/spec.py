@@ -268,6 +268,13 @@ def _parse_qwen2_5_vl(top: _Reader) -> ModelSpec:
     t = top.sub("text_config") if top.has("text_config") and "hidden_size" in top.cfg["text_config"] else top
     v = top.sub("vision_config")
     text = _text_common(t, top, qk_norm=False, attention_bias=True, interleaved=False)
+    # HF Qwen2_5_VLAttention always uses hidden / heads (a head_dim key would only reach the rotary table).
+    if text["head_dim"] != text["hidden_size"] // text["num_attention_heads"]:
+        raise CheckpointError(f"{top.source}: {t.path}head_dim {text['head_dim']} != hidden_size / "
+                              f"num_attention_heads; Qwen2.5-VL attention always uses hidden_size / heads")
+    # A pre-v5 text_config's tie_word_embeddings wins over a False at the top level (HF Qwen2_5_VLConfig BC).
+    text["tie_word_embeddings"] = (top.get("tie_word_embeddings", bool, default=False)
+                                   or t.get("tie_word_embeddings", bool, default=False))
     vision = VisionSpec(
         depth=v.get("depth", int),
         hidden_size=v.get("hidden_size", int),
@@ -282,8 +289,16 @@ def _parse_qwen2_5_vl(top: _Reader) -> ModelSpec:
         window_size=v.get("window_size", int),
         fullatt_block_indexes=v.get("fullatt_block_indexes", tuple),
         tokens_per_second=v.get("tokens_per_second", float),
+        # 5.x writes vision_config.rope_parameters {rope_type: axial, rope_theta}; 4.x configs have none (10000)
+        rope_theta=v.sub("rope_parameters", required=False).get("rope_theta", float, default=10000.0),
     )
     _check_vision(vision, text, top)
+    merged_window = vision.window_size // vision.spatial_merge_size // vision.patch_size
+    bad = [i for i in vision.fullatt_block_indexes if not 0 <= i < vision.depth]
+    if merged_window < 1 or bad:
+        raise CheckpointError(f"{top.source}: vision_config window_size {vision.window_size} / "
+                              f"fullatt_block_indexes {list(vision.fullatt_block_indexes)} do not fit patch "
+                              f"{vision.patch_size} x merge {vision.spatial_merge_size} / depth {vision.depth}")
     return ModelSpec(
         model_type="qwen2_5_vl",
         vision=vision,

@@ -87,20 +87,25 @@ def vision_block(g, w, key, h, x, spec: ModelSpec, inv_freq, axis) -> str:
     v = spec.vision
     with g.scope("attn"):
         n = layer_norm(g, w, h, f"{key}.norm1", 1e-6)
-        qkv = linear(g, w, n, f"{key}.attn.qkv", True)  # [T, 3*Cv]
-        qkv = reshape(g, qkv, [0, 3, v.num_heads, v.head_dim])  # [T, 3, H, D]
-        q, k, val = g.op("Split", [qkv], n_out=3, axis=1, num_outputs=3)
-        q, k, val = (g.op("Squeeze", [t, g.const([1])]) for t in (q, k, val))  # [T, H, D]
-        q = ops.mrope(g, q, x["rotary_pos_ids"], inv_freq, axis)
-        k = ops.mrope(g, k, x["rotary_pos_ids"], inv_freq, axis)
-        o = ops.varlen_attention(g, q, k, val, x["cu_seqlens"], v.head_dim**-0.5)  # [T, H, D]
-        o = linear(g, w, reshape(g, o, [0, -1]), f"{key}.attn.proj", True)
+        o = attention(g, w, f"{key}.attn", n, x["rotary_pos_ids"], x["cu_seqlens"], v, inv_freq, axis)
         h = g.op("Add", [h, o])
     with g.scope("mlp"):
         n = layer_norm(g, w, h, f"{key}.norm2", 1e-6)
         m = activation(g, linear(g, w, n, f"{key}.mlp.linear_fc1", True), v.hidden_act)
         h = g.op("Add", [h, linear(g, w, m, f"{key}.mlp.linear_fc2", True)])
     return h
+
+
+def attention(g, w, key, n, positions, cu_seqlens, v, inv_freq, axis) -> str:
+    """Fused qkv (bias) -> 2-D RoPE -> attention within each cu_seqlens segment -> proj (bias); [T, Cv]."""
+    qkv = linear(g, w, n, f"{key}.qkv", True)  # [T, 3*Cv]
+    qkv = reshape(g, qkv, [0, 3, v.num_heads, v.head_dim])  # [T, 3, H, D]
+    q, k, val = g.op("Split", [qkv], n_out=3, axis=1, num_outputs=3)
+    q, k, val = (g.op("Squeeze", [t, g.const([1])]) for t in (q, k, val))  # [T, H, D]
+    q = ops.mrope(g, q, positions, inv_freq, axis)
+    k = ops.mrope(g, k, positions, inv_freq, axis)
+    o = ops.varlen_attention(g, q, k, val, cu_seqlens, v.head_dim**-0.5)  # [T, H, D]
+    return linear(g, w, reshape(g, o, [0, -1]), f"{key}.proj", True)  # [T, Cv]
 
 
 def merger(g, w, key, h, spec: ModelSpec, postshuffle_norm: bool) -> str:

@@ -14,10 +14,27 @@ from pathlib import Path
 from .spec import CheckpointError
 
 
+def canonical_key(key: str) -> str:
+    """The in-memory (transformers 5.x) name of a stored weight: what the exporters ask for.
+
+    Released Qwen2.5-VL checkpoints (and transformers 5.x `save_pretrained`, which writes the same layout) store
+    `visual.*` and `model.{embed_tokens,layers,norm}.*`; in memory these are `model.visual.*` and
+    `model.language_model.*` (HF conversion_mapping, Qwen2VLForConditionalGeneration). Qwen3-VL checkpoints
+    already use the in-memory names, which this leaves unchanged.
+    """
+    if key.startswith("visual."):
+        return "model." + key
+    if key.startswith("model.") and not key.startswith(("model.language_model.", "model.visual.")):
+        return "model.language_model." + key[len("model."):]
+    return key
+
+
 class CheckpointWeights:
     def __init__(self, ckpt_dir: str | Path):
         self.dir = Path(ckpt_dir)
-        self._key_to_file = self._index()
+        stored = self._index()
+        self._stored_key = {canonical_key(k): k for k in stored}  # canonical name -> name in the file
+        self._key_to_file = {canonical_key(k): p for k, p in stored.items()}
 
     def _index(self) -> dict[str, Path]:
         index = self.dir / "model.safetensors.index.json"
@@ -66,7 +83,7 @@ class CheckpointWeights:
         # over a whole export they add up to the model size in RSS (16.6 GiB at 8B; 1.4 GiB this way).
         try:
             with safe_open(str(path), framework="pt") as f:
-                return f.get_tensor(key)
+                return f.get_tensor(self._stored_key[key])
         except Exception as e:  # safetensors raises its own error types for damaged files
             raise CheckpointError(f"{path}: cannot read tensor {key!r} ({e})") from None
 
