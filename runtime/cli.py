@@ -26,6 +26,7 @@ class RunConfig:
     temperature: float | None
     top_p: float | None
     top_k: int | None
+    repetition_penalty: float | None
     seed: int | None
     ignore_eos: bool
     backend: str
@@ -44,10 +45,13 @@ class RunConfig:
             raise UserError(f"--top-p {args.top_p}: must be in (0, 1]")
         if args.top_k is not None and args.top_k < 0:
             raise UserError(f"--top-k {args.top_k}: must be >= 0 (0 = off)")
+        if args.repetition_penalty is not None and args.repetition_penalty <= 0:
+            raise UserError(f"--repetition-penalty {args.repetition_penalty}: must be > 0 (1 = off)")
         if args.max_new_tokens is not None and args.max_new_tokens < 1:
             raise UserError(f"--max-new-tokens {args.max_new_tokens}: must be >= 1")
         return cls(args.model_dir, prompts, tuple(args.image or ()), args.video, args.system, args.max_new_tokens,
-                   args.temperature, args.top_p, args.top_k, args.seed, args.ignore_eos, args.backend, args.json)
+                   args.temperature, args.top_p, args.top_k, args.repetition_penalty, args.seed, args.ignore_eos,
+                   args.backend, args.json)
 
 
 def parser() -> argparse.ArgumentParser:
@@ -63,6 +67,8 @@ def parser() -> argparse.ArgumentParser:
     ap.add_argument("--temperature", type=float, help="0 = greedy; default from generation_config.json")
     ap.add_argument("--top-p", type=float, help="default from generation_config.json")
     ap.add_argument("--top-k", type=int, help="default from generation_config.json")
+    ap.add_argument("--repetition-penalty", type=float,
+                    help="HF's repetition penalty, also when greedy (1 = off); default from generation_config.json")
     ap.add_argument("--seed", type=int, help="seed of the sampler")
     ap.add_argument("--ignore-eos", action="store_true", help="generate exactly --max-new-tokens tokens")
     ap.add_argument("--backend", choices=("auto", "tensorrt", "onnxruntime"), default="auto",
@@ -82,7 +88,8 @@ def run(cfg: RunConfig, out=sys.stdout, err=sys.stderr) -> list:
     requests = [pre.prepare(Request(p, cfg.images, cfg.video, cfg.system)) for p in cfg.prompts]
     gen = model.manifest.generation_config
     sampling = SamplingConfig.from_generation_config(gen, temperature=cfg.temperature, top_p=cfg.top_p,
-                                                     top_k=cfg.top_k, seed=cfg.seed)
+                                                     top_k=cfg.top_k, seed=cfg.seed,
+                                                     repetition_penalty=cfg.repetition_penalty)
     max_new = cfg.max_new_tokens or int(gen.get("max_new_tokens") or DEFAULT_MAX_NEW_TOKENS)
     stream = None
     if not cfg.json and len(requests) == 1:

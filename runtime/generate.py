@@ -135,6 +135,7 @@ def generate(model: Model, requests: list[PreparedRequest], sampler: Sampler, ma
     features, deepstack = encode_vision(model, requests)
     t_vision = time.perf_counter()
     logits = prefill(model, cache, requests, features, deepstack, pad_id)
+    sampler.start([r.input_ids for r in requests], logits.shape[-1])
     empty = (features[:0], None if deepstack is None else deepstack[:, :0])
     deltas = np.array([r.rope_delta for r in requests], np.int64)
     results = [Result(prompt_tokens=r.num_tokens) for r in requests]

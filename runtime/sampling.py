@@ -1,6 +1,9 @@
 """Next-token choice from float32 logits [B, V], with Hugging Face `generate` semantics (numpy only).
 
-Order as HF's warpers (`transformers.generation.logits_process`): temperature scaling, then top-k
+Order as HF's processors and warpers (`transformers.generation.logits_process`): the repetition penalty
+(`RepetitionPenaltyLogitsProcessor`: the logit of every token already in the sequence, prompt included, is
+divided by the penalty, or multiplied when negative; applied in greedy mode too, as HF does whenever
+generation_config.json sets it, e.g. Qwen2.5-VL's 1.05), then temperature scaling, then top-k
 (`TopKLogitsWarper`: drop logits below the k-th largest, ties kept), then top-p (`TopPLogitsWarper`: sort
 ascending, drop tokens whose cumulative probability is <= 1 - top_p, always keep the most likely), then
 softmax and one multinomial draw per row from a seeded `numpy.random.Generator`.
@@ -19,6 +22,7 @@ class SamplingConfig:
     top_k: int = 0  # 0 -> off
     top_p: float = 1.0  # 1 -> off
     seed: int | None = None
+    repetition_penalty: float = 1.0  # 1 -> off
 
     @property
     def greedy(self) -> bool:
@@ -28,7 +32,8 @@ class SamplingConfig:
     def from_generation_config(cls, gen: dict, **overrides) -> "SamplingConfig":
         """Defaults of generation_config.json (`do_sample` false -> greedy), then the non-None overrides."""
         base = {"temperature": float(gen.get("temperature", 1.0)) if gen.get("do_sample", False) else 0.0,
-                "top_k": int(gen.get("top_k") or 0), "top_p": float(gen.get("top_p", 1.0) or 1.0)}
+                "top_k": int(gen.get("top_k") or 0), "top_p": float(gen.get("top_p", 1.0) or 1.0),
+                "repetition_penalty": float(gen.get("repetition_penalty") or 1.0)}
         base.update({k: v for k, v in overrides.items() if v is not None})
         return cls(**base)
 
@@ -52,19 +57,43 @@ def logits_to_probs(logits: np.ndarray, cfg: SamplingConfig) -> np.ndarray:
     return _softmax(scores.astype(np.float64))
 
 
+def apply_repetition_penalty(logits: np.ndarray, seen: np.ndarray, penalty: float) -> np.ndarray:
+    """float32 [B, V] logits with those of the `seen` tokens (bool [B, V]) penalized, in float32 as HF."""
+    p = np.float32(penalty)
+    return np.where(seen, np.where(logits < 0, logits * p, logits / p), logits).astype(np.float32)
+
+
 def _softmax(x: np.ndarray) -> np.ndarray:
     e = np.exp(x - x.max(axis=-1, keepdims=True))
     return e / e.sum(axis=-1, keepdims=True)
 
 
 class Sampler:
-    """`sample(logits [B, V]) -> int64 [B]`; holds the random generator so a seed fixes the whole run."""
+    """`sample(logits [B, V]) -> int64 [B]`; holds the random generator so a seed fixes the whole run, and the
+    tokens of each sequence so far when a repetition penalty is set (`start()` with the prompts)."""
 
     def __init__(self, cfg: SamplingConfig):
         self.cfg = cfg
         self.rng = np.random.default_rng(cfg.seed)
+        self.seen: np.ndarray | None = None  # bool [B, V]: tokens of each sequence (prompt + sampled)
+
+    def start(self, prompts, vocab_size: int) -> None:
+        """Begin a batch: `prompts` holds each sequence's prompt token ids (unpadded)."""
+        self.seen = None
+        if self.cfg.repetition_penalty != 1.0:
+            self.seen = np.zeros((len(prompts), vocab_size), bool)
+            for b, ids in enumerate(prompts):
+                self.seen[b, np.asarray(ids, np.int64)] = True
 
     def sample(self, logits: np.ndarray) -> np.ndarray:
+        if self.seen is not None:
+            logits = apply_repetition_penalty(logits, self.seen, self.cfg.repetition_penalty)
+        tokens = self._choose(logits)
+        if self.seen is not None:
+            self.seen[np.arange(len(tokens)), tokens] = True
+        return tokens
+
+    def _choose(self, logits: np.ndarray) -> np.ndarray:
         if self.cfg.greedy:
             return logits.argmax(axis=-1).astype(np.int64)
         probs = logits_to_probs(logits, self.cfg)

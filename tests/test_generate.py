@@ -196,11 +196,34 @@ def test_sampling_probabilities_match_hf_warpers(temperature, top_k, top_p):
     assert np.array_equal(ours > 0, ref > 0)  # the same tokens survive
 
 
+@pytest.mark.parametrize("penalty", [1.05, 1.3, 0.8])
+def test_repetition_penalty_matches_hf_processor(penalty):
+    """Prompt + generated tokens (repeats included) penalized as HF's RepetitionPenaltyLogitsProcessor does."""
+    from transformers.generation.logits_process import RepetitionPenaltyLogitsProcessor
+
+    from qwen_vl_trt.runtime.sampling import apply_repetition_penalty
+
+    rng = np.random.default_rng(1)
+    logits = (rng.standard_normal((2, 500)) * 3).astype(np.float32)
+    history = rng.integers(0, 500, (2, 40))
+    history[0, :5] = history[0, 5]  # repeated ids
+    seen = np.zeros(logits.shape, bool)
+    np.put_along_axis(seen, history, True, axis=-1)
+    ref = RepetitionPenaltyLogitsProcessor(penalty)(torch.from_numpy(history), torch.from_numpy(logits.copy()))
+    np.testing.assert_array_equal(apply_repetition_penalty(logits, seen, penalty), ref.numpy())
+    sampler = Sampler(SamplingConfig(temperature=0, repetition_penalty=penalty))
+    sampler.start(list(history), 500)
+    first = sampler.sample(logits)
+    assert first.tolist() == ref.numpy().argmax(-1).tolist() and sampler.seen[[0, 1], first].all()
+
+
 def test_sampling_defaults_from_generation_config():
     gen = {"do_sample": True, "temperature": 0.7, "top_k": 20, "top_p": 0.8}
     assert SamplingConfig.from_generation_config(gen) == SamplingConfig(0.7, 20, 0.8)
     assert SamplingConfig.from_generation_config(gen, temperature=0.0).greedy
     assert SamplingConfig.from_generation_config({"do_sample": False}).greedy
+    qwen2_5 = {"do_sample": True, "top_k": 1, "top_p": 0.001, "temperature": 0.1, "repetition_penalty": 1.05}
+    assert SamplingConfig.from_generation_config(qwen2_5, temperature=0.0) == SamplingConfig(0.0, 1, 0.001, None, 1.05)
 
 
 def test_ort_session_carries_bfloat16_through_bound_ortvalues(tmp_path):
