@@ -38,6 +38,34 @@ def hf_qwen3_vl(qwen3_vl_ckpt):
     return transformers.Qwen3VLForConditionalGeneration.from_pretrained(qwen3_vl_ckpt, dtype="float32").eval()
 
 
+@pytest.fixture(scope="session")
+def qwen2_5_vl_ckpt(tmp_path_factory):
+    """Untied Qwen2.5-VL: 4 text layers (GQA 4/2, q/k/v bias, chunked MRoPE [2,3,3]), 4 vision blocks with
+    112-px windows and full attention in blocks 1 and 3; released (4.x) key layout as 5.x save_pretrained writes."""
+    return make_checkpoint(tmp_path_factory.mktemp("qwen2_5_vl"), "qwen2_5_vl", seed=0)
+
+
+@pytest.fixture(scope="session")
+def qwen2_5_vl_tied_ckpt(tmp_path_factory):
+    return make_checkpoint(tmp_path_factory.mktemp("qwen2_5_vl_tied"), "qwen2_5_vl", tie_word_embeddings=True, seed=1)
+
+
+@pytest.fixture(scope="session")
+def qwen2_5_vl_fp32_graphs(qwen2_5_vl_ckpt, tmp_path_factory):
+    from qwen_vl_trt.export.cli import export_graphs
+
+    out = tmp_path_factory.mktemp("qwen2_5_vl_fp32_graphs")
+    export_graphs(qwen2_5_vl_ckpt, out, "fp32")
+    return out
+
+
+@pytest.fixture(scope="session")
+def hf_qwen2_5_vl(qwen2_5_vl_ckpt):
+    import transformers
+
+    return transformers.Qwen2_5_VLForConditionalGeneration.from_pretrained(qwen2_5_vl_ckpt, dtype="float32").eval()
+
+
 @pytest.fixture
 def rng():
     return np.random.default_rng(1234)

@@ -12,7 +12,8 @@ What is HF's and what is ours:
   a frame that would need resizing raises, so video pixel tests use frame sizes that the processor keeps.
   Everything else (frame sampling, whole-clip smart_resize, fused rescale/normalize constants, temporal
   padding, patchify, grids, timestamps, placeholder text) is HF's code.
-- Processor: `Qwen3VLProcessor(image_processor, tokenizer, video_processor, chat_template)` -- HF's.
+- Processor: `Qwen3VLProcessor` / `Qwen2_5_VLProcessor(image_processor, tokenizer, video_processor,
+  chat_template)` -- HF's.
 - `get_rope_index`: HF's unbound methods called on a stand-in `self` holding only the config values they read
   (no model weights needed); the code that runs is HF's.
 """
@@ -117,12 +118,12 @@ def qwen2_video_processor(config: dict):
     return qwen2_video_processor_class()(**config)
 
 
-def qwen3_processor(ckpt: Path):
-    """HF `Qwen3VLProcessor`. Its constructor checks `video_processor` against `transformers.BaseVideoProcessor`,
-    which the lazy module hides without torchvision: that one check is answered with the real class."""
+def _processor(processor_cls, ckpt: Path, video_processor):
+    """HF processor of `processor_cls`. Its constructor checks `video_processor` against
+    `transformers.BaseVideoProcessor`, which the lazy module hides without torchvision: that one check is
+    answered with the real class."""
     from unittest import mock
 
-    from transformers import Qwen3VLProcessor
     from transformers.processing_utils import ProcessorMixin
     from transformers.video_processing_utils import BaseVideoProcessor
 
@@ -136,8 +137,24 @@ def qwen3_processor(ckpt: Path):
 
     chat_template = (Path(ckpt) / "chat_template.jinja").read_text()
     with mock.patch.object(ProcessorMixin, "check_argument_for_proper_class", check):
-        return Qwen3VLProcessor(image_processor=image_processor(ckpt), tokenizer=tokenizer(ckpt),
-                                video_processor=qwen3_video_processor(ckpt), chat_template=chat_template)
+        return processor_cls(image_processor=image_processor(ckpt), tokenizer=tokenizer(ckpt),
+                             video_processor=video_processor, chat_template=chat_template)
+
+
+def qwen3_processor(ckpt: Path):
+    """HF `Qwen3VLProcessor` of a Qwen3-VL checkpoint."""
+    from transformers import Qwen3VLProcessor
+
+    return _processor(Qwen3VLProcessor, ckpt, qwen3_video_processor(ckpt))
+
+
+def qwen2_5_processor(ckpt: Path, **video_overrides):
+    """HF `Qwen2_5_VLProcessor` of a Qwen2.5-VL checkpoint. The releases ship no video_preprocessor_config.json,
+    so the video processor is made from preprocessor_config.json (image limits per frame), as HF does."""
+    from transformers import Qwen2_5_VLProcessor
+
+    video = qwen2_video_processor({**_config_kwargs(Path(ckpt) / "preprocessor_config.json"), **video_overrides})
+    return _processor(Qwen2_5_VLProcessor, ckpt, video)
 
 
 def _fake_model(model_cls, spatial_merge_size: int, tokens_per_second: int | None = None):

@@ -1,4 +1,5 @@
-"""The exported ONNX files, the GraphSpec contracts, the module docstring tables and docs/graphs.md agree."""
+"""The exported ONNX files, the GraphSpec contracts, the module docstring tables and docs/graphs.md agree,
+for each family (Qwen3-VL; Qwen2.5-VL with its own vision module and no DeepStack tensors)."""
 from __future__ import annotations
 
 import re
@@ -7,24 +8,27 @@ from pathlib import Path
 import onnx
 import pytest
 
-from qwen_vl_trt.export import decoder, embed, vision
+from qwen_vl_trt.export import decoder, embed, vision, vision_qwen2_5
 from qwen_vl_trt.export.contracts import CONTRACTS
 from qwen_vl_trt.export.onnx_graph import ELEM
 from qwen_vl_trt.export.spec import ModelSpec
 
 DOCS = Path(__file__).resolve().parents[1] / "docs" / "graphs.md"
 MODULES = {"vision": vision, "embed": embed, "decoder": decoder}
+FAMILY_MODULES = {"qwen3_vl": MODULES, "qwen2_5_vl": {**MODULES, "vision": vision_qwen2_5}}
+GRAPHS = [(family, graph) for family in FAMILY_MODULES for graph in MODULES]
 
 
 def _dims(value_info):
     return tuple(d.dim_param if d.dim_param else d.dim_value for d in value_info.type.tensor_type.shape.dim)
 
 
-@pytest.mark.parametrize("graph", ["vision", "embed", "decoder"])
-def test_onnx_io_equals_contract(graph, qwen3_vl_ckpt, qwen3_vl_fp32_graphs):
-    spec = ModelSpec.from_checkpoint(qwen3_vl_ckpt)
+@pytest.mark.parametrize("family,graph", GRAPHS)
+def test_onnx_io_equals_contract(family, graph, request):
+    spec = ModelSpec.from_checkpoint(request.getfixturevalue(f"{family}_ckpt"))
     contract = CONTRACTS[graph](spec).resolve("float32")
-    model = onnx.load(str(qwen3_vl_fp32_graphs / f"{graph}.onnx"), load_external_data=False)
+    graphs = request.getfixturevalue(f"{family}_fp32_graphs")
+    model = onnx.load(str(graphs / f"{graph}.onnx"), load_external_data=False)
     for kind, got, want in (("input", model.graph.input, contract.inputs), ("output", model.graph.output, contract.outputs)):
         assert [v.name for v in got] == [t.name for t in want], kind
         for v, t in zip(got, want):
@@ -32,11 +36,11 @@ def test_onnx_io_equals_contract(graph, qwen3_vl_ckpt, qwen3_vl_fp32_graphs):
             assert _dims(v) == tuple(t.dims), t.name
 
 
-@pytest.mark.parametrize("graph", ["vision", "embed", "decoder"])
-def test_docstring_and_docs_tables_name_every_tensor(graph, qwen3_vl_ckpt):
-    spec = ModelSpec.from_checkpoint(qwen3_vl_ckpt)
+@pytest.mark.parametrize("family,graph", GRAPHS)
+def test_docstring_and_docs_tables_name_every_tensor(family, graph, request):
+    spec = ModelSpec.from_checkpoint(request.getfixturevalue(f"{family}_ckpt"))
     contract = CONTRACTS[graph](spec)
-    doc, page = MODULES[graph].__doc__, DOCS.read_text()
+    doc, page = FAMILY_MODULES[family][graph].__doc__, DOCS.read_text()
     for t in contract.inputs + contract.outputs:
         name = re.sub(r"\.\d+$", ".{i}", t.name)
         row = re.search(rf"^\| (in|out) \| `{re.escape(name)}` \| (\S+) \|", doc, re.M)

@@ -10,7 +10,8 @@ import numpy as np
 import pytest
 import torch
 
-from hf_reference import carry_cache, empty_cache, mm_token_type_ids, run, session, vision_feeds
+from hf_reference import (assert_prefill_and_decode_match_hf, carry_cache, empty_cache, prompt_with_pads, run,
+                          session, vision_feeds)
 from qwen_vl_trt.export.cli import export_graphs
 from qwen_vl_trt.export.spec import ModelSpec
 from tolerances import FP32_ATOL
@@ -35,19 +36,9 @@ def test_vision_matches_hf(grids, qwen3_vl_fp32_graphs, hf_qwen3_vl):
         np.testing.assert_allclose(out["deepstack_features"][level], feat.numpy(), rtol=0, atol=FP32_ATOL)
 
 
-def _prompt_with_pads(spec, n_pads_per_image, text_len=5, seed=0):
-    """Token ids: text, then <vision_start> pads <vision_end> for each image, then text."""
-    g = torch.Generator().manual_seed(seed)
-    ids = torch.randint(0, 5000, (text_len,), generator=g).tolist()
-    for n in n_pads_per_image:
-        ids += [spec.vision_start_token_id] + [spec.image_token_id] * n + [spec.vision_end_token_id]
-    ids += torch.randint(0, 5000, (text_len,), generator=g).tolist()
-    return torch.tensor([ids])
-
-
 def test_embed_matches_hf_scatter(qwen3_vl_ckpt, qwen3_vl_fp32_graphs, hf_qwen3_vl):
     spec = ModelSpec.from_checkpoint(qwen3_vl_ckpt)
-    ids = _prompt_with_pads(spec, [35, 30])
+    ids = prompt_with_pads(spec, [35, 30])
     feats = torch.randn(65, spec.text.hidden_size)
     deep = torch.randn(3, 65, spec.text.hidden_size)
     model = hf_qwen3_vl.model
@@ -72,30 +63,6 @@ def test_embed_text_only_has_no_rows(qwen3_vl_fp32_graphs, hf_qwen3_vl):
     np.testing.assert_array_equal(out["inputs_embeds"], hf_qwen3_vl.model.get_input_embeddings()(ids).detach().numpy())
 
 
-def _pipeline_prefill(graphs, spec, hf, ids, grid, pixels, cache_len=128):
-    """Our vision -> embed -> decoder prefill with HF's MRoPE positions (graph parity in isolation)."""
-    vis = run(session(graphs / "vision.onnx"), vision_feeds(grid, pixels, hf.config.vision_config))
-    emb = run(session(graphs / "embed.onnx"), {"input_ids": ids.numpy(), "vision_features": vis["vision_features"],
-                                              "deepstack_features": vis["deepstack_features"]})
-    tt = mm_token_type_ids(ids, spec.image_token_id, spec.video_token_id)
-    pos, deltas = hf.model.get_rope_index(ids, tt, image_grid_thw=grid)
-    feeds = {"inputs_embeds": emb["inputs_embeds"], "deepstack_embeds": emb["deepstack_embeds"],
-             "position_ids": pos.numpy(), "past_lengths": np.zeros(ids.shape[0], np.int64),
-             "logits_index": np.full(ids.shape[0], ids.shape[1] - 1, np.int64),
-             **empty_cache(spec, ids.shape[0], cache_len)}
-    return run(session(graphs / "decoder.onnx"), feeds), deltas
-
-
-def _decode_feeds(spec, graphs, token, outputs, cache_pos, rope_delta):
-    emb = run(session(graphs / "embed.onnx"), {
-        "input_ids": np.array([[token]]), "vision_features": np.zeros((0, spec.text.hidden_size), np.float32),
-        "deepstack_features": np.zeros((3, 0, spec.text.hidden_size), np.float32)})
-    return {"inputs_embeds": emb["inputs_embeds"], "deepstack_embeds": emb["deepstack_embeds"],
-            "position_ids": np.full((3, 1, 1), cache_pos + rope_delta, np.int64),
-            "past_lengths": np.array([cache_pos]), "logits_index": np.array([0]),
-            **carry_cache(outputs, spec.text.num_hidden_layers)}
-
-
 @pytest.mark.parametrize("tied", [False, True], ids=["untied", "tied"])
 def test_decoder_prefill_and_16_decode_steps_match_hf(tied, request, tmp_path_factory):
     ckpt = request.getfixturevalue("qwen3_vl_tied_ckpt" if tied else "qwen3_vl_ckpt")
@@ -109,26 +76,11 @@ def test_decoder_prefill_and_16_decode_steps_match_hf(tied, request, tmp_path_fa
         hf, graphs = request.getfixturevalue("hf_qwen3_vl"), request.getfixturevalue("qwen3_vl_fp32_graphs")
     spec = ModelSpec.from_checkpoint(ckpt)
     assert spec.text.tie_word_embeddings == tied
-    grid = torch.tensor(ONE_IMAGE)
-    ids = _prompt_with_pads(spec, [35])
+    ids = prompt_with_pads(spec, [35])
     torch.manual_seed(1)
     pixels = torch.randn(140, 1536)
-    tt = mm_token_type_ids(ids, spec.image_token_id, spec.video_token_id)
-    with torch.no_grad():
-        ref = hf(input_ids=ids, pixel_values=pixels, image_grid_thw=grid, mm_token_type_ids=tt, use_cache=True)
-    out, deltas = _pipeline_prefill(graphs, spec, hf, ids, grid, pixels)
-    np.testing.assert_allclose(out["logits"][0], ref.logits[0, -1].numpy(), rtol=0, atol=FP32_ATOL)
-
-    cache, pos, dec = ref.past_key_values, ids.shape[1], session(graphs / "decoder.onnx")
-    token = int(ref.logits[0, -1].argmax())
-    for _ in range(16):
-        with torch.no_grad():
-            step = hf(input_ids=torch.tensor([[token]]), past_key_values=cache, use_cache=True,
-                      position_ids=torch.full((3, 1, 1), pos + int(deltas[0])))
-        cache = step.past_key_values
-        out = run(dec, _decode_feeds(spec, graphs, token, out, pos, int(deltas[0])))
-        np.testing.assert_allclose(out["logits"][0], step.logits[0, -1].numpy(), rtol=0, atol=FP32_ATOL)
-        token, pos = int(step.logits[0, -1].argmax()), pos + 1
+    assert_prefill_and_decode_match_hf(hf, graphs, spec, ids, torch.tensor(ONE_IMAGE), pixels, steps=16,
+                                       atol=FP32_ATOL)
 
 
 def test_decoder_batch_of_different_lengths(qwen3_vl_ckpt, qwen3_vl_fp32_graphs, hf_qwen3_vl):
