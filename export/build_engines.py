@@ -94,7 +94,10 @@ def build_engine(trt, onnx_path: Path, engine_path: Path, contract: GraphSpec, l
         for i, cc in enumerate(compute_capabilities):
             config.set_compute_capability(getattr(trt.ComputeCapability, "SM" + cc.replace(".", "")), i)
     cache = None
-    if timing_cache is not None and hasattr(config, "create_timing_cache"):
+    # TensorRT-RTX picks kernels when the engine is loaded on the GPU (its builder times no tactics, and on a
+    # machine without a GPU the cache only logs CUDA errors): the timing cache is for full TensorRT.
+    rtx = trt.__name__.startswith("tensorrt_rtx")
+    if timing_cache is not None and not rtx and hasattr(config, "create_timing_cache"):
         data = timing_cache.read_bytes() if timing_cache.is_file() else b""
         cache = config.create_timing_cache(data)
         config.set_timing_cache(cache, ignore_mismatch=True)

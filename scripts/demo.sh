@@ -4,6 +4,7 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 bash scripts/setup.sh
+if command -v nvcc >/dev/null 2>&1; then bash plugins/build.sh; fi  # engines then use our plugin kernels
 export PATH="$PWD/.venv/bin:$PATH"
 bash export_all.sh
 python -c "
