@@ -224,7 +224,9 @@ def parity(checkpoint, artifacts, request, n_tokens: int = 16, rtol: float | Non
             rows.append(compare(f"text/layers.{i}", out[name], hf_acts[f"text/layers.{i}"], rtol))
         rows.append(compare("logits[last]", out["logits"][0], hf_logits, rtol))
 
-    ours = generate(model, [prepared], Sampler(SamplingConfig(temperature=0.0)), n_tokens, ignore_eos=True)[0].token_ids
+    # greedy, with generation_config.json's repetition penalty: HF generate applies it when greedy too
+    greedy = SamplingConfig.from_generation_config(model.manifest.generation_config, temperature=0.0)
+    ours = generate(model, [prepared], Sampler(greedy), n_tokens, ignore_eos=True)[0].token_ids
     theirs = hf_greedy(hf, kwargs, n_tokens, torch_dtype)
     return rows, ours, theirs
 

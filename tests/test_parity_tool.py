@@ -19,10 +19,10 @@ from qwen_vl_trt.export import parity
 from test_generate import artifacts, media  # noqa: F401 (fixtures)
 
 
-def run_tool(ckpt, arts, image) -> tuple[int, dict]:
+def run_tool(ckpt, arts, image, tokens: int = 8) -> tuple[int, dict]:
     buf = io.StringIO()
     with redirect_stdout(buf):
-        code = parity.main([str(ckpt), str(arts), "--image", str(image), "--tokens", "8"])
+        code = parity.main([str(ckpt), str(arts), "--image", str(image), "--tokens", str(tokens)])
     rows = {}
     for line in buf.getvalue().splitlines()[1:]:
         parts = line.split()

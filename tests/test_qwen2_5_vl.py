@@ -258,3 +258,15 @@ def test_trt_run_cli_reads_the_model_type_from_config(artifacts, media, hf_qwen2
     assert r.returncode == 0, r.stderr
     ours = json.loads(r.stdout)
     assert ours["token_ids"] == hf_generate(hf_qwen2_5_vl, processor, "Describe this image.", [media["images"][1]])
+
+
+def test_parity_tool_passes_layer_by_layer(qwen2_5_vl_ckpt, artifacts, media):
+    """`qwen-vl-parity` on Qwen2.5-VL: every vision block (window order on both sides), the merged features,
+    every decoder layer, the logits and 32 greedy tokens (with the checkpoint's repetition penalty, as HF)."""
+    from test_parity_tool import run_tool
+
+    code, out = run_tool(qwen2_5_vl_ckpt, artifacts, media["images"][0], tokens=32)
+    assert code == 0, out["text"]
+    assert list(out["rows"]) == [f"visual/blocks.{i}" for i in range(4)] + ["visual/merged"] + \
+        [f"text/layers.{i}" for i in range(4)] + ["logits[last]"]
+    assert set(out["rows"].values()) == {"yes"} and "greedy tokens (32): first divergence: none  yes" in out["text"]
