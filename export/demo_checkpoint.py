@@ -62,6 +62,21 @@ QWEN3_VL_TINY = {
     },
 }
 
+# Qwen3-VL-MoE: the same model with sparse MoE text MLPs. 8 experts, top-2 (both > 1, as in the releases'
+# 128/top-8); moe_intermediate_size 24, so 2I = 48 != C = 64 and I != C: an expert tensor stored transposed
+# cannot load silently (HF transposes only when the stored shape differs, shared notes section 9). Layer 1
+# is a dense `mlp_only_layers` MLP (HF's own switch; the releases have none). Experts are written in the
+# release layout (`_to_release_expert_layout`).
+QWEN3_VL_MOE_TINY = {
+    **QWEN3_VL_TINY,
+    "model_type": "qwen3_vl_moe",
+    "architectures": ["Qwen3VLMoeForConditionalGeneration"],
+    "text_config": {**QWEN3_VL_TINY["text_config"], "model_type": "qwen3_vl_moe_text", "num_experts": 8,
+                    "num_experts_per_tok": 2, "moe_intermediate_size": 24, "decoder_sparse_step": 1,
+                    "mlp_only_layers": [1], "norm_topk_prob": True},
+    "vision_config": {**QWEN3_VL_TINY["vision_config"], "model_type": "qwen3_vl_moe_vision"},
+}
+
 QWEN3_VL_PREPROCESSOR = {
     "size": {"longest_edge": 16777216, "shortest_edge": 65536},
     "patch_size": 16, "temporal_patch_size": 2, "merge_size": 2,
@@ -139,6 +154,7 @@ QWEN2_5_VL_GENERATION = {  # released Qwen2.5-VL Instruct generation_config.json
 # (Qwen2.5-VL releases ship no video_preprocessor_config.json: video uses the image processor's limits)
 FAMILIES = {
     "qwen3_vl": (QWEN3_VL_TINY, QWEN3_VL_PREPROCESSOR, QWEN3_VL_VIDEO_PREPROCESSOR, QWEN3_VL_GENERATION),
+    "qwen3_vl_moe": (QWEN3_VL_MOE_TINY, QWEN3_VL_PREPROCESSOR, QWEN3_VL_VIDEO_PREPROCESSOR, QWEN3_VL_GENERATION),
     "qwen2_5_vl": (QWEN2_5_VL_TINY, QWEN2_5_VL_PREPROCESSOR, None, QWEN2_5_VL_GENERATION),
 }
 
@@ -176,6 +192,8 @@ def make_checkpoint(out_dir: str | Path, family: str = "qwen3_vl", *, tie_word_e
     model = model.to(getattr(torch, dtype))
     kwargs = {"max_shard_size": max_shard_size} if max_shard_size else {}
     model.save_pretrained(out, **kwargs)
+    if cfg_dict["model_type"] == "qwen3_vl_moe":
+        _to_release_expert_layout(out, model)
     (out / "preprocessor_config.json").write_text(json.dumps(pre_cfg, indent=2))
     if video_cfg is not None:
         (out / "video_preprocessor_config.json").write_text(json.dumps(video_cfg, indent=2))
@@ -198,13 +216,39 @@ def _randomize(model, seed: int) -> None:
                 p.copy_(0.05 * torch.randn(p.shape, generator=gen))
 
 
+def _to_release_expert_layout(out: Path, model) -> None:
+    """Rewrite the expert tensors that `save_pretrained` wrote in HF's in-memory layout (gate_up_proj
+    [E, 2I, C], down_proj [E, C, I]) in the layout the released checkpoints store (gate_up_proj [E, C, 2I],
+    gate first then up; down_proj [E, I, C]), then check that HF loads the result to the same model: the
+    same tensors, bit for bit, and the same logits (shared notes section 9)."""
+    import torch
+    from safetensors.torch import load_file, save_file
+
+    for path in sorted(out.glob("*.safetensors")):
+        tensors = load_file(str(path))
+        for key in [k for k in tensors if k.endswith(("mlp.experts.gate_up_proj", "mlp.experts.down_proj"))]:
+            tensors[key] = tensors[key].transpose(1, 2).contiguous()
+        save_file(tensors, str(path), metadata={"format": "pt"})
+    loaded = type(model).from_pretrained(out, dtype=model.dtype).eval()
+    ours, theirs = model.state_dict(), loaded.state_dict()
+    ids = torch.arange(100, 112)[None]
+    with torch.no_grad():
+        same_logits = torch.equal(model(input_ids=ids).logits, loaded(input_ids=ids).logits)
+    if ours.keys() != theirs.keys() or not all(torch.equal(ours[k], theirs[k]) for k in ours) or not same_logits:
+        raise RuntimeError(f"{out}: HF does not load the release-layout experts back to the model that was saved")
+
+
+# family -> chat template asset (the MoE releases ship the dense models' template)
+CHAT_TEMPLATES = {"qwen3_vl_moe": "qwen3_vl"}
+
+
 def _write_tokenizer(out: Path, family: str) -> None:
     src = tokenizer_dir()
     shutil.copy(src / "tokenizer.json", out / "tokenizer.json")
     tok_cfg = json.loads((src / "tokenizer_config.json").read_text())
     tok_cfg.pop("chat_template", None)
     (out / "tokenizer_config.json").write_text(json.dumps(tok_cfg, indent=2))
-    template = (ASSETS / f"{family}_chat_template.jinja").read_text()
+    template = (ASSETS / f"{CHAT_TEMPLATES.get(family, family)}_chat_template.jinja").read_text()
     (out / "chat_template.jinja").write_text(template)
 
 

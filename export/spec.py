@@ -231,14 +231,19 @@ def _parse_qwen3_vl(top: _Reader, moe: bool) -> ModelSpec:
     text = _text_common(t, top, qk_norm=True, attention_bias=t.get("attention_bias", bool, default=False),
                         interleaved=True)  # HF always interleaves for Qwen3-VL (mrope_interleaved is ignored)
     if moe:
+        # released config.json (4.57): num_experts; transformers 5.x save_pretrained: num_local_experts
+        experts_key = "num_local_experts" if t.has("num_local_experts") and not t.has("num_experts") else "num_experts"
         text["moe"] = MoESpec(
-            num_experts=t.get("num_experts", int),
+            num_experts=t.get(experts_key, int),
             num_experts_per_tok=t.get("num_experts_per_tok", int),
             moe_intermediate_size=t.get("moe_intermediate_size", int),
             norm_topk_prob=True,  # HF 5.x always renormalizes the top-k weights
             decoder_sparse_step=t.get("decoder_sparse_step", int, default=1),
             mlp_only_layers=t.get("mlp_only_layers", tuple, default=()),
         )
+        if text["moe"].num_experts_per_tok > text["moe"].num_experts:
+            raise CheckpointError(f"{t.source}: {t.path}num_experts_per_tok {text['moe'].num_experts_per_tok} > "
+                                  f"num_experts {text['moe'].num_experts}")
     vision = VisionSpec(
         depth=v.get("depth", int),
         hidden_size=v.get("hidden_size", int),

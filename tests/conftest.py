@@ -66,6 +66,35 @@ def hf_qwen2_5_vl(qwen2_5_vl_ckpt):
     return transformers.Qwen2_5_VLForConditionalGeneration.from_pretrained(qwen2_5_vl_ckpt, dtype="float32").eval()
 
 
+@pytest.fixture(scope="session")
+def qwen3_vl_moe_ckpt(tmp_path_factory):
+    """Untied Qwen3-VL-MoE: the tiny Qwen3-VL with 8 experts, top-2, moe_intermediate_size 24 (2I != C, I != C),
+    layer 1 a dense mlp_only layer; experts stored in the release layout, round trip checked when written."""
+    return make_checkpoint(tmp_path_factory.mktemp("qwen3_vl_moe"), "qwen3_vl_moe", seed=2)
+
+
+@pytest.fixture(scope="session")
+def qwen3_vl_moe_tied_ckpt(tmp_path_factory):
+    return make_checkpoint(tmp_path_factory.mktemp("qwen3_vl_moe_tied"), "qwen3_vl_moe", tie_word_embeddings=True,
+                           seed=3)
+
+
+@pytest.fixture(scope="session")
+def qwen3_vl_moe_fp32_graphs(qwen3_vl_moe_ckpt, tmp_path_factory):
+    from qwen_vl_trt.export.cli import export_graphs
+
+    out = tmp_path_factory.mktemp("qwen3_vl_moe_fp32_graphs")
+    export_graphs(qwen3_vl_moe_ckpt, out, "fp32")
+    return out
+
+
+@pytest.fixture(scope="session")
+def hf_qwen3_vl_moe(qwen3_vl_moe_ckpt):
+    import transformers
+
+    return transformers.Qwen3VLMoeForConditionalGeneration.from_pretrained(qwen3_vl_moe_ckpt, dtype="float32").eval()
+
+
 @pytest.fixture
 def rng():
     return np.random.default_rng(1234)

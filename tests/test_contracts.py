@@ -1,5 +1,6 @@
 """The exported ONNX files, the GraphSpec contracts, the module docstring tables and docs/graphs.md agree,
-for each family (Qwen3-VL; Qwen2.5-VL with its own vision module and no DeepStack tensors)."""
+for each family (Qwen3-VL and Qwen3-VL-MoE: the same contracts; Qwen2.5-VL with its own vision module and no
+DeepStack tensors)."""
 from __future__ import annotations
 
 import re
@@ -15,7 +16,7 @@ from qwen_vl_trt.export.spec import ModelSpec
 
 DOCS = Path(__file__).resolve().parents[1] / "docs" / "graphs.md"
 MODULES = {"vision": vision, "embed": embed, "decoder": decoder}
-FAMILY_MODULES = {"qwen3_vl": MODULES, "qwen2_5_vl": {**MODULES, "vision": vision_qwen2_5}}
+FAMILY_MODULES = {"qwen3_vl": MODULES, "qwen3_vl_moe": MODULES, "qwen2_5_vl": {**MODULES, "vision": vision_qwen2_5}}
 GRAPHS = [(family, graph) for family in FAMILY_MODULES for graph in MODULES]
 
 

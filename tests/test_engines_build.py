@@ -1,6 +1,6 @@
-"""The three bf16 graphs of a tiny Qwen3-VL and of a tiny Qwen2.5-VL parse in TensorRT(-RTX) and build engines
-ahead of time, with the plugin library loaded (every qwen_vl node becomes a PLUGIN_V3 layer) and without it
-(TensorRT inlines the nodes' ONNX reference functions).
+"""The three bf16 graphs of a tiny Qwen3-VL, Qwen3-VL-MoE (the expert Loop included) and Qwen2.5-VL parse in
+TensorRT(-RTX) and build engines ahead of time, with the plugin library loaded (every qwen_vl node becomes a
+PLUGIN_V3 layer) and without it (TensorRT inlines the nodes' ONNX reference functions).
 
 On this CPU-only CI the TensorRT-RTX builder checks parsing, shape inference over the profiles derived
 from export/contracts.py, and the build; engines cannot run here (RTX compiles kernels on the GPU at load,
@@ -24,7 +24,7 @@ from qwen_vl_trt.export.trt_compat import rtx_env
 ROOT = Path(__file__).resolve().parents[1]
 
 
-@pytest.fixture(scope="module", params=["qwen3_vl", "qwen2_5_vl"])
+@pytest.fixture(scope="module", params=["qwen3_vl", "qwen3_vl_moe", "qwen2_5_vl"])
 def bf16_graphs(request, tmp_path_factory) -> Path:
     ckpt = request.getfixturevalue(f"{request.param}_ckpt")
     out = tmp_path_factory.mktemp(f"{request.param}_bf16_graphs")
@@ -73,7 +73,7 @@ def test_impossible_limit_is_a_clear_error(tmp_path):
                                                  "tokens would not fit the cache; raise --max-cache-len")
 
 
-@pytest.mark.parametrize("family", ["QWEN3_VL_TINY", "QWEN2_5_VL_TINY"])
+@pytest.mark.parametrize("family", ["QWEN3_VL_TINY", "QWEN3_VL_MOE_TINY", "QWEN2_5_VL_TINY"])
 def test_profiles_cover_every_dynamic_dim(family):
     from qwen_vl_trt.export.contracts import CONTRACTS
     from qwen_vl_trt.export.spec import ModelSpec

@@ -20,33 +20,43 @@ from tolerances import FP32_ATOL
 ONE_IMAGE = [[1, 14, 10]]
 TWO_IMAGES = [[1, 14, 10], [1, 6, 20]]
 VIDEO = [[2, 4, 4]]
+FAMILIES = ["qwen3_vl", "qwen3_vl_moe"]  # one vision tower and embedding; the MoE text MLP: tests/test_moe.py
 
 
+def _family(request, family: str):
+    """(checkpoint, fp32 graphs, HF model): the session fixtures of `family` (conftest.py)."""
+    return tuple(request.getfixturevalue(name.format(family)) for name in ("{}_ckpt", "{}_fp32_graphs", "hf_{}"))
+
+
+@pytest.mark.parametrize("family", FAMILIES)
 @pytest.mark.parametrize("grids", [ONE_IMAGE, TWO_IMAGES, VIDEO], ids=["one_image", "two_images", "video"])
-def test_vision_matches_hf(grids, qwen3_vl_fp32_graphs, hf_qwen3_vl):
+def test_vision_matches_hf(grids, family, request):
+    _, graphs, hf = _family(request, family)
     grid = torch.tensor(grids)
     torch.manual_seed(0)
     pixels = torch.randn(int(grid.prod(1).sum()), 3 * 2 * 16 * 16)
     with torch.no_grad():
-        ref = hf_qwen3_vl.model.visual(pixels, grid_thw=grid)
-    out = run(session(qwen3_vl_fp32_graphs / "vision.onnx"), vision_feeds(grid, pixels, hf_qwen3_vl.config.vision_config))
+        ref = hf.model.visual(pixels, grid_thw=grid)
+    out = run(session(graphs / "vision.onnx"), vision_feeds(grid, pixels, hf.config.vision_config))
     np.testing.assert_allclose(out["vision_features"], ref.pooler_output.numpy(), rtol=0, atol=FP32_ATOL)
     assert out["deepstack_features"].shape[0] == len(ref.deepstack_features) == 3
     for level, feat in enumerate(ref.deepstack_features):
         np.testing.assert_allclose(out["deepstack_features"][level], feat.numpy(), rtol=0, atol=FP32_ATOL)
 
 
-def test_embed_matches_hf_scatter(qwen3_vl_ckpt, qwen3_vl_fp32_graphs, hf_qwen3_vl):
-    spec = ModelSpec.from_checkpoint(qwen3_vl_ckpt)
+@pytest.mark.parametrize("family", FAMILIES)
+def test_embed_matches_hf_scatter(family, request):
+    ckpt, graphs, hf = _family(request, family)
+    spec = ModelSpec.from_checkpoint(ckpt)
     ids = prompt_with_pads(spec, [35, 30])
     feats = torch.randn(65, spec.text.hidden_size)
     deep = torch.randn(3, 65, spec.text.hidden_size)
-    model = hf_qwen3_vl.model
+    model = hf.model
     with torch.no_grad():
         text = model.get_input_embeddings()(ids)
         mask, _ = model.get_placeholder_mask(ids, inputs_embeds=text, image_features=feats)
         ref = text.masked_scatter(mask, feats)
-    out = run(session(qwen3_vl_fp32_graphs / "embed.onnx"),
+    out = run(session(graphs / "embed.onnx"),
               {"input_ids": ids.numpy(), "vision_features": feats.numpy(), "deepstack_features": deep.numpy()})
     np.testing.assert_array_equal(out["inputs_embeds"], ref.numpy())  # a gather/copy: exact
     visual = mask[..., 0].numpy()
@@ -83,12 +93,15 @@ def test_decoder_prefill_and_16_decode_steps_match_hf(tied, request, tmp_path_fa
                                        atol=FP32_ATOL)
 
 
-def test_decoder_batch_of_different_lengths(qwen3_vl_ckpt, qwen3_vl_fp32_graphs, hf_qwen3_vl):
-    """Two right-padded text prompts in one call == each run alone in HF; then one decode step each."""
-    spec = ModelSpec.from_checkpoint(qwen3_vl_ckpt)
+@pytest.mark.parametrize("family", FAMILIES)
+def test_decoder_batch_of_different_lengths(family, request):
+    """Two right-padded text prompts in one call == each run alone in HF; then one decode step each (MoE: the
+    prefill step has 44 token-expert assignments in tiles of several rows, the decode step one row per tile)."""
+    ckpt, graphs, hf = _family(request, family)
+    spec = ModelSpec.from_checkpoint(ckpt)
     prompts = [torch.arange(100, 111), torch.arange(300, 306)]
     s_max, c = 11, spec.text.hidden_size
-    emb = session(qwen3_vl_fp32_graphs / "embed.onnx")
+    emb = session(graphs / "embed.onnx")
     padded = torch.zeros(2, s_max, dtype=torch.long)
     pos = np.zeros((3, 2, s_max), np.int64)
     for b, p in enumerate(prompts):
@@ -99,7 +112,7 @@ def test_decoder_batch_of_different_lengths(qwen3_vl_ckpt, qwen3_vl_fp32_graphs,
     feeds = {"inputs_embeds": e["inputs_embeds"], "deepstack_embeds": e["deepstack_embeds"], "position_ids": pos,
              "past_lengths": np.zeros(2, np.int64), "logits_index": np.array([len(p) - 1 for p in prompts]),
              **empty_cache(spec, 2, 32)}
-    dec = session(qwen3_vl_fp32_graphs / "decoder.onnx")
+    dec = session(graphs / "decoder.onnx")
     out = run(dec, feeds)
     nxt = np.array([[7], [9]])
     e = run(emb, {"input_ids": nxt, "vision_features": np.zeros((0, c), np.float32),
@@ -111,10 +124,9 @@ def test_decoder_batch_of_different_lengths(qwen3_vl_ckpt, qwen3_vl_fp32_graphs,
     for b, p in enumerate(prompts):
         with torch.no_grad():
             # explicit positions: HF caches rope_deltas on the model between calls
-            ref = hf_qwen3_vl(input_ids=p[None], use_cache=True,
-                              position_ids=torch.arange(len(p)).expand(3, 1, -1))
-            ref2 = hf_qwen3_vl(input_ids=torch.tensor([[int(nxt[b, 0])]]), past_key_values=ref.past_key_values,
-                               use_cache=True, position_ids=torch.full((3, 1, 1), len(p)))
+            ref = hf(input_ids=p[None], use_cache=True, position_ids=torch.arange(len(p)).expand(3, 1, -1))
+            ref2 = hf(input_ids=torch.tensor([[int(nxt[b, 0])]]), past_key_values=ref.past_key_values,
+                      use_cache=True, position_ids=torch.full((3, 1, 1), len(p)))
         np.testing.assert_allclose(out["logits"][b], ref.logits[0, -1].numpy(), rtol=0, atol=FP32_ATOL)
         np.testing.assert_allclose(step["logits"][b], ref2.logits[0, -1].numpy(), rtol=0, atol=FP32_ATOL)
 

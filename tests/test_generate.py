@@ -96,6 +96,15 @@ def run_json(artifacts, *args) -> dict:
     return json.loads(buf.getvalue())
 
 
+def run_cli_json(artifacts, *args) -> dict:
+    """`python -m qwen_vl_trt.runtime.cli` in a child process, as a user runs trt-run (greedy, EOS ignored)."""
+    r = subprocess.run([sys.executable, "-m", "qwen_vl_trt.runtime.cli", "--model-dir", str(artifacts), "--json",
+                        "--temperature", "0", "--ignore-eos", "--max-new-tokens", str(N_NEW), *args],
+                       capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stderr
+    return json.loads(r.stdout)
+
+
 def test_one_image_subprocess_matches_hf(artifacts, media, hf_qwen3_vl, processor):
     img = media["images"][0]
     r = subprocess.run([sys.executable, "-m", "qwen_vl_trt.runtime.cli", "--model-dir", str(artifacts),
