@@ -43,19 +43,23 @@ def artifacts(qwen3_vl_ckpt, tmp_path_factory):
     return out
 
 
-@pytest.fixture(scope="module")
-def media(tmp_path_factory):
-    d = tmp_path_factory.mktemp("media")
-    rng = np.random.default_rng(7)
+def write_media(d: Path, image_sizes, frames_shape, seed: int) -> dict:
+    """Random RGB images of `image_sizes` [(h, w)] and a directory of frames uint8 `frames_shape` (n, h, w, 3)."""
+    rng = np.random.default_rng(seed)
     paths = []
-    for i, (h, w) in enumerate([(240, 320), (90, 300)]):
+    for i, (h, w) in enumerate(image_sizes):
         paths.append(d / f"img{i}.png")
         Image.fromarray(rng.integers(0, 256, (h, w, 3), dtype=np.uint8)).save(paths[-1])
-    frames = rng.integers(0, 256, (30, 64, 96, 3), dtype=np.uint8)
+    frames = rng.integers(0, 256, frames_shape, dtype=np.uint8)
     (d / "frames").mkdir()
     for i, f in enumerate(frames):
         Image.fromarray(f).save(d / "frames" / f"{i:03d}.png")
     return {"images": paths, "frames_dir": d / "frames", "frames": frames}
+
+
+@pytest.fixture(scope="module")
+def media(tmp_path_factory):
+    return write_media(tmp_path_factory.mktemp("media"), [(240, 320), (90, 300)], (30, 64, 96, 3), seed=7)
 
 
 @pytest.fixture(scope="module")

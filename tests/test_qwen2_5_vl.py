@@ -17,7 +17,6 @@ import sys
 import numpy as np
 import pytest
 import torch
-from PIL import Image
 from safetensors.torch import load_file, save_file
 
 import hf_processor as H
@@ -25,7 +24,7 @@ from hf_reference import (assert_prefill_and_decode_match_hf, prompt_with_pads, 
                           vision_feeds)
 from qwen_vl_trt.export.cli import export_graphs
 from qwen_vl_trt.export.spec import CheckpointError, ModelSpec
-from test_generate import N_NEW, hf_generate, run_json
+from test_generate import N_NEW, hf_generate, run_json, write_media
 from tolerances import FP32_ATOL
 
 # grids (t, h, w) in patches of 14 px. 224x308 -> (1, 16, 22): 8x11 merged tokens = 2x3 windows of 4x4, the
@@ -211,17 +210,7 @@ def artifacts(qwen2_5_vl_ckpt, tmp_path_factory):
 @pytest.fixture(scope="module")
 def media(tmp_path_factory):
     """224x308 (kept size, 2x3 windows), 90x300 (resized by smart_resize to 84x308), 30 frames of 112x140."""
-    d = tmp_path_factory.mktemp("qwen2_5_media")
-    rng = np.random.default_rng(11)
-    paths = []
-    for i, (h, w) in enumerate([(224, 308), (90, 300)]):
-        paths.append(d / f"img{i}.png")
-        Image.fromarray(rng.integers(0, 256, (h, w, 3), dtype=np.uint8)).save(paths[-1])
-    frames = rng.integers(0, 256, (30, 112, 140, 3), dtype=np.uint8)
-    (d / "frames").mkdir()
-    for i, f in enumerate(frames):
-        Image.fromarray(f).save(d / "frames" / f"{i:03d}.png")
-    return {"images": paths, "frames_dir": d / "frames", "frames": frames}
+    return write_media(tmp_path_factory.mktemp("qwen2_5_media"), [(224, 308), (90, 300)], (30, 112, 140, 3), seed=11)
 
 
 @pytest.fixture(scope="module")
