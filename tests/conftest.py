@@ -8,6 +8,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
+from hf_reference import fp32_graphs, hf_model
 from qwen_vl_trt.export.demo_checkpoint import make_checkpoint
 
 
@@ -24,18 +25,12 @@ def qwen3_vl_tied_ckpt(tmp_path_factory):
 
 @pytest.fixture(scope="session")
 def qwen3_vl_fp32_graphs(qwen3_vl_ckpt, tmp_path_factory):
-    from qwen_vl_trt.export.cli import export_graphs
-
-    out = tmp_path_factory.mktemp("qwen3_vl_fp32_graphs")
-    export_graphs(qwen3_vl_ckpt, out, "fp32")
-    return out
+    return fp32_graphs(qwen3_vl_ckpt, tmp_path_factory.mktemp("qwen3_vl_fp32_graphs"))
 
 
 @pytest.fixture(scope="session")
 def hf_qwen3_vl(qwen3_vl_ckpt):
-    import transformers
-
-    return transformers.Qwen3VLForConditionalGeneration.from_pretrained(qwen3_vl_ckpt, dtype="float32").eval()
+    return hf_model(qwen3_vl_ckpt)
 
 
 @pytest.fixture(scope="session")
@@ -52,18 +47,12 @@ def qwen2_5_vl_tied_ckpt(tmp_path_factory):
 
 @pytest.fixture(scope="session")
 def qwen2_5_vl_fp32_graphs(qwen2_5_vl_ckpt, tmp_path_factory):
-    from qwen_vl_trt.export.cli import export_graphs
-
-    out = tmp_path_factory.mktemp("qwen2_5_vl_fp32_graphs")
-    export_graphs(qwen2_5_vl_ckpt, out, "fp32")
-    return out
+    return fp32_graphs(qwen2_5_vl_ckpt, tmp_path_factory.mktemp("qwen2_5_vl_fp32_graphs"))
 
 
 @pytest.fixture(scope="session")
 def hf_qwen2_5_vl(qwen2_5_vl_ckpt):
-    import transformers
-
-    return transformers.Qwen2_5_VLForConditionalGeneration.from_pretrained(qwen2_5_vl_ckpt, dtype="float32").eval()
+    return hf_model(qwen2_5_vl_ckpt)
 
 
 @pytest.fixture(scope="session")
@@ -81,18 +70,12 @@ def qwen3_vl_moe_tied_ckpt(tmp_path_factory):
 
 @pytest.fixture(scope="session")
 def qwen3_vl_moe_fp32_graphs(qwen3_vl_moe_ckpt, tmp_path_factory):
-    from qwen_vl_trt.export.cli import export_graphs
-
-    out = tmp_path_factory.mktemp("qwen3_vl_moe_fp32_graphs")
-    export_graphs(qwen3_vl_moe_ckpt, out, "fp32")
-    return out
+    return fp32_graphs(qwen3_vl_moe_ckpt, tmp_path_factory.mktemp("qwen3_vl_moe_fp32_graphs"))
 
 
 @pytest.fixture(scope="session")
 def hf_qwen3_vl_moe(qwen3_vl_moe_ckpt):
-    import transformers
-
-    return transformers.Qwen3VLMoeForConditionalGeneration.from_pretrained(qwen3_vl_moe_ckpt, dtype="float32").eval()
+    return hf_model(qwen3_vl_moe_ckpt)
 
 
 @pytest.fixture

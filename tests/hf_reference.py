@@ -9,6 +9,24 @@ import torch
 from transformers import vision_utils
 
 
+def fp32_graphs(ckpt, out):
+    """The three fp32 graphs of `ckpt` exported to `out`."""
+    from qwen_vl_trt.export.cli import export_graphs
+
+    export_graphs(ckpt, out, "fp32")
+    return out
+
+
+def hf_model(ckpt):
+    """HF's model of `ckpt` (the class named by config.json `architectures`), fp32, eval mode."""
+    import json
+
+    import transformers
+
+    arch = json.loads((ckpt / "config.json").read_text())["architectures"][0]
+    return getattr(transformers, arch).from_pretrained(ckpt, dtype="float32").eval()
+
+
 def session(path: Path) -> ort.InferenceSession:
     opts = ort.SessionOptions()
     opts.log_severity_level = 3

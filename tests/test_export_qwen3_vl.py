@@ -10,8 +10,8 @@ import numpy as np
 import pytest
 import torch
 
-from hf_reference import (assert_prefill_and_decode_match_hf, carry_cache, empty_cache, prompt_with_pads, run,
-                          session, vision_feeds)
+from hf_reference import (assert_prefill_and_decode_match_hf, carry_cache, empty_cache, fp32_graphs, hf_model,
+                          prompt_with_pads, run, session, vision_feeds)
 from qwen_vl_trt.export.cli import export_graphs
 from qwen_vl_trt.export.spec import ModelSpec
 from tolerances import FP32_ATOL
@@ -77,11 +77,7 @@ def test_embed_text_only_has_no_rows(qwen3_vl_fp32_graphs, hf_qwen3_vl):
 def test_decoder_prefill_and_16_decode_steps_match_hf(tied, request, tmp_path_factory):
     ckpt = request.getfixturevalue("qwen3_vl_tied_ckpt" if tied else "qwen3_vl_ckpt")
     if tied:
-        import transformers
-
-        hf = transformers.Qwen3VLForConditionalGeneration.from_pretrained(ckpt, dtype="float32").eval()
-        graphs = tmp_path_factory.mktemp("tied_graphs")
-        export_graphs(ckpt, graphs, "fp32")
+        hf, graphs = hf_model(ckpt), fp32_graphs(ckpt, tmp_path_factory.mktemp("tied_graphs"))
     else:
         hf, graphs = request.getfixturevalue("hf_qwen3_vl"), request.getfixturevalue("qwen3_vl_fp32_graphs")
     spec = ModelSpec.from_checkpoint(ckpt)

@@ -20,8 +20,8 @@ import torch
 from safetensors.torch import load_file, save_file
 
 import hf_processor as H
-from hf_reference import (assert_prefill_and_decode_match_hf, prompt_with_pads, run, session, text_embed_feeds,
-                          vision_feeds)
+from hf_reference import (assert_prefill_and_decode_match_hf, fp32_graphs, hf_model, prompt_with_pads, run, session,
+                          text_embed_feeds, vision_feeds)
 from qwen_vl_trt.export.cli import export_graphs
 from qwen_vl_trt.export.spec import CheckpointError, ModelSpec
 from test_generate import N_NEW, hf_generate, run_json, write_media
@@ -89,12 +89,8 @@ def test_embed_matches_hf_scatter(qwen2_5_vl_ckpt, qwen2_5_vl_fp32_graphs, hf_qw
 @pytest.mark.parametrize("tied", [False, True], ids=["untied", "tied"])
 def test_decoder_prefill_and_16_decode_steps_match_hf(tied, request, tmp_path_factory):
     if tied:
-        import transformers
-
         ckpt = request.getfixturevalue("qwen2_5_vl_tied_ckpt")
-        hf = transformers.Qwen2_5_VLForConditionalGeneration.from_pretrained(ckpt, dtype="float32").eval()
-        graphs = tmp_path_factory.mktemp("qwen2_5_vl_tied_graphs")
-        export_graphs(ckpt, graphs, "fp32", graphs=("vision", "embed", "decoder"))
+        hf, graphs = hf_model(ckpt), fp32_graphs(ckpt, tmp_path_factory.mktemp("qwen2_5_vl_tied_graphs"))
     else:
         ckpt = request.getfixturevalue("qwen2_5_vl_ckpt")
         hf, graphs = request.getfixturevalue("hf_qwen2_5_vl"), request.getfixturevalue("qwen2_5_vl_fp32_graphs")
