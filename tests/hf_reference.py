@@ -17,14 +17,14 @@ def fp32_graphs(ckpt, out):
     return out
 
 
-def hf_model(ckpt):
-    """HF's model of `ckpt` (the class named by config.json `architectures`), fp32, eval mode."""
+def hf_model(ckpt, dtype: str = "float32"):
+    """HF's model of `ckpt` (the class named by config.json `architectures`) in `dtype`, eval mode."""
     import json
 
     import transformers
 
     arch = json.loads((ckpt / "config.json").read_text())["architectures"][0]
-    return getattr(transformers, arch).from_pretrained(ckpt, dtype="float32").eval()
+    return getattr(transformers, arch).from_pretrained(ckpt, dtype=getattr(torch, dtype)).eval()
 
 
 def session(path: Path) -> ort.InferenceSession:

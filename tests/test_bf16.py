@@ -12,7 +12,7 @@ import pytest
 import torch
 
 from bf16_emulation import load_emulated
-from hf_reference import run
+from hf_reference import hf_model, run, text_embed_feeds
 from qwen_vl_trt.export.cli import export_graphs
 from qwen_vl_trt.export.spec import ModelSpec
 from tolerances import BF16_LOGITS_ATOL
@@ -22,10 +22,15 @@ def _session(model: onnx.ModelProto) -> ort.InferenceSession:
     return ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"])
 
 
-@pytest.fixture(scope="module")
-def bf16_graphs(qwen3_vl_ckpt, tmp_path_factory):
-    out = tmp_path_factory.mktemp("bf16")
-    export_graphs(qwen3_vl_ckpt, out, "bf16", graphs=("embed", "decoder"))
+@pytest.fixture(scope="module", params=["qwen3_vl", "qwen2_5_vl"])
+def family(request, tmp_path_factory):
+    """(checkpoint, bf16 embed + decoder graphs) of each dense family."""
+    ckpt = request.getfixturevalue(f"{request.param}_ckpt")
+    return ckpt, bf16_graphs(ckpt, tmp_path_factory.mktemp(f"{request.param}_bf16"))
+
+
+def bf16_graphs(ckpt, out):
+    export_graphs(ckpt, out, "bf16", graphs=("embed", "decoder"))
     for name in ("embed", "decoder"):  # the files hold bf16 weights and bf16 I/O
         m = onnx.load(str(out / f"{name}.onnx"), load_external_data=False)
         assert m.graph.output[0].type.tensor_type.elem_type in (onnx.TensorProto.BFLOAT16, onnx.TensorProto.FLOAT)
@@ -33,18 +38,16 @@ def bf16_graphs(qwen3_vl_ckpt, tmp_path_factory):
     return out
 
 
-def test_bf16_greedy_16_steps_match_hf(qwen3_vl_ckpt, bf16_graphs):
-    import transformers
-
-    spec = ModelSpec.from_checkpoint(qwen3_vl_ckpt)
-    hf = transformers.Qwen3VLForConditionalGeneration.from_pretrained(qwen3_vl_ckpt, dtype=torch.bfloat16).eval()
-    emb, dec = (_session(load_emulated(bf16_graphs / f"{n}.onnx")) for n in ("embed", "decoder"))
-    t, c = spec.text, spec.text.hidden_size
+def test_bf16_greedy_16_steps_match_hf(family):
+    ckpt, graphs = family
+    spec = ModelSpec.from_checkpoint(ckpt)
+    hf = hf_model(ckpt, "bfloat16")
+    emb, dec = (_session(load_emulated(graphs / f"{n}.onnx")) for n in ("embed", "decoder"))
+    t = spec.text
     ids = torch.arange(1000, 1012)[None]
     cache_shape = (1, t.num_key_value_heads, 64, t.head_dim)
     caches = {f"past_{kv}.{i}": np.zeros(cache_shape, np.float32)
               for i in range(t.num_hidden_layers) for kv in ("key", "value")}
-    empty = {"vision_features": np.zeros((0, c), np.float32), "deepstack_features": np.zeros((3, 0, c), np.float32)}
     hf_cache, pos, tokens, ours = None, 0, ids, []
     worst = 0.0
     for step in range(17):  # prefill + 16 decode steps, both sides fed the same (HF's) tokens
@@ -53,9 +56,8 @@ def test_bf16_greedy_16_steps_match_hf(qwen3_vl_ckpt, bf16_graphs):
             ref = hf(input_ids=tokens, past_key_values=hf_cache, use_cache=True,
                      position_ids=torch.arange(pos, pos + n).expand(3, 1, -1))
         hf_cache = ref.past_key_values
-        e = run(emb, {"input_ids": tokens.numpy(), **empty})
-        out = run(dec, {"inputs_embeds": e["inputs_embeds"], "deepstack_embeds": e["deepstack_embeds"],
-                        "position_ids": np.arange(pos, pos + n)[None, None].repeat(3, 0),
+        e = run(emb, text_embed_feeds(spec, tokens.numpy()))  # inputs_embeds (+ deepstack_embeds)
+        out = run(dec, {**e, "position_ids": np.arange(pos, pos + n)[None, None].repeat(3, 0),
                         "past_lengths": np.array([pos]), "logits_index": np.array([n - 1]), **caches})
         caches = {k.replace("present", "past"): v for k, v in out.items() if k.startswith("present")}
         ref_logits = ref.logits[0, -1].float().numpy()
