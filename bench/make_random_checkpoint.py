@@ -22,14 +22,18 @@ import sys
 import time
 from pathlib import Path
 
-# Released Qwen3-VL configs (shared notes hf-reference-facts.md section 7; dense models only). Written
-# in the released (transformers 4.57) layout: rope_scaling + rope_theta inside text_config.
+# Released Qwen3-VL configs (shared notes hf-reference-facts.md section 7). Written in the released
+# (transformers 4.57) layout: rope_scaling + rope_theta inside text_config. MoE: (experts, top-k, moe_inter).
 RELEASED = {
     #        text hidden, inter, layers, heads, kv, tie | vision depth, hidden, inter, out | deepstack
     "2B": dict(text=(2048, 6144, 28, 16, 8), tie=True, vision=(24, 1024, 4096, 2048), deepstack=[5, 11, 17]),
     "4B": dict(text=(2560, 9728, 36, 32, 8), tie=True, vision=(24, 1024, 4096, 2560), deepstack=[5, 11, 17]),
     "8B": dict(text=(4096, 12288, 36, 32, 8), tie=False, vision=(27, 1152, 4304, 4096), deepstack=[8, 16, 24]),
     "32B": dict(text=(5120, 25600, 64, 64, 8), tie=False, vision=(27, 1152, 4304, 5120), deepstack=[8, 16, 24]),
+    "30B-A3B": dict(text=(2048, 6144, 48, 32, 4), tie=False, vision=(27, 1152, 4304, 2048), deepstack=[8, 16, 24],
+                    moe=(128, 8, 768)),
+    "235B-A22B": dict(text=(4096, 12288, 94, 64, 4), tie=False, vision=(27, 1152, 4304, 4096), deepstack=[8, 16, 24],
+                      moe=(128, 8, 1536)),
 }
 
 ST_DTYPES = {"bf16": "BF16", "fp16": "F16", "fp32": "F32"}
@@ -39,6 +43,18 @@ POOL = 32 << 20  # elements of N(0, 1) reused at random offsets
 
 def released_config(name: str, dtype: str = "bf16") -> dict:
     r = RELEASED[name]
+    cfg = _dense_config(r, dtype)
+    if "moe" in r:
+        experts, top_k, moe_inter = r["moe"]
+        cfg.update(architectures=["Qwen3VLMoeForConditionalGeneration"], model_type="qwen3_vl_moe")
+        cfg["text_config"].update(model_type="qwen3_vl_moe_text", num_experts=experts, num_experts_per_tok=top_k,
+                                  moe_intermediate_size=moe_inter, decoder_sparse_step=1, mlp_only_layers=[],
+                                  norm_topk_prob=True)
+        cfg["vision_config"]["model_type"] = "qwen3_vl_moe_vision"
+    return cfg
+
+
+def _dense_config(r: dict, dtype: str) -> dict:
     hidden, inter, layers, heads, kv = r["text"]
     depth, v_hidden, v_inter, out = r["vision"]
     torch_dtype = {"bf16": "bfloat16", "fp16": "float16", "fp32": "float32"}[dtype]
@@ -106,6 +122,11 @@ def parameter_shapes(cfg: dict) -> dict[str, tuple[int, ...]]:
     shapes = {k: tuple(p.shape) for k, p in model.named_parameters()}
     persistent = {k for k in model.state_dict()}
     shapes.update({k: tuple(b.shape) for k, b in model.named_buffers() if k in persistent})
+    # MoE experts: the releases store gate_up_proj [E, C, 2I] and down_proj [E, I, C], the transpose of the
+    # in-memory parameters (shared notes section 9); HF's loader transposes them back.
+    for k, shape in shapes.items():
+        if k.endswith((".experts.gate_up_proj", ".experts.down_proj")):
+            shapes[k] = (shape[0], shape[2], shape[1])
     return shapes
 
 
@@ -210,18 +231,18 @@ def check_keys() -> int:
     from qwen_vl_trt.export import demo_checkpoint as dc
 
     failures = 0
-    for tie in (False, True):
-        cfg = json.loads(json.dumps(dc.QWEN3_VL_TINY))
+    for family, tie in [(f, t) for f in ("qwen3_vl", "qwen3_vl_moe") for t in (False, True)]:
+        cfg = json.loads(json.dumps(dc.FAMILIES[family][0]))
         cfg["tie_word_embeddings"] = tie
-        with tempfile.TemporaryDirectory() as tmp:
-            ref_dir = dc.make_checkpoint(Path(tmp) / "ref", tie_word_embeddings=tie, dtype="bfloat16")
+        with tempfile.TemporaryDirectory() as tmp:  # demo MoE checkpoints hold the release expert layout too
+            ref_dir = dc.make_checkpoint(Path(tmp) / "ref", family, tie_word_embeddings=tie, dtype="bfloat16")
             ref = {}
             for p in sorted(ref_dir.glob("*.safetensors")):
                 with safe_open(str(p), framework="pt") as f:
                     ref.update({k: tuple(f.get_slice(k).get_shape()) for k in f.keys()})
             ours = parameter_shapes(cfg)
             same = ours == ref
-            print(f"tie={tie}: {len(ours)} keys from the meta model, {len(ref)} from save_pretrained: "
+            print(f"{family} tie={tie}: {len(ours)} keys from the meta model, {len(ref)} from save_pretrained: "
                   f"{'identical (names and shapes)' if same else 'DIFFERENT'}")
             if not same:
                 failures += 1
@@ -233,7 +254,7 @@ def check_keys() -> int:
                 mine, dtype=torch.bfloat16, output_loading_info=True)
             bad = {k: v for k, v in info.items() if v and k != "error_msgs"} | (
                 {"error_msgs": info["error_msgs"]} if info.get("error_msgs") else {})
-            print(f"tie={tie}: from_pretrained of our tiny checkpoint: {bad or 'no missing/unexpected keys'}")
+            print(f"{family} tie={tie}: from_pretrained of our tiny checkpoint: {bad or 'no missing/unexpected keys'}")
             failures += bool(bad)
     return 1 if failures else 0
 

@@ -220,7 +220,9 @@ def _to_release_expert_layout(out: Path, model) -> None:
     """Rewrite the expert tensors that `save_pretrained` wrote in HF's in-memory layout (gate_up_proj
     [E, 2I, C], down_proj [E, C, I]) in the layout the released checkpoints store (gate_up_proj [E, C, 2I],
     gate first then up; down_proj [E, I, C]), then check that HF loads the result to the same model: the
-    same tensors, bit for bit, and the same logits (shared notes section 9)."""
+    same tensors bit for bit, and every sparse MoE block computes the same output (shared notes section 9).
+    Blocks, not logits: `model.to(dtype)` also casts the rotary inv_freq buffer that from_pretrained keeps
+    in fp32, so bf16 logits differ for a reason that has nothing to do with the experts."""
     import torch
     from safetensors.torch import load_file, save_file
 
@@ -231,10 +233,11 @@ def _to_release_expert_layout(out: Path, model) -> None:
         save_file(tensors, str(path), metadata={"format": "pt"})
     loaded = type(model).from_pretrained(out, dtype=model.dtype).eval()
     ours, theirs = model.state_dict(), loaded.state_dict()
-    ids = torch.arange(100, 112)[None]
+    x = torch.randn(2, 7, model.config.text_config.hidden_size, generator=torch.Generator().manual_seed(0))
     with torch.no_grad():
-        same_logits = torch.equal(model(input_ids=ids).logits, loaded(input_ids=ids).logits)
-    if ours.keys() != theirs.keys() or not all(torch.equal(ours[k], theirs[k]) for k in ours) or not same_logits:
+        same_blocks = all(torch.equal(a.mlp(x.to(model.dtype)), b.mlp(x.to(model.dtype))) for a, b in
+                          zip(model.model.language_model.layers, loaded.model.language_model.layers))
+    if ours.keys() != theirs.keys() or not all(torch.equal(ours[k], theirs[k]) for k in ours) or not same_blocks:
         raise RuntimeError(f"{out}: HF does not load the release-layout experts back to the model that was saved")
 
 

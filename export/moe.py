@@ -10,14 +10,18 @@ Weights are the checkpoint's tensors, one initializer each, in the release layou
 the checkpoint holds HF's in-memory layout): gate_up [E, C, 2I] (gate columns first, then up), down [E, I, C].
 
 Grouped experts without a grouped-GEMM op. The A = N*k token-expert assignments are sorted by expert (a
-counting sort: one-hot, CumSum) and cut into tiles: a tile is T rows of one expert, T = ceil(A / H) with H
-the number of experts hit (the mean load), so the last tile of each expert is padded and the padding is at
-most about A rows. An ONNX Loop runs over blocks of G = min(tiles, TILES_PER_ITERATION) consecutive tiles:
-it gathers the block's G expert slices ([G, C, 2I], [G, I, C]) and its rows ([G, T, C]), runs two batched
-MatMuls, scales by the routing weights and writes each assignment's row of an [A, C] buffer (ScatterND;
-padding rows go to a spare row A). Then [A, C] -> [N, k, C] -> sum over k.
+counting sort: one-hot, CumSum) and cut into tiles: a tile is T rows of one expert. With H the number of
+experts hit, T = ceil(A / H) (the mean load) when A > E, so the last tile of each expert is padded, the
+padding is at most about A rows and there are at most 2H tiles; when A <= E (decode steps), T = the largest
+load, so each expert hit has exactly one tile and is read once. An ONNX Loop runs
+n_iter = ceil(tiles / TILES_PER_ITERATION) times over blocks of G = ceil(tiles / n_iter) consecutive tiles
+(fewer than n_iter padding tiles in all). Each iteration gathers the block's G expert slices ([G, C, 2I],
+[G, I, C]) and its rows ([G, T, C]), runs two batched MatMuls, scales by the routing weights and writes
+each assignment's row of an [A, C] buffer (ScatterND; padding rows go to a spare row A). Then [A, C] ->
+[N, k, C] -> sum over k.
 - decode (N = 1): T = 1 and one tile per selected expert: a single iteration reads exactly the k selected
-  experts' weights, nothing else (no dense all-expert compute);
+  experts' weights, nothing else (no dense all-expert compute); a batch of decode tokens reads each expert
+  it hits once (plus fewer than n_iter padding tiles);
 - prefill: each hit expert is read once per tile (tiles <= 2H), never once per token; at most
   ceil(2H / TILES_PER_ITERATION) iterations.
 Every data-dependent extent (T, G, tile count) is computed outside the Loop: TensorRT-RTX 1.7 fails to build
@@ -108,12 +112,15 @@ def _tiles(g: GraphBuilder, ids: str, e: int, max_group: int):
                                            _i64(g, [1])], keepdims=0), _i64(g, 1)])  # [A] rank within its expert
     hit = g.op("ReduceSum", [g.op("Cast", [g.op("Greater", [counts, _i64(g, 0)])], to=TensorProto.INT64),
                              _i64(g, [0])], keepdims=0)  # 0-D H
-    rows = _ceil_div(g, a, hit)  # 0-D T: mean load of a hit expert (1 in decode)
+    # T: the largest load when A <= E (decode, memory-bound: one tile per expert hit, each read once), else the
+    # mean load of a hit expert (prefill, compute-bound: at most about A padding rows, at most 2H tiles)
+    rows = g.op("Where", [g.op("LessOrEqual", [a, _i64(g, e)]), g.op("ReduceMax", [counts, _i64(g, [0])], keepdims=0),
+                          _ceil_div(g, a, hit)])  # 0-D T
     tiles = _ceil_div(g, counts, rows)  # [E] tiles per expert (0 if not hit)
     tile_end = g.op("CumSum", [tiles, _i64(g, 0)])  # [E]
     n_tiles = g.op("ReduceSum", [tiles, _i64(g, [0])], keepdims=0)  # 0-D
-    group = g.op("Min", [n_tiles, _i64(g, max_group)])  # 0-D G
-    n_iter = _ceil_div(g, n_tiles, group)
+    n_iter = _ceil_div(g, n_tiles, _i64(g, max_group))
+    group = _ceil_div(g, n_tiles, n_iter)  # 0-D G <= max_group; fewer than n_iter padding tiles
     n_slots = g.op("Mul", [g.op("Mul", [n_iter, group]), rows])
     tile = g.op("Add", [g.op("Gather", [g.op("Sub", [tile_end, tiles]), ids], axis=0), g.op("Div", [rank, rows])])
     slot = g.op("Add", [g.op("Mul", [tile, rows]), g.op("Mod", [rank, rows])])  # [A] distinct
