@@ -16,10 +16,13 @@ BF16, F32 = TensorProto.BFLOAT16, TensorProto.FLOAT
 
 
 def emulate_bf16(model: onnx.ModelProto) -> onnx.ModelProto:
-    """A copy of `model` (external data already loaded) that runs on ORT CPU."""
+    """A copy of `model` (external data already loaded) that runs on ORT CPU. Subgraphs (the MoE experts'
+    Loop body) are emulated the same way; they read the converted outer initializers by name."""
     inferred = onnx.shape_inference.infer_shapes(model, strict_mode=False)
-    types = {v.name: v.type.tensor_type.elem_type for v in
-             list(inferred.graph.value_info) + list(inferred.graph.input) + list(inferred.graph.output)}
+    types = {}
+    for graph in _graphs(inferred.graph):
+        types.update({v.name: v.type.tensor_type.elem_type for v in
+                      list(graph.value_info) + list(graph.input) + list(graph.output)})
     m = copy.deepcopy(model)
     g = m.graph
     for init in g.initializer:
@@ -27,6 +30,21 @@ def emulate_bf16(model: onnx.ModelProto) -> onnx.ModelProto:
             types[init.name] = BF16
             arr = numpy_helper.to_array(init).astype("float32")
             init.CopyFrom(numpy_helper.from_array(arr, init.name))
+    for graph in _graphs(g):
+        _emulate_nodes(graph, types)
+    return m
+
+
+def _graphs(g: onnx.GraphProto):
+    """`g` and every subgraph below it (Loop / If bodies)."""
+    yield g
+    for node in g.node:
+        for attr in node.attribute:
+            if attr.type == onnx.AttributeProto.GRAPH:
+                yield from _graphs(attr.g)
+
+
+def _emulate_nodes(g: onnx.GraphProto, types: dict) -> None:
     for v in list(g.input) + list(g.output):
         if v.type.tensor_type.elem_type == BF16:
             v.type.tensor_type.elem_type = F32
@@ -48,7 +66,6 @@ def emulate_bf16(model: onnx.ModelProto) -> onnx.ModelProto:
     del g.node[:]
     g.node.extend(nodes)
     del g.value_info[:]
-    return m
 
 
 def load_emulated(path) -> onnx.ModelProto:

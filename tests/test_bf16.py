@@ -22,9 +22,9 @@ def _session(model: onnx.ModelProto) -> ort.InferenceSession:
     return ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"])
 
 
-@pytest.fixture(scope="module", params=["qwen3_vl", "qwen2_5_vl"])
+@pytest.fixture(scope="module", params=["qwen3_vl", "qwen3_vl_moe", "qwen2_5_vl"])
 def family(request, tmp_path_factory):
-    """(checkpoint, bf16 embed + decoder graphs) of each dense family."""
+    """(checkpoint, bf16 embed + decoder graphs) of each family (the MoE decoder with its experts Loop)."""
     ckpt = request.getfixturevalue(f"{request.param}_ckpt")
     return ckpt, bf16_graphs(ckpt, tmp_path_factory.mktemp(f"{request.param}_bf16"))
 
