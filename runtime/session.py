@@ -66,6 +66,11 @@ class OrtSession:
             self.sess = ort.InferenceSession(str(path), opts, providers=list(providers))
         except Exception as e:  # onnxruntime raises its own exception types for unreadable models
             msg = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+            if "NOT_IMPLEMENTED" in msg and list(providers) == ["CPUExecutionProvider"]:
+                raise BackendUnavailable(
+                    f"{path}: ONNX Runtime's CPU provider has no kernel for an op of this graph ({msg}); bf16/fp16 "
+                    "graphs need onnxruntime-gpu or TensorRT engines, or re-export with --dtype fp32 for the CPU"
+                ) from None
             raise ArtifactError(f"{path}: onnxruntime cannot load it ({msg}); re-run export_all.sh") from None
         found_in = {i.name: (_ORT_TYPES.get(i.type, i.type), len(i.shape)) for i in self.sess.get_inputs()}
         found_out = {o.name: (_ORT_TYPES.get(o.type, o.type), len(o.shape)) for o in self.sess.get_outputs()}

@@ -158,3 +158,15 @@ def test_bad_options(artifacts, args, message):
 def test_auto_backend_runs_and_exits_0(artifacts, files):
     rc, err = trt_run("--model-dir", artifacts, "--image", files / "ok.png", "--max-new-tokens", "3")
     assert rc == 0 and "onnxruntime: prompt" in err
+
+
+def test_bf16_artifacts_on_the_cpu_provider(qwen3_vl_ckpt, tmp_path, files):
+    """ONNX Runtime's CPU provider has no bf16 MatMul/Add: say what runs bf16 graphs instead of a stack trace."""
+    out = tmp_path / "bf16"
+    export_artifacts(qwen3_vl_ckpt, out, "bf16", Limits(max_patches=1024, max_batch=1, max_seq=MAX_SEQ,
+                                                        max_cache_len=256))
+    rc, err = trt_run("--model-dir", out, "--image", files / "ok.png", "--backend", "onnxruntime")
+    assert rc == 2 and len(err.splitlines()) == 1
+    assert err.startswith(f"error: {out}/vision.onnx: ONNX Runtime's CPU provider has no kernel for an op")
+    assert err.rstrip().endswith("bf16/fp16 graphs need onnxruntime-gpu or TensorRT engines, or re-export with "
+                                 "--dtype fp32 for the CPU")
