@@ -6,6 +6,7 @@
 
 #include <atomic>
 #include <cstdio>
+#include <iterator>
 
 using namespace nvinfer1;
 
@@ -38,10 +39,8 @@ extern "C" __attribute__((visibility("default"))) void setLoggerFinder(ILoggerFi
 
 extern "C" __attribute__((visibility("default"))) IPluginCreatorInterface* const* getCreators(int32_t& nbCreators)
 {
-    static qwen_vl::MropePluginCreator sMrope;
-    static qwen_vl::VarlenAttentionPluginCreator sVarlen;
-    static qwen_vl::KvCacheAttentionPluginCreator sKvCache;
-    static IPluginCreatorInterface* const sCreators[] = {&sMrope, &sVarlen, &sKvCache};
-    nbCreators = 3;
+    static IPluginCreatorInterface* const sCreators[] = {qwen_vl::mropePluginCreator(),
+        qwen_vl::varlenAttentionPluginCreator(), qwen_vl::kvCacheAttentionPluginCreator()};
+    nbCreators = static_cast<int32_t>(std::size(sCreators));
     return sCreators;
 }

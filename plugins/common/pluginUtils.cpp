@@ -2,6 +2,9 @@
 
 #include <cuda_fp16.h>
 
+#include <algorithm>
+#include <initializer_list>
+
 using namespace nvinfer1;
 
 namespace qwen_vl
@@ -23,36 +26,52 @@ PluginField const* findField(PluginFieldCollection const* fc, char const* name)
     return nullptr;
 }
 
-std::vector<float> readFloats(PluginField const& f)
+namespace
 {
-    std::vector<float> v(static_cast<size_t>(f.length));
+
+//! Element i of `f`, stored as one of the numeric field types, cast to T.
+template <typename T>
+T element(PluginField const& f, int32_t i)
+{
+    switch (f.type)
+    {
+    case PluginFieldType::kFLOAT32: return static_cast<T>(static_cast<float const*>(f.data)[i]);
+    case PluginFieldType::kFLOAT64: return static_cast<T>(static_cast<double const*>(f.data)[i]);
+    case PluginFieldType::kFLOAT16: return static_cast<T>(__half2float(static_cast<__half const*>(f.data)[i]));
+    case PluginFieldType::kINT32: return static_cast<T>(static_cast<int32_t const*>(f.data)[i]);
+    case PluginFieldType::kINT64: return static_cast<T>(static_cast<int64_t const*>(f.data)[i]);
+    case PluginFieldType::kINT8: return static_cast<T>(static_cast<int8_t const*>(f.data)[i]);
+    default: return T{};
+    }
+}
+
+//! The values of `f` as T when its type is one of `accepted`; otherwise throws "field <name>: expected <what>".
+template <typename T>
+std::vector<T> readValues(PluginField const& f, std::initializer_list<PluginFieldType> accepted, char const* what)
+{
+    std::vector<T> v(static_cast<size_t>(f.length));
     for (int32_t i = 0; i < f.length; ++i)
     {
-        switch (f.type)
+        if (std::find(accepted.begin(), accepted.end(), f.type) == accepted.end())
         {
-        case PluginFieldType::kFLOAT32: v[i] = static_cast<float const*>(f.data)[i]; break;
-        case PluginFieldType::kFLOAT64: v[i] = static_cast<float>(static_cast<double const*>(f.data)[i]); break;
-        case PluginFieldType::kFLOAT16: v[i] = __half2float(static_cast<__half const*>(f.data)[i]); break;
-        default: throw PluginError(std::string("field ") + f.name + ": expected floats");
+            throw PluginError(std::string("field ") + f.name + ": expected " + what);
         }
+        v[i] = element<T>(f, i);
     }
     return v;
 }
 
+} // namespace
+
+std::vector<float> readFloats(PluginField const& f)
+{
+    return readValues<float>(f, {PluginFieldType::kFLOAT32, PluginFieldType::kFLOAT64, PluginFieldType::kFLOAT16},
+        "floats");
+}
+
 std::vector<int32_t> readInts(PluginField const& f)
 {
-    std::vector<int32_t> v(static_cast<size_t>(f.length));
-    for (int32_t i = 0; i < f.length; ++i)
-    {
-        switch (f.type)
-        {
-        case PluginFieldType::kINT32: v[i] = static_cast<int32_t const*>(f.data)[i]; break;
-        case PluginFieldType::kINT64: v[i] = static_cast<int32_t>(static_cast<int64_t const*>(f.data)[i]); break;
-        case PluginFieldType::kINT8: v[i] = static_cast<int8_t const*>(f.data)[i]; break;
-        default: throw PluginError(std::string("field ") + f.name + ": expected ints");
-        }
-    }
-    return v;
+    return readValues<int32_t>(f, {PluginFieldType::kINT32, PluginFieldType::kINT64, PluginFieldType::kINT8}, "ints");
 }
 
 float readFloatScalar(PluginFieldCollection const* fc, char const* name)
@@ -96,17 +115,6 @@ int64_t volume(Dims const& d, int32_t begin, int32_t end)
         v *= d.d[i];
     }
     return v;
-}
-
-IPluginCapability* QwenPluginBase::getCapabilityInterface(PluginCapabilityType type) noexcept
-{
-    switch (type)
-    {
-    case PluginCapabilityType::kBUILD: return static_cast<IPluginV3OneBuildV2*>(this);
-    case PluginCapabilityType::kRUNTIME: return static_cast<IPluginV3OneRuntime*>(this);
-    case PluginCapabilityType::kCORE: return static_cast<IPluginV3OneCore*>(this);
-    }
-    return nullptr;
 }
 
 } // namespace qwen_vl

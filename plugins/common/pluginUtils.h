@@ -1,4 +1,4 @@
-// Helpers for the IPluginV3 adapters: plugin identity, field parsing, dtype mapping, a shared base class.
+// Helpers for the IPluginV3 adapters: plugin identity, field parsing, dtype mapping (the base classes: pluginBase.h).
 #pragma once
 
 #include "common/checkMacros.h"
@@ -22,7 +22,7 @@ nvinfer1::PluginField const* findField(nvinfer1::PluginFieldCollection const* fc
 std::vector<float> readFloats(nvinfer1::PluginField const& f);
 //! An integer field as int32 values (accepts kINT32 / kINT64 / kINT8).
 std::vector<int32_t> readInts(nvinfer1::PluginField const& f);
-//! Required scalar fields.
+//! Scalar fields: the float one is required, the int one falls back to `defaultValue` when absent or empty.
 float readFloatScalar(nvinfer1::PluginFieldCollection const* fc, char const* name);
 int32_t readIntScalar(nvinfer1::PluginFieldCollection const* fc, char const* name, int32_t defaultValue);
 
@@ -32,34 +32,5 @@ bool isAttentionFloat(nvinfer1::DataType t);
 
 //! Product of dims [begin, end) of `d` (all dims must be known, as they are at enqueue time).
 int64_t volume(nvinfer1::Dims const& d, int32_t begin, int32_t end);
-
-//! The capability plumbing every qwen_vl plugin shares. Subclasses implement the op-specific methods.
-class QwenPluginBase : public nvinfer1::IPluginV3,
-                       public nvinfer1::IPluginV3OneCore,
-                       public nvinfer1::IPluginV3OneBuildV2,
-                       public nvinfer1::IPluginV3OneRuntime
-{
-public:
-    nvinfer1::IPluginCapability* getCapabilityInterface(nvinfer1::PluginCapabilityType type) noexcept override;
-    char const* getPluginVersion() const noexcept override { return kPLUGIN_VERSION; }
-    char const* getPluginNamespace() const noexcept override { return kPLUGIN_NAMESPACE; }
-    int32_t onShapeChange(nvinfer1::PluginTensorDesc const* in, int32_t nbInputs,
-        nvinfer1::PluginTensorDesc const* out, int32_t nbOutputs) noexcept override
-    {
-        return 0;
-    }
-    nvinfer1::IPluginV3* attachToContext(nvinfer1::IPluginResourceContext* context) noexcept override
-    {
-        return clone();
-    }
-};
-
-//! Creator plumbing: name, version, namespace. Subclasses provide createPlugin and getFieldNames.
-class QwenCreatorBase : public nvinfer1::IPluginCreatorV3One
-{
-public:
-    char const* getPluginVersion() const noexcept override { return kPLUGIN_VERSION; }
-    char const* getPluginNamespace() const noexcept override { return kPLUGIN_NAMESPACE; }
-};
 
 } // namespace qwen_vl

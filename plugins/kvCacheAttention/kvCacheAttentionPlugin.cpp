@@ -1,45 +1,63 @@
+// KVCacheAttention plugin: fields, shape/type rules, aliasing and enqueue; the IPluginV3 plumbing is
+// common/pluginBase.h.
 #include "kvCacheAttention/kvCacheAttentionPlugin.h"
+#include "common/pluginBase.h"
 #include "kvCacheAttention/kvCacheAttentionKernel.h"
+
+#include <vector>
 
 using namespace nvinfer1;
 
 namespace qwen_vl
 {
-
-KvCacheAttentionPlugin::KvCacheAttentionPlugin(float scale)
-    : mScale(scale)
+namespace
 {
-}
 
-IPluginV3* KvCacheAttentionPlugin::clone() noexcept
+class KvCacheAttentionPlugin final : public PluginBase<KvCacheAttentionPlugin>
 {
-    try
+public:
+    static constexpr char kNAME[] = "KVCacheAttention";
+    static constexpr int32_t kIN_Q_IDX = 0;            //!< [B, S, Hq, D]
+    static constexpr int32_t kIN_K_IDX = 1;            //!< [B, S, Hkv, D]
+    static constexpr int32_t kIN_V_IDX = 2;            //!< [B, S, Hkv, D]
+    static constexpr int32_t kIN_PAST_KEY_IDX = 3;     //!< [B, Hkv, C, D]
+    static constexpr int32_t kIN_PAST_VALUE_IDX = 4;   //!< [B, Hkv, C, D]
+    static constexpr int32_t kIN_PAST_LENGTHS_IDX = 5; //!< [B] int32
+    static constexpr int32_t kNB_INPUTS = 6;
+    static constexpr int32_t kOUT_IDX = 0;               //!< [B, S, Hq, D]
+    static constexpr int32_t kOUT_PRESENT_KEY_IDX = 1;   //!< [B, Hkv, C, D], aliases past_key
+    static constexpr int32_t kOUT_PRESENT_VALUE_IDX = 2; //!< [B, Hkv, C, D], aliases past_value
+    static constexpr int32_t kNB_OUTPUTS = 3;
+
+    explicit KvCacheAttentionPlugin(float scale)
+        : mScale(scale)
     {
-        return new KvCacheAttentionPlugin(mScale);
     }
-    catch (std::exception const& e)
+
+    static std::vector<PluginField> fieldDeclarations()
     {
-        caughtError(e);
+        return {PluginField("scale", nullptr, PluginFieldType::kFLOAT32, 1)};
     }
-    return nullptr;
-}
 
-int32_t KvCacheAttentionPlugin::getOutputDataTypes(
-    DataType* outputTypes, int32_t nbOutputs, DataType const* inputTypes, int32_t nbInputs) const noexcept
-{
-    outputTypes[kOUT_IDX] = inputTypes[kIN_Q_IDX];
-    outputTypes[kOUT_PRESENT_KEY_IDX] = inputTypes[kIN_PAST_KEY_IDX];
-    outputTypes[kOUT_PRESENT_VALUE_IDX] = inputTypes[kIN_PAST_VALUE_IDX];
-    return 0;
-}
-
-int32_t KvCacheAttentionPlugin::getOutputShapes(DimsExprs const* inputs, int32_t nbInputs,
-    DimsExprs const* shapeInputs, int32_t nbShapeInputs, DimsExprs* outputs, int32_t nbOutputs,
-    IExprBuilder& exprBuilder) noexcept
-{
-    try
+    static KvCacheAttentionPlugin fromFields(PluginFieldCollection const* fc)
     {
-        QWEN_VALIDATE(nbInputs == kNB_INPUTS && nbOutputs == kNB_OUTPUTS, "KVCacheAttention: expects 6 inputs, 3 outputs");
+        return KvCacheAttentionPlugin(readFloatScalar(fc, "scale"));
+    }
+
+    std::vector<PluginField> fields()
+    {
+        return {PluginField("scale", &mScale, PluginFieldType::kFLOAT32, 1)};
+    }
+
+    void inferTypes(DataType* outputTypes, DataType const* inputTypes) const
+    {
+        outputTypes[kOUT_IDX] = inputTypes[kIN_Q_IDX];
+        outputTypes[kOUT_PRESENT_KEY_IDX] = inputTypes[kIN_PAST_KEY_IDX];
+        outputTypes[kOUT_PRESENT_VALUE_IDX] = inputTypes[kIN_PAST_VALUE_IDX];
+    }
+
+    void inferShapes(DimsExprs const* inputs, DimsExprs* outputs, IExprBuilder& exprBuilder) const
+    {
         for (int32_t i : {kIN_Q_IDX, kIN_K_IDX, kIN_V_IDX, kIN_PAST_KEY_IDX, kIN_PAST_VALUE_IDX})
         {
             QWEN_VALIDATE(inputs[i].nbDims == 4, "KVCacheAttention: q, k, v, past_key, past_value must be 4-D");
@@ -48,38 +66,23 @@ int32_t KvCacheAttentionPlugin::getOutputShapes(DimsExprs const* inputs, int32_t
         outputs[kOUT_IDX] = inputs[kIN_Q_IDX];
         outputs[kOUT_PRESENT_KEY_IDX] = inputs[kIN_PAST_KEY_IDX];
         outputs[kOUT_PRESENT_VALUE_IDX] = inputs[kIN_PAST_VALUE_IDX];
-        return 0;
     }
-    catch (std::exception const& e)
-    {
-        caughtError(e);
-    }
-    return -1;
-}
 
-bool KvCacheAttentionPlugin::supportsFormatCombination(
-    int32_t pos, DynamicPluginTensorDesc const* inOut, int32_t nbInputs, int32_t nbOutputs) noexcept
-{
-    PluginTensorDesc const& d = inOut[pos].desc;
-    if (d.format != TensorFormat::kLINEAR)
+    bool supportsType(int32_t pos, DynamicPluginTensorDesc const* inOut, int32_t nbInputs, int32_t nbOutputs) const
     {
-        return false;
+        DataType const t = inOut[pos].desc.type;
+        if (pos == kIN_Q_IDX)
+        {
+            return isAttentionFloat(t);
+        }
+        if (pos == kIN_PAST_LENGTHS_IDX)
+        {
+            return t == DataType::kINT32;
+        }
+        return pos < nbInputs + nbOutputs && t == inOut[kIN_Q_IDX].desc.type;
     }
-    if (pos == kIN_Q_IDX)
-    {
-        return isAttentionFloat(d.type);
-    }
-    if (pos == kIN_PAST_LENGTHS_IDX)
-    {
-        return d.type == DataType::kINT32;
-    }
-    return pos < nbInputs + nbOutputs && d.type == inOut[kIN_Q_IDX].desc.type;
-}
 
-int32_t KvCacheAttentionPlugin::configurePlugin(
-    DynamicPluginTensorDesc const* in, int32_t nbInputs, DynamicPluginTensorDesc const* out, int32_t nbOutputs) noexcept
-{
-    try
+    void configure(DynamicPluginTensorDesc const* in) const
     {
         Dims const& q = in[kIN_Q_IDX].desc.dims;
         Dims const& k = in[kIN_K_IDX].desc.dims;
@@ -89,76 +92,43 @@ int32_t KvCacheAttentionPlugin::configurePlugin(
         QWEN_VALIDATE(q.d[2] == -1 || k.d[2] == -1 || (k.d[2] > 0 && q.d[2] % k.d[2] == 0),
             "KVCacheAttention: Hq must be a multiple of Hkv");
         QWEN_VALIDATE(pk.d[1] == -1 || k.d[2] == -1 || pk.d[1] == k.d[2], "KVCacheAttention: past_key heads != Hkv");
-        return 0;
     }
-    catch (std::exception const& e)
-    {
-        caughtError(e);
-    }
-    return -1;
-}
 
-int32_t KvCacheAttentionPlugin::getAliasedInput(int32_t outputIndex) noexcept
-{
-    switch (outputIndex)
+    //! present_key / present_value alias past_key / past_value: the cache is updated in place.
+    int32_t getAliasedInput(int32_t outputIndex) noexcept override
     {
-    case kOUT_PRESENT_KEY_IDX: return kIN_PAST_KEY_IDX;
-    case kOUT_PRESENT_VALUE_IDX: return kIN_PAST_VALUE_IDX;
-    default: return -1;
+        switch (outputIndex)
+        {
+        case kOUT_PRESENT_KEY_IDX: return kIN_PAST_KEY_IDX;
+        case kOUT_PRESENT_VALUE_IDX: return kIN_PAST_VALUE_IDX;
+        default: return -1;
+        }
     }
-}
 
-int32_t KvCacheAttentionPlugin::enqueue(PluginTensorDesc const* inputDesc, PluginTensorDesc const* outputDesc,
-    void const* const* inputs, void* const* outputs, void* workspace, cudaStream_t stream) noexcept
-{
-    try
+    int32_t launch(PluginTensorDesc const* inputDesc, void const* const* inputs, void* const* outputs,
+        cudaStream_t stream) const
     {
         Dims const& q = inputDesc[kIN_Q_IDX].dims;
         Dims const& k = inputDesc[kIN_K_IDX].dims;
         Dims const& pk = inputDesc[kIN_PAST_KEY_IDX].dims;
-        int32_t const status = launchKvCacheAttention(inputs[kIN_Q_IDX], inputs[kIN_K_IDX], inputs[kIN_V_IDX],
+        return launchKvCacheAttention(inputs[kIN_Q_IDX], inputs[kIN_K_IDX], inputs[kIN_V_IDX],
             inputs[kIN_PAST_KEY_IDX], inputs[kIN_PAST_VALUE_IDX],
             static_cast<int32_t const*>(inputs[kIN_PAST_LENGTHS_IDX]), outputs[kOUT_IDX], outputs[kOUT_PRESENT_KEY_IDX],
             outputs[kOUT_PRESENT_VALUE_IDX], toDataKind(inputDesc[kIN_Q_IDX].type), static_cast<int32_t>(q.d[0]),
             static_cast<int32_t>(q.d[1]), static_cast<int32_t>(q.d[2]), static_cast<int32_t>(k.d[2]),
             static_cast<int32_t>(pk.d[2]), static_cast<int32_t>(q.d[3]), mScale, stream);
-        QWEN_VALIDATE(status == 0, "KVCacheAttention: kernel launch failed with status " + std::to_string(status));
-        return 0;
     }
-    catch (std::exception const& e)
-    {
-        caughtError(e);
-    }
-    return -1;
-}
 
-PluginFieldCollection const* KvCacheAttentionPlugin::getFieldsToSerialize() noexcept
-{
-    mFields = {PluginField("scale", &mScale, PluginFieldType::kFLOAT32, 1)};
-    mFieldCollection.nbFields = static_cast<int32_t>(mFields.size());
-    mFieldCollection.fields = mFields.data();
-    return &mFieldCollection;
-}
+private:
+    float mScale;
+};
 
-KvCacheAttentionPluginCreator::KvCacheAttentionPluginCreator()
-{
-    mFields = {PluginField("scale", nullptr, PluginFieldType::kFLOAT32, 1)};
-    mFieldCollection.nbFields = static_cast<int32_t>(mFields.size());
-    mFieldCollection.fields = mFields.data();
-}
+} // namespace
 
-IPluginV3* KvCacheAttentionPluginCreator::createPlugin(
-    char const* name, PluginFieldCollection const* fc, TensorRTPhase phase) noexcept
+IPluginCreatorV3One* kvCacheAttentionPluginCreator()
 {
-    try
-    {
-        return new KvCacheAttentionPlugin(readFloatScalar(fc, "scale"));
-    }
-    catch (std::exception const& e)
-    {
-        caughtError(e);
-    }
-    return nullptr;
+    static PluginCreator<KvCacheAttentionPlugin> sCreator;
+    return &sCreator;
 }
 
 } // namespace qwen_vl
