@@ -226,6 +226,13 @@ def _text_common(t: _Reader, top: _Reader, *, qk_norm: bool, attention_bias: boo
     )
 
 
+def _vision_common(v: _Reader, in_channels: int) -> dict:
+    """VisionSpec fields both families spell the same way (required: no class default matches a release)."""
+    fields = ("depth", "hidden_size", "intermediate_size", "num_heads", "patch_size", "temporal_patch_size",
+              "spatial_merge_size", "out_hidden_size")
+    return {**{f: v.get(f, int) for f in fields}, "in_channels": in_channels, "hidden_act": v.get("hidden_act", str)}
+
+
 def _parse_qwen3_vl(top: _Reader, moe: bool) -> ModelSpec:
     t, v = top.sub("text_config"), top.sub("vision_config")
     text = _text_common(t, top, qk_norm=True, attention_bias=t.get("attention_bias", bool, default=False),
@@ -245,16 +252,7 @@ def _parse_qwen3_vl(top: _Reader, moe: bool) -> ModelSpec:
             raise CheckpointError(f"{t.source}: {t.path}num_experts_per_tok {text['moe'].num_experts_per_tok} > "
                                   f"num_experts {text['moe'].num_experts}")
     vision = VisionSpec(
-        depth=v.get("depth", int),
-        hidden_size=v.get("hidden_size", int),
-        intermediate_size=v.get("intermediate_size", int),
-        num_heads=v.get("num_heads", int),
-        patch_size=v.get("patch_size", int),
-        temporal_patch_size=v.get("temporal_patch_size", int),
-        spatial_merge_size=v.get("spatial_merge_size", int),
-        out_hidden_size=v.get("out_hidden_size", int),
-        in_channels=v.get("in_channels", int, default=3),
-        hidden_act=v.get("hidden_act", str),
+        **_vision_common(v, in_channels=v.get("in_channels", int, default=3)),
         num_position_embeddings=v.get("num_position_embeddings", int),
         deepstack_visual_indexes=v.get("deepstack_visual_indexes", tuple),
     )
@@ -281,16 +279,7 @@ def _parse_qwen2_5_vl(top: _Reader) -> ModelSpec:
     text["tie_word_embeddings"] = (top.get("tie_word_embeddings", bool, default=False)
                                    or t.get("tie_word_embeddings", bool, default=False))
     vision = VisionSpec(
-        depth=v.get("depth", int),
-        hidden_size=v.get("hidden_size", int),
-        intermediate_size=v.get("intermediate_size", int),
-        num_heads=v.get("num_heads", int),
-        patch_size=v.get("patch_size", int),
-        temporal_patch_size=v.get("temporal_patch_size", int),
-        spatial_merge_size=v.get("spatial_merge_size", int),
-        out_hidden_size=v.get("out_hidden_size", int),
-        in_channels=v.get("in_chans", int, default=v.get("in_channels", int, default=3)),
-        hidden_act=v.get("hidden_act", str),
+        **_vision_common(v, in_channels=v.get("in_chans", int, default=v.get("in_channels", int, default=3))),
         window_size=v.get("window_size", int),
         fullatt_block_indexes=v.get("fullatt_block_indexes", tuple),
         tokens_per_second=v.get("tokens_per_second", float),
