@@ -7,6 +7,11 @@ Batching: prompts of different lengths are right-padded to the longest; each seq
 `past_lengths[b]` (the decoder writes its new rows there), `logits_index[b] = len_b - 1` at prefill, and its
 own rope delta. Decode positions are `past_lengths[b] + rope_delta[b]` on all three MRoPE axes (HF).
 A finished sequence keeps stepping with the pad token; those tokens are not part of its result.
+
+How the decoder's buffers move is the business of runtime/decode_io.py: with I/O binding (the default) every
+decode-step input and output is bound once, the KV cache stays on the EP's device, the decode step is a CUDA
+graph replay on the CUDA EP, and greedy tokens are chosen on the device, so per token only the token ids cross
+to the host. `prefill()` and `decode_one_token()` return the chosen tokens, as gpt-fast's do.
 """
 from __future__ import annotations
 
@@ -15,13 +20,17 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
+from .decode_io import decode_io
 from .errors import PromptTooLong, UserError
-from .kv_cache import KVCache, numpy_dtype
+from .kv_cache import numpy_dtype
 from .pipeline import PreparedRequest, vision_feeds
 from .positions import decode_position_ids
 from .sampling import Sampler
 
 CACHE_ALIGN = 16  # cache_len is rounded up to this (the engines' minimum cache_len is 16)
+_VISION_OUT = ("vision_features", "deepstack_features")
+_EMBED_OUT = ("inputs_embeds", "deepstack_embeds")
+GRAPH_MIN_CACHE = 256  # with CUDA graphs cache_len is a power of two >= this: few shapes, few captured graphs
 
 
 @dataclass
@@ -31,6 +40,7 @@ class Model:
     sessions: dict
     manifest: object
     backend: str = "onnxruntime"
+    static: dict = field(default_factory=dict)  # (batch, cache_len) -> the bound decode IO kept for reuse
 
     @property
     def spec(self):
@@ -61,7 +71,12 @@ def encode_vision(model: Model, requests: list[PreparedRequest]) -> tuple[np.nda
     feats, deep = [np.zeros((0, spec.text.hidden_size), numpy_dtype(model.manifest.dtype))], []
     for group in groups:
         grids = np.asarray([m.grid_thw for m in group], np.int64)
-        out = model.sessions["vision"].run(vision_feeds(spec, np.concatenate([m.pixel_values for m in group]), grids))
+        pixels = group[0].pixel_values if len(group) == 1 else np.concatenate([m.pixel_values for m in group])
+        # one vision call (the usual case): its outputs stay on the device and go to embed.onnx from there
+        out = model.sessions["vision"].run(vision_feeds(spec, pixels, grids),
+                                           device_outputs=_VISION_OUT if len(groups) == 1 else ())
+        if len(groups) == 1:
+            return out["vision_features"], out.get("deepstack_features")
         feats.append(out["vision_features"])  # [M_g, C]
         if spec.num_deepstack:
             deep.append(out["deepstack_features"])  # [Ld, M_g, C]
@@ -71,24 +86,18 @@ def encode_vision(model: Model, requests: list[PreparedRequest]) -> tuple[np.nda
     return np.concatenate(feats), np.concatenate(deep, axis=1)
 
 
-def embed(model: Model, input_ids: np.ndarray, features: np.ndarray, deepstack: np.ndarray | None) -> dict:
-    """input_ids int64 [B, S] -> {"inputs_embeds": [B, S, C], "deepstack_embeds": [Ld, B, S, C]}."""
+def embed(model: Model, input_ids: np.ndarray, features, deepstack, on_device: bool = False) -> dict:
+    """input_ids int64 [B, S] -> {"inputs_embeds": [B, S, C], "deepstack_embeds": [Ld, B, S, C]}; numpy, or left
+    on the session's device with `on_device` (where it has one) for the decoder to read from there."""
     feeds = {"input_ids": input_ids, "vision_features": features}
     if deepstack is not None:
         feeds["deepstack_features"] = deepstack
-    return model.sessions["embed"].run(feeds)
+    return model.sessions["embed"].run(feeds, device_outputs=_EMBED_OUT if on_device else ())
 
 
-def _decoder_step(model: Model, cache: KVCache, embeds: dict, position_ids, logits_index, new_tokens) -> np.ndarray:
-    feeds = {**embeds, "position_ids": position_ids, "logits_index": logits_index, **cache.feeds()}
-    out = model.sessions["decoder"].run(feeds)
-    cache.update(out, new_tokens)
-    return out["logits"]  # float32 [B, V]
-
-
-def prefill(model: Model, cache: KVCache, requests: list[PreparedRequest], features, deepstack,
-            pad_id: int) -> np.ndarray:
-    """All prompts, right-padded into one decoder call -> next-token logits float32 [B, V]."""
+def prefill(model: Model, io, requests: list[PreparedRequest], features, deepstack, pad_id: int,
+            sampler: Sampler) -> np.ndarray:
+    """All prompts, right-padded into one decoder call -> the first token of each sequence, int64 [B]."""
     lengths = np.array([r.num_tokens for r in requests], np.int64)
     batch, seq = len(requests), int(lengths.max())
     input_ids = np.full((batch, seq), pad_id, np.int64)  # [B, S]
@@ -96,20 +105,19 @@ def prefill(model: Model, cache: KVCache, requests: list[PreparedRequest], featu
     for b, r in enumerate(requests):
         input_ids[b, :r.num_tokens] = r.input_ids
         position_ids[:, b, :r.num_tokens] = r.position_ids
-    embeds = embed(model, input_ids, features, deepstack)
-    return _decoder_step(model, cache, embeds, position_ids, lengths - 1, lengths)
+    embeds = embed(model, input_ids, features, deepstack, on_device=True)
+    return io.prefill(embeds, position_ids, lengths, sampler)
 
 
-def decode_one_token(model: Model, cache: KVCache, tokens: np.ndarray, rope_deltas: np.ndarray,
-                     empty: tuple) -> np.ndarray:
-    """tokens int64 [B] -> next-token logits float32 [B, V]; writes one row per sequence into the cache."""
-    embeds = embed(model, tokens[:, None], *empty)
-    position_ids = decode_position_ids(cache.past_lengths, rope_deltas)  # [3, B, 1]
-    return _decoder_step(model, cache, embeds, position_ids, np.zeros(len(tokens), np.int64), 1)
+def decode_one_token(io, tokens: np.ndarray, rope_deltas: np.ndarray, sampler: Sampler) -> np.ndarray:
+    """tokens int64 [B] -> the next token of each sequence int64 [B]; writes one row per sequence into the cache."""
+    position_ids = decode_position_ids(io.cache.past_lengths, rope_deltas)  # [3, B, 1]
+    return io.decode(tokens, position_ids, sampler)
 
 
-def make_cache(model: Model, requests: list[PreparedRequest], max_new_tokens: int) -> KVCache:
-    lim, t = model.manifest.limits, model.spec.text
+def cache_len_for(model: Model, requests: list[PreparedRequest], max_new_tokens: int) -> int:
+    """KV-cache rows for this batch (checked against the artifact limits): prompt + new tokens, rounded up."""
+    lim = model.manifest.limits
     if len(requests) > lim.max_batch:
         raise UserError(f"{len(requests)} prompts in one batch, artifacts allow at most {lim.max_batch}: "
                         "re-export with a larger --max-batch")
@@ -118,9 +126,10 @@ def make_cache(model: Model, requests: list[PreparedRequest], max_new_tokens: in
         raise PromptTooLong(f"prompt has {longest} tokens and --max-new-tokens is {max_new_tokens}: together they "
                             f"exceed the {lim.max_cache_len}-token cache of the artifacts; lower --max-new-tokens "
                             "or re-export with a larger --max-cache-len")
-    cache_len = min(-(-(longest + max_new_tokens) // CACHE_ALIGN) * CACHE_ALIGN, lim.max_cache_len)
-    return KVCache(t.num_hidden_layers, len(requests), t.num_key_value_heads, cache_len, t.head_dim,
-                   model.manifest.dtype, allocate=model.sessions["decoder"].allocate)
+    need = longest + max_new_tokens
+    if getattr(model.sessions["decoder"], "graph_capture", False):
+        need = max(GRAPH_MIN_CACHE, 1 << (need - 1).bit_length())
+    return min(-(-need // CACHE_ALIGN) * CACHE_ALIGN, lim.max_cache_len)
 
 
 def generate(model: Model, requests: list[PreparedRequest], sampler: Sampler, max_new_tokens: int, *,
@@ -130,20 +139,19 @@ def generate(model: Model, requests: list[PreparedRequest], sampler: Sampler, ma
     if max_new_tokens < 1:
         raise UserError(f"--max-new-tokens {max_new_tokens}: must be >= 1")
     pad_id = model.manifest.pad_token_id
-    cache = make_cache(model, requests, max_new_tokens)
+    io = decode_io(model, len(requests), cache_len_for(model, requests, max_new_tokens))
+    sampler.start([r.input_ids for r in requests], model.spec.text.vocab_size)
     t0 = time.perf_counter()
     features, deepstack = encode_vision(model, requests)
     t_vision = time.perf_counter()
-    logits = prefill(model, cache, requests, features, deepstack, pad_id)
-    sampler.start([r.input_ids for r in requests], logits.shape[-1])
-    empty = (features[:0], None if deepstack is None else deepstack[:, :0])
+    sampled = prefill(model, io, requests, features, deepstack, pad_id, sampler)
     deltas = np.array([r.rope_delta for r in requests], np.int64)
     results = [Result(prompt_tokens=r.num_tokens) for r in requests]
     done = np.zeros(len(requests), bool)
     eos = np.asarray(eos_token_ids if not ignore_eos else (), np.int64)
     t_first = None
     for step in range(max_new_tokens):
-        tokens = np.where(done, pad_id, sampler.sample(logits))  # [B]
+        tokens = np.where(done, pad_id, sampled)  # [B]
         t_first = t_first or time.perf_counter()
         for b in np.flatnonzero(~done):
             results[b].token_ids.append(int(tokens[b]))
@@ -152,7 +160,7 @@ def generate(model: Model, requests: list[PreparedRequest], sampler: Sampler, ma
         done |= np.isin(tokens, eos)  # the stop rule
         if done.all() or step == max_new_tokens - 1:
             break
-        logits = decode_one_token(model, cache, tokens, deltas, empty)
+        sampled = decode_one_token(io, tokens, deltas, sampler)
     t_end = time.perf_counter()
     for r, res in zip(requests, results):
         res.timings = _timings(r, res, t0, t_vision, t_first, t_end, model.backend)
@@ -168,12 +176,15 @@ def _timings(request, result, t0, t_vision, t_first, t_end, backend) -> dict:
             "decode_tokens": decoded, "decode_tok_per_s": round(decoded / decode_s, 2) if decode_s > 0 else None}
 
 
-def load_model(directory, backend: str = "auto", *, io_binding: bool = False, threads: int = 0) -> Model:
+def load_model(directory, backend: str = "auto", *, io_binding: bool = True, threads: int = 0,
+               cuda_graph: bool = True) -> Model:
     """Read and verify ARTIFACTS/manifest.json, then open the three sessions of `backend` (auto picks
-    TensorRT when the engines exist and a TensorRT runtime and a GPU can run them, else ONNX Runtime)."""
+    TensorRT when the engines exist and a TensorRT runtime and a GPU can run them, else ONNX Runtime).
+    `io_binding` False: ONNX Runtime with plain numpy feeds (runtime/decode_io.py HostIO); `cuda_graph` False:
+    no CUDA graph capture of the decode step."""
     from .manifest import load_manifest
     from .session import open_sessions
 
     manifest = load_manifest(directory)
-    used, sessions = open_sessions(manifest, backend, io_binding=io_binding, threads=threads)
+    used, sessions = open_sessions(manifest, backend, io_binding=io_binding, threads=threads, cuda_graph=cuda_graph)
     return Model(sessions, manifest, used)

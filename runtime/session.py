@@ -24,13 +24,13 @@ from .errors import ArtifactError, BackendUnavailable
 from .kv_cache import numpy_dtype
 
 _ORT_TYPES = {"tensor(float)": "float32", "tensor(float16)": "float16", "tensor(bfloat16)": "bfloat16",
-              "tensor(int64)": "int64", "tensor(int32)": "int32"}
+              "tensor(int64)": "int64", "tensor(int32)": "int32", "tensor(bool)": "bool"}
 
 
 class Session(Protocol):
     resident: frozenset
 
-    def run(self, feeds: dict) -> dict: ...
+    def run(self, feeds: dict, device_outputs=()) -> dict: ...
 
     def allocate(self, shape: tuple, dtype: str): ...
 
@@ -51,10 +51,17 @@ def check_io(contract, inputs: dict, outputs: dict, where: str) -> None:
 
 
 class OrtSession:
-    """onnxruntime InferenceSession; `io_binding` keeps `resident` outputs as OrtValues on the EP's device."""
+    """onnxruntime InferenceSession; `io_binding` keeps `resident` outputs as OrtValues on the EP's device.
 
-    def __init__(self, path: Path, contract, *, providers=("CPUExecutionProvider",), io_binding: bool = False,
-                 resident=(), threads: int = 0):
+    `graph_capture` (the decoder on the CUDA EP): the session is created with `enable_cuda_graph`, so a run whose
+    RunOptions carry `gpu_graph_id` N > 0 is captured once and then replayed (runtime/decode_io.py binds every
+    input and output of such a run once, at fixed addresses and shapes, as ONNX Runtime requires). ONNX Runtime
+    refuses the option for a graph with control flow (the MoE experts' Loop) or with nodes that need copies
+    between devices; the session is then made without it and `graph_capture_error` says why.
+    """
+
+    def __init__(self, path: Path, contract, *, providers=("CPUExecutionProvider",), io_binding: bool = True,
+                 resident=(), threads: int = 0, graph_capture: bool = False):
         import onnxruntime as ort
 
         self.ort = ort
@@ -62,8 +69,9 @@ class OrtSession:
         opts.log_severity_level = 3
         if threads:
             opts.intra_op_num_threads = threads
+        self.graph_capture, self.graph_capture_error, self._graph_ids = False, None, 0
         try:
-            self.sess = ort.InferenceSession(str(path), opts, providers=list(providers))
+            self.sess = self._create(path, opts, providers, graph_capture)
         except Exception as e:  # onnxruntime raises its own exception types for unreadable models
             msg = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
             if "NOT_IMPLEMENTED" in msg and list(providers) == ["CPUExecutionProvider"]:
@@ -82,7 +90,30 @@ class OrtSession:
         self.io_binding = io_binding or has_bf16 or self.device == "cuda"
         self.resident = frozenset(resident) if self.io_binding else frozenset()
 
+    @property
+    def bound_io(self):
+        """The decode IO class for this session (runtime/decode_io.py): bound once, with I/O binding."""
+        if not self.io_binding:
+            return None
+        from .decode_io import OrtBoundIO
+
+        return OrtBoundIO
+
+    def _create(self, path, opts, providers, graph_capture: bool):
+        cuda = "CUDAExecutionProvider" in providers
+        with_options = lambda graph: [(p, cuda_provider_options(graph)) if p == "CUDAExecutionProvider" else p  # noqa: E731
+                                      for p in providers]
+        if graph_capture and cuda:
+            try:
+                sess = self.ort.InferenceSession(str(path), opts, providers=with_options(True))
+                self.graph_capture = True
+                return sess
+            except Exception as e:  # e.g. "... cannot use the CUDA Graph feature ... control flow nodes"
+                self.graph_capture_error = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        return self.ort.InferenceSession(str(path), opts, providers=with_options(False))
+
     def allocate(self, shape: tuple, dtype: str):
+        """A zeroed buffer on the EP's device (an OrtValue; numpy without I/O binding)."""
         zeros = np.zeros(shape, numpy_dtype(dtype))
         if not self.io_binding:
             return zeros
@@ -92,6 +123,42 @@ class OrtSession:
         value.update_inplace(zeros.view(np.uint16))  # all-zero bits == bf16 zeros
         return value
 
+    def zero(self, value) -> None:
+        """Zero a buffer from `allocate` in place (same address): a device memset when cuda-python is there,
+        else a copy of host zeros."""
+        if isinstance(value, np.ndarray):
+            value[...] = 0
+            return
+        kind = value.data_type()
+        host = np.zeros(value.shape(), np.uint16 if kind == "tensor(bfloat16)" else numpy_dtype(_ORT_TYPES[kind]))
+        if self.device == "cuda" and host.size:
+            try:
+                cudart = _cudart()
+            except ImportError:
+                cudart = None
+            if cudart is not None:  # the memset runs on the legacy stream: wait for it before the next run
+                _check(cudart.cudaMemset(value.data_ptr(), 0, host.nbytes))
+                _check(cudart.cudaDeviceSynchronize())
+                return
+        value.update_inplace(host)
+
+    def new_graph_id(self) -> int | None:
+        """A fresh CUDA graph id (ids are never reused: a captured graph keeps the addresses it was captured
+        with), or None without graph capture."""
+        if not self.graph_capture:
+            return None
+        self._graph_ids += 1
+        return self._graph_ids
+
+    def run_options(self, graph_id: int | None):
+        """RunOptions for a run that replays graph `graph_id`, or that must not capture (None) when the session
+        captures graphs; None when it does not."""
+        if not self.graph_capture:
+            return None
+        ro = self.ort.RunOptions()
+        ro.add_run_config_entry("gpu_graph_id", str(graph_id if graph_id is not None else -1))
+        return ro
+
     def _ortvalue(self, value: np.ndarray):
         """numpy -> CPU OrtValue; ml_dtypes bfloat16 goes in as its uint16 bits tagged BFLOAT16."""
         value = np.ascontiguousarray(value)
@@ -99,20 +166,46 @@ class OrtSession:
             return self.ort.OrtValue.ortvalue_from_numpy_with_onnx_type(value.view(np.uint16), _ONNX_BF16)
         return self.ort.OrtValue.ortvalue_from_numpy(value)
 
-    def run(self, feeds: dict) -> dict:
-        if not self.io_binding:
-            return dict(zip(self.output_names, self.sess.run(None, feeds)))
+    def bind(self, inputs: dict, outputs: dict, device_outputs=()):
+        """An IOBinding with `inputs` (OrtValues as they are, numpy copied to OrtValues) and `outputs` bound to
+        the given OrtValues; other outputs are allocated by ONNX Runtime, on the device for `device_outputs`
+        and the resident ones, else on the host."""
         binding = self.sess.io_binding()
-        for name, value in feeds.items():
+        for name, value in inputs.items():
             binding.bind_ortvalue_input(name, value if isinstance(value, self.ort.OrtValue) else self._ortvalue(value))
         for name in self.output_names:
-            binding.bind_output(name, self.device if name in self.resident else "cpu", 0)
-        self.sess.run_with_iobinding(binding)
-        values = binding.get_outputs()
-        return {name: (v if name in self.resident else _to_numpy(v)) for name, v in zip(self.output_names, values)}
+            if name in outputs:
+                binding.bind_ortvalue_output(name, outputs[name])
+            else:
+                on_device = name in self.resident or name in device_outputs
+                binding.bind_output(name, self.device if on_device else "cpu", 0)
+        return binding
+
+    def run(self, feeds: dict, device_outputs=()) -> dict:
+        """feeds -> outputs: numpy, except `resident` and `device_outputs` names, which stay OrtValues on the
+        EP's device (only with I/O binding)."""
+        if not self.io_binding:
+            return dict(zip(self.output_names, self.sess.run(None, feeds)))
+        binding = self.bind(feeds, {}, device_outputs)
+        self.sess.run_with_iobinding(binding, self.run_options(None))
+        keep = self.resident | set(device_outputs)
+        return {name: (v if name in keep else _to_numpy(v))
+                for name, v in zip(self.output_names, binding.get_outputs())}
 
 
 _ONNX_BF16 = 16  # onnx.TensorProto.BFLOAT16
+
+
+def cuda_provider_options(graph_capture: bool) -> dict:
+    """CUDA EP options (onnxruntime-gpu): the arena grows by what is asked (the default power-of-two growth can
+    almost double the memory of multi-GB weights), cuDNN picks conv algorithms by heuristics (no exhaustive
+    search at the first call of each new image size), copies go on the compute stream; `enable_cuda_graph` for
+    the decoder (OrtSession)."""
+    opts = {"device_id": "0", "arena_extend_strategy": "kSameAsRequested", "cudnn_conv_algo_search": "HEURISTIC",
+            "do_copy_in_default_stream": "1"}
+    if graph_capture:
+        opts["enable_cuda_graph"] = "1"
+    return opts
 
 
 def _to_numpy(value) -> np.ndarray:
@@ -134,13 +227,23 @@ def ort_providers() -> tuple[str, ...]:
     import onnxruntime as ort
 
     available = ort.get_available_providers()
-    return (("CUDAExecutionProvider",) if "CUDAExecutionProvider" in available else ()) + ("CPUExecutionProvider",)
+    if "CUDAExecutionProvider" not in available:
+        return ("CPUExecutionProvider",)
+    if hasattr(ort, "preload_dlls"):  # CUDA / cuDNN from the nvidia-* wheels when no torch import loaded them
+        try:
+            ort.preload_dlls()
+        except Exception:  # noqa: BLE001 -- session creation then says what is missing
+            pass
+    return ("CUDAExecutionProvider", "CPUExecutionProvider")
 
 
-def open_ort(paths: dict, contracts: dict, *, io_binding: bool = False, threads: int = 0) -> dict:
+def open_ort(paths: dict, contracts: dict, *, io_binding: bool = True, threads: int = 0,
+             cuda_graph: bool = True) -> dict:
+    """The three ORT sessions; with `cuda_graph` the decoder captures its decode step (CUDA EP only)."""
     providers = ort_providers()
     return {name: OrtSession(paths[name], contracts[name], providers=providers, io_binding=io_binding,
-                             resident=_cache_outputs(contracts[name]), threads=threads) for name in paths}
+                             resident=_cache_outputs(contracts[name]), threads=threads,
+                             graph_capture=cuda_graph and name == "decoder") for name in paths}
 
 
 def _cache_outputs(contract) -> tuple[str, ...]:
@@ -165,8 +268,11 @@ def tensorrt_available() -> tuple[bool, str]:
     return True, ""
 
 
-def open_sessions(manifest, backend: str = "auto", *, io_binding: bool = False, threads: int = 0) -> tuple[str, dict]:
-    """-> (backend used, {"vision"|"embed"|"decoder": Session}). `backend`: auto | tensorrt | onnxruntime."""
+def open_sessions(manifest, backend: str = "auto", *, io_binding: bool = True, threads: int = 0,
+                  cuda_graph: bool = True) -> tuple[str, dict]:
+    """-> (backend used, {"vision"|"embed"|"decoder": Session}). `backend`: auto | tensorrt | onnxruntime.
+    `io_binding` False: ONNX Runtime with plain numpy feeds (the simple reference path); `cuda_graph` False: no
+    CUDA graph capture of the decode step (ONNX Runtime's CUDA EP, TensorRT)."""
     if backend not in ("auto", "tensorrt", "onnxruntime"):
         raise BackendUnavailable(f"unknown backend {backend!r}; use auto, tensorrt or onnxruntime")
     engines = manifest.engine_paths()
@@ -178,9 +284,9 @@ def open_sessions(manifest, backend: str = "auto", *, io_binding: bool = False, 
             raise ArtifactError(f"--backend tensorrt: {manifest.directory} has no TensorRT engines; run export_all.sh "
                                 "on a machine with TensorRT, or use --backend onnxruntime")
         if ok and engines:
-            return "tensorrt", open_trt(engines, manifest.contracts, manifest.plugin_library())
+            return "tensorrt", open_trt(engines, manifest.contracts, manifest.plugin_library(), cuda_graph=cuda_graph)
     return "onnxruntime", open_ort(manifest.graph_paths(), manifest.contracts, io_binding=io_binding,
-                                   threads=threads)
+                                   threads=threads, cuda_graph=cuda_graph)
 
 
 # ---- TensorRT ------------------------------------------------------------------------------------------------
