@@ -129,10 +129,10 @@ def nodes_per_token(art: Path, threads: int, io_binding: bool, run, prof_dir: Pa
     profiler's per-node timings are dominated by its own overhead at this size)."""
     from qwen_vl_trt.runtime.generate import load_model
 
-    with ort_profiling(prof_dir):
+    with ort_profiling(prof_dir):  # sessions made during the run (a device sampler) profile too
         model = load_model(art, "onnxruntime", io_binding=io_binding, threads=threads)
-    with OrtCalls() as calls:
-        res = run(model)
+        with OrtCalls() as calls:
+            res = run(model)
     first = next(i for i, c in enumerate(calls.calls) if c[0] is model.sessions["decoder"].sess)
     total = 0
     for sess in {id(c[0]): c[0] for c in calls.calls}.values():

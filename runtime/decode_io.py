@@ -101,7 +101,11 @@ class OrtBoundIO:
         self.run_options = [self.dec.run_options(g) for g in self.graph_ids]
         self.prefill_options = self.dec.run_options(None)  # a prefill run is never captured
         self.bindings = [self._bind_decoder(p) for p in (0, 1)]  # bindings[p] reads KV set p, writes set 1-p
-        self.greedy: DeviceGreedy | None = None
+        # greedy on the device where logits would otherwise cross to the host; on the CPU EP numpy's argmax reads
+        # the bound logits in place (faster than ORT's CPU ArgMax); tests switch it on to check it there
+        self.device_greedy = self.dec.device != "cpu"
+        self.greedy: DeviceGreedy | None = None  # the one this generation uses
+        self._greedy_by_penalty: dict[float, DeviceGreedy] = {}
 
     def _bind_decoder(self, current: int):
         self.cache.current = current
@@ -121,8 +125,9 @@ class OrtBoundIO:
         binding = self.dec.bind(inputs, {"logits": self.logits, **self.cache.targets()})
         self.dec.sess.run_with_iobinding(binding, self.prefill_options)
         self.cache.advance(lengths)
-        if sampler.cfg.greedy:
-            self._greedy(sampler).start(sampler.seen)
+        self.greedy = self._greedy(sampler) if sampler.cfg.greedy and self.device_greedy else None
+        if self.greedy is not None:
+            self.greedy.start(sampler.seen)
         return self._choose(sampler)
 
     def decode(self, tokens: np.ndarray, position_ids: np.ndarray, sampler) -> np.ndarray:
@@ -138,12 +143,13 @@ class OrtBoundIO:
 
     def _greedy(self, sampler) -> DeviceGreedy:
         penalty = float(sampler.cfg.repetition_penalty)
-        if self.greedy is None or self.greedy.penalty != penalty:
-            self.greedy = DeviceGreedy(self.dec.ort, self.dec.sess.get_providers(), self.logits, self.cache.batch,
-                                       self.model.spec.text.vocab_size, penalty, self.dec.device)
-        return self.greedy
+        if penalty not in self._greedy_by_penalty:
+            self._greedy_by_penalty[penalty] = DeviceGreedy(
+                self.dec.ort, self.dec.sess.get_providers(), self.logits, self.cache.batch,
+                self.model.spec.text.vocab_size, penalty, self.dec.device)
+        return self._greedy_by_penalty[penalty]
 
     def _choose(self, sampler) -> np.ndarray:
-        if sampler.cfg.greedy:
+        if self.greedy is not None:
             return self.greedy.sample()
-        return sampler.sample(self.logits.numpy())  # temperature / top-k / top-p: logits to the host
+        return sampler.sample(self.logits.numpy())  # on the host: the CPU EP, or temperature / top-k / top-p

@@ -56,6 +56,7 @@ class DeviceGreedy:
     def __init__(self, ort, providers, logits, batch: int, vocab: int, penalty: float, device: str):
         opts = ort.SessionOptions()
         opts.log_severity_level = 3
+        opts.intra_op_num_threads = 1  # a few small kernels: no thread pool spinning beside the decoder's
         self.ort, self.device = ort, device
         self.sess = ort.InferenceSession(greedy_model(penalty).SerializeToString(), opts, providers=list(providers))
         self.tokens = ort.OrtValue.ortvalue_from_numpy(np.zeros(batch, np.int64), device, 0)
