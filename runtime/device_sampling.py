@@ -50,8 +50,8 @@ def greedy_model(penalty: float):
 
 
 class DeviceGreedy:
-    """Greedy choice over a bound logits OrtValue [B, V] on `device`; `start(seen)` once per generation, then
-    `sample() -> int64 [B]` (host) per step."""
+    """Greedy choice over bound logits [B, V] on `device` (an OrtValue, or a (pointer, shape) of float32 device
+    memory); `start(seen)` once per generation, then `sample() -> int64 [B]` (host) per step."""
 
     def __init__(self, ort, providers, logits, batch: int, vocab: int, penalty: float, device: str):
         opts = ort.SessionOptions()
@@ -70,7 +70,11 @@ class DeviceGreedy:
 
     def _bind(self, logits, seen, seen_next):
         b = self.sess.io_binding()
-        b.bind_ortvalue_input("logits", logits)
+        if isinstance(logits, tuple):  # (device pointer, shape): another runtime's buffer (TensorRT's logits)
+            ptr, shape = logits
+            b.bind_input("logits", self.device, 0, np.float32, list(shape), ptr)
+        else:
+            b.bind_ortvalue_input("logits", logits)
         b.bind_ortvalue_output("tokens", self.tokens)
         if seen is not None:
             b.bind_ortvalue_input("seen", seen)

@@ -26,6 +26,11 @@ def numpy_dtype(dtype: str):
     return np.dtype(dtype)
 
 
+def cache_names(num_layers: int, kind: str = "past") -> list[str]:
+    """`past_key.0, past_value.0, past_key.1, ...` (kind "past"), or the `present_*` names: allocation order."""
+    return [f"{kind}_{kv}.{i}" for i in range(num_layers) for kv in ("key", "value")]
+
+
 class KVCache:
     """Per-layer caches [B, Hkv, K, D] plus `past_lengths` int64 [B] (tokens already cached per sequence)."""
 
@@ -41,8 +46,7 @@ class KVCache:
         self.past_lengths = np.zeros(batch, np.int64)
 
     def names(self, kind: str) -> list[str]:
-        """`past_key.0, past_value.0, ...` (kind "past") or the `present_*` names."""
-        return [f"{kind}_{kv}.{i}" for i in range(self.num_layers) for kv in ("key", "value")]
+        return cache_names(self.num_layers, kind)
 
     @property
     def buffers(self) -> dict:

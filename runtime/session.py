@@ -3,15 +3,17 @@
 At load every session discovers its I/O (ORT `get_inputs/get_outputs`; TensorRT `num_io_tensors`,
 `get_tensor_name`, `get_tensor_mode`, as TRT's `samples/python/detectron2/infer.py:TensorRTInfer`) and
 checks names, dtypes and ranks against the manifest's GraphSpec: a mismatch is an ArtifactError, never a
-warning. Outputs named in `resident` (the decoder's `present_*` caches) stay on the device between steps
-and are fed back as the next `past_*` without a host round trip; `allocate(shape, dtype)` makes a zeroed
-buffer of the kind `run` accepts for them.
+warning. Outputs named in `resident` (the decoder's `present_*` caches) and those asked for in
+`run(feeds, device_outputs=...)` stay on the device; `allocate(shape, dtype)` makes a zeroed buffer of the kind
+`run` accepts. The decode step does not go through `run`: each session names the IO class that binds it once
+(`bound_io`, runtime/decode_io.py).
 
-- `OrtSession`: CPU EP with plain numpy I/O; with `io_binding=True` (always on the CUDA EP) it binds
-  OrtValues, so the KV cache lives on the EP's device. The binding path runs on the CPU EP too (tests).
-- `TrtSession`: engines through `tensorrt` / `tensorrt_rtx` (export/trt_compat.py), device buffers and a
-  CUDA stream from `cuda.bindings` (cuda-python), shapes set per call, `execute_async_v3`.
-  Not executed in CI (no GPU there); see README "What is verified where".
+- `OrtSession`: I/O binding with OrtValues by default (the KV cache lives on the EP's device); `io_binding=False`
+  gives plain numpy feeds on the CPU EP. On the CUDA EP (onnxruntime-gpu) the decoder session is created with
+  `enable_cuda_graph` (`cuda_provider_options`) and replays its decode step. The binding logic runs on the CPU
+  EP in the tests; CUDA graph capture itself only on a GPU.
+- `TrtSession` (runtime/trt_session.py): static device buffers, in-place KV cache, CUDA graphs per binding
+  state. Not executed in CI (no GPU there); see README "What is verified where".
 """
 from __future__ import annotations
 
@@ -22,6 +24,7 @@ import numpy as np
 
 from .errors import ArtifactError, BackendUnavailable
 from .kv_cache import numpy_dtype
+from .trt_session import _check, _cudart
 
 _ORT_TYPES = {"tensor(float)": "float32", "tensor(float16)": "float16", "tensor(bfloat16)": "bfloat16",
               "tensor(int64)": "int64", "tensor(int32)": "int32", "tensor(bool)": "bool"}
@@ -284,137 +287,11 @@ def open_sessions(manifest, backend: str = "auto", *, io_binding: bool = True, t
             raise ArtifactError(f"--backend tensorrt: {manifest.directory} has no TensorRT engines; run export_all.sh "
                                 "on a machine with TensorRT, or use --backend onnxruntime")
         if ok and engines:
-            return "tensorrt", open_trt(engines, manifest.contracts, manifest.plugin_library(), cuda_graph=cuda_graph)
+            from qwen_vl_trt.export.build_engines import dim_ranges
+
+            from .trt_session import open_trt
+
+            return "tensorrt", open_trt(engines, manifest.contracts, manifest.plugin_library(),
+                                        dim_ranges(manifest.limits), cuda_graph=cuda_graph)
     return "onnxruntime", open_ort(manifest.graph_paths(), manifest.contracts, io_binding=io_binding,
                                    threads=threads, cuda_graph=cuda_graph)
-
-
-# ---- TensorRT ------------------------------------------------------------------------------------------------
-
-def _cudart():
-    """cuda-python's runtime API module (`cuda.bindings.runtime`, or `cuda.cudart` before cuda-python 12.6)."""
-    try:
-        from cuda.bindings import runtime
-    except ImportError:
-        from cuda import cudart as runtime
-    return runtime
-
-
-def _check(result):
-    """cuda-python calls return (err, *values): raise on an error, return the values."""
-    err, *values = result if isinstance(result, tuple) else (result,)
-    if int(err) != 0:
-        raise BackendUnavailable(f"CUDA error {int(err)} ({err}); check the GPU and driver")
-    return values[0] if len(values) == 1 else (values or None)
-
-
-class DeviceBuffer:
-    """A cudaMalloc'd buffer with shape and dtype; freed when dropped."""
-
-    def __init__(self, shape: tuple, dtype: str, cudart):
-        self.shape, self.dtype, self.cudart = tuple(int(d) for d in shape), dtype, cudart
-        self.nbytes = int(np.prod(self.shape, dtype=np.int64)) * numpy_dtype(dtype).itemsize
-        self.ptr = _check(cudart.cudaMalloc(max(self.nbytes, 1)))
-
-    def __del__(self):
-        if getattr(self, "ptr", None) is not None:
-            self.cudart.cudaFree(self.ptr)
-
-
-def _trt_dtypes(trt) -> dict:
-    names = {"FLOAT": "float32", "HALF": "float16", "BF16": "bfloat16", "INT32": "int32", "INT64": "int64",
-             "BOOL": "bool", "INT8": "int8"}
-    return {getattr(trt.DataType, k): v for k, v in names.items() if hasattr(trt.DataType, k)}
-
-
-class TrtSession:
-    """A TensorRT engine run with device buffers on one CUDA stream; `resident` outputs ping-pong between two
-    device buffers per name so a step never writes the cache it reads."""
-
-    def __init__(self, engine_path: Path, contract, trt, cudart, stream, resident=()):
-        self.trt, self.cudart, self.stream = trt, cudart, stream
-        self.logger = trt.Logger(trt.Logger.WARNING)
-        engine = trt.Runtime(self.logger).deserialize_cuda_engine(Path(engine_path).read_bytes())
-        if engine is None:
-            raise ArtifactError(f"{engine_path}: TensorRT cannot load this engine (built for another GPU or "
-                                "TensorRT version?); rebuild it with export_all.sh on this machine")
-        self.engine, self.context = engine, engine.create_execution_context()
-        dtypes = _trt_dtypes(trt)
-        found = {"input": {}, "output": {}}
-        for i in range(engine.num_io_tensors):
-            name = engine.get_tensor_name(i)
-            kind = "input" if engine.get_tensor_mode(name) == trt.TensorIOMode.INPUT else "output"
-            found[kind][name] = (dtypes.get(engine.get_tensor_dtype(name), str(engine.get_tensor_dtype(name))),
-                                 len(engine.get_tensor_shape(name)))
-        check_io(contract, found["input"], found["output"], str(engine_path))
-        self.dtypes = {**{n: d for n, (d, _) in found["input"].items()}, **{n: d for n, (d, _) in found["output"].items()}}
-        self.output_names = [t.name for t in contract.outputs]
-        self.resident = frozenset(resident)
-        self._inputs: dict[str, DeviceBuffer] = {}
-        self._outputs: dict[str, list[DeviceBuffer]] = {}
-
-    def allocate(self, shape: tuple, dtype: str) -> DeviceBuffer:
-        buf = DeviceBuffer(shape, dtype, self.cudart)
-        _check(self.cudart.cudaMemsetAsync(buf.ptr, 0, buf.nbytes, self.stream))
-        return buf
-
-    def _upload(self, name: str, value: np.ndarray) -> DeviceBuffer:
-        host = np.ascontiguousarray(value, dtype=numpy_dtype(self.dtypes[name]))
-        buf = self._inputs.get(name)
-        if buf is None or buf.nbytes < host.nbytes:
-            buf = self._inputs[name] = DeviceBuffer(host.shape, self.dtypes[name], self.cudart)
-        buf.shape = host.shape
-        kind = self.cudart.cudaMemcpyKind.cudaMemcpyHostToDevice
-        _check(self.cudart.cudaMemcpyAsync(buf.ptr, host.ctypes.data, host.nbytes, kind, self.stream))
-        self._keep = getattr(self, "_keep", []) + [host]  # host memory must live until the copy ran
-        return buf
-
-    def _output(self, name: str, shape: tuple) -> DeviceBuffer:
-        pool = self._outputs.setdefault(name, [])
-        nbytes = int(np.prod(shape, dtype=np.int64)) * numpy_dtype(self.dtypes[name]).itemsize
-        pool[:] = [b for b in pool if b.nbytes == nbytes]
-        if len(pool) < 2:
-            pool.append(DeviceBuffer(shape, self.dtypes[name], self.cudart))
-        pool.append(pool.pop(0))  # alternate: the buffer returned last step is being read this step
-        buf = pool[-1]
-        buf.shape = tuple(shape)
-        return buf
-
-    def run(self, feeds: dict) -> dict:
-        self._keep = []
-        for name, value in feeds.items():
-            buf = value if isinstance(value, DeviceBuffer) else self._upload(name, value)
-            self.context.set_input_shape(name, buf.shape)
-            self.context.set_tensor_address(name, int(buf.ptr))
-        outs = {}
-        for name in self.output_names:
-            outs[name] = self._output(name, tuple(self.context.get_tensor_shape(name)))
-            self.context.set_tensor_address(name, int(outs[name].ptr))
-        if not self.context.execute_async_v3(int(self.stream)):
-            raise BackendUnavailable(f"TensorRT execution of {self.engine.name} failed (see the TensorRT log)")
-        result = {}
-        for name, buf in outs.items():
-            if name in self.resident:
-                result[name] = buf
-                continue
-            host = np.empty(buf.shape, numpy_dtype(buf.dtype))
-            kind = self.cudart.cudaMemcpyKind.cudaMemcpyDeviceToHost
-            _check(self.cudart.cudaMemcpyAsync(host.ctypes.data, buf.ptr, host.nbytes, kind, self.stream))
-            result[name] = host
-        _check(self.cudart.cudaStreamSynchronize(self.stream))
-        return result
-
-
-def open_trt(engines: dict, contracts: dict, plugin_lib: Path | None) -> dict:
-    from qwen_vl_trt.export.trt_compat import import_tensorrt, load_plugin_library
-
-    trt = import_tensorrt()
-    if plugin_lib is not None:
-        try:
-            load_plugin_library(plugin_lib, trt=trt)
-        except (FileNotFoundError, RuntimeError) as e:
-            raise ArtifactError(str(e)) from None
-    cudart = _cudart()
-    stream = _check(cudart.cudaStreamCreate())
-    return {name: TrtSession(path, contracts[name], trt, cudart, stream, _cache_outputs(contracts[name]))
-            for name, path in engines.items()}
