@@ -13,13 +13,37 @@ from __future__ import annotations
 
 import contextlib
 import datetime as dt
+import importlib
 import json
 import os
 import platform
+import sys
+import tempfile
 import time
 from pathlib import Path
 
 import numpy as np
+
+
+def ensure_importable(root: Path) -> None:
+    """Make `qwen_vl_trt` importable from the checkout at `root` when it is not installed (the GPU machine, which
+    reaches no package index): a namespace folder in the temp dir links export/ and runtime/, and goes on sys.path
+    and PYTHONPATH (for the subprocesses: export_all.sh, make_random_checkpoint.py)."""
+    try:
+        importlib.import_module("qwen_vl_trt.runtime")
+        return
+    except ImportError:
+        for name in [m for m in sys.modules if m == "qwen_vl_trt" or m.startswith("qwen_vl_trt.")]:
+            del sys.modules[name]
+    pkg = Path(tempfile.gettempdir()) / "qwen_vl_trt_shim" / "qwen_vl_trt"
+    pkg.mkdir(parents=True, exist_ok=True)
+    for name in ("export", "runtime"):
+        if not (pkg / name).exists():
+            (pkg / name).symlink_to(Path(root).resolve() / name)
+    sys.path.insert(0, str(pkg.parent))
+    os.environ["PYTHONPATH"] = os.pathsep.join(p for p in (str(pkg.parent), os.environ.get("PYTHONPATH")) if p)
+    importlib.invalidate_caches()
+    importlib.import_module("qwen_vl_trt.runtime")
 
 
 def machine() -> str:

