@@ -80,6 +80,7 @@ def add_tokenizer(ckpt: Path, tokenizer_dir: Path | None) -> None:
 
 def prepare_gpu(config: str, work: Path, tokenizer_dir: Path | None) -> tuple[Path, Path]:
     ckpt, art, log = work / f"ckpt-{config}", work / f"art-{config}", work / f"prepare-{config}.log"
+    work.mkdir(parents=True, exist_ok=True)
     env = {**os.environ, "PYTHON": sys.executable}
     if not (ckpt / "model.safetensors.index.json").is_file():
         _run([sys.executable, HERE / "make_random_checkpoint.py", config, ckpt, "--dtype", "bf16"], log, env)
