@@ -14,6 +14,8 @@ What is HF's and what is ours:
   padding, patchify, grids, timestamps, placeholder text) is HF's code.
 - Processor: `Qwen3VLProcessor` / `Qwen2_5_VLProcessor(image_processor, tokenizer, video_processor,
   chat_template)` -- HF's.
+- `real_qwen3_video_processor` / `real_qwen2_video_processor`: HF's video classes as they are, torchvision resize
+  included (tests/test_video_vs_hf.py); with torchvision importable no stub is ever put in its place.
 - `get_rope_index`: HF's unbound methods called on a stand-in `self` holding only the config values they read
   (no model weights needed); the code that runs is HF's.
 """
@@ -60,14 +62,22 @@ class _NoTorchvisionOps:
         return image
 
 
+def _torchvision_imports() -> bool:
+    try:
+        import torchvision  # noqa: F401
+    except Exception:  # absent, or a build that does not match this torch
+        return False
+    return True
+
+
 def _import_without_torchvision(module_name: str):
     """Import a video-processor module whose top-level `import torchvision...functional as tvF` is used only in
     (string) annotations: a stub stands in for torchvision during the import and is removed right after."""
     import sys
 
     names = ["torchvision", "torchvision.transforms", "torchvision.transforms.v2", "torchvision.transforms.v2.functional"]
-    if module_name in sys.modules or "torchvision" in sys.modules:
-        return importlib.import_module(module_name)
+    if module_name in sys.modules or "torchvision" in sys.modules or _torchvision_imports():
+        return importlib.import_module(module_name)  # a stub must never shadow a real torchvision
     stubs = {name: types.ModuleType(name) for name in names}
     for parent, child in zip(names, names[1:]):
         setattr(stubs[parent], child.rsplit(".", 1)[1], stubs[child])
@@ -103,6 +113,20 @@ def qwen3_video_processor_class():
 @functools.lru_cache(maxsize=None)
 def qwen2_video_processor_class():
     return _patched("transformers.models.qwen2_vl.video_processing_qwen2_vl", "Qwen2VLVideoProcessor")
+
+
+def real_qwen3_video_processor(ckpt: Path, **overrides):
+    """HF's `Qwen3VLVideoProcessor` unmodified (torchvision backend: needs torchvision)."""
+    from transformers.models.qwen3_vl.video_processing_qwen3_vl import Qwen3VLVideoProcessor
+
+    return Qwen3VLVideoProcessor(**{**_config_kwargs(Path(ckpt) / "video_preprocessor_config.json"), **overrides})
+
+
+def real_qwen2_video_processor(config: dict):
+    """HF's `Qwen2VLVideoProcessor` unmodified (Qwen2.5-VL's video processor; needs torchvision)."""
+    from transformers.models.qwen2_vl.video_processing_qwen2_vl import Qwen2VLVideoProcessor
+
+    return Qwen2VLVideoProcessor(**config)
 
 
 def _config_kwargs(path: Path) -> dict:
@@ -141,19 +165,20 @@ def _processor(processor_cls, ckpt: Path, video_processor):
                              video_processor=video_processor, chat_template=chat_template)
 
 
-def qwen3_processor(ckpt: Path):
-    """HF `Qwen3VLProcessor` of a Qwen3-VL checkpoint."""
+def qwen3_processor(ckpt: Path, video_processor=None):
+    """HF `Qwen3VLProcessor` of a Qwen3-VL checkpoint (video: the patched class unless one is given)."""
     from transformers import Qwen3VLProcessor
 
-    return _processor(Qwen3VLProcessor, ckpt, qwen3_video_processor(ckpt))
+    return _processor(Qwen3VLProcessor, ckpt, video_processor or qwen3_video_processor(ckpt))
 
 
-def qwen2_5_processor(ckpt: Path, **video_overrides):
+def qwen2_5_processor(ckpt: Path, video_processor=None, **video_overrides):
     """HF `Qwen2_5_VLProcessor` of a Qwen2.5-VL checkpoint. The releases ship no video_preprocessor_config.json,
     so the video processor is made from preprocessor_config.json (image limits per frame), as HF does."""
     from transformers import Qwen2_5_VLProcessor
 
-    video = qwen2_video_processor({**_config_kwargs(Path(ckpt) / "preprocessor_config.json"), **video_overrides})
+    video = video_processor or qwen2_video_processor(
+        {**_config_kwargs(Path(ckpt) / "preprocessor_config.json"), **video_overrides})
     return _processor(Qwen2_5_VLProcessor, ckpt, video)
 
 
