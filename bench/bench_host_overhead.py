@@ -26,7 +26,7 @@ from pathlib import Path
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from benchlib import OrtCalls, machine, median_ms, node_counts, ort_profiling, utc_now  # noqa: E402
+from benchlib import OrtCalls, machine, median_ms, node_counts, ort_profiling, utc_now, write_images  # noqa: E402
 
 SIZES = (448, 896, 1344)
 PROMPT = "a " * 50  # 50 text tokens
@@ -44,18 +44,6 @@ def make_artifacts(work: Path, layers: int) -> Path:
     ckpt = make_checkpoint(work / f"ckpt-{layers}", "qwen3_vl", seed=0, config_overrides={"text_config": text})
     export_artifacts(ckpt, out, "fp32", Limits(max_batch=8, max_seq=2048, max_cache_len=4096))
     return out
-
-
-def write_images(work: Path) -> dict:
-    from PIL import Image
-
-    rng = np.random.default_rng(0)
-    paths = {}
-    for s in SIZES:
-        paths[s] = work / f"img{s}.png"
-        if not paths[s].is_file():
-            Image.fromarray(rng.integers(0, 256, (s, s, 3), dtype=np.uint8)).save(paths[s])
-    return paths
 
 
 def request_rows(art: Path, images: dict) -> list[list[str]]:
@@ -159,7 +147,7 @@ def main(argv=None) -> int:
     work = Path(args.work or tempfile.mkdtemp(prefix="qwen-vl-host-bench-"))
     work.mkdir(parents=True, exist_ok=True)
     art = make_artifacts(work, args.layers)
-    images = write_images(work)
+    images = write_images(work, SIZES)
 
     print(f"Per request, median ms (tiny Qwen3-VL, prompt of 50 text tokens + one image):\n")
     print(table(["stage"] + [f"{s}x{s}" for s in SIZES], request_rows(art, images)))

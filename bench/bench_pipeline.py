@@ -38,7 +38,7 @@ import numpy as np
 HERE = Path(__file__).resolve().parent
 ROOT = HERE.parent
 sys.path.insert(0, str(HERE))
-from benchlib import ensure_importable, machine, utc_now  # noqa: E402
+from benchlib import ensure_importable, machine, utc_now, write_images  # noqa: E402
 
 ensure_importable(ROOT)
 import pipeline_measure as pm  # noqa: E402
@@ -132,19 +132,12 @@ def text_of(tokenizer, n: int) -> str:
     return text
 
 
-def requests(art: Path, work: Path, sizes) -> tuple[dict, object]:
-    from PIL import Image
-
+def requests(art: Path, work: Path, sizes) -> tuple[dict, object, int]:
     from qwen_vl_trt.runtime.manifest import load_manifest
     from qwen_vl_trt.runtime.pipeline import Preprocessor, Request
 
     pre = Preprocessor(load_manifest(art))
-    rng = np.random.default_rng(0)
-    paths = {}
-    for s in sizes:
-        paths[s] = work / f"image-{s}.png"
-        if not paths[s].is_file():
-            Image.fromarray(rng.integers(0, 256, (s, s, 3), dtype=np.uint8)).save(paths[s])
+    paths = write_images(work, sizes)
     per_size = {s: pre.prepare(Request("Describe this image.", (str(p),))) for s, p in paths.items()}
     ttft_size = 448 if 448 in paths else max(paths)
     ttft = pre.prepare(Request(text_of(pre.tokenizer, TEXT_TOKENS), (str(paths[ttft_size]),)))

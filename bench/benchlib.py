@@ -66,6 +66,19 @@ def utc_now() -> str:
     return dt.datetime.now(dt.timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
 
 
+def write_images(work: Path, sizes) -> dict:
+    """size -> path of a random RGB PNG of size x size (seeded; reused when already there)."""
+    from PIL import Image
+
+    rng = np.random.default_rng(0)
+    paths = {}
+    for s in sizes:
+        paths[s] = Path(work) / f"image-{s}.png"
+        if not paths[s].is_file():
+            Image.fromarray(rng.integers(0, 256, (s, s, 3), dtype=np.uint8)).save(paths[s])
+    return paths
+
+
 def median_ms(fn, repeat: int = 20, warmup: int = 2) -> float:
     """Median wall time of `fn()` in ms (host work only; no device synchronization)."""
     for _ in range(warmup):
