@@ -202,6 +202,8 @@ def table(results: dict, args) -> str:
             pct = lambda v: v if isinstance(v, str) else f"{v:.1f} ({100 * v / r['copy_gbps']:.0f}%)"  # noqa: E731
             rows.append([cfg, f"decode GB/s (% of copy), batch {batch}", pct(ours_gbs), *(pct(v) for v in gbs),
                          *(_ratio(ours_gbs, v) for v in gbs)])
+        add("decode tok/s, batch 1, ours without CUDA graph", o.get("no_graph_tok_s", "-" if not o["cuda_graph"]
+                                                                    else "not run"), [None, None], "{:.1f}")
         add("device memory in use at the end, GiB", o["peak_gib"], [h["peak_gib"], None])
         d1 = o["decode"][min(o["decode"])]
         rows.append([cfg, "ours: vision / prefill / per-token decode / host per token, ms",

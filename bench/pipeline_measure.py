@@ -69,7 +69,7 @@ class Device:
 
 # ---- ours --------------------------------------------------------------------------------------------------
 def ours(art, requests: dict, ttft_request, batches, tokens: int, reps: int, check_tokens: int,
-         device: Device) -> dict:
+         device: Device, with_no_graph: bool = True) -> dict:
     """`requests`: size -> PreparedRequest with one image of that size; `ttft_request`: the 448 + 50 tokens one."""
     from qwen_vl_trt.runtime.generate import generate, load_model
     from qwen_vl_trt.runtime.pipeline import vision_feeds
@@ -117,8 +117,16 @@ def ours(art, requests: dict, ttft_request, batches, tokens: int, reps: int, che
     io = next(iter(model.static.values()))
     out["first_logits"] = np.asarray(io.logits.numpy(), np.float32)[0].copy()  # the prefill's logits
     out["peak_gib"] = None if base is None else device.used_gib() - base
-    del model, io
+    graph = dec.graph_capture
+    del model, io, dec
     gc.collect()
+    if graph and with_no_graph:  # the same step without CUDA graph replay: what the graph is worth
+        model = load_model(art, "onnxruntime", cuda_graph=False)
+        generate(model, [ttft_request], greedy, tokens, ignore_eos=True)
+        t = generate(model, [ttft_request], greedy, tokens, ignore_eos=True)[0].timings
+        out["no_graph_tok_s"] = t["decode_tokens"] / t["decode_ms"] * 1e3
+        del model
+        gc.collect()
     return out
 
 
