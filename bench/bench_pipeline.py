@@ -289,7 +289,8 @@ def main(argv=None) -> int:
     try:
         for cfg, (ckpt, art) in prepared.items():
             measure(results.setdefault(cfg, {"copy_gbps": copy_gbps}), ckpt, art, args, device, budget)
-            print(f"{cfg} measured at {time.perf_counter() - budget.t0:.0f} s", file=sys.stderr, flush=True)
+            print(f"{cfg} measured at {time.perf_counter() - budget.t0:.0f} s\n{table({cfg: results[cfg]}, args)}",
+                  file=sys.stderr, flush=True)  # in the log even if the run is killed before the end
             if args.json:
                 args.json.write_text(json.dumps(_jsonable(results), indent=1))
     except KeyboardInterrupt:  # `timeout --signal=INT`: print what was measured
