@@ -39,9 +39,7 @@ from .weights import CheckpointWeights
 
 def export_decoder(spec: ModelSpec, weights: CheckpointWeights, out_dir: Path, dtype: str) -> Path:
     contract = decoder_contract(spec).resolve(dtype)
-    path = Path(out_dir) / "decoder.onnx"
-    g = GraphBuilder("decoder", path.with_name("decoder.onnx.data"), dtype)
-    x = {t.name: g.input(t.name, t.dtype, t.dims) for t in contract.inputs}
+    g, x, path = GraphBuilder.for_contract(contract, out_dir, dtype)
     t = spec.text
     pre = spec.weight_prefixes["text"]
     inv_freq, axis = text_tables(t.head_dim, t.rope_theta, t.mrope_section, t.mrope_interleaved)

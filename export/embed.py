@@ -31,9 +31,7 @@ from .weights import CheckpointWeights
 
 def export_embed(spec: ModelSpec, weights: CheckpointWeights, out_dir: Path, dtype: str) -> Path:
     contract = embed_contract(spec).resolve(dtype)
-    path = Path(out_dir) / "embed.onnx"
-    g = GraphBuilder("embed", path.with_name("embed.onnx.data"), dtype)
-    x = {t.name: g.input(t.name, t.dtype, t.dims) for t in contract.inputs}
+    g, x, path = GraphBuilder.for_contract(contract, out_dir, dtype)
     key = f"{spec.weight_prefixes['text']}embed_tokens.weight"
     c = spec.text.hidden_size
 

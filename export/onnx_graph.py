@@ -39,6 +39,14 @@ class GraphBuilder:
         self._data = open(data_path, "wb") if data_path else None
         self._offset = 0
 
+    @classmethod
+    def for_contract(cls, contract, out_dir, dtype: str):
+        """A builder for OUT_DIR/<contract.name>.onnx (weights in <name>.onnx.data) with the contract's inputs
+        declared; returns (builder, {input name: value}, path of the .onnx file)."""
+        path = Path(out_dir) / f"{contract.name}.onnx"
+        g = cls(contract.name, path.with_name(f"{contract.name}.onnx.data"), dtype)
+        return g, {t.name: g.input(t.name, t.dtype, t.dims) for t in contract.inputs}, path
+
     # ---- naming -------------------------------------------------------------------------------------
     @contextlib.contextmanager
     def scope(self, name: str):

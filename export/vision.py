@@ -34,9 +34,7 @@ from .weights import CheckpointWeights
 
 def export_vision(spec: ModelSpec, weights: CheckpointWeights, out_dir: Path, dtype: str) -> Path:
     contract = vision_contract(spec).resolve(dtype)
-    path = Path(out_dir) / "vision.onnx"
-    g = GraphBuilder("vision", path.with_name("vision.onnx.data"), dtype)
-    x = {t.name: g.input(t.name, t.dtype, t.dims) for t in contract.inputs}
+    g, x, path = GraphBuilder.for_contract(contract, out_dir, dtype)
     v = spec.vision
     pre = spec.weight_prefixes["visual"]
 

@@ -43,9 +43,7 @@ NORM_EPS = 1e-6  # HF Qwen2_5_VLVisionBlock / Qwen2_5_VLPatchMerger: RMSNorm(eps
 
 def export_vision_qwen2_5(spec: ModelSpec, weights: CheckpointWeights, out_dir: Path, dtype: str) -> Path:
     contract = vision_contract(spec).resolve(dtype)
-    path = Path(out_dir) / "vision.onnx"
-    g = GraphBuilder("vision", path.with_name("vision.onnx.data"), dtype)
-    x = {t.name: g.input(t.name, t.dtype, t.dims) for t in contract.inputs}
+    g, x, path = GraphBuilder.for_contract(contract, out_dir, dtype)
     v = spec.vision
     pre = spec.weight_prefixes["visual"]
 
