@@ -1,16 +1,23 @@
-"""Image preprocessing: a numpy + PIL port of HF's `Qwen2VLImageProcessorPil` (transformers 5.24).
+"""Image preprocessing: a numpy + PIL port of HF's default Qwen2-VL image processor (transformers 5.24).
 
-Steps, each the same operation on the same dtype as HF's PIL backend, so `pixel_values` are bitwise equal:
+With torchvision installed, `AutoProcessor` / `AutoImageProcessor.from_pretrained` on the released Qwen3-VL and
+Qwen2.5-VL configs pick `Qwen2VLImageProcessor` (the torchvision backend), not `Qwen2VLImageProcessorPil`; we
+match that default. Steps, each the same operation on the same dtype, so `pixel_values` are bitwise equal:
 
-1. `load_image(path)`: `ImageOps.exif_transpose` then `convert("RGB")` -- what HF's `load_image` does to a
-   path (the processor's route for `images=[path]` and for chat-template image paths). A PIL image that
-   still has alpha when it reaches `preprocess_image` is composited on white, as the PIL backend's
-   `convert_to_rgb` does (HF behaves differently for the two routes; we follow each).
-2. `smart_resize` (round-half-even Python `round`), then PIL `resize(BICUBIC)` on the uint8 RGB image.
-3. rescale: `uint8 -> float64 * rescale_factor -> float32`; normalize: `(x - mean) / std` in float32.
+1. `load_image(path)`: `ImageOps.exif_transpose` then `convert("RGB")` (HF decodes a path with torchvision /
+   torchcodec `decode_image(mode=RGB, apply_exif_orientation=True)`: alpha and a palette/tRNS colour key
+   dropped, not composited; for the PNG, JPEG and WebP files tested the decoded pixels are the same; HF cannot
+   decode BMP paths this way, we can). A PIL image that still has alpha when it
+   reaches `preprocess_image` is composited on white: the torchvision backend hands PIL inputs to the same
+   `convert_to_rgb` as the PIL backend (HF behaves differently for the two routes; we follow each).
+2. `smart_resize` (round-half-even Python `round`), then torchvision's antialiased bicubic resize of the uint8
+   RGB image (`resize.resize_bicubic_aa`, a numpy port of torch's uint8 kernel). HF's PIL backend would use
+   PIL's bicubic here: 1-2 levels apart on some values, more when one side grows and the other shrinks.
+3. rescale + normalize fused as the torchvision backend does: `(x - mean/r) / (std/r)` in float32 (the PIL
+   backend's `x * r` in float64 then `(x - mean) / std` differs in the last bits).
 4. `patchify`: rows ordered `(t, h/m, w/m, m, m)` (merge-block major), each row `(C, Tp, P, P)`;
    an image is one frame repeated `Tp` times.
-Images take a faster route to the same bits (`patchify_image`): uint8 pixels to patch order, then steps 3 by a
+Images take a faster route to the same bits (`patchify_image`): uint8 pixels to patch order, then step 3 by a
 per-channel table of the 256 levels.
 
 No torch (rule G10).
@@ -28,8 +35,9 @@ import numpy as np
 from PIL import Image, ImageOps, UnidentifiedImageError
 
 from .errors import ArtifactError, ImageError
+from .resize import resize_bicubic_aa
 
-# `Qwen2VLImageProcessorPil` class defaults (used by HF when preprocessor_config.json lacks a key).
+# `Qwen2VLImageProcessor` class defaults (used by HF when preprocessor_config.json lacks a key).
 _HF_DEFAULTS = {
     "shortest_edge": 56 * 56,
     "longest_edge": 28 * 28 * 1280,
@@ -118,7 +126,11 @@ def load_image(path: str | Path | bytes, name: str | None = None) -> Image.Image
         with Image.open(source) as img:
             img.load()  # decode now: a truncated/corrupt file fails here, not later
             img = ImageOps.exif_transpose(img)
-            return img.convert("RGB")
+            rgb = img.convert("RGB")
+            # PIL keeps a tRNS colour key as info["transparency"], which `to_rgb` would composite on white;
+            # HF decodes a path to plain RGB (`decode_image(mode=RGB)`), so the key goes.
+            rgb.info.pop("transparency", None)
+            return rgb
     except Image.DecompressionBombError:
         raise ImageError(f"image {p} is too large to decode safely (over {Image.MAX_IMAGE_PIXELS} pixels); "
                          "downscale it first") from None
@@ -154,7 +166,7 @@ def smart_resize(height: int, width: int, factor: int, min_pixels: int, max_pixe
 
 
 def to_rgb(img: Image.Image) -> Image.Image:
-    """HF PIL backend `convert_to_rgb`: transparency is composited onto white, everything else `convert("RGB")`."""
+    """HF `convert_to_rgb` (both backends, PIL input): transparency is composited onto white, everything else `convert("RGB")`."""
     if "A" in img.getbands() or img.info.get("transparency") is not None:
         rgba = img.convert("RGBA")
         background = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
@@ -163,17 +175,18 @@ def to_rgb(img: Image.Image) -> Image.Image:
 
 
 def resize_rgb(img: Image.Image, height: int, width: int) -> np.ndarray:
-    """PIL bicubic resize of a uint8 RGB image -> uint8 [3, H, W] (HF PIL backend `resize`)."""
-    resized = img.resize((width, height), resample=Image.Resampling.BICUBIC)
-    return np.asarray(resized, dtype=np.uint8).transpose(2, 0, 1)  # [3, H, W]
+    """uint8 RGB image -> uint8 [3, height, width], resized as HF's torchvision backend (`resize_bicubic_aa`)."""
+    chw = np.asarray(img, dtype=np.uint8).transpose(2, 0, 1)  # [3, H, W]
+    return resize_bicubic_aa(chw[None], height, width)[0]
 
 
-def rescale_normalize(chw: np.ndarray, cfg: ImageProcessorConfig) -> np.ndarray:
-    """HF PIL backend order and dtypes: float64 * rescale -> float32, then (x - mean) / std in float32."""
-    x = (chw.astype(np.float64) * cfg.rescale_factor).astype(np.float32)
-    mean = np.asarray(cfg.image_mean, dtype=np.float32)[:, None, None]
-    std = np.asarray(cfg.image_std, dtype=np.float32)[:, None, None]
-    return (x - mean) / std
+def fused_normalize(x: np.ndarray, cfg: ImageProcessorConfig) -> np.ndarray:
+    """HF torchvision backend `rescale_and_normalize` (fused): (x - mean/r) / (std/r) in float32; channels on
+    axis -3 ([C, H, W] or [F, C, H, W])."""
+    inv = np.float32(1.0 / cfg.rescale_factor)
+    mean = (np.asarray(cfg.image_mean, np.float32) * inv)[:, None, None]
+    std = (np.asarray(cfg.image_std, np.float32) * inv)[:, None, None]
+    return (x.astype(np.float32) - mean) / std
 
 
 def patchify(frames: np.ndarray, patch_size: int, merge_size: int, temporal_patch_size: int) -> tuple[np.ndarray, tuple[int, int, int]]:
@@ -195,14 +208,14 @@ def patchify(frames: np.ndarray, patch_size: int, merge_size: int, temporal_patc
 
 @functools.lru_cache(maxsize=8)
 def normalize_table(cfg: ImageProcessorConfig) -> np.ndarray:
-    """float32 [3, 256]: `rescale_normalize` of each uint8 level, per channel. The step maps each value on its
+    """float32 [3, 256]: `fused_normalize` of each uint8 level, per channel. The step maps each value on its
     own, so looking the levels up in this table gives exactly (bit for bit) what computing it does."""
     levels = np.broadcast_to(np.arange(256, dtype=np.uint8), (3, 1, 256))  # [C, 1, 256]
-    return np.ascontiguousarray(rescale_normalize(levels, cfg).reshape(3, 256))
+    return np.ascontiguousarray(fused_normalize(levels, cfg).reshape(3, 256))
 
 
 def patchify_image(chw: np.ndarray, cfg: ImageProcessorConfig) -> tuple[np.ndarray, tuple[int, int, int]]:
-    """uint8 [3, H, W] -> (`patchify(rescale_normalize(chw)[None])`, bit for bit, and its grid), moving a quarter
+    """uint8 [3, H, W] -> (`patchify(fused_normalize(chw)[None])`, bit for bit, and its grid), moving a quarter
     of the bytes: the uint8 pixels go to patch order first, are normalized by table lookup, and the one frame is
     written Tp times (HF repeats an image to the temporal patch size)."""
     channels, height, width = chw.shape

@@ -1,7 +1,10 @@
-"""HF reference objects for the preprocessing / prompt / position tests, built without torchvision.
+"""HF reference objects for the preprocessing / prompt / position tests.
 
 What is HF's and what is ours:
-- Images: `Qwen2VLImageProcessorPil.from_pretrained(ckpt)` -- HF's own PIL backend, unmodified.
+- Images: `AutoImageProcessor.from_pretrained(ckpt)` -- HF's DEFAULT image processor, unmodified: with
+  torchvision installed (scripts/setup.sh) that is `Qwen2VLImageProcessor` (torchvision backend), the one a
+  user's `AutoProcessor.from_pretrained` gets and the one runtime/preprocess.py matches. `pil_image_processor`
+  is HF's PIL backend (`Qwen2VLImageProcessorPil`), kept to show what it would give.
 - Tokenizer: `AutoTokenizer.from_pretrained(ckpt)` -- unmodified (renders the checkpoint's chat template).
 - Video: HF's `Qwen3VLVideoProcessor` / `Qwen2VLVideoProcessor` classes (imported from their modules, past the
   lazy-import torchvision guard; Qwen2-VL's module imports torchvision at top only for string annotations, so a
@@ -31,6 +34,14 @@ import torch
 
 
 def image_processor(ckpt: Path):
+    """HF's default image processor for the checkpoint (what `AutoProcessor.from_pretrained` picks)."""
+    from transformers import AutoImageProcessor
+
+    return AutoImageProcessor.from_pretrained(str(ckpt))
+
+
+def pil_image_processor(ckpt: Path):
+    """HF's PIL backend (`Qwen2VLImageProcessorPil`): not the default when torchvision is installed."""
     from transformers import Qwen2VLImageProcessorPil
 
     return Qwen2VLImageProcessorPil.from_pretrained(str(ckpt))

@@ -208,6 +208,6 @@ def test_patchify_image_is_bit_identical(size, patch, merge, mean, std):
     chw = np.random.default_rng(size[0]).integers(0, 256, (3, *size), dtype=np.uint8)
     chw[:, 0, :4] = [[0, 1, 254, 255]] * 3  # the extreme levels
     ours, grid = pp.patchify_image(chw, cfg)
-    ref, ref_grid = pp.patchify(pp.rescale_normalize(chw, cfg)[None], patch, merge, 2)
+    ref, ref_grid = pp.patchify(pp.fused_normalize(chw, cfg)[None], patch, merge, 2)
     assert grid == ref_grid and ours.dtype == np.float32
     np.testing.assert_array_equal(ours.view(np.uint32), ref.view(np.uint32))  # bits, not values

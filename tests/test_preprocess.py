@@ -1,7 +1,10 @@
 """Image and video preprocessing (runtime/preprocess.py, runtime/video.py) against HF's processors.
 
-Reference (see tests/hf_processor.py): HF's `Qwen2VLImageProcessorPil` unmodified, fed the same file path
-(HF then loads it with its own `load_image`); HF's `Qwen3VLVideoProcessor` / `Qwen2VLVideoProcessor` with
+Reference (see tests/hf_processor.py): HF's DEFAULT image processor (`AutoImageProcessor.from_pretrained`,
+what `AutoProcessor` picks: with torchvision installed `Qwen2VLImageProcessor`, the torchvision backend)
+unmodified, fed the same file path (HF then decodes it itself). HF's PIL backend (`Qwen2VLImageProcessorPil`)
+would differ: PIL bicubic resize is 1-2 uint8 levels off on some values (more when one side grows and the
+other shrinks) and its unfused float64 rescale moves last bits (test_pil_backend_is_not_the_default); HF's `Qwen3VLVideoProcessor` / `Qwen2VLVideoProcessor` with
 only their torchvision calls replaced (identity RGB check, `sub().div()` normalize, identity resize), so video
 pixel tests use frame sizes the processor keeps; resizing decisions are checked against HF's own
 `smart_resize` functions. Pixel values are compared exactly (max |diff| == 0): every step is the same
@@ -35,7 +38,12 @@ def ckpt(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def hf_images(ckpt):
-    return H.image_processor(ckpt)
+    from transformers import AutoProcessor, Qwen2VLImageProcessor
+
+    processor = H.image_processor(ckpt)
+    assert type(processor) is Qwen2VLImageProcessor and processor.backend == "torchvision"  # HF's default
+    assert type(AutoProcessor.from_pretrained(str(ckpt)).image_processor) is Qwen2VLImageProcessor
+    return processor
 
 
 @pytest.fixture(scope="module")
@@ -93,12 +101,18 @@ def test_image_modes_match_hf(tmp_path, hf_images, cfg, mode, suffix):
     img = _random_image(rng, 75, 130, mode)
     img.save(path, **({"transparency": 3} if mode == "P-transparent" else {}))
     assert Image.open(path).mode == ("P" if mode.startswith("P") else mode)
+    if suffix == ".bmp":  # HF's default processor decodes paths with torchvision, which cannot read BMP
+        with pytest.raises(RuntimeError):
+            hf_images(images=[str(path)], return_tensors="np")
+        _assert_same(pp.preprocess_image(pp.load_image(path), cfg), hf_images(images=[Image.open(path)], return_tensors="np"))
+        return
     _assert_same(pp.preprocess_image(pp.load_image(path), cfg), hf_images(images=[str(path)], return_tensors="np"))
 
 
 def test_rgba_pil_image_composited_on_white_like_hf(tmp_path, hf_images, cfg):
-    """A PIL image with alpha handed to the processor is composited on white (PIL backend `convert_to_rgb`);
-    the same image given as a path is `convert("RGB")`-ed by HF's `load_image` (alpha dropped). Both match HF."""
+    """A PIL image with alpha handed to the processor is composited on white (the torchvision backend passes PIL
+    inputs to the same `convert_to_rgb` as the PIL backend); the same image given as a path is decoded to RGB
+    by HF (`decode_image(mode=RGB)`: alpha dropped). Both match HF."""
     rng = np.random.default_rng(3)
     img = _random_image(rng, 90, 70, "RGBA")
     ours_pil = pp.preprocess_image(img, cfg)
@@ -150,15 +164,28 @@ def test_batch_helper_matches_hf(tmp_path, hf_images, cfg):
 
 def test_qwen2_5_image_normalization_matches_hf(tmp_path):
     """CLIP mean/std and factor 28 (Qwen2.5-VL)."""
-    from transformers import Qwen2VLImageProcessorPil
+    from transformers import Qwen2VLImageProcessor  # the default for Qwen2.5-VL's released config too
 
-    hf = Qwen2VLImageProcessorPil(**QWEN2_5_VL_PREPROCESSOR)
+    hf = Qwen2VLImageProcessor(**QWEN2_5_VL_PREPROCESSOR)
     cfg = pp.ImageProcessorConfig.from_dict(QWEN2_5_VL_PREPROCESSOR)
     rng = np.random.default_rng(13)
     for h, w in [(120, 160), (29, 300), (400, 250)]:
         path = tmp_path / f"{h}x{w}.png"
         _random_image(rng, h, w).save(path)
         _assert_same(pp.preprocess_image(pp.load_image(path), cfg), hf(images=[str(path)], return_tensors="np"))
+
+
+def test_pil_backend_is_not_the_default(tmp_path, ckpt, hf_images, cfg):
+    """What HF's PIL backend would give (not what `AutoProcessor` picks with torchvision): off by a few levels'
+    worth after normalization where the resize is not the identity; the runtime follows the default."""
+    pil = H.pil_image_processor(ckpt)
+    rng = np.random.default_rng(19)
+    for h, w in [(120, 160), (300, 1000), (64, 12800)]:
+        path = tmp_path / f"{h}x{w}.png"
+        _random_image(rng, h, w).save(path)
+        ours = pp.preprocess_image(pp.load_image(path), cfg)[0]
+        assert np.array_equal(ours, hf_images(images=[str(path)], return_tensors="np")["pixel_values"])
+        assert not np.array_equal(ours, pil(images=[str(path)], return_tensors="np")["pixel_values"])
 
 
 def test_smart_resize_matches_hf_function():
