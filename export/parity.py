@@ -188,41 +188,40 @@ def parity(checkpoint, artifacts, request, n_tokens: int = 16, rtol: float | Non
     hf_acts, hf_logits = run_hf(hf, kwargs, torch_dtype)
 
     rows: list[Row] = []
-    if True:
-        elem = ELEM[dtype]
-        art = Path(artifacts)
-        features = deepstack = None
-        if prepared.media:
-            vis, vis_layers = session_with_layers(art / "vision.onnx", "/visual/blocks", elem, provider)
-            outs = []
-            for m in prepared.media:  # one vision call per media item, as HF runs images and videos apart
-                outs.append(run_session(vis, vision_feeds(spec, m.pixel_values, np.array([m.grid_thw]))))
-            for i, name in sorted(vis_layers.items()):
-                ours = np.concatenate([o[name] for o in outs])
-                rows.append(compare(f"visual/blocks.{i}", ours, hf_acts[f"visual/blocks.{i}"], rtol))
-            features = np.concatenate([o["vision_features"] for o in outs])
-            rows.append(compare("visual/merged", features, hf_acts["visual/merged"], rtol))
-            if "deepstack_features" in outs[0]:
-                deepstack = np.concatenate([o["deepstack_features"] for o in outs], axis=1)
-                for level in range(deepstack.shape[0]):
-                    rows.append(compare(f"visual/deepstack.{level}", deepstack[level],
-                                        hf_acts[f"visual/deepstack.{level}"], rtol))
-        dec, dec_layers = session_with_layers(art / "decoder.onnx", "/text/layers", elem, provider)
-        c = spec.text.hidden_size
-        if features is None:
-            features = np.zeros((0, c), numpy_dtype(dtype))
-            deepstack = np.zeros((spec.num_deepstack, 0, c), numpy_dtype(dtype)) if spec.num_deepstack else None
-        emb = embed(model, prepared.input_ids[None], features, deepstack)
-        s, t = len(prepared.input_ids), spec.text
-        cache = np.zeros((1, t.num_key_value_heads, s, t.head_dim), numpy_dtype(dtype))
-        feeds = {**emb, "position_ids": prepared.position_ids[:, None], "past_lengths": np.zeros(1, np.int64),
-                 "logits_index": np.array([s - 1], np.int64)}
-        for i in range(t.num_hidden_layers):
-            feeds[f"past_key.{i}"] = feeds[f"past_value.{i}"] = cache
-        out = run_session(dec, feeds)
-        for i, name in sorted(dec_layers.items()):
-            rows.append(compare(f"text/layers.{i}", out[name], hf_acts[f"text/layers.{i}"], rtol))
-        rows.append(compare("logits[last]", out["logits"][0], hf_logits, rtol))
+    elem = ELEM[dtype]
+    art = Path(artifacts)
+    features = deepstack = None
+    if prepared.media:
+        vis, vis_layers = session_with_layers(art / "vision.onnx", "/visual/blocks", elem, provider)
+        outs = []
+        for m in prepared.media:  # one vision call per media item, as HF runs images and videos apart
+            outs.append(run_session(vis, vision_feeds(spec, m.pixel_values, np.array([m.grid_thw]))))
+        for i, name in sorted(vis_layers.items()):
+            ours = np.concatenate([o[name] for o in outs])
+            rows.append(compare(f"visual/blocks.{i}", ours, hf_acts[f"visual/blocks.{i}"], rtol))
+        features = np.concatenate([o["vision_features"] for o in outs])
+        rows.append(compare("visual/merged", features, hf_acts["visual/merged"], rtol))
+        if "deepstack_features" in outs[0]:
+            deepstack = np.concatenate([o["deepstack_features"] for o in outs], axis=1)
+            for level in range(deepstack.shape[0]):
+                rows.append(compare(f"visual/deepstack.{level}", deepstack[level],
+                                    hf_acts[f"visual/deepstack.{level}"], rtol))
+    dec, dec_layers = session_with_layers(art / "decoder.onnx", "/text/layers", elem, provider)
+    c = spec.text.hidden_size
+    if features is None:
+        features = np.zeros((0, c), numpy_dtype(dtype))
+        deepstack = np.zeros((spec.num_deepstack, 0, c), numpy_dtype(dtype)) if spec.num_deepstack else None
+    emb = embed(model, prepared.input_ids[None], features, deepstack)
+    s, t = len(prepared.input_ids), spec.text
+    cache = np.zeros((1, t.num_key_value_heads, s, t.head_dim), numpy_dtype(dtype))
+    feeds = {**emb, "position_ids": prepared.position_ids[:, None], "past_lengths": np.zeros(1, np.int64),
+             "logits_index": np.array([s - 1], np.int64)}
+    for i in range(t.num_hidden_layers):
+        feeds[f"past_key.{i}"] = feeds[f"past_value.{i}"] = cache
+    out = run_session(dec, feeds)
+    for i, name in sorted(dec_layers.items()):
+        rows.append(compare(f"text/layers.{i}", out[name], hf_acts[f"text/layers.{i}"], rtol))
+    rows.append(compare("logits[last]", out["logits"][0], hf_logits, rtol))
 
     # greedy, with generation_config.json's repetition penalty: HF generate applies it when greedy too
     greedy = SamplingConfig.from_generation_config(model.manifest.generation_config, temperature=0.0)
