@@ -25,6 +25,7 @@ from qwen_vl_trt.runtime.manifest import (COPIED_FILES, FORMAT, FORMAT_VERSION, 
 from .build_engines import Limits
 from .contracts import CONTRACTS
 from .onnx_graph import DTYPE_ALIASES
+from .ort_fused import fused_path
 from .spec import CheckpointError, ModelSpec
 
 _TOOLS = ("onnx", "onnxruntime", "torch", "transformers", "numpy", "tokenizers", "tensorrt", "tensorrt_rtx",
@@ -81,6 +82,9 @@ def write_manifest(ckpt: Path, out: Path, dtype: str, limits: Limits, engines: b
             raise CheckpointError(f"{engine} missing: the engine build did not finish")
         graphs[name] = {"onnx": onnx_file.name, "onnx_data": data.name if data.is_file() else None,
                         "engine": engine.name if engines else None}
+        ort_file = fused_path(onnx_file)
+        if name == "decoder" and ort_file.is_file():  # ONNX Runtime's fused flavour (export/ort_fused.py)
+            graphs[name]["onnx_ort"] = ort_file.name
     files = {f: sha256_file(out / f) for f in COPIED_FILES if (out / f).is_file()}
     manifest = {
         "format": FORMAT, "format_version": FORMAT_VERSION,

@@ -5,7 +5,7 @@ both return the chosen tokens int64 [B] on the host -- the only tensor that must
 | class | sessions | per decode step |
 |---|---|---|
 | `HostIO` | any `Session.run` (ONNX Runtime with numpy feeds) | feeds from preallocated host arrays; the returned `present_*` become the cache by reference; logits to the host, `Sampler` |
-| `OrtBoundIO` | `OrtSession` with I/O binding (the default; always on the CUDA EP) | nothing is bound per step: two decoder IOBindings made once read one KV set and write the other (ping-pong, fixed addresses); the embed binding writes straight into the decoder's input buffers; `input_ids`, `position_ids`, `past_lengths` are written in place; greedy on the device (`device_sampling.DeviceGreedy`); on the CUDA EP the decoder run replays a CUDA graph |
+| `OrtBoundIO` | `OrtSession` with I/O binding (the default; always on the CUDA EP) | nothing is bound per step: decoder IOBindings made once; with decoder.ort.onnx one KV set, written in place (GroupQueryAttention with present bound to past), with decoder.onnx two, one read and the other written (ping-pong, fixed addresses); the embed binding writes straight into the decoder's input buffers; `input_ids`, `position_ids`, `past_lengths` are written in place; greedy on the device (`device_sampling.DeviceGreedy`); on the CUDA EP the decoder run replays a CUDA graph |
 | `TrtBoundIO` (`trt_session.py`) | `TrtSession` | the same with TensorRT: static buffers, KV cache in place, CUDA graph per (batch, cache_len) |
 
 Static objects are reused: `decode_io(model, batch, cache_len)` keeps the last bound IO of the model and hands
@@ -86,8 +86,9 @@ class OrtBoundIO:
         t, c = spec.text, spec.text.hidden_size
         self.model, self.dec, self.emb = model, model.sessions["decoder"], model.sessions["embed"]
         new = self.dec.allocate
+        # decoder.ort.onnx writes the cache in place when present is bound to past: one set; else ping-pong
         self.cache = KVCache(t.num_hidden_layers, batch, t.num_key_value_heads, cache_len, t.head_dim, dtype,
-                             allocate=new, sets=2)
+                             allocate=new, sets=1 if getattr(self.dec, "kv_in_place", False) else 2)
         self.input_ids = new((batch, 1), "int64")  # [B, 1]
         self.small = {"position_ids": new((3, batch, 1), "int64"), "past_lengths": new((batch,), "int64"),
                       "logits_index": new((batch,), "int64")}  # logits_index stays 0: decode computes one row
@@ -97,10 +98,12 @@ class OrtBoundIO:
             self.embeds["deepstack_embeds"] = new((spec.num_deepstack, batch, 1, c), dtype)  # [Ld, B, 1, C]
         empty = {k: self.emb.allocate(v.shape, dtype) for k, v in _empty_vision(spec, dtype).items()}
         self.embed_binding = self.emb.bind({"input_ids": self.input_ids, **empty}, self.embeds)
-        self.graph_ids = [self.dec.new_graph_id(), self.dec.new_graph_id()]
+        sets = range(len(self.cache.sets))
+        self.graph_ids = [self.dec.new_graph_id() for _ in sets]
         self.run_options = [self.dec.run_options(g) for g in self.graph_ids]
         self.prefill_options = self.dec.run_options(None)  # a prefill run is never captured
-        self.bindings = [self._bind_decoder(p) for p in (0, 1)]  # bindings[p] reads KV set p, writes set 1-p
+        self.bindings = [self._bind_decoder(p) for p in sets]  # bindings[p] reads KV set p, writes the next set
+        self.cache.current = 0
         # greedy on the device where logits would otherwise cross to the host; on the CPU EP numpy's argmax reads
         # the bound logits in place (faster than ORT's CPU ArgMax); tests switch it on to check it there
         self.device_greedy = self.dec.device != "cpu"

@@ -73,6 +73,7 @@ class OrtSession:
         if threads:
             opts.intra_op_num_threads = threads
         self.graph_capture, self.graph_capture_error, self._graph_ids = False, None, 0
+        self.kv_in_place = False  # set by open_ort for decoder.ort.onnx
         try:
             self.sess = self._create(path, opts, providers, graph_capture)
         except Exception as e:  # onnxruntime raises its own exception types for unreadable models
@@ -241,12 +242,16 @@ def ort_providers() -> tuple[str, ...]:
 
 
 def open_ort(paths: dict, contracts: dict, *, io_binding: bool = True, threads: int = 0,
-             cuda_graph: bool = True) -> dict:
-    """The three ORT sessions; with `cuda_graph` the decoder captures its decode step (CUDA EP only)."""
+             cuda_graph: bool = True, kv_in_place: bool = False) -> dict:
+    """The three ORT sessions; with `cuda_graph` the decoder captures its decode step (CUDA EP only).
+    `kv_in_place`: the decoder writes its cache into the past buffers when present is bound to them
+    (decoder.ort.onnx's GroupQueryAttention), so one KV set is enough (runtime/decode_io.py)."""
     providers = ort_providers()
-    return {name: OrtSession(paths[name], contracts[name], providers=providers, io_binding=io_binding,
-                             resident=_cache_outputs(contracts[name]), threads=threads,
-                             graph_capture=cuda_graph and name == "decoder") for name in paths}
+    sessions = {name: OrtSession(paths[name], contracts[name], providers=providers, io_binding=io_binding,
+                                 resident=_cache_outputs(contracts[name]), threads=threads,
+                                 graph_capture=cuda_graph and name == "decoder") for name in paths}
+    sessions["decoder"].kv_in_place = kv_in_place
+    return sessions
 
 
 def _cache_outputs(contract) -> tuple[str, ...]:
@@ -272,10 +277,11 @@ def tensorrt_available() -> tuple[bool, str]:
 
 
 def open_sessions(manifest, backend: str = "auto", *, io_binding: bool = True, threads: int = 0,
-                  cuda_graph: bool = True) -> tuple[str, dict]:
+                  cuda_graph: bool = True, ort_fused: bool = True) -> tuple[str, dict]:
     """-> (backend used, {"vision"|"embed"|"decoder": Session}). `backend`: auto | tensorrt | onnxruntime.
     `io_binding` False: ONNX Runtime with plain numpy feeds (the simple reference path); `cuda_graph` False: no
-    CUDA graph capture of the decode step (ONNX Runtime's CUDA EP, TensorRT)."""
+    CUDA graph capture of the decode step (ONNX Runtime's CUDA EP, TensorRT); `ort_fused` False: ONNX Runtime
+    runs decoder.onnx (the plugin graph's reference bodies) even where decoder.ort.onnx exists."""
     if backend not in ("auto", "tensorrt", "onnxruntime"):
         raise BackendUnavailable(f"unknown backend {backend!r}; use auto, tensorrt or onnxruntime")
     engines = manifest.engine_paths()
@@ -293,5 +299,6 @@ def open_sessions(manifest, backend: str = "auto", *, io_binding: bool = True, t
 
             return "tensorrt", open_trt(engines, manifest.contracts, manifest.plugin_library(),
                                         dim_ranges(manifest.limits), cuda_graph=cuda_graph)
-    return "onnxruntime", open_ort(manifest.graph_paths(), manifest.contracts, io_binding=io_binding,
-                                   threads=threads, cuda_graph=cuda_graph)
+    fused = ort_fused and bool(manifest.graphs["decoder"].get("onnx_ort"))
+    return "onnxruntime", open_ort(manifest.graph_paths(fused=fused), manifest.contracts, io_binding=io_binding,
+                                   threads=threads, cuda_graph=cuda_graph, kv_in_place=fused)

@@ -9,6 +9,9 @@ import torch
 from transformers import vision_utils
 
 
+DECODERS = ("decoder.onnx", "decoder.ort.onnx")  # the plugin graph (reference bodies) and ONNX Runtime's fused one
+
+
 def fp32_graphs(ckpt, out):
     """The three fp32 graphs of `ckpt` exported to `out`."""
     from qwen_vl_trt.export.cli import export_graphs
@@ -90,7 +93,7 @@ def text_embed_feeds(spec, input_ids: np.ndarray) -> dict:
 
 
 def graphs_prefill(graphs: Path, spec, hf, ids: torch.Tensor, grid: torch.Tensor, pixels: torch.Tensor,
-                   cache_len: int = 128) -> tuple[dict, torch.Tensor]:
+                   cache_len: int = 128, decoder: str = "decoder.onnx") -> tuple[dict, torch.Tensor]:
     """Our vision -> embed -> decoder prefill of one image prompt, with HF's MRoPE positions (graph parity in
     isolation) -> (decoder outputs, HF rope_deltas). Any family: DeepStack tensors flow when the graphs have them."""
     vis = run(session(graphs / "vision.onnx"), vision_feeds(grid, pixels, hf.config.vision_config))
@@ -101,7 +104,7 @@ def graphs_prefill(graphs: Path, spec, hf, ids: torch.Tensor, grid: torch.Tensor
     feeds = {**emb, "position_ids": pos.numpy(), "past_lengths": np.zeros(ids.shape[0], np.int64),
              "logits_index": np.full(ids.shape[0], ids.shape[1] - 1, np.int64),
              **empty_cache(spec, ids.shape[0], cache_len)}
-    return run(session(graphs / "decoder.onnx"), feeds), deltas
+    return run(session(graphs / decoder), feeds), deltas
 
 
 def graphs_decode_feeds(spec, graphs: Path, token: int, outputs: dict, cache_pos: int, rope_delta: int) -> dict:
@@ -113,16 +116,18 @@ def graphs_decode_feeds(spec, graphs: Path, token: int, outputs: dict, cache_pos
 
 
 def assert_prefill_and_decode_match_hf(hf, graphs: Path, spec, ids: torch.Tensor, grid: torch.Tensor,
-                                       pixels: torch.Tensor, steps: int, atol: float) -> float:
+                                       pixels: torch.Tensor, steps: int, atol: float,
+                                       decoder: str = "decoder.onnx") -> float:
     """Prefill with an image through our three graphs, then `steps` greedy decode steps through the explicit
-    cache, each step's logits vs HF's forward with its own cache (same tokens fed to both). Returns max |diff|."""
+    cache, each step's logits vs HF's forward with its own cache (same tokens fed to both). Returns max |diff|.
+    `decoder`: decoder.onnx, or decoder.ort.onnx (ONNX Runtime's fused flavour of the same graph)."""
     tt = mm_token_type_ids(ids, spec.image_token_id, spec.video_token_id)
     with torch.no_grad():
         ref = hf(input_ids=ids, pixel_values=pixels, image_grid_thw=grid, mm_token_type_ids=tt, use_cache=True)
-    out, deltas = graphs_prefill(graphs, spec, hf, ids, grid, pixels)
+    out, deltas = graphs_prefill(graphs, spec, hf, ids, grid, pixels, decoder=decoder)
     worst = float(np.abs(out["logits"][0] - ref.logits[0, -1].numpy()).max())
     np.testing.assert_allclose(out["logits"][0], ref.logits[0, -1].numpy(), rtol=0, atol=atol)
-    cache, pos, dec = ref.past_key_values, ids.shape[1], session(graphs / "decoder.onnx")
+    cache, pos, dec = ref.past_key_values, ids.shape[1], session(graphs / decoder)
     token, delta = int(ref.logits[0, -1].argmax()), int(deltas[0])
     for _ in range(steps):
         with torch.no_grad():

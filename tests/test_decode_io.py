@@ -1,8 +1,9 @@
 """The decode step's I/O paths on ONNX Runtime's CPU EP (runtime/decode_io.py, device_sampling.py, session.py) and
 the image fast path (preprocess.patchify_image).
 
-What the CUDA EP needs and is checked here with the same code on the CPU EP: every decode-step input and output
-bound once at a fixed address (no binding, no allocation per step), the two KV sets ping-ponging, a graph id
+What the CUDA EP needs and is checked here with the same code on the CPU EP, for both decoder files
+(decoder.ort.onnx: one KV set written in place by GroupQueryAttention; decoder.onnx: two sets): every decode-step
+input and output bound once at a fixed address (no binding, no allocation per step), the KV sets, a graph id
 always run with the one binding it was first run with (a captured CUDA graph keeps its addresses), new ids for a
 new shape, prefill never captured, static buffers reused by the next generation of the same shape and zeroed;
 device greedy == host greedy (with HF's repetition penalty, ties, several steps); tokens equal across the host,
@@ -31,6 +32,12 @@ def artifacts(qwen3_vl_ckpt, tmp_path_factory):
     out = tmp_path_factory.mktemp("decode_io_artifacts")
     export_artifacts(qwen3_vl_ckpt, out, "fp32", Limits(max_batch=2, max_seq=512, max_cache_len=1024))
     return out
+
+
+@pytest.fixture(params=[True, False], ids=["ort_fused", "plugin_graph"])
+def fused(request):
+    """load_model's ort_fused: decoder.ort.onnx (in-place KV, one set) or decoder.onnx (ping-pong, two sets)."""
+    return request.param
 
 
 @pytest.fixture(scope="module")
@@ -77,13 +84,14 @@ def bound_values(io) -> dict:
     return {name: v.data_ptr() for name, v in bufs.items()}
 
 
-def test_bound_step_is_static_and_graph_ids_keep_their_bindings(artifacts, image):
+def test_bound_step_is_static_and_graph_ids_keep_their_bindings(artifacts, image, fused):
     """Simulated graph capture on the CPU EP: the decoder session reports graph_capture, so decode runs carry
     gpu_graph_id (ignored by the CPU EP) exactly as on the CUDA EP."""
     from qwen_vl_trt.runtime.decode_io import OrtBoundIO
     from qwen_vl_trt.runtime.generate import load_model
 
-    model = load_model(artifacts, "onnxruntime")
+    model = load_model(artifacts, "onnxruntime", ort_fused=fused)
+    sets = 1 if fused else 2
     dec = model.sessions["decoder"]
     dec.graph_capture = True  # what the CUDA EP session reports; RunOptions now carry gpu_graph_id
     dec.sess = RecordingSession(dec.sess)
@@ -101,7 +109,8 @@ def test_bound_step_is_static_and_graph_ids_keep_their_bindings(artifacts, image
             continue
         assert gid in {str(g) for g in io.graph_ids}
         assert by_id.setdefault(gid, binding) is binding  # one graph id, one binding, forever
-    assert len(by_id) == 2 and sum(gid == "-1" for _, gid in dec.sess.runs) == 2  # two prefills
+    assert len(io.cache.sets) == sets and len(by_id) == sets  # one graph per KV set
+    assert sum(gid == "-1" for _, gid in dec.sess.runs) == 2  # two prefills
     assert sum(gid != "-1" for _, gid in dec.sess.runs) == 2 * (N_NEW - 1)
     old_ids = set(io.graph_ids)
     run(model, prepared(model, image, ("Describe this image.", "And this one?")))  # batch 2: a new shape
@@ -109,14 +118,14 @@ def test_bound_step_is_static_and_graph_ids_keep_their_bindings(artifacts, image
     assert key2[0] == 2 and io2 is not io and not old_ids & set(io2.graph_ids)
 
 
-def test_bound_generation_reuses_zeroed_cache_and_ping_pongs(artifacts, image):
+def test_bound_generation_reuses_zeroed_cache_and_ping_pongs(artifacts, image, fused):
     from qwen_vl_trt.runtime.generate import load_model
 
-    model = load_model(artifacts, "onnxruntime")
+    model = load_model(artifacts, "onnxruntime", ort_fused=fused)
     reqs = prepared(model, image)
     a = run(model, reqs)
     io = next(iter(model.static.values()))
-    assert io.cache.current == N_NEW % 2  # prefill + N_NEW-1 decode steps, each swaps the sets
+    assert io.cache.current == (0 if fused else N_NEW % 2)  # prefill + N_NEW-1 decode steps, each swaps two sets
     assert int(io.cache.past_lengths[0]) == reqs[0].num_tokens + N_NEW - 1
     garbage = np.full(io.cache.shape, 7.0, np.float32)
     for kv in io.cache.sets:  # poison both sets: the next generation must not see any of it
@@ -126,12 +135,12 @@ def test_bound_generation_reuses_zeroed_cache_and_ping_pongs(artifacts, image):
 
 
 @pytest.mark.parametrize("penalty", [1.0, 1.05])
-def test_bound_device_greedy_and_host_paths_give_the_same_tokens(artifacts, image, penalty):
+def test_bound_device_greedy_and_host_paths_give_the_same_tokens(artifacts, image, penalty, fused):
     from qwen_vl_trt.runtime.generate import load_model
 
-    host = load_model(artifacts, "onnxruntime", io_binding=False)
-    bound = load_model(artifacts, "onnxruntime")
-    device = load_model(artifacts, "onnxruntime")
+    host = load_model(artifacts, "onnxruntime", io_binding=False, ort_fused=False)  # decoder.onnx, numpy feeds
+    bound = load_model(artifacts, "onnxruntime", ort_fused=fused)
+    device = load_model(artifacts, "onnxruntime", ort_fused=fused)
     reqs = prepared(host, image, ("Describe this image.", "What colours do you see in the corners? Be brief."))
     want = run(host, reqs, 20, repetition_penalty=penalty)
     assert run(bound, reqs, 20, repetition_penalty=penalty) == want
@@ -211,3 +220,26 @@ def test_patchify_image_is_bit_identical(size, patch, merge, mean, std):
     ref, ref_grid = pp.patchify(pp.fused_normalize(chw, cfg)[None], patch, merge, 2)
     assert grid == ref_grid and ours.dtype == np.float32
     np.testing.assert_array_equal(ours.view(np.uint32), ref.view(np.uint32))  # bits, not values
+
+
+def test_fused_decoder_writes_the_cache_in_place(artifacts, image):
+    """decoder.ort.onnx with present bound to past: after the prefill the one KV set holds exactly the prompt's rows
+    (the rows HF's cache holds, compared with decoder.onnx's ping-pong output) at the same addresses; every row
+    beyond stays zero."""
+    from qwen_vl_trt.runtime.generate import load_model
+
+    results = {}
+    for fused in (True, False):
+        model = load_model(artifacts, "onnxruntime", ort_fused=fused)
+        reqs = prepared(model, image)
+        run(model, reqs, n=1)  # the prefill only
+        io = next(iter(model.static.values()))
+        assert len(io.cache.sets) == (1 if fused else 2)
+        results[fused] = {k: v.numpy().copy() for k, v in io.cache.buffers.items()}
+        if fused:
+            before = {k: v.data_ptr() for k, v in io.cache.buffers.items()}
+            assert io.bindings[0] is not None and before == {k: v.data_ptr() for k, v in io.cache.sets[0].items()}
+    n = reqs[0].num_tokens
+    for name, kv in results[True].items():
+        np.testing.assert_allclose(kv[:, :, :n], results[False][name][:, :, :n], rtol=0, atol=1e-5)
+        assert np.abs(kv[:, :, :n]).max() > 0 and not kv[:, :, n:].any(), name

@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 import torch
 
-from hf_reference import (assert_prefill_and_decode_match_hf, carry_cache, empty_cache, fp32_graphs, hf_model,
+from hf_reference import (DECODERS, assert_prefill_and_decode_match_hf, carry_cache, empty_cache, fp32_graphs, hf_model,
                           prompt_with_pads, run, session, vision_feeds)
 from qwen_vl_trt.export.cli import export_graphs
 from qwen_vl_trt.export.spec import ModelSpec
@@ -73,8 +73,9 @@ def test_embed_text_only_has_no_rows(qwen3_vl_fp32_graphs, hf_qwen3_vl):
     np.testing.assert_array_equal(out["inputs_embeds"], hf_qwen3_vl.model.get_input_embeddings()(ids).detach().numpy())
 
 
-@pytest.mark.parametrize("tied", [False, True], ids=["untied", "tied"])
-def test_decoder_prefill_and_16_decode_steps_match_hf(tied, request, tmp_path_factory):
+@pytest.mark.parametrize("tied,decoder", [(False, "decoder.onnx"), (True, "decoder.onnx"), (False, "decoder.ort.onnx")],
+                         ids=["untied", "tied", "untied_ort_fused"])
+def test_decoder_prefill_and_16_decode_steps_match_hf(tied, decoder, request, tmp_path_factory):
     ckpt = request.getfixturevalue("qwen3_vl_tied_ckpt" if tied else "qwen3_vl_ckpt")
     if tied:
         hf, graphs = hf_model(ckpt), fp32_graphs(ckpt, tmp_path_factory.mktemp("tied_graphs"))
@@ -86,11 +87,12 @@ def test_decoder_prefill_and_16_decode_steps_match_hf(tied, request, tmp_path_fa
     torch.manual_seed(1)
     pixels = torch.randn(140, 1536)
     assert_prefill_and_decode_match_hf(hf, graphs, spec, ids, torch.tensor(ONE_IMAGE), pixels, steps=16,
-                                       atol=FP32_ATOL)
+                                       atol=FP32_ATOL, decoder=decoder)
 
 
+@pytest.mark.parametrize("decoder", DECODERS, ids=["plugin_graph", "ort_fused"])
 @pytest.mark.parametrize("family", FAMILIES)
-def test_decoder_batch_of_different_lengths(family, request):
+def test_decoder_batch_of_different_lengths(family, decoder, request):
     """Two right-padded text prompts in one call == each run alone in HF; then one decode step each (MoE: the
     prefill step has 44 token-expert assignments in tiles of several rows, the decode step one row per tile)."""
     ckpt, graphs, hf = _family(request, family)
@@ -108,7 +110,7 @@ def test_decoder_batch_of_different_lengths(family, request):
     feeds = {"inputs_embeds": e["inputs_embeds"], "deepstack_embeds": e["deepstack_embeds"], "position_ids": pos,
              "past_lengths": np.zeros(2, np.int64), "logits_index": np.array([len(p) - 1 for p in prompts]),
              **empty_cache(spec, 2, 32)}
-    dec = session(graphs / "decoder.onnx")
+    dec = session(graphs / decoder)
     out = run(dec, feeds)
     nxt = np.array([[7], [9]])
     e = run(emb, {"input_ids": nxt, "vision_features": np.zeros((0, c), np.float32),

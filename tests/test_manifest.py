@@ -56,7 +56,9 @@ def test_manifest_content(artifacts, qwen3_vl_ckpt):
     assert raw["model_type"] == "qwen3_vl" and raw["dtype"] == "float32"
     assert raw["limits"] == {"max_patches": 4096, "max_frames": 16, "max_batch": 2, "max_seq": 256,
                              "max_cache_len": 512}
-    assert raw["graphs"]["decoder"] == {"onnx": "decoder.onnx", "onnx_data": "decoder.onnx.data", "engine": None}
+    assert raw["graphs"]["decoder"] == {"onnx": "decoder.onnx", "onnx_data": "decoder.onnx.data", "engine": None,
+                                        "onnx_ort": "decoder.ort.onnx"}
+    assert raw["graphs"]["vision"] == {"onnx": "vision.onnx", "onnx_data": "vision.onnx.data", "engine": None}
     weights = (qwen3_vl_ckpt / "model.safetensors").read_bytes()
     assert raw["checkpoint"]["sha256"] == {"model.safetensors": hashlib.sha256(weights).hexdigest()}
     for name in ("tokenizer.json", "tokenizer_config.json", "chat_template.jinja", "preprocessor_config.json",
@@ -108,6 +110,9 @@ def test_missing_and_modified_files(artifacts, tmp_path):
     d = clone(artifacts, tmp_path / "b")
     (d / "decoder.onnx.data").unlink()
     _refused(d, f"{d / 'decoder.onnx.data'} is missing; {REEXPORT}")
+    d = clone(artifacts, tmp_path / "b2")
+    (d / "decoder.ort.onnx").unlink()
+    _refused(d, f"{d / 'decoder.ort.onnx'} is missing; {REEXPORT}")
     d = clone(artifacts, tmp_path / "c")
     (d / "generation_config.json").write_text('{"eos_token_id": 1}')
     _refused(d, f"{d / 'generation_config.json'} was changed after the export (sha256 differs from manifest.json); "

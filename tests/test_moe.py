@@ -184,8 +184,9 @@ def hf_tied(qwen3_vl_moe_tied_ckpt):
                                                                            dtype="float32").eval()
 
 
-@pytest.mark.parametrize("tied", [False, True], ids=["untied", "tied"])
-def test_decoder_prefill_and_16_decode_steps_match_hf(tied, request):
+@pytest.mark.parametrize("tied,decoder", [(False, "decoder.onnx"), (True, "decoder.onnx"), (False, "decoder.ort.onnx")],
+                         ids=["untied", "tied", "untied_ort_fused"])
+def test_decoder_prefill_and_16_decode_steps_match_hf(tied, decoder, request):
     if tied:
         ckpt, graphs, hf = (request.getfixturevalue(n) for n in ("qwen3_vl_moe_tied_ckpt", "tied_artifacts", "hf_tied"))
     else:
@@ -196,7 +197,7 @@ def test_decoder_prefill_and_16_decode_steps_match_hf(tied, request):
     torch.manual_seed(1)
     worst = assert_prefill_and_decode_match_hf(hf, graphs, spec, prompt_with_pads(spec, [35]),
                                                torch.tensor([[1, 14, 10]]), torch.randn(140, 1536), steps=16,
-                                               atol=FP32_ATOL)
+                                               atol=FP32_ATOL, decoder=decoder)
     assert worst <= FP32_ATOL
 
 

@@ -86,8 +86,9 @@ def test_embed_matches_hf_scatter(qwen2_5_vl_ckpt, qwen2_5_vl_fp32_graphs, hf_qw
     np.testing.assert_array_equal(text_only, text[:, :5].numpy())
 
 
-@pytest.mark.parametrize("tied", [False, True], ids=["untied", "tied"])
-def test_decoder_prefill_and_16_decode_steps_match_hf(tied, request, tmp_path_factory):
+@pytest.mark.parametrize("tied,decoder", [(False, "decoder.onnx"), (True, "decoder.onnx"), (False, "decoder.ort.onnx")],
+                         ids=["untied", "tied", "untied_ort_fused"])
+def test_decoder_prefill_and_16_decode_steps_match_hf(tied, decoder, request, tmp_path_factory):
     if tied:
         ckpt = request.getfixturevalue("qwen2_5_vl_tied_ckpt")
         hf, graphs = hf_model(ckpt), fp32_graphs(ckpt, tmp_path_factory.mktemp("qwen2_5_vl_tied_graphs"))
@@ -98,7 +99,7 @@ def test_decoder_prefill_and_16_decode_steps_match_hf(tied, request, tmp_path_fa
     assert spec.text.tie_word_embeddings == tied == hf.config.tie_word_embeddings
     ids = prompt_with_pads(spec, [88])  # one image of grid (1, 16, 22)
     worst = assert_prefill_and_decode_match_hf(hf, graphs, spec, ids, torch.tensor(ONE_IMAGE), _pixels(ONE_IMAGE, 1),
-                                               steps=16, atol=FP32_ATOL)
+                                               steps=16, atol=FP32_ATOL, decoder=decoder)
     assert worst <= FP32_ATOL
 
 
