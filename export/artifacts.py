@@ -83,7 +83,7 @@ def write_manifest(ckpt: Path, out: Path, dtype: str, limits: Limits, engines: b
         graphs[name] = {"onnx": onnx_file.name, "onnx_data": data.name if data.is_file() else None,
                         "engine": engine.name if engines else None}
         ort_file = fused_path(onnx_file)
-        if name == "decoder" and ort_file.is_file():  # ONNX Runtime's fused flavour (export/ort_fused.py)
+        if ort_file.is_file():  # ONNX Runtime's fused flavour (export/ort_fused.py)
             graphs[name]["onnx_ort"] = ort_file.name
     files = {f: sha256_file(out / f) for f in COPIED_FILES if (out / f).is_file()}
     manifest = {

@@ -1,8 +1,8 @@
 """`qwen-vl-export CHECKPOINT OUT_DIR [--dtype bf16|fp16|fp32] [--graphs vision,embed,decoder]`.
 
 Writes OUT_DIR/{vision,embed,decoder}.onnx with their weights in `<graph>.onnx.data` (external data,
-streamed one tensor at a time), and decoder.ort.onnx: the decoder for ONNX Runtime with fused contrib ops,
-reading the same decoder.onnx.data (export/ort_fused.py). A bad checkpoint ends with one line on stderr and exit code 2.
+streamed one tensor at a time), and vision.ort.onnx / decoder.ort.onnx: the same graphs for ONNX Runtime with
+its fused contrib ops, reading the same .onnx.data files (export/ort_fused.py). A bad checkpoint ends with one line on stderr and exit code 2.
 """
 from __future__ import annotations
 
@@ -21,7 +21,7 @@ def export_graphs(ckpt_dir, out_dir, dtype: str = "bfloat16", graphs=("vision", 
     """Export the graphs of a checkpoint; returns {"spec": ModelSpec, "dtype": str, "graphs": {name: file}}."""
     from .decoder import export_decoder
     from .embed import export_embed
-    from .ort_fused import write_fused_decoder
+    from .ort_fused import write_fused
 
     dtype = DTYPE_ALIASES[dtype]
     spec = ModelSpec.from_checkpoint(ckpt_dir)
@@ -34,8 +34,8 @@ def export_graphs(ckpt_dir, out_dir, dtype: str = "bfloat16", graphs=("vision", 
         t0 = time.perf_counter()
         path = exporters[name](spec, weights, out, dtype)
         files[name] = path.name
-        if name == "decoder":  # the ONNX Runtime flavour: same weights, fused contrib ops (export/ort_fused.py)
-            files["decoder_ort"] = write_fused_decoder(path, spec).name
+        if name in ("vision", "decoder"):  # ONNX Runtime's flavour: same weights, fused contrib ops
+            files[f"{name}_ort"] = write_fused(path, spec).name
         if progress:
             progress(f"exported {name}.onnx in {time.perf_counter() - t0:.1f} s")
     return {"spec": spec, "dtype": dtype, "graphs": files}

@@ -46,39 +46,52 @@ def fused_path(onnx_path: Path) -> Path:
     return onnx_path.with_name(onnx_path.name[: -len(".onnx")] + FUSED_SUFFIX)
 
 
-def write_fused_decoder(decoder_onnx: Path, spec: ModelSpec) -> Path:
-    """Rewrite `decoder_onnx` (weights left where they are) into decoder.ort.onnx next to it; returns its path."""
-    decoder_onnx = Path(decoder_onnx)
-    model = onnx.load(str(decoder_onnx), load_external_data=False)
-    fuse_decoder(model, spec)
-    out = fused_path(decoder_onnx)
+def write_fused(graph_onnx: Path, spec: ModelSpec) -> Path:
+    """Rewrite vision.onnx or decoder.onnx (weights left where they are) into <graph>.ort.onnx next to it."""
+    graph_onnx = Path(graph_onnx)
+    kind = graph_onnx.name[: -len(".onnx")]
+    model = onnx.load(str(graph_onnx), load_external_data=False)
+    {"decoder": fuse_decoder, "vision": fuse_vision}[kind](model, spec)
+    out = fused_path(graph_onnx)
     onnx.save_model(model, str(out))
     return out
 
 
 def fuse_decoder(model: onnx.ModelProto, spec: ModelSpec) -> onnx.ModelProto:
     """In place: every top-level qwen_vl MRoPE / KVCacheAttention node of a decoder graph -> contrib ops."""
+    return _fuse(model, spec.text.num_attention_heads, spec.text.num_key_value_heads, spec.text.head_dim, rank=4)
+
+
+def fuse_vision(model: onnx.ModelProto, spec: ModelSpec) -> onnx.ModelProto:
+    """In place: every top-level qwen_vl MRoPE / VarlenAttention node of a vision graph -> contrib ops."""
+    v = spec.vision
+    return _fuse(model, v.num_heads, v.num_heads, v.hidden_size // v.num_heads, rank=3)
+
+
+def _fuse(model: onnx.ModelProto, n_q: int, n_kv: int, head_dim: int, rank: int) -> onnx.ModelProto:
     g = model.graph
-    dtype = {i.name: i.type.tensor_type.elem_type for i in g.input}["inputs_embeds"]
-    t = spec.text
     new_nodes: list[onnx.NodeProto] = []
-    shared = _Shared(new_nodes, dtype)
+    shared = _Shared(new_nodes, g)
     rewritten = 0
     for node in g.node:
-        if node.domain == DOMAIN and node.op_type == "MRoPE":
-            attrs = {a.name: helper.get_attribute_value(a) for a in node.attribute}
-            cos, sin = shared.rotary_tables(attrs["inv_freq"], attrs["axis"])
-            _rope(new_nodes, node, cos, sin, shared.rotary_ids(), t.head_dim)
-            rewritten += 1
-        elif node.domain == DOMAIN and node.op_type == "KVCacheAttention":
-            scale = {a.name: helper.get_attribute_value(a) for a in node.attribute}["scale"]
-            _gqa(new_nodes, node, shared.seqlens_k(), shared.total_sequence_length(), scale,
-                 t.num_attention_heads, t.num_key_value_heads, t.head_dim)
-            rewritten += 1
+        attrs = {a.name: helper.get_attribute_value(a) for a in node.attribute}
+        if node.domain != DOMAIN:
+            new_nodes.append(node)
+            continue
+        if node.op_type == "MRoPE":
+            cos, sin = shared.rotary_tables(node.input[1], attrs["inv_freq"], attrs["axis"])
+            _rope(new_nodes, node, cos, sin, shared.rotary_ids(node.input[0], rank), head_dim, rank, n_q)
+        elif node.op_type == "KVCacheAttention":
+            _gqa(new_nodes, node, shared.seqlens_k(), shared.total_sequence_length(), attrs["scale"], n_q, n_kv,
+                 head_dim)
+        elif node.op_type == "VarlenAttention" and not attrs.get("causal", 0) and n_q == n_kv:
+            _segment_loop_mha(new_nodes, node, attrs["scale"], n_q, head_dim, shared.dtype)
         else:
             new_nodes.append(node)
+            continue
+        rewritten += 1
     if not rewritten:
-        raise ValueError(f"{g.name}: no {DOMAIN} MRoPE / KVCacheAttention node to rewrite (not a decoder graph?)")
+        raise ValueError(f"{g.name}: no {DOMAIN} node to rewrite")
     del g.node[:]
     g.node.extend(_bypass_output_identities(new_nodes, g))
     _prune_dead_nodes(g)
@@ -94,10 +107,12 @@ def fuse_decoder(model: onnx.ModelProto, spec: ModelSpec) -> onnx.ModelProto:
 
 
 class _Shared:
-    """Values computed once per step and read by every layer (built on first use)."""
+    """Values computed once per graph call and read by every layer (built on first use)."""
 
-    def __init__(self, nodes: list, dtype: int):
-        self.nodes, self.dtype, self.memo = nodes, dtype, {}
+    def __init__(self, nodes: list, graph: onnx.GraphProto):
+        self.nodes, self.memo = nodes, {}
+        # the activation dtype: present_key.0 (decoder) or vision_features (vision); logits are always fp32
+        self.dtype = next(o.type.tensor_type.elem_type for o in graph.output if o.name != "logits")
 
     def op(self, op_type: str, inputs, name: str, **attrs) -> str:
         out = f"{_PREFIX}/{name}"
@@ -119,40 +134,34 @@ class _Shared:
             self.memo[key] = build()
         return self.memo[key]
 
-    def step_dims(self) -> tuple[str, str, str]:
-        """(S [1], B*S [1], (B, S) [2]) int64 from position_ids' shape [3, B, S] (shape arithmetic only)."""
-        def build():
-            shape = self.op("Shape", ["position_ids"], "pos_shape")  # [3, B, S]
-            bs = self.op("Slice", [shape, self.const(np.array([1], np.int64)),
-                                   self.const(np.array([3], np.int64))], "batch_seq")  # [B, S]
-            s = self.op("Slice", [shape, self.const(np.array([2], np.int64)),
-                                  self.const(np.array([3], np.int64))], "seq")  # [S]
-            n = self.op("ReduceProd", [bs], "tokens", keepdims=1)  # [B*S]
-            return s, n, bs
-        return self._once("dims", build)
+    def _count(self, kind: str) -> int:
+        return sum(k[0] == kind for k in self.memo if isinstance(k, tuple))
 
-    def rotary_ids(self) -> str:
-        """int64 [B, S]: token b*S + s reads cos/sin row b*S + s."""
+    def rotary_ids(self, x: str, rank: int) -> str:
+        """int64 [B, S] (decoder, x [B,S,H,D]) or [1, T] (vision, x [T,H,D]): token n reads cos/sin row n."""
         def build():
-            _, n, bs = self.step_dims()
-            flat = self.op("Range", [self.const(np.array(0, np.int64)),
-                                     self.op("Squeeze", [n], "tokens_scalar"),
-                                     self.const(np.array(1, np.int64))], "token_range")
-            return self.op("Reshape", [flat, bs], "rotary_ids")
-        return self._once("rotary_ids", build)
+            k = self._count("ids")
+            lead = self.op("Slice", [self.op("Shape", [x], f"x_shape{k}"), self.const(np.array([0], np.int64)),
+                                     self.const(np.array([rank - 2], np.int64))], f"token_dims{k}")  # [B, S] | [T]
+            n = self.op("ReduceProd", [lead], f"tokens{k}", keepdims=0)  # scalar
+            flat = self.op("Range", [self.const(np.array(0, np.int64)), n, self.const(np.array(1, np.int64))],
+                           f"token_range{k}")
+            if rank == 3:
+                return self.op("Unsqueeze", [flat, self.const(np.array([0], np.int64))], f"rotary_ids{k}")
+            return self.op("Reshape", [flat, lead], f"rotary_ids{k}")
+        return self._once(("ids", rank), build)  # every layer's q / k has the same token dims
 
-    def rotary_tables(self, inv_freq, axis) -> tuple[str, str]:
-        """cos, sin [B*S, D/2] in the graph dtype: row b*S+s, column i = cos/sin(position_ids[axis[i], b, s] * inv_freq[i])."""
+    def rotary_tables(self, positions: str, inv_freq, axis) -> tuple[str, str]:
+        """cos, sin [N, D/2] in the graph dtype from positions [..., A] (the MRoPE node's int32 input, N tokens):
+        row n, column i = cos/sin(positions[n, axis[i]] * inv_freq[i]), in fp32 as HF computes them."""
         inv = np.asarray(inv_freq, np.float32)
         ax = np.asarray(axis, np.int64)
-        key = ("tables", inv.tobytes(), ax.tobytes())
 
         def build():
-            k = sum(m[0] == "tables" for m in self.memo)
-            per_freq = self.op("Gather", ["position_ids", self.const(ax)], f"pos_by_freq{k}", axis=0)
-            tokens = self.op("Transpose", [per_freq], f"pos_tokens{k}", perm=[1, 2, 0])  # [B, S, D/2]
-            flat = self.op("Reshape", [tokens, self.const(np.array([-1, ax.size], np.int64))],
-                           f"pos_rows{k}")  # [B*S, D/2]
+            k = self._count("tables")
+            per_freq = self.op("Gather", [positions, self.const(ax)], f"pos_by_freq{k}", axis=-1)  # [..., D/2]
+            flat = self.op("Reshape", [per_freq, self.const(np.array([-1, ax.size], np.int64))],
+                           f"pos_rows{k}")  # [N, D/2]
             angle = self.op("Mul", [self.op("Cast", [flat], f"pos_f32_{k}", to=TensorProto.FLOAT),
                                     self.const(inv)], f"angle{k}")
             out = []
@@ -162,24 +171,32 @@ class _Shared:
                     v = self.op("Cast", [v], f"{fn.lower()}{k}", to=self.dtype)
                 out.append(v)
             return tuple(out)
-        return self._once(key, build)
+        return self._once(("tables", positions, inv.tobytes(), ax.tobytes()), build)
+
+    def step_dims(self) -> tuple[str, str]:
+        """(S [1], cache_len [1]) int64 from the shapes of position_ids [3, B, S] and past_key.0 [B, Hkv, K, D]."""
+        def build():
+            s = self.op("Slice", [self.op("Shape", ["position_ids"], "pos_shape"),
+                                  self.const(np.array([2], np.int64)), self.const(np.array([3], np.int64))], "seq")
+            k = self.op("Slice", [self.op("Shape", ["past_key.0"], "cache_shape"),
+                                  self.const(np.array([2], np.int64)), self.const(np.array([3], np.int64))],
+                        "cache_len")
+            return s, k
+        return self._once("dims", build)
 
     def seqlens_k(self) -> str:
         """int32 [B]: past_lengths + S - 1 (the last row each sequence holds after the step)."""
         def build():
-            s, _, _ = self.step_dims()
+            s, _ = self.step_dims()
             last = self.op("Sub", [self.op("Add", ["past_lengths", s], "total_lengths"),
                                    self.const(np.array([1], np.int64))], "last_rows")
             return self.op("Cast", [last], "seqlens_k", to=TensorProto.INT32)
         return self._once("seqlens_k", build)
 
     def total_sequence_length(self) -> str:
-        """int32 scalar: S when S > 1 (prompt into an empty cache), else cache_len (from past_key.0's shape)."""
+        """int32 scalar: S when S > 1 (prompt into an empty cache), else cache_len."""
         def build():
-            s, _, _ = self.step_dims()
-            cache_shape = self.op("Shape", ["past_key.0"], "cache_shape")  # [B, Hkv, K, D]
-            cap = self.op("Slice", [cache_shape, self.const(np.array([2], np.int64)),
-                                    self.const(np.array([3], np.int64))], "cache_len")
+            s, cap = self.step_dims()
             prompt = self.op("Greater", [s, self.const(np.array([1], np.int64))], "is_prompt")
             total = self.op("Where", [prompt, s, cap], "total_i64")
             return self.op("Cast", [self.op("Squeeze", [total], "total_scalar")], "total_sequence_length",
@@ -187,22 +204,30 @@ class _Shared:
         return self._once("total", build)
 
 
+def _const(nodes: list, name: str, value) -> str:
+    nodes.append(helper.make_node("Constant", [], [name], name=name,
+                                  value=numpy_helper.from_array(np.asarray(value), name)))
+    return name
+
+
 def _reshape(nodes: list, x: str, dims, out: str) -> str:
-    shape = f"{out}/shape"
-    nodes.append(helper.make_node("Constant", [], [shape], name=shape,
-                                  value=numpy_helper.from_array(np.array(dims, np.int64), shape)))
-    nodes.append(helper.make_node("Reshape", [x, shape], [out], name=out))
+    nodes.append(helper.make_node("Reshape", [x, _const(nodes, f"{out}/shape", np.array(dims, np.int64))], [out],
+                                  name=out))
     return out
 
 
-def _rope(nodes: list, node: onnx.NodeProto, cos: str, sin: str, rotary_ids: str, head_dim: int) -> None:
-    """MRoPE x [B,S,H,D] -> RotaryEmbedding on [B,S,H*D] (rotate-half: interleaved=0) -> [B,S,H,D]."""
+def _rope(nodes: list, node: onnx.NodeProto, cos: str, sin: str, rotary_ids: str, head_dim: int, rank: int,
+          n_heads: int) -> None:
+    """MRoPE x [B,S,H,D] -> RotaryEmbedding on [B,S,H*D] -> [B,S,H,D]; vision x [T,H,D] (H = n_heads) through
+    [1,T,H*D]. Rotate-half (interleaved=0), as HF's apply_rotary_pos_emb."""
     base = node.name or node.output[0]
-    x3 = _reshape(nodes, node.input[0], [0, 0, -1], f"{base}/x_bsh")
+    flat, back = ([0, 0, -1], [0, 0, -1, head_dim]) if rank == 4 else ([1, -1, n_heads * head_dim],
+                                                                        [-1, n_heads, head_dim])
+    x3 = _reshape(nodes, node.input[0], flat, f"{base}/x_bsh")
     y3 = f"{base}/rotary"
     nodes.append(helper.make_node("RotaryEmbedding", [x3, rotary_ids, cos, sin], [y3], name=y3,
                                   domain=ORT_DOMAIN, interleaved=0))
-    _reshape(nodes, y3, [0, 0, -1, head_dim], node.output[0])
+    _reshape(nodes, y3, back, node.output[0])
 
 
 def _gqa(nodes: list, node: onnx.NodeProto, seqlens_k: str, total: str, scale: float, n_q: int, n_kv: int,
@@ -216,6 +241,58 @@ def _gqa(nodes: list, node: onnx.NodeProto, seqlens_k: str, total: str, scale: f
                                   [o3, node.output[1], node.output[2]], name=f"{base}/gqa", domain=ORT_DOMAIN,
                                   num_heads=n_q, kv_num_heads=n_kv, scale=float(scale)))
     _reshape(nodes, o3, [0, 0, -1, head_dim], node.output[0])
+
+
+def _segment_loop_mha(nodes: list, node: onnx.NodeProto, scale: float, n_heads: int, head_dim: int,
+                      dtype: int) -> None:
+    """VarlenAttention (q/k/v [T,H,D], cu_seqlens int32 [F+1], non-causal, no GQA) -> a Loop over the F segments,
+    each one MultiHeadAttention call on its rows [cu[i], cu[i+1]) (no mask: a fused flash / memory-efficient
+    kernel on the CUDA EP), outputs concatenated in order. Needs cu[F] == T (runtime/vision_inputs.py)."""
+    base = node.name or node.output[0]
+    q, k, v, cu = node.input
+    hidden = n_heads * head_dim
+    rows = [_reshape(nodes, x, [-1, hidden], f"{base}/{n}_rows") for x, n in ((q, "q"), (k, "k"), (v, "v"))]
+    cu64 = f"{base}/cu64"
+    nodes.append(helper.make_node("Cast", [cu], [cu64], name=cu64, to=TensorProto.INT64))
+    n_seg = f"{base}/segments"  # int64 scalar F: the trip count
+    nodes.append(helper.make_node("Size", [cu64], [f"{base}/cu_len"], name=f"{base}/cu_len"))
+    nodes.append(helper.make_node("Sub", [f"{base}/cu_len", _const(nodes, f"{base}/one", np.array(1, np.int64))],
+                                  [n_seg], name=n_seg))
+    empty = f"{base}/empty"  # [0, H*D] of the graph dtype
+    nodes.append(helper.make_node("Slice", [rows[0], _const(nodes, f"{base}/zero1", np.array([0], np.int64)),
+                                            f"{base}/zero1"], [empty], name=empty))
+    b = []  # loop body: (i, cond, acc) -> (cond, acc ++ attention(segment i))
+    i1 = f"{base}/body/i1"
+    b.append(helper.make_node("Unsqueeze", ["i", _const(b, f"{base}/body/axis0", np.array([0], np.int64))], [i1],
+                              name=i1))
+    i2 = f"{base}/body/i2"
+    b.append(helper.make_node("Add", [i1, _const(b, f"{base}/body/one", np.array([1], np.int64))], [i2], name=i2))
+    i3 = f"{base}/body/i3"
+    b.append(helper.make_node("Add", [i2, f"{base}/body/one"], [i3], name=i3))
+    lo, hi = f"{base}/body/start", f"{base}/body/end"
+    b.append(helper.make_node("Slice", [cu64, i1, i2], [lo], name=lo))
+    b.append(helper.make_node("Slice", [cu64, i2, i3], [hi], name=hi))
+    seg = []
+    for x, n in zip(rows, "qkv"):
+        part, batched = f"{base}/body/{n}", f"{base}/body/{n}_1th"
+        b.append(helper.make_node("Slice", [x, lo, hi, f"{base}/body/axis0"], [part], name=part))
+        b.append(helper.make_node("Unsqueeze", [part, f"{base}/body/axis0"], [batched], name=batched))
+        seg.append(batched)
+    o1, o2 = f"{base}/body/mha", f"{base}/body/out"
+    b.append(helper.make_node("MultiHeadAttention", seg, [o1], name=o1, domain=ORT_DOMAIN, num_heads=n_heads,
+                              scale=float(scale)))
+    b.append(helper.make_node("Squeeze", [o1, f"{base}/body/axis0"], [o2], name=o2))
+    b.append(helper.make_node("Concat", ["acc", o2], ["acc_out"], name=f"{base}/body/concat", axis=0))
+    b.append(helper.make_node("Identity", ["cond"], ["cond_out"], name=f"{base}/body/cond"))
+    body = helper.make_graph(b, f"{base}/segment_body", [
+        helper.make_tensor_value_info("i", TensorProto.INT64, []),
+        helper.make_tensor_value_info("cond", TensorProto.BOOL, []),
+        helper.make_tensor_value_info("acc", dtype, ["segment_rows", hidden])], [
+        helper.make_tensor_value_info("cond_out", TensorProto.BOOL, []),
+        helper.make_tensor_value_info("acc_out", dtype, ["rows", hidden])])
+    out = f"{base}/segments_out"
+    nodes.append(helper.make_node("Loop", [n_seg, "", empty], [out], name=f"{base}/loop", body=body))
+    _reshape(nodes, out, [-1, n_heads, head_dim], node.output[0])
 
 
 def _bypass_output_identities(nodes: list, g: onnx.GraphProto) -> list:

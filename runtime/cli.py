@@ -31,6 +31,7 @@ class RunConfig:
     ignore_eos: bool
     backend: str
     json: bool
+    ort_graphs: str = "fused"
 
     @classmethod
     def from_args(cls, args: argparse.Namespace) -> "RunConfig":
@@ -51,7 +52,7 @@ class RunConfig:
             raise UserError(f"--max-new-tokens {args.max_new_tokens}: must be >= 1")
         return cls(args.model_dir, prompts, tuple(args.image or ()), args.video, args.system, args.max_new_tokens,
                    args.temperature, args.top_p, args.top_k, args.repetition_penalty, args.seed, args.ignore_eos,
-                   args.backend, args.json)
+                   args.backend, args.json, args.ort_graphs)
 
 
 def parser() -> argparse.ArgumentParser:
@@ -73,6 +74,9 @@ def parser() -> argparse.ArgumentParser:
     ap.add_argument("--ignore-eos", action="store_true", help="generate exactly --max-new-tokens tokens")
     ap.add_argument("--backend", choices=("auto", "tensorrt", "onnxruntime"), default="auto",
                     help="auto: TensorRT engines when present and runnable, else ONNX Runtime")
+    ap.add_argument("--ort-graphs", choices=("fused", "plugin"), default="fused",
+                    help="ONNX Runtime backend: fused = vision/decoder.ort.onnx (ONNX Runtime's attention and rotary "
+                         "kernels, in-place KV cache; default), plugin = the graphs TensorRT builds (reference bodies)")
     ap.add_argument("--json", action="store_true", help="print one JSON object instead of streaming text")
     return ap
 
@@ -83,7 +87,7 @@ def run(cfg: RunConfig, out=sys.stdout, err=sys.stderr) -> list:
     from .prompt import IncrementalDecoder
     from .sampling import Sampler, SamplingConfig
 
-    model = load_model(cfg.model_dir, cfg.backend)
+    model = load_model(cfg.model_dir, cfg.backend, ort_fused=cfg.ort_graphs == "fused")
     pre = Preprocessor(model.manifest)
     requests = [pre.prepare(Request(p, cfg.images, cfg.video, cfg.system)) for p in cfg.prompts]
     gen = model.manifest.generation_config

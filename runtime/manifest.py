@@ -7,7 +7,7 @@ Written by export/artifacts.py. Fields (format version 1):
 | `format`, `format_version` | "qwen-vl-trt-artifacts", 1 |
 | `model_type`, `model_spec` | `ModelSpec.to_json()` of the checkpoint (must equal the spec of the copied config.json) |
 | `dtype` | export dtype of the graphs: float32 / float16 / bfloat16 (logits always float32) |
-| `graphs` | name -> {"onnx", "onnx_data", "engine" (null without TensorRT)}; the decoder also "onnx_ort" (decoder.ort.onnx, ONNX Runtime's fused flavour, reads decoder.onnx.data) when the export wrote it |
+| `graphs` | name -> {"onnx", "onnx_data", "engine" (null without TensorRT)}; vision and decoder also "onnx_ort" (`<graph>.ort.onnx`, ONNX Runtime's fused flavour reading the same `.onnx.data`) when the export wrote it |
 | `contracts` | name -> {"inputs"/"outputs": [[name, dtype, dims], ...]}, export/contracts.py resolved to `dtype` |
 | `limits` | max_patches, max_frames (per vision call), max_batch, max_seq, max_cache_len |
 | `files` | copied tokenizer/processor/config files -> sha256 |
@@ -87,12 +87,10 @@ class Manifest:
     plugins: dict | None = None
 
     def graph_paths(self, fused: bool = False) -> dict:
-        """name -> ONNX file; with `fused` the decoder is decoder.ort.onnx when the export wrote it (ONNX
-        Runtime's contrib ops: export/ort_fused.py), else decoder.onnx."""
-        paths = {name: self.directory / self.graphs[name]["onnx"] for name in GRAPHS}
-        if fused and self.graphs["decoder"].get("onnx_ort"):
-            paths["decoder"] = self.directory / self.graphs["decoder"]["onnx_ort"]
-        return paths
+        """name -> ONNX file; with `fused` vision.ort.onnx / decoder.ort.onnx where the export wrote them (ONNX
+        Runtime's contrib ops: export/ort_fused.py)."""
+        key = lambda name: "onnx_ort" if fused and self.graphs[name].get("onnx_ort") else "onnx"  # noqa: E731
+        return {name: self.directory / self.graphs[name][key(name)] for name in GRAPHS}
 
     def engine_paths(self) -> dict:
         """name -> engine path when all three engines were built, else {}."""

@@ -281,7 +281,7 @@ def open_sessions(manifest, backend: str = "auto", *, io_binding: bool = True, t
     """-> (backend used, {"vision"|"embed"|"decoder": Session}). `backend`: auto | tensorrt | onnxruntime.
     `io_binding` False: ONNX Runtime with plain numpy feeds (the simple reference path); `cuda_graph` False: no
     CUDA graph capture of the decode step (ONNX Runtime's CUDA EP, TensorRT); `ort_fused` False: ONNX Runtime
-    runs decoder.onnx (the plugin graph's reference bodies) even where decoder.ort.onnx exists."""
+    runs vision.onnx / decoder.onnx (the plugin graphs' reference bodies) even where the .ort.onnx files exist."""
     if backend not in ("auto", "tensorrt", "onnxruntime"):
         raise BackendUnavailable(f"unknown backend {backend!r}; use auto, tensorrt or onnxruntime")
     engines = manifest.engine_paths()
@@ -299,6 +299,6 @@ def open_sessions(manifest, backend: str = "auto", *, io_binding: bool = True, t
 
             return "tensorrt", open_trt(engines, manifest.contracts, manifest.plugin_library(),
                                         dim_ranges(manifest.limits), cuda_graph=cuda_graph)
-    fused = ort_fused and bool(manifest.graphs["decoder"].get("onnx_ort"))
-    return "onnxruntime", open_ort(manifest.graph_paths(fused=fused), manifest.contracts, io_binding=io_binding,
-                                   threads=threads, cuda_graph=cuda_graph, kv_in_place=fused)
+    paths = manifest.graph_paths(fused=ort_fused)
+    return "onnxruntime", open_ort(paths, manifest.contracts, io_binding=io_binding, threads=threads,
+                                   cuda_graph=cuda_graph, kv_in_place=paths["decoder"].name.endswith(".ort.onnx"))

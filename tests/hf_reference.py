@@ -9,7 +9,9 @@ import torch
 from transformers import vision_utils
 
 
-DECODERS = ("decoder.onnx", "decoder.ort.onnx")  # the plugin graph (reference bodies) and ONNX Runtime's fused one
+# each graph as TensorRT reads it (plugin nodes; ONNX Runtime runs their reference bodies) and ONNX Runtime's fused one
+DECODERS = ("decoder.onnx", "decoder.ort.onnx")
+VISIONS = ("vision.onnx", "vision.ort.onnx")
 
 
 def fp32_graphs(ckpt, out):

@@ -167,6 +167,6 @@ def test_bf16_artifacts_on_the_cpu_provider(qwen3_vl_ckpt, tmp_path, files):
                                                         max_cache_len=256))
     rc, err = trt_run("--model-dir", out, "--image", files / "ok.png", "--backend", "onnxruntime")
     assert rc == 2 and len(err.splitlines()) == 1
-    assert err.startswith(f"error: {out}/vision.onnx: ONNX Runtime's CPU provider has no kernel for an op")
+    assert err.startswith(f"error: {out}/vision.ort.onnx: ONNX Runtime's CPU provider has no kernel for an op")
     assert err.rstrip().endswith("bf16/fp16 graphs need onnxruntime-gpu or TensorRT engines, or re-export with "
                                  "--dtype fp32 for the CPU")

@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 import torch
 
-from hf_reference import (DECODERS, assert_prefill_and_decode_match_hf, carry_cache, empty_cache, fp32_graphs, hf_model,
+from hf_reference import (DECODERS, VISIONS, assert_prefill_and_decode_match_hf, carry_cache, empty_cache, fp32_graphs, hf_model,
                           prompt_with_pads, run, session, vision_feeds)
 from qwen_vl_trt.export.cli import export_graphs
 from qwen_vl_trt.export.spec import ModelSpec
@@ -28,16 +28,17 @@ def _family(request, family: str):
     return tuple(request.getfixturevalue(name.format(family)) for name in ("{}_ckpt", "{}_fp32_graphs", "hf_{}"))
 
 
+@pytest.mark.parametrize("graph", VISIONS, ids=["plugin_graph", "ort_fused"])
 @pytest.mark.parametrize("family", FAMILIES)
 @pytest.mark.parametrize("grids", [ONE_IMAGE, TWO_IMAGES, VIDEO], ids=["one_image", "two_images", "video"])
-def test_vision_matches_hf(grids, family, request):
+def test_vision_matches_hf(grids, family, graph, request):
     _, graphs, hf = _family(request, family)
     grid = torch.tensor(grids)
     torch.manual_seed(0)
     pixels = torch.randn(int(grid.prod(1).sum()), 3 * 2 * 16 * 16)
     with torch.no_grad():
         ref = hf.model.visual(pixels, grid_thw=grid)
-    out = run(session(graphs / "vision.onnx"), vision_feeds(grid, pixels, hf.config.vision_config))
+    out = run(session(graphs / graph), vision_feeds(grid, pixels, hf.config.vision_config))
     np.testing.assert_allclose(out["vision_features"], ref.pooler_output.numpy(), rtol=0, atol=FP32_ATOL)
     assert out["deepstack_features"].shape[0] == len(ref.deepstack_features) == 3
     for level, feat in enumerate(ref.deepstack_features):

@@ -121,15 +121,18 @@ def test_one_image_subprocess_matches_hf(artifacts, media, hf_qwen3_vl, processo
     assert ours["timings"]["backend"] == "onnxruntime" and ours["timings"]["decode_tokens"] == N_NEW - 1
 
 
-def test_two_images_with_system_match_hf(artifacts, media, hf_qwen3_vl, processor):
+@pytest.mark.parametrize("graphs", ["fused", "plugin"])
+def test_two_images_with_system_match_hf(artifacts, media, hf_qwen3_vl, processor, graphs):
+    """Both ONNX Runtime graph sets: *.ort.onnx (the default) and the TensorRT graphs' reference bodies."""
     imgs = media["images"]
     ours = run_json(artifacts, "--image", str(imgs[0]), "--image", str(imgs[1]), "--prompt", "Compare them.",
-                    "--system", "You are terse.")
+                    "--system", "You are terse.", "--ort-graphs", graphs)
     assert ours["token_ids"] == hf_generate(hf_qwen3_vl, processor, "Compare them.", imgs, system="You are terse.")
 
 
-def test_video_matches_hf(artifacts, media, hf_qwen3_vl, processor):
-    ours = run_json(artifacts, "--video", str(media["frames_dir"]), "--prompt", "What happens?")
+@pytest.mark.parametrize("graphs", ["fused", "plugin"])
+def test_video_matches_hf(artifacts, media, hf_qwen3_vl, processor, graphs):
+    ours = run_json(artifacts, "--video", str(media["frames_dir"]), "--prompt", "What happens?", "--ort-graphs", graphs)
     assert ours["token_ids"] == hf_generate(hf_qwen3_vl, processor, "What happens?", frames=media["frames"])
 
 

@@ -58,7 +58,9 @@ def test_manifest_content(artifacts, qwen3_vl_ckpt):
                              "max_cache_len": 512}
     assert raw["graphs"]["decoder"] == {"onnx": "decoder.onnx", "onnx_data": "decoder.onnx.data", "engine": None,
                                         "onnx_ort": "decoder.ort.onnx"}
-    assert raw["graphs"]["vision"] == {"onnx": "vision.onnx", "onnx_data": "vision.onnx.data", "engine": None}
+    assert raw["graphs"]["vision"] == {"onnx": "vision.onnx", "onnx_data": "vision.onnx.data", "engine": None,
+                                       "onnx_ort": "vision.ort.onnx"}
+    assert raw["graphs"]["embed"] == {"onnx": "embed.onnx", "onnx_data": "embed.onnx.data", "engine": None}
     weights = (qwen3_vl_ckpt / "model.safetensors").read_bytes()
     assert raw["checkpoint"]["sha256"] == {"model.safetensors": hashlib.sha256(weights).hexdigest()}
     for name in ("tokenizer.json", "tokenizer_config.json", "chat_template.jinja", "preprocessor_config.json",

@@ -20,7 +20,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 import hf_processor as H
-from hf_reference import (assert_prefill_and_decode_match_hf, fp32_graphs, hf_model, prompt_with_pads, run, session,
+from hf_reference import (VISIONS, assert_prefill_and_decode_match_hf, fp32_graphs, hf_model, prompt_with_pads, run, session,
                           text_embed_feeds, vision_feeds)
 from qwen_vl_trt.export.cli import export_graphs
 from qwen_vl_trt.export.spec import CheckpointError, ModelSpec
@@ -40,13 +40,14 @@ def _pixels(grids, seed=0) -> torch.Tensor:
     return torch.randn(int(torch.tensor(grids).prod(1).sum()), PATCH_DIM)
 
 
+@pytest.mark.parametrize("graph", VISIONS, ids=["plugin_graph", "ort_fused"])
 @pytest.mark.parametrize("grids", [ONE_IMAGE, TWO_IMAGES, VIDEO], ids=["one_image", "two_images", "video"])
-def test_vision_matches_hf(grids, qwen2_5_vl_fp32_graphs, hf_qwen2_5_vl):
+def test_vision_matches_hf(grids, graph, qwen2_5_vl_fp32_graphs, hf_qwen2_5_vl):
     grid, pixels = torch.tensor(grids), _pixels(grids)
     with torch.no_grad():
         ref = hf_qwen2_5_vl.model.visual(pixels, grid_thw=grid).pooler_output.numpy()  # original token order
     feeds = vision_feeds(grid, pixels, hf_qwen2_5_vl.config.vision_config)  # HF's own host-side functions
-    out = run(session(qwen2_5_vl_fp32_graphs / "vision.onnx"), feeds)
+    out = run(session(qwen2_5_vl_fp32_graphs / graph), feeds)
     assert set(out) == {"vision_features"}  # no DeepStack
     np.testing.assert_allclose(out["vision_features"], ref, rtol=0, atol=FP32_ATOL)
 

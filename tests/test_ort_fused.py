@@ -1,0 +1,69 @@
+"""vision.ort.onnx / decoder.ort.onnx (export/ort_fused.py): what the rewrite produced, for each family.
+
+Numerics are tested where the plugin graphs are: against HF in tests/test_export_qwen3_vl.py, test_qwen2_5_vl.py
+and test_moe.py (parametrized over both files), end to end in tests/test_generate.py (`--ort-graphs`), and the
+in-place KV cache in tests/test_decode_io.py. Here: the structure those numbers rest on.
+"""
+from __future__ import annotations
+
+import collections
+
+import onnx
+import pytest
+
+from qwen_vl_trt.export.ort_fused import fuse_decoder
+from qwen_vl_trt.export.spec import ModelSpec
+
+FAMILIES = ("qwen3_vl", "qwen2_5_vl", "qwen3_vl_moe")
+
+
+def _ops(model: onnx.ModelProto) -> collections.Counter:
+    def walk(g):
+        for n in g.node:
+            yield n
+            for a in n.attribute:
+                if a.HasField("g"):
+                    yield from walk(a.g)
+    return collections.Counter((n.domain or "ai.onnx", n.op_type) for n in walk(model.graph))
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_fused_graphs_use_ort_kernels_and_share_the_weights(family, request):
+    ckpt = request.getfixturevalue(f"{family}_ckpt")
+    graphs = request.getfixturevalue(f"{family}_fp32_graphs")
+    spec = ModelSpec.from_checkpoint(ckpt)
+    layers, depth = spec.text.num_hidden_layers, spec.vision.depth
+    for name, want in (("decoder", {("com.microsoft", "GroupQueryAttention"): layers,
+                                    ("com.microsoft", "RotaryEmbedding"): 2 * layers}),
+                       ("vision", {("ai.onnx", "Loop"): depth, ("com.microsoft", "MultiHeadAttention"): depth,
+                                   ("com.microsoft", "RotaryEmbedding"): 2 * depth})):
+        fused = onnx.load(str(graphs / f"{name}.ort.onnx"), load_external_data=False)
+        ops = _ops(fused)
+        for op, count in want.items():
+            assert ops[op] == count, (name, op, ops[op])
+        assert not [op for op in ops if op[0] == "qwen_vl"] and not fused.functions
+        plain = onnx.load(str(graphs / f"{name}.onnx"), load_external_data=False)
+        for op in ("Softmax", "ScatterElements"):  # no reference body inlined (the MoE router's Softmax stays)
+            assert ops["ai.onnx", op] == _ops(plain)["ai.onnx", op], op
+        assert ops["ai.onnx", "Cos"] == 1  # the rotary table is computed once per call, not per layer
+        # same weights: every initializer of the plugin graph, read from the same external data file
+        location = lambda m: {i.name: {e.key: e.value for e in i.external_data}  # noqa: E731
+                              for i in m.graph.initializer}
+        assert location(fused) == location(plain)
+        assert {v["location"] for v in location(fused).values() if v} == {f"{name}.onnx.data"}
+        assert (graphs / f"{name}.ort.onnx").stat().st_size < (graphs / f"{name}.onnx").stat().st_size * 2
+
+
+def test_decoder_present_outputs_are_the_attention_outputs(qwen3_vl_fp32_graphs):
+    """GroupQueryAttention writes in place only when its present outputs are the graph outputs themselves (an
+    Identity in between would make ONNX Runtime allocate and copy)."""
+    fused = onnx.load(str(qwen3_vl_fp32_graphs / "decoder.ort.onnx"), load_external_data=False)
+    gqa = [n for n in fused.graph.node if n.op_type == "GroupQueryAttention"]
+    assert [list(n.output[1:]) for n in gqa] == [[f"present_key.{i}", f"present_value.{i}"] for i in range(len(gqa))]
+    assert [list(n.input[3:5]) for n in gqa] == [[f"past_key.{i}", f"past_value.{i}"] for i in range(len(gqa))]
+
+
+def test_rewrite_refuses_a_graph_without_plugin_nodes(qwen3_vl_ckpt, qwen3_vl_fp32_graphs):
+    embed = onnx.load(str(qwen3_vl_fp32_graphs / "embed.onnx"), load_external_data=False)
+    with pytest.raises(ValueError, match="no qwen_vl node to rewrite"):
+        fuse_decoder(embed, ModelSpec.from_checkpoint(qwen3_vl_ckpt))
