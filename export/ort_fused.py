@@ -85,7 +85,7 @@ def _fuse(model: onnx.ModelProto, n_q: int, n_kv: int, head_dim: int, rank: int)
             _gqa(new_nodes, node, shared.seqlens_k(), shared.total_sequence_length(), attrs["scale"], n_q, n_kv,
                  head_dim)
         elif node.op_type == "VarlenAttention" and not attrs.get("causal", 0) and n_q == n_kv:
-            _segment_loop_mha(new_nodes, node, attrs["scale"], n_q, head_dim, shared.dtype)
+            _padded_mha(new_nodes, node, shared, attrs["scale"], n_q, head_dim)
         else:
             new_nodes.append(node)
             continue
@@ -110,12 +110,15 @@ class _Shared:
     """Values computed once per graph call and read by every layer (built on first use)."""
 
     def __init__(self, nodes: list, graph: onnx.GraphProto):
-        self.nodes, self.memo = nodes, {}
+        self.nodes, self.memo, self.names = nodes, {}, set()
         # the activation dtype: present_key.0 (decoder) or vision_features (vision); logits are always fp32
         self.dtype = next(o.type.tensor_type.elem_type for o in graph.output if o.name != "logits")
 
     def op(self, op_type: str, inputs, name: str, **attrs) -> str:
         out = f"{_PREFIX}/{name}"
+        while out in self.names:
+            out += "_"
+        self.names.add(out)
         self.nodes.append(helper.make_node(op_type, list(inputs), [out], name=out, **attrs))
         return out
 
@@ -172,6 +175,39 @@ class _Shared:
                 out.append(v)
             return tuple(out)
         return self._once(("tables", positions, inv.tobytes(), ax.tobytes()), build)
+
+    def segments(self, cu: str, rows: str) -> tuple[str, str, str]:
+        """For cu_seqlens `cu` (int32 [F+1], cu[F] = T) and any packed [T, ...] tensor `rows`:
+        gather int64 [F, Lmax] (row cu[f] + j of segment f, clamped to T-1 where j >= its length),
+        lengths int32 [F] (MultiHeadAttention's key_padding_mask), unpad int64 [T] (token t's row in the
+        flattened [F*Lmax] batch)."""
+        def build():
+            k = self._count("segments")
+            i64 = lambda v: self.const(np.array(v, np.int64))  # noqa: E731
+            cu64 = self.op("Cast", [cu], f"cu64_{k}", to=TensorProto.INT64)
+            starts = self.op("Slice", [cu64, i64([0]), i64([-1])], f"seg_starts{k}")  # [F]
+            ends = self.op("Slice", [cu64, i64([1]), i64([np.iinfo(np.int64).max])], f"seg_ends{k}")  # [F]
+            lengths = self.op("Sub", [ends, starts], f"seg_lengths{k}")
+            longest = self.op("ReduceMax", [lengths], f"seg_longest{k}", keepdims=1)  # [1]
+            offsets = self.op("Range", [i64(0), self.op("Squeeze", [longest], f"seg_longest_s{k}"), i64(1)],
+                              f"seg_offsets{k}")  # [Lmax]
+            gather = self.op("Add", [self.op("Unsqueeze", [starts, i64([1])], f"seg_starts_col{k}"),
+                                     self.op("Unsqueeze", [offsets, i64([0])], f"seg_offsets_row{k}")],
+                             f"seg_rows{k}")  # [F, Lmax]
+            n_tok = self.op("Slice", [self.op("Shape", [rows], f"packed_shape{k}"), i64([0]), i64([1])],
+                            f"tokens{k}")  # [1] = T
+            gather = self.op("Min", [gather, self.op("Sub", [n_tok, i64([1])], f"last_row{k}")], f"seg_gather{k}")
+            tok = self.op("Range", [i64(0), self.op("Squeeze", [n_tok], f"tokens_s{k}"), i64(1)], f"tok{k}")
+            after = self.op("GreaterOrEqual", [self.op("Unsqueeze", [tok, i64([1])], f"tok_col{k}"),
+                                               self.op("Unsqueeze", [ends, i64([0])], f"ends_row{k}")],
+                            f"tok_after{k}")  # [T, F]
+            seg = self.op("ReduceSum", [self.op("Cast", [after], f"tok_after_i{k}", to=TensorProto.INT64), i64([1])],
+                          f"tok_segment{k}", keepdims=0)  # [T] segment of each token
+            within = self.op("Sub", [tok, self.op("Gather", [starts, seg], f"tok_start{k}", axis=0)], f"tok_within{k}")
+            unpad = self.op("Add", [self.op("Mul", [seg, longest], f"tok_seg_base{k}"), within], f"tok_unpad{k}")
+            mask = self.op("Cast", [lengths], f"seg_lengths_i32_{k}", to=TensorProto.INT32)
+            return gather, mask, unpad
+        return self._once(("segments", cu), build)
 
     def step_dims(self) -> tuple[str, str]:
         """(S [1], cache_len [1]) int64 from the shapes of position_ids [3, B, S] and past_key.0 [B, Hkv, K, D]."""
@@ -243,56 +279,28 @@ def _gqa(nodes: list, node: onnx.NodeProto, seqlens_k: str, total: str, scale: f
     _reshape(nodes, o3, [0, 0, -1, head_dim], node.output[0])
 
 
-def _segment_loop_mha(nodes: list, node: onnx.NodeProto, scale: float, n_heads: int, head_dim: int,
-                      dtype: int) -> None:
-    """VarlenAttention (q/k/v [T,H,D], cu_seqlens int32 [F+1], non-causal, no GQA) -> a Loop over the F segments,
-    each one MultiHeadAttention call on its rows [cu[i], cu[i+1]) (no mask: a fused flash / memory-efficient
-    kernel on the CUDA EP), outputs concatenated in order. Needs cu[F] == T (runtime/vision_inputs.py)."""
+def _padded_mha(nodes: list, node: onnx.NodeProto, shared: "_Shared", scale: float, n_heads: int,
+                head_dim: int) -> None:
+    """VarlenAttention (q/k/v [T,H,D], cu_seqlens int32 [F+1], non-causal, no GQA) -> the segments gathered into a
+    right-padded batch [F, Lmax, H*D], one MultiHeadAttention call with key_padding_mask = segment lengths (no
+    attention bias: flash / memory-efficient kernels on the CUDA EP), rows gathered back to the packed order."""
     base = node.name or node.output[0]
     q, k, v, cu = node.input
     hidden = n_heads * head_dim
     rows = [_reshape(nodes, x, [-1, hidden], f"{base}/{n}_rows") for x, n in ((q, "q"), (k, "k"), (v, "v"))]
-    cu64 = f"{base}/cu64"
-    nodes.append(helper.make_node("Cast", [cu], [cu64], name=cu64, to=TensorProto.INT64))
-    n_seg = f"{base}/segments"  # int64 scalar F: the trip count
-    nodes.append(helper.make_node("Size", [cu64], [f"{base}/cu_len"], name=f"{base}/cu_len"))
-    nodes.append(helper.make_node("Sub", [f"{base}/cu_len", _const(nodes, f"{base}/one", np.array(1, np.int64))],
-                                  [n_seg], name=n_seg))
-    empty = f"{base}/empty"  # [0, H*D] of the graph dtype
-    nodes.append(helper.make_node("Slice", [rows[0], _const(nodes, f"{base}/zero1", np.array([0], np.int64)),
-                                            f"{base}/zero1"], [empty], name=empty))
-    b = []  # loop body: (i, cond, acc) -> (cond, acc ++ attention(segment i))
-    i1 = f"{base}/body/i1"
-    b.append(helper.make_node("Unsqueeze", ["i", _const(b, f"{base}/body/axis0", np.array([0], np.int64))], [i1],
-                              name=i1))
-    i2 = f"{base}/body/i2"
-    b.append(helper.make_node("Add", [i1, _const(b, f"{base}/body/one", np.array([1], np.int64))], [i2], name=i2))
-    i3 = f"{base}/body/i3"
-    b.append(helper.make_node("Add", [i2, f"{base}/body/one"], [i3], name=i3))
-    lo, hi = f"{base}/body/start", f"{base}/body/end"
-    b.append(helper.make_node("Slice", [cu64, i1, i2], [lo], name=lo))
-    b.append(helper.make_node("Slice", [cu64, i2, i3], [hi], name=hi))
-    seg = []
+    gather, lengths, unpad = shared.segments(cu, rows[0])
+    padded = []
     for x, n in zip(rows, "qkv"):
-        part, batched = f"{base}/body/{n}", f"{base}/body/{n}_1th"
-        b.append(helper.make_node("Slice", [x, lo, hi, f"{base}/body/axis0"], [part], name=part))
-        b.append(helper.make_node("Unsqueeze", [part, f"{base}/body/axis0"], [batched], name=batched))
-        seg.append(batched)
-    o1, o2 = f"{base}/body/mha", f"{base}/body/out"
-    b.append(helper.make_node("MultiHeadAttention", seg, [o1], name=o1, domain=ORT_DOMAIN, num_heads=n_heads,
-                              scale=float(scale)))
-    b.append(helper.make_node("Squeeze", [o1, f"{base}/body/axis0"], [o2], name=o2))
-    b.append(helper.make_node("Concat", ["acc", o2], ["acc_out"], name=f"{base}/body/concat", axis=0))
-    b.append(helper.make_node("Identity", ["cond"], ["cond_out"], name=f"{base}/body/cond"))
-    body = helper.make_graph(b, f"{base}/segment_body", [
-        helper.make_tensor_value_info("i", TensorProto.INT64, []),
-        helper.make_tensor_value_info("cond", TensorProto.BOOL, []),
-        helper.make_tensor_value_info("acc", dtype, ["segment_rows", hidden])], [
-        helper.make_tensor_value_info("cond_out", TensorProto.BOOL, []),
-        helper.make_tensor_value_info("acc_out", dtype, ["rows", hidden])])
-    out = f"{base}/segments_out"
-    nodes.append(helper.make_node("Loop", [n_seg, "", empty], [out], name=f"{base}/loop", body=body))
-    _reshape(nodes, out, [-1, n_heads, head_dim], node.output[0])
+        out = f"{base}/{n}_padded"
+        nodes.append(helper.make_node("Gather", [x, gather], [out], name=out, axis=0))  # [F, Lmax, H*D]
+        padded.append(out)
+    o = f"{base}/mha"
+    nodes.append(helper.make_node("MultiHeadAttention", [*padded, "", lengths], [o], name=o, domain=ORT_DOMAIN,
+                                  num_heads=n_heads, scale=float(scale)))
+    flat = _reshape(nodes, o, [-1, hidden], f"{base}/mha_rows")  # [F*Lmax, H*D]
+    packed = f"{base}/packed"
+    nodes.append(helper.make_node("Gather", [flat, unpad], [packed], name=packed, axis=0))  # [T, H*D]
+    _reshape(nodes, packed, [-1, n_heads, head_dim], node.output[0])
 
 
 def _bypass_output_identities(nodes: list, g: onnx.GraphProto) -> list:
