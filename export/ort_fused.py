@@ -94,6 +94,7 @@ def _fuse(model: onnx.ModelProto, n_q: int, n_kv: int, head_dim: int, rank: int)
         raise ValueError(f"{g.name}: no {DOMAIN} node to rewrite")
     del g.node[:]
     g.node.extend(_bypass_output_identities(new_nodes, g))
+    _fuse_rms_norms(g)
     _prune_dead_nodes(g)
     used = {n.op_type for n in g.node if n.domain == DOMAIN}
     kept = [f for f in model.functions if not (f.domain == DOMAIN and f.name not in used)]
@@ -301,6 +302,64 @@ def _padded_mha(nodes: list, node: onnx.NodeProto, shared: "_Shared", scale: flo
     packed = f"{base}/packed"
     nodes.append(helper.make_node("Gather", [flat, unpad], [packed], name=packed, axis=0))  # [T, H*D]
     _reshape(nodes, packed, [-1, n_heads, head_dim], node.output[0])
+
+
+def _fuse_rms_norms(g: onnx.GraphProto) -> int:
+    """Every RMSNorm as export/layers.py writes it -- [Cast fp32] -> Mul(a, a) -> ReduceMean(-1) -> Add(eps) -> Sqrt
+    -> Reciprocal -> Mul(a, .) -> [Cast DT] -> Mul(., weight) -- becomes one SimplifiedLayerNormalization(x, weight,
+    epsilon, stash_type fp32) with the last Mul's output name. Statistics in fp32 as HF; the normalized value is
+    rounded to the graph dtype once (after the weight) instead of twice: the same in fp32, up to 1 ulp in bf16.
+    Returns the number of norms fused."""
+    nodes = list(g.node)  # one wrapper object per node, so id() below is stable
+    producer = {o: n for n in nodes for o in n.output}
+    consumers: dict[str, list] = {}
+    for n in nodes:
+        for i in n.input:
+            consumers.setdefault(i, []).append(n)
+    scalars = {i.name: numpy_helper.to_array(i) for i in g.initializer if not i.external_data}
+    scalars.update({n.output[0]: numpy_helper.to_array(n.attribute[0].t) for n in nodes
+                    if n.op_type == "Constant" and n.attribute and n.attribute[0].name == "value"})
+    weights = {i.name for i in g.initializer}
+    fused, drop, replace = 0, set(), {}
+
+    def only(value, op):
+        users = consumers.get(value, [])
+        return users[0] if len(users) == 1 and users[0].op_type == op else None
+
+    for recip in [n for n in nodes if n.op_type == "Reciprocal"]:
+        sqrt = producer.get(recip.input[0])
+        add = sqrt and sqrt.op_type == "Sqrt" and producer.get(sqrt.input[0])
+        if not add or add.op_type != "Add":
+            continue
+        mean_in = [i for i in add.input if i not in scalars]
+        eps = [scalars[i] for i in add.input if i in scalars]
+        mean = len(mean_in) == 1 and len(eps) == 1 and producer.get(mean_in[0])
+        if not mean or mean.op_type != "ReduceMean" or scalars.get(mean.input[1], np.array([0])).tolist() != [-1]:
+            continue
+        square = producer.get(mean.input[0])
+        if not square or square.op_type != "Mul" or square.input[0] != square.input[1]:
+            continue
+        a = square.input[0]
+        norm = only(recip.output[0], "Mul")
+        if norm is None or a not in norm.input:
+            continue
+        cast = only(norm.output[0], "Cast")
+        scale = only((cast or norm).output[0], "Mul")
+        weight = scale and [i for i in scale.input if i in weights]
+        if not weight:
+            continue
+        up = producer.get(a)
+        x = up.input[0] if up is not None and up.op_type == "Cast" and cast is not None else a
+        chain = [square, mean, add, sqrt, recip, norm, scale] + ([cast] if cast is not None else [])
+        drop.update(id(n) for n in chain)
+        replace[id(scale)] = helper.make_node(
+            "SimplifiedLayerNormalization", [x, weight[0]], [scale.output[0]], name=f"{scale.name}/rms_norm",
+            axis=-1, epsilon=float(eps[0]), stash_type=1)
+        fused += 1
+    kept = [replace.get(id(n), n) for n in nodes if id(n) not in drop or id(n) in replace]
+    del g.node[:]
+    g.node.extend(kept)
+    return fused
 
 
 def _bypass_output_identities(nodes: list, g: onnx.GraphProto) -> list:

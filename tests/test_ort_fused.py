@@ -46,6 +46,12 @@ def test_fused_graphs_use_ort_kernels_and_share_the_weights(family, request):
         for op in ("Softmax", "ScatterElements"):  # no reference body inlined (the MoE router's Softmax stays)
             assert ops["ai.onnx", op] == _ops(plain)["ai.onnx", op], op
         assert ops["ai.onnx", "Cos"] == 1  # the rotary table is computed once per call, not per layer
+        # every RMSNorm one fused node: decoder 2 per layer (+ q/k norms on Qwen3) + the final one; Qwen2.5-VL
+        # vision 2 per block + the merger's (Qwen3-VL's vision uses LayerNorm)
+        t = spec.text
+        norms = {"decoder": (4 if t.qk_norm else 2) * layers + 1,
+                 "vision": 2 * depth + 1 if spec.model_type == "qwen2_5_vl" else 0}[name]
+        assert ops["ai.onnx", "SimplifiedLayerNormalization"] == norms and ops["ai.onnx", "Reciprocal"] == 0
         # same weights: every initializer of the plugin graph, read from the same external data file
         location = lambda m: {i.name: {e.key: e.value for e in i.external_data}  # noqa: E731
                               for i in m.graph.initializer}
