@@ -7,7 +7,8 @@
 # TensorRT headers: $TENSORRT_ROOT/include, else a system TensorRT include dir, else the public TensorRT
 # 10.14 headers inside the kernel-lens 2.0.1 wheel (fetched with `pip download --no-deps` into
 # third_party/, git-ignored). The library links cudart statically and no TensorRT library at all: its only
-# exports are getCreators and setLoggerFinder (IPluginRegistry::loadLibrary needs both).
+# exports are getCreators and setLoggerFinder (IPluginRegistry::loadLibrary needs both) and
+# qwen_vl_set_attention_kernel (common/attentionMma.h); -fvisibility=hidden hides everything else.
 # Env: NVCC (default nvcc), CUDA_ARCHS (default "80 86 89 90 120"; PTX is added for the last one).
 set -euo pipefail
 ROOT="$(cd "$(dirname "$0")/.." && pwd)"

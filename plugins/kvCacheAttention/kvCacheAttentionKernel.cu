@@ -1,7 +1,10 @@
 #include "common/attentionCore.cuh"
+#include "common/attentionMma.cuh"
+#include "common/attentionMma.h"
 #include "kvCacheAttention/kvCacheAttentionKernel.h"
 
 #include <algorithm>
+#include <type_traits>
 
 namespace qwen_vl
 {
@@ -68,10 +71,85 @@ __global__ void __launch_bounds__(kTHREADS) kvCacheAttentionKernel(T const* __re
         sHi, 0, blockHi, headDim, scaleLog2, smem);
 }
 
+//! The tensor-core variant (attentionMma.cuh) for prefill (seqLen >= 16): grid (ceil(S / 64), Hq, B), head dim
+//! D fixed at compile time; same row ranges as kvCacheAttentionKernel (rows >= nRows see nothing).
+template <typename T, int32_t D>
+__global__ void __launch_bounds__(mma::kTHREADS) kvCacheAttentionMmaKernel(T const* __restrict__ q,
+    T const* __restrict__ presentKey, T const* __restrict__ presentValue, int32_t const* __restrict__ pastLengths,
+    T* __restrict__ o, int32_t seqLen, int32_t nHeadsQ, int32_t nHeadsKv, int32_t capacity, float scaleLog2)
+{
+    extern __shared__ __align__(16) unsigned char mmaSmem[];
+    __shared__ int32_t sLo[mma::kBQ];
+    __shared__ int32_t sHi[mma::kBQ];
+    int32_t const h = blockIdx.y;
+    int32_t const b = blockIdx.z;
+    int32_t const hk = h / (nHeadsQ / nHeadsKv);
+    int32_t const s0 = blockIdx.x * mma::kBQ;
+    int32_t const nRows = min(mma::kBQ, seqLen - s0);
+    int32_t const past = pastLengths[b];
+    if (threadIdx.x < mma::kBQ)
+    {
+        int32_t const r = threadIdx.x;
+        sLo[r] = 0;
+        sHi[r] = r < nRows ? max(0, min(capacity, past + s0 + r + 1)) : 0;
+    }
+    __syncthreads();
+    int32_t const blockHi = max(0, min(capacity, past + s0 + nRows));
+
+    int64_t const qOffset = ((static_cast<int64_t>(b) * seqLen + s0) * nHeadsQ + h) * D;
+    int64_t const kvOffset = (static_cast<int64_t>(b) * nHeadsKv + hk) * capacity * D;
+    mma::attentionTileMma<T, D>(q + qOffset, static_cast<int64_t>(nHeadsQ) * D, o + qOffset,
+        static_cast<int64_t>(nHeadsQ) * D, nRows, presentKey + kvOffset, presentValue + kvOffset, D, sLo, sHi, 0,
+        blockHi, scaleLog2, reinterpret_cast<T*>(mmaSmem));
+}
+
+template <typename T, int32_t D>
+int32_t launchAttentionMma(T const* q, T const* presentKey, T const* presentValue, int32_t const* pastLengths, T* o,
+    int32_t batch, int32_t seqLen, int32_t nHeadsQ, int32_t nHeadsKv, int32_t capacity, float scale,
+    cudaStream_t stream)
+{
+    constexpr size_t bytes = mma::sharedBytes<D>();
+    cudaError_t const err = prepareSharedMemory(kvCacheAttentionMmaKernel<T, D>, bytes);
+    if (err != cudaSuccess)
+    {
+        return static_cast<int32_t>(err);
+    }
+    dim3 const grid((seqLen + mma::kBQ - 1) / mma::kBQ, nHeadsQ, batch);
+    kvCacheAttentionMmaKernel<T, D><<<grid, mma::kTHREADS, bytes, stream>>>(
+        q, presentKey, presentValue, pastLengths, o, seqLen, nHeadsQ, nHeadsKv, capacity, scale * kLOG2E);
+    return static_cast<int32_t>(cudaGetLastError());
+}
+
+//! Head-dim dispatch of the MMA path (fp16/bf16 and mmaSupportsHeadDim(headDim) only).
+template <typename T>
+int32_t launchAttentionMmaTyped(T const* q, T const* presentKey, T const* presentValue, int32_t const* pastLengths,
+    T* o, int32_t batch, int32_t seqLen, int32_t nHeadsQ, int32_t nHeadsKv, int32_t capacity, int32_t headDim,
+    float scale, cudaStream_t stream)
+{
+    if constexpr (std::is_same_v<T, float>)
+    {
+        return kSTATUS_BAD_ARGUMENT;
+    }
+    else
+    {
+#define QWEN_KV_MMA_ARGS q, presentKey, presentValue, pastLengths, o, batch, seqLen, nHeadsQ, nHeadsKv, capacity, \
+                         scale, stream
+        switch (headDim)
+        {
+        case 64: return launchAttentionMma<T, 64>(QWEN_KV_MMA_ARGS);
+        case 72: return launchAttentionMma<T, 72>(QWEN_KV_MMA_ARGS);
+        case 80: return launchAttentionMma<T, 80>(QWEN_KV_MMA_ARGS);
+        case 128: return launchAttentionMma<T, 128>(QWEN_KV_MMA_ARGS);
+        default: return kSTATUS_BAD_ARGUMENT;
+        }
+#undef QWEN_KV_MMA_ARGS
+    }
+}
+
 template <typename T>
 int32_t launchTyped(void const* q, void const* k, void const* v, void const* pastKey, void const* pastValue,
     int32_t const* pastLengths, void* o, void* presentKey, void* presentValue, int32_t batch, int32_t seqLen,
-    int32_t nHeadsQ, int32_t nHeadsKv, int32_t capacity, int32_t headDim, float scale, cudaStream_t stream)
+    int32_t nHeadsQ, int32_t nHeadsKv, int32_t capacity, int32_t headDim, float scale, bool useMma, cudaStream_t stream)
 {
     size_t const cacheBytes = sizeof(T) * static_cast<size_t>(batch) * nHeadsKv * capacity * headDim;
     cudaError_t err = cudaSuccess;
@@ -95,6 +173,12 @@ int32_t launchTyped(void const* q, void const* k, void const* v, void const* pas
     if ((err = cudaGetLastError()) != cudaSuccess)
     {
         return static_cast<int32_t>(err);
+    }
+    if (useMma)
+    {
+        return launchAttentionMmaTyped<T>(static_cast<T const*>(q), static_cast<T const*>(presentKey),
+            static_cast<T const*>(presentValue), pastLengths, static_cast<T*>(o), batch, seqLen, nHeadsQ, nHeadsKv,
+            capacity, headDim, scale, stream);
     }
     size_t const bytes = sharedBytes(headDim);
     if ((err = prepareSharedMemory(kvCacheAttentionKernel<T>, bytes)) != cudaSuccess)
@@ -124,8 +208,10 @@ int32_t launchKvCacheAttention(void const* q, void const* k, void const* v, void
     {
         return 0;
     }
+    // Decode (seqLen < 16) stays on the CUDA-core kernel: a 64-row MMA tile would be almost all padding.
+    bool const useMma = seqLen >= 16 && useMmaAttention(dtype, headDim, {q, o, presentKey, presentValue});
 #define QWEN_KV_ARGS q, k, v, pastKey, pastValue, pastLengths, o, presentKey, presentValue, batch, seqLen, nHeadsQ, \
-                     nHeadsKv, capacity, headDim, scale, stream
+                     nHeadsKv, capacity, headDim, scale, useMma, stream
     switch (dtype)
     {
     case DataKind::kFLOAT32: return launchTyped<float>(QWEN_KV_ARGS);

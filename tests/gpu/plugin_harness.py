@@ -7,6 +7,9 @@ pluginHarness.cpp) on the current torch stream, then synchronises.
 Tolerances (|got - ref| <= atol + rtol * |ref|), references computed in fp32 from the same low-precision
 inputs: the kernels accumulate in fp32, so the error is the final output rounding (fp16 2^-11, bf16 2^-8
 relative) plus fp32 reordering (~1e-6); rtol is twice the rounding unit, atol covers outputs near zero.
+The attention MMA path also rounds the softmax weights P to fp16/bf16 before P.V (as FlashAttention-2 does):
+an error of at most half a rounding unit per weight, which averages out over keys and stays inside atol for
+short segments (worst case: two keys, |v| ~ 4.5).
 """
 from __future__ import annotations
 
@@ -17,6 +20,7 @@ import subprocess
 from pathlib import Path
 
 import numpy as np
+import pytest
 import torch
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -52,11 +56,25 @@ def harness() -> "PluginHarness":
     return PluginHarness(build_plugin_library(), build_harness())
 
 
+ATTENTION_KERNELS = {"auto": 0, "simt": 1, "mma": 2}  # qwen_vl_set_attention_kernel codes (attentionMma.h)
+
+
 class PluginHarness:
     def __init__(self, plugin_lib: Path, harness_lib: Path):
         self.plugin_lib = str(plugin_lib).encode()
         self.fn = ctypes.CDLL(str(harness_lib)).qwenHarnessEnqueue
         self.fn.restype = ctypes.c_int
+        # The same dlopen handle the harness gets (same path), so the override reaches the plugins it creates.
+        self._set_kernel = ctypes.CDLL(str(plugin_lib)).qwen_vl_set_attention_kernel
+        self._set_kernel.argtypes = [ctypes.c_int32]
+        self._set_kernel.restype = None
+
+    def set_attention_kernel(self, kernel: str) -> None:
+        """Attention path for every later launch in this process: auto (env / default), simt or mma.
+
+        mma falls back to simt where the MMA path does not apply (fp32, head dims other than 64/72/80/128,
+        sm < 80, KVCacheAttention with fewer than 16 new tokens)."""
+        self._set_kernel(ATTENTION_KERNELS[kernel])
 
     def run(self, op: str, fields: dict, inputs: list[torch.Tensor], outputs: list[torch.Tensor],
             sync: bool = True) -> None:
@@ -87,6 +105,14 @@ class PluginHarness:
         assert rc == 0, err.value.decode()
         if sync:
             torch.cuda.synchronize()
+
+
+@pytest.fixture(params=["simt", "mma"])
+def attention_kernel(request):
+    """Runs the test once per attention path (import it into a test module to use it); resets to auto after."""
+    harness().set_attention_kernel(request.param)
+    yield request.param
+    harness().set_attention_kernel("auto")
 
 
 def assert_close(got: torch.Tensor, ref: torch.Tensor, dtype: torch.dtype, what: str = "") -> None:

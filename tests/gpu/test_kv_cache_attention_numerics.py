@@ -1,10 +1,13 @@
-"""KVCacheAttention plugin enqueue vs a concatenated-cache torch reference on the GPU (ragged past lengths)."""
+"""KVCacheAttention plugin enqueue vs a concatenated-cache torch reference on the GPU (ragged past lengths).
+
+Every test runs on both attention paths (`attention_kernel`: simt, mma). The MMA path takes prefill steps
+(S >= 16) with fp16/bf16 and head dims 64/72/80/128 on sm_80+; decode (S < 16) always runs simt."""
 from __future__ import annotations
 
 import pytest
 import torch
 import torch.nn.functional as F
-from plugin_harness import assert_close, harness
+from plugin_harness import assert_close, attention_kernel, harness  # noqa: F401 (fixture)
 
 pytestmark = pytest.mark.gpu
 
@@ -32,10 +35,12 @@ def _reference(q, k, v, pk, pv, past, scale):
 
 
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
-@pytest.mark.parametrize("head_dim", [32, 64, 128])
-@pytest.mark.parametrize("S,gqa", [(1, 1), (1, 4), (7, 2), (64, 4), (300, 2)])
+@pytest.mark.parametrize("head_dim", [32, 64, 80, 128])
+@pytest.mark.parametrize("S,gqa", [(1, 1), (1, 4), (7, 2), (17, 8), (64, 4), (65, 1), (300, 2)])
 @pytest.mark.parametrize("in_place", [True, False])
-def test_step_matches_concat_cache(dtype, head_dim, S, gqa, in_place):
+def test_step_matches_concat_cache(attention_kernel, dtype, head_dim, S, gqa, in_place):
+    if attention_kernel == "mma" and (S < 16 or head_dim not in (64, 72, 80, 128)):
+        pytest.skip("no MMA path for decode or this head dim: it runs the simt kernel (covered by the simt case)")
     torch.manual_seed(S + gqa + head_dim)
     B, hkv, C = 3, 2, 1024
     past = torch.tensor([0, 37, C - S - 5], dtype=torch.int32, device="cuda")
@@ -55,7 +60,7 @@ def test_step_matches_concat_cache(dtype, head_dim, S, gqa, in_place):
         assert torch.equal(present_v[b][:, ~new], pv0[b][:, ~new])
 
 
-def test_prefill_then_decode_equals_longer_prefill():
+def test_prefill_then_decode_equals_longer_prefill(attention_kernel):
     torch.manual_seed(11)
     B, H, hkv, D, C, S = 2, 8, 2, 128, 256, 40
     q, k, v = (torch.randn(B, S + 1, h, D, device="cuda", dtype=torch.bfloat16) for h in (H, hkv, hkv))
