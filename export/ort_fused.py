@@ -141,18 +141,27 @@ class _Shared:
     def _count(self, kind: str) -> int:
         return sum(k[0] == kind for k in self.memo if isinstance(k, tuple))
 
+    def ones(self, dims: str, name: str) -> str:
+        """int64 ones of shape `dims` (a host shape value), made on the EP's device: ConstantOfShape reads its
+        shape on the host, so nothing computed on the host flows into a device kernel (no Memcpy node, which
+        would stop ONNX Runtime from capturing the decode step as a CUDA graph)."""
+        one = numpy_helper.from_array(np.array([1], np.int64), f"{_PREFIX}/{name}_value")
+        return self.op("ConstantOfShape", [dims], name, value=one)
+
     def rotary_ids(self, x: str, rank: int) -> str:
-        """int64 [B, S] (decoder, x [B,S,H,D]) or [1, T] (vision, x [T,H,D]): token n reads cos/sin row n."""
+        """int64 [B, S] (decoder, x [B,S,H,D]) or [1, T] (vision, x [T,H,D]): token n reads cos/sin row n,
+        counted on the device (CumSum of ones) rather than by a host Range."""
         def build():
             k = self._count("ids")
             lead = self.op("Slice", [self.op("Shape", [x], f"x_shape{k}"), self.const(np.array([0], np.int64)),
                                      self.const(np.array([rank - 2], np.int64))], f"token_dims{k}")  # [B, S] | [T]
-            n = self.op("ReduceProd", [lead], f"tokens{k}", keepdims=0)  # scalar
-            flat = self.op("Range", [self.const(np.array(0, np.int64)), n, self.const(np.array(1, np.int64))],
-                           f"token_range{k}")
+            flat = self.op("Reshape", [self.ones(lead, f"token_ones{k}"), self.const(np.array([-1], np.int64))],
+                           f"token_ones_flat{k}")
+            count = self.op("CumSum", [flat, self.const(np.array(0, np.int64))], f"token_count{k}")  # 1..N
+            ids = self.op("Sub", [count, self.const(np.array([1], np.int64))], f"token_index{k}")  # 0..N-1
             if rank == 3:
-                return self.op("Unsqueeze", [flat, self.const(np.array([0], np.int64))], f"rotary_ids{k}")
-            return self.op("Reshape", [flat, lead], f"rotary_ids{k}")
+                return self.op("Unsqueeze", [ids, self.const(np.array([0], np.int64))], f"rotary_ids{k}")
+            return self.op("Reshape", [ids, lead], f"rotary_ids{k}")
         return self._once(("ids", rank), build)  # every layer's q / k has the same token dims
 
     def rotary_tables(self, positions: str, inv_freq, axis) -> tuple[str, str]:
@@ -224,8 +233,9 @@ class _Shared:
     def seqlens_k(self) -> str:
         """int32 [B]: past_lengths + S - 1 (the last row each sequence holds after the step)."""
         def build():
-            s, _ = self.step_dims()
-            last = self.op("Sub", [self.op("Add", ["past_lengths", s], "total_lengths"),
+            s, _ = self.step_dims()  # on the host; S - 1 is counted on the device
+            s_dev = self.op("ReduceSum", [self.ones(s, "seq_ones")], "seq_on_device", keepdims=1)  # [1] = S
+            last = self.op("Sub", [self.op("Add", ["past_lengths", s_dev], "total_lengths"),
                                    self.const(np.array([1], np.int64))], "last_rows")
             return self.op("Cast", [last], "seqlens_k", to=TensorProto.INT32)
         return self._once("seqlens_k", build)

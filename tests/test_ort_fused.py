@@ -73,3 +73,53 @@ def test_rewrite_refuses_a_graph_without_plugin_nodes(qwen3_vl_ckpt, qwen3_vl_fp
     embed = onnx.load(str(qwen3_vl_fp32_graphs / "embed.onnx"), load_external_data=False)
     with pytest.raises(ValueError, match="no qwen_vl node to rewrite"):
         fuse_decoder(embed, ModelSpec.from_checkpoint(qwen3_vl_ckpt))
+
+
+# Input slots that ONNX Runtime's CUDA kernels read on the host (their kernel definitions declare them
+# OrtMemTypeCPUInput); every other input of a device kernel must already be on the device.
+HOST_SLOTS = {"Reshape": {1}, "Expand": {1}, "ConstantOfShape": {0}, "Slice": {1, 2, 3, 4}, "Squeeze": {1},
+              "Unsqueeze": {1}, "ReduceSum": {1}, "ReduceMean": {1}, "ReduceMax": {1}, "ReduceProd": {1},
+              "CumSum": {1}, "Range": {0, 1, 2}, "Tile": {1}, "GroupQueryAttention": {6}}
+SHAPE_OPS = {"Shape", "Slice", "Concat", "Gather", "Squeeze", "Unsqueeze", "Add", "Sub", "Mul", "Greater", "Where",
+             "Cast", "ReduceProd", "Range", "Equal", "Less"}
+
+
+def host_to_device_copies(graph: onnx.GraphProto) -> list[str]:
+    """Where a value computed on the host (shape arithmetic: Shape, then ops on shapes and constants only) would
+    flow into a device kernel's data input: each such edge is a Memcpy node on the CUDA EP, and ONNX Runtime
+    refuses CUDA-graph capture of a graph with Memcpy nodes (inference_session.cc: CPU shape nodes are allowed,
+    copies are not). A static stand-in for ONNX Runtime's placement; the GPU run has the last word."""
+    const = {i.name for i in graph.initializer} | {o for n in graph.node if n.op_type == "Constant" for o in n.output}
+    host, copies = set(), []
+    for n in graph.node:
+        inputs = [i for i in n.input if i]
+        if n.op_type in ("Shape", "Size") or (n.op_type in SHAPE_OPS and inputs and
+                                              all(i in host or i in const for i in inputs)
+                                              and any(i in host for i in inputs)):
+            host.update(n.output)
+            continue
+        for slot, name in enumerate(n.input):
+            if name in host and slot not in HOST_SLOTS.get(n.op_type, set()):
+                copies.append(f"{n.op_type} {n.name} input {slot} ({name})")
+    return copies
+
+
+@pytest.mark.parametrize("family", ["qwen3_vl", "qwen2_5_vl"])
+def test_fused_decoder_needs_no_host_to_device_copy(family, request):
+    """The dense decoders' *.ort.onnx keeps the decode step capturable as a CUDA graph (MoE: its Loop is not)."""
+    graphs = request.getfixturevalue(f"{family}_fp32_graphs")
+    fused = onnx.load(str(graphs / "decoder.ort.onnx"), load_external_data=False)
+    assert host_to_device_copies(fused.graph) == []
+
+
+def test_copy_check_sees_a_host_value_in_a_device_kernel():
+    """The check above is not vacuous: S from the shape added to a device tensor is a copy; as a Reshape shape,
+    or through ConstantOfShape, it is not."""
+    from onnx import TensorProto, helper
+
+    nodes = [helper.make_node("Shape", ["x"], ["s"]), helper.make_node("Add", ["p", "s"], ["bad"]),
+             helper.make_node("Reshape", ["x", "s"], ["ok"]), helper.make_node("ConstantOfShape", ["s"], ["ones"]),
+             helper.make_node("Add", ["p", "ones"], ["fine"])]
+    g = helper.make_graph(nodes, "g", [helper.make_tensor_value_info("x", TensorProto.INT64, [2]),
+                                       helper.make_tensor_value_info("p", TensorProto.INT64, [2])], [])
+    assert host_to_device_copies(g) == ["Add  input 1 (s)"]
