@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # The one GPU command of docs/benchmarks.md ("To be run"), in the repository root on the GPU machine after
-# bench/gpu_stage.sh's pieces were carried there: assemble onnxruntime-gpu, then bench/bench_pipeline.py for the
+# bench/gpu_stage.sh's pieces were carried there: assemble onnxruntime-gpu, tests/gpu/test_ort_cuda.py (fused
+# graphs on the CUDA EP vs HF, CUDA-graph capture; $OUT/ort_cuda.log), then bench/bench_pipeline.py for the
 # 2B and 8B configs (random checkpoints and their bf16 export made there, in parallel). Ends inside 600 s: HF
 # measurements that would start after --budget-s are skipped and say so; the log and the JSON go to $OUT.
 set -uo pipefail
@@ -20,6 +21,12 @@ tar xJf .gpu/tok/tokenizer.tar.xz -C /tmp/tok
 export PYTHONPATH=/tmp/ortsite${PYTHONPATH:+:$PYTHONPATH} PYTHONUNBUFFERED=1
 nvidia-smi --query-gpu=name,memory.total,driver_version,clocks.max.sm --format=csv,noheader
 python3 -c "import onnxruntime as o, torch, transformers as t; print('onnxruntime', o.__version__, o.get_available_providers()); print('torch', torch.__version__, 'transformers', t.__version__)"
+# the fused graphs on the CUDA EP vs HF bf16, CUDA-graph capture (tests/gpu/test_ort_cuda.py; about a minute)
+if python3 -c "import pytest" 2>/dev/null; then
+  timeout 150 python3 -m pytest -q -m gpu -p no:cacheprovider tests/gpu/test_ort_cuda.py 2>&1 | tail -30 | tee "$OUT/ort_cuda.log"
+else
+  echo "pytest is not installed here: tests/gpu/test_ort_cuda.py not run" | tee "$OUT/ort_cuda.log"
+fi
 left=$((585 - ($(date +%s) - t0)))
 timeout --signal=INT "$left" python3 bench/bench_pipeline.py --configs 2B 8B --work /tmp/qvb --tokenizer-dir /tmp/tok \
   --budget-s $((left - 40)) --json "$OUT/bench.json" 2>&1 | tee "$OUT/bench.log"
