@@ -18,12 +18,15 @@ fi
 mkdir -p /tmp/ortsite /tmp/tok
 cat $pieces | xz -d -T8 | tar xf - -C /tmp/ortsite
 tar xJf .gpu/tok/tokenizer.tar.xz -C /tmp/tok
-export PYTHONPATH=/tmp/ortsite${PYTHONPATH:+:$PYTHONPATH} PYTHONUNBUFFERED=1
+export PYTHONPATH=/tmp/ortsite:$PWD/.gpu/pylib${PYTHONPATH:+:$PYTHONPATH} PYTHONUNBUFFERED=1
 nvidia-smi --query-gpu=name,memory.total,driver_version,clocks.max.sm --format=csv,noheader
 python3 -c "import onnxruntime as o, torch, transformers as t; print('onnxruntime', o.__version__, o.get_available_providers()); print('torch', torch.__version__, 'transformers', t.__version__)"
 # the fused graphs on the CUDA EP vs HF bf16, CUDA-graph capture (tests/gpu/test_ort_cuda.py; about a minute)
 if python3 -c "import pytest" 2>/dev/null; then
-  timeout 150 python3 -m pytest -q -m gpu -p no:cacheprovider tests/gpu/test_ort_cuda.py 2>&1 | tail -30 | tee "$OUT/ort_cuda.log"
+  python3 - <<'PY' >/dev/null 2>&1 || true  # qwen_vl_trt importable for pytest (bench/benchlib.py's shim)
+import sys; sys.path.insert(0, "bench"); from benchlib import ensure_importable; ensure_importable(__import__("pathlib").Path("."))
+PY
+  PYTHONPATH=$PYTHONPATH:/tmp/qwen_vl_trt_shim timeout 150 python3 -m pytest -q -m gpu -p no:cacheprovider tests/gpu/test_ort_cuda.py 2>&1 | tail -30 | tee "$OUT/ort_cuda.log"
 else
   echo "pytest is not installed here: tests/gpu/test_ort_cuda.py not run" | tee "$OUT/ort_cuda.log"
 fi

