@@ -186,11 +186,11 @@ class _Shared:
             return tuple(out)
         return self._once(("tables", positions, inv.tobytes(), ax.tobytes()), build)
 
-    def segments(self, cu: str, rows: str) -> tuple[str, str, str]:
+    def segments(self, cu: str, rows: str) -> tuple[str, str, str, str]:
         """For cu_seqlens `cu` (int32 [F+1], cu[F] = T) and any packed [T, ...] tensor `rows`:
         gather int64 [F, Lmax] (row cu[f] + j of segment f, clamped to T-1 where j >= its length),
         lengths int32 [F] (MultiHeadAttention's key_padding_mask), unpad int64 [T] (token t's row in the
-        flattened [F*Lmax] batch)."""
+        flattened [F*Lmax] batch), equal bool scalar (all segments have Lmax rows: no padding, no mask needed)."""
         def build():
             k = self._count("segments")
             i64 = lambda v: self.const(np.array(v, np.int64))  # noqa: E731
@@ -216,7 +216,9 @@ class _Shared:
             within = self.op("Sub", [tok, self.op("Gather", [starts, seg], f"tok_start{k}", axis=0)], f"tok_within{k}")
             unpad = self.op("Add", [self.op("Mul", [seg, longest], f"tok_seg_base{k}"), within], f"tok_unpad{k}")
             mask = self.op("Cast", [lengths], f"seg_lengths_i32_{k}", to=TensorProto.INT32)
-            return gather, mask, unpad
+            shortest = self.op("ReduceMin", [lengths], f"seg_shortest{k}", keepdims=1)
+            equal = self.op("Squeeze", [self.op("Equal", [shortest, longest], f"seg_equal1{k}")], f"seg_equal{k}")
+            return gather, mask, unpad, equal
         return self._once(("segments", cu), build)
 
     def step_dims(self) -> tuple[str, str]:
@@ -293,21 +295,29 @@ def _gqa(nodes: list, node: onnx.NodeProto, seqlens_k: str, total: str, scale: f
 def _padded_mha(nodes: list, node: onnx.NodeProto, shared: "_Shared", scale: float, n_heads: int,
                 head_dim: int) -> None:
     """VarlenAttention (q/k/v [T,H,D], cu_seqlens int32 [F+1], non-causal, no GQA) -> the segments gathered into a
-    right-padded batch [F, Lmax, H*D], one MultiHeadAttention call with key_padding_mask = segment lengths (no
-    attention bias: flash / memory-efficient kernels on the CUDA EP), rows gathered back to the packed order."""
+    right-padded batch [F, Lmax, H*D], one MultiHeadAttention call (no attention bias; key_padding_mask = segment
+    lengths only when they differ), rows gathered back to the packed order."""
     base = node.name or node.output[0]
     q, k, v, cu = node.input
     hidden = n_heads * head_dim
     rows = [_reshape(nodes, x, [-1, hidden], f"{base}/{n}_rows") for x, n in ((q, "q"), (k, "k"), (v, "v"))]
-    gather, lengths, unpad = shared.segments(cu, rows[0])
+    gather, lengths, unpad, equal = shared.segments(cu, rows[0])
     padded = []
     for x, n in zip(rows, "qkv"):
         out = f"{base}/{n}_padded"
         nodes.append(helper.make_node("Gather", [x, gather], [out], name=out, axis=0))  # [F, Lmax, H*D]
         padded.append(out)
     o = f"{base}/mha"
-    nodes.append(helper.make_node("MultiHeadAttention", [*padded, "", lengths], [o], name=o, domain=ORT_DOMAIN,
-                                  num_heads=n_heads, scale=float(scale)))
+    # segments of one length (one image, the frames of a video, images of one size): no mask, so the CUDA EP may
+    # pick its flash kernel; otherwise key_padding_mask = the segment lengths
+    branches = {}
+    for kind, inputs in (("unmasked", padded), ("masked", [*padded, "", lengths])):
+        out = f"{o}/{kind}"
+        mha = helper.make_node("MultiHeadAttention", inputs, [out], name=out, domain=ORT_DOMAIN, num_heads=n_heads,
+                               scale=float(scale))
+        branches[kind] = helper.make_graph([mha], out, [], [helper.make_tensor_value_info(out, shared.dtype, None)])
+    nodes.append(helper.make_node("If", [equal], [o], name=o, then_branch=branches["unmasked"],
+                                  else_branch=branches["masked"]))
     flat = _reshape(nodes, o, [-1, hidden], f"{base}/mha_rows")  # [F*Lmax, H*D]
     packed = f"{base}/packed"
     nodes.append(helper.make_node("Gather", [flat, unpad], [packed], name=packed, axis=0))  # [T, H*D]

@@ -29,13 +29,15 @@ def _ops(model: onnx.ModelProto) -> collections.Counter:
 
 @pytest.mark.parametrize("family", FAMILIES)
 def test_fused_graphs_use_ort_kernels_and_share_the_weights(family, request):
+    """Vision: per block an If between MultiHeadAttention without a mask (segments of one length: one image, the
+    frames of a video) and with key_padding_mask (the two-image and Qwen2.5-VL window HF tests take that branch)."""
     ckpt = request.getfixturevalue(f"{family}_ckpt")
     graphs = request.getfixturevalue(f"{family}_fp32_graphs")
     spec = ModelSpec.from_checkpoint(ckpt)
     layers, depth = spec.text.num_hidden_layers, spec.vision.depth
     for name, want in (("decoder", {("com.microsoft", "GroupQueryAttention"): layers,
                                     ("com.microsoft", "RotaryEmbedding"): 2 * layers}),
-                       ("vision", {("com.microsoft", "MultiHeadAttention"): depth,
+                       ("vision", {("com.microsoft", "MultiHeadAttention"): 2 * depth, ("ai.onnx", "If"): depth,
                                    ("com.microsoft", "RotaryEmbedding"): 2 * depth})):
         fused = onnx.load(str(graphs / f"{name}.ort.onnx"), load_external_data=False)
         ops = _ops(fused)
