@@ -4,7 +4,8 @@
 #               [--compute-capabilities "8.6 12.0"]
 #
 # Checkpoint -> ARTIFACTS_DIR (default: artifacts/, what `trt-run` reads by default):
-#   vision/embed/decoder.onnx (+ .onnx.data), TensorRT engines when a TensorRT module is importable,
+#   vision/embed/decoder.onnx (+ .onnx.data), vision/decoder.ort.onnx (ONNX Runtime's fused flavour, same data),
+#   TensorRT engines when a TensorRT module is importable,
 #   the tokenizer/processor/generation files, manifest.json.
 # Without CHECKPOINT_DIR a tiny random-weight Qwen3-VL demo checkpoint is made and used. Its default dtype is
 # fp32 (ONNX Runtime's CPU provider has no bf16 MatMul); real checkpoints default to bf16, their own dtype.
@@ -23,7 +24,7 @@ while [ $# -gt 0 ]; do
     --no-engines) ENGINES=0; shift ;;
     --max-patches|--max-frames|--max-batch|--max-seq|--max-cache-len) LIMITS+=("$1" "$2"); shift 2 ;;
     --compute-capabilities) CCS="$2"; shift 2 ;;
-    -h|--help) sed -n '2,12p' "$0"; exit 0 ;;
+    -h|--help) sed -n '2,13p' "$0"; exit 0 ;;
     -*) echo "export_all.sh: unknown option $1" >&2; exit 2 ;;
     *) POSITIONAL+=("$1"); shift ;;
   esac
