@@ -24,7 +24,7 @@ while [ $# -gt 0 ]; do
     --no-engines) ENGINES=0; shift ;;
     --max-patches|--max-frames|--max-batch|--max-seq|--max-cache-len) LIMITS+=("$1" "$2"); shift 2 ;;
     --compute-capabilities) CCS="$2"; shift 2 ;;
-    -h|--help) sed -n '2,13p' "$0"; exit 0 ;;
+    -h|--help) sed -n '2,12p' "$0"; exit 0 ;;
     -*) echo "export_all.sh: unknown option $1" >&2; exit 2 ;;
     *) POSITIONAL+=("$1"); shift ;;
   esac
