@@ -1,29 +1,33 @@
-"""`decoder.ort.onnx`: decoder.onnx with its attention and rotary nodes as ONNX Runtime's fused contrib ops.
+"""`vision.ort.onnx` / `decoder.ort.onnx`: the plugin graphs with their attention, rotary and RMSNorm nodes as
+ONNX Runtime's fused kernels.
 
-decoder.onnx carries each attention / rotary op as a `qwen_vl` plugin node whose model-local function holds the
-reference body (export/ops.py): TensorRT runs our plugin kernels, ONNX Runtime inlines the bodies (MatMul,
-Softmax and a ScatterElements copy of the whole KV cache per layer and step). For the ONNX Runtime backend this
-module rewrites those nodes into the ops ONNX Runtime ships fused kernels for, on the CPU and the CUDA EP:
+vision.onnx and decoder.onnx carry each attention / rotary op as a `qwen_vl` plugin node whose model-local
+function holds the reference body (export/ops.py): TensorRT runs our plugin kernels, ONNX Runtime inlines the
+bodies (fp32 MatMul/Softmax over a [T, T] mask for vision; for the decoder a ScatterElements copy of the whole
+KV cache per layer and step). For the ONNX Runtime backend this module rewrites them into ops that ONNX Runtime
+has fused CPU and CUDA kernels for:
 
-| decoder.onnx (`qwen_vl`) | decoder.ort.onnx (`com.microsoft`) |
+| plugin graph (`qwen_vl`) | `*.ort.onnx` |
 |---|---|
-| `MRoPE(x [B,S,H,D], positions)` | `RotaryEmbedding(x [B,S,H*D], rotary_ids [B,S], cos [B*S,D/2], sin)`: one cos/sin row per token, built once per step for all layers from `position_ids` (frequency i takes axis `axis[i]`, the tables of export/rotary.py) |
-| `KVCacheAttention(q, k, v, past_key, past_value, past_lengths)` | `GroupQueryAttention(q, k, v, past_key, past_value, seqlens_k, total_sequence_length)`: writes the step's K/V at rows past_lengths[b].. and attends causally, in place when past and present are one buffer |
+| `MRoPE(x, positions)` | `com.microsoft.RotaryEmbedding` on [B,S,H*D] (vision [1,T,H*D]), cos/sin "cache" = one row per token of this call, `cos(positions[n, axis[i]] * inv_freq[i])` (the tables of export/rotary.py), built once per call for all layers |
+| `KVCacheAttention(q, k, v, past_key, past_value, past_lengths)` | `com.microsoft.GroupQueryAttention`: writes the step's K/V at rows past_lengths[b].. and attends causally, in place when present is bound to past |
+| `VarlenAttention(q, k, v, cu_seqlens)` (vision) | segments gathered into a right-padded batch, `com.microsoft.MultiHeadAttention` (key_padding_mask only when the lengths differ), rows gathered back |
+| RMSNorm (eight nodes, export/layers.py) | `SimplifiedLayerNormalization` (fp32 statistics) |
 
-Same file contract as decoder.onnx (export/contracts.py), same weights: the initializers still point into
-`decoder.onnx.data`, so the rewrite writes only a small graph file. The TensorRT engines are built from
-decoder.onnx; this file is for ONNX Runtime only.
+Same file contract (export/contracts.py) and same weights: the initializers still point into `<graph>.onnx.data`,
+so the rewrite writes only a small graph file. TensorRT engines are built from the plugin graphs.
 
-GroupQueryAttention's inputs from the contract's: `seqlens_k[b] = past_lengths[b] + S - 1` (int32; every row of
-the step counts, as in decoder.onnx: right padding is written and later overwritten), `total_sequence_length =
-S` when S > 1 (a prompt into an empty cache: ONNX Runtime requires it then) else cache_len (a decode step;
-the kernel reads its lengths from seqlens_k). Both come from shapes only, so no device value is read on the host
-and the decode step stays capturable as a CUDA graph. Restriction (ONNX Runtime's, checked by the runtime):
-a step with S > 1 and B > 1 must start from an empty cache (`past_lengths` all 0), the way runtime/generate.py
-prefills; a single sequence may continue a cache with S > 1.
+GroupQueryAttention's extra inputs come from the contract's: `seqlens_k[b] = past_lengths[b] + S - 1` (int32;
+every row of the step counts, as in decoder.onnx: right padding is written and later overwritten),
+`total_sequence_length` = S when S > 1 (a prompt into an empty cache: ONNX Runtime requires it then), else
+cache_len. Host values (shapes) only ever reach host slots of the kernels (Reshape shapes,
+`total_sequence_length`, ConstantOfShape's shape); S - 1 and the rotary row ids are counted on the device. So
+the CUDA EP has no Memcpy node in the decoder, the condition for capturing the decode step as a CUDA graph.
+ONNX Runtime's restriction: a step with S > 1 and B > 1 must start from an empty cache (`past_lengths` all 0),
+which is how runtime/generate.py prefills; one sequence may continue a cache with S > 1.
 
-Rounding: the cos/sin rows are computed in fp32 (HF: `inv_freq @ position` in fp32) and cast to the graph
-dtype, as HF does before `apply_rotary_pos_emb`.
+Rounding: cos/sin in fp32 (HF: `inv_freq @ position` in fp32), cast to the graph dtype as HF does; RMSNorm rounds
+to the graph dtype once, after the weight (HF: before and after): equal in fp32, at most one bf16 ulp apart.
 """
 from __future__ import annotations
 
