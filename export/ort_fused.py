@@ -12,7 +12,7 @@ has fused CPU and CUDA kernels for:
 | `MRoPE(x, positions)` | `com.microsoft.RotaryEmbedding` on [B,S,H*D] (vision [1,T,H*D]), cos/sin "cache" = one row per token of this call, `cos(positions[n, axis[i]] * inv_freq[i])` (the tables of export/rotary.py), built once per call for all layers |
 | `KVCacheAttention(q, k, v, past_key, past_value, past_lengths)` | `com.microsoft.GroupQueryAttention`: writes the step's K/V at rows past_lengths[b].. and attends causally, in place when present is bound to past |
 | `VarlenAttention(q, k, v, cu_seqlens)` (vision) | segments gathered into a right-padded batch, `com.microsoft.MultiHeadAttention` (key_padding_mask only when the lengths differ), rows gathered back |
-| RMSNorm (eight nodes, export/layers.py) | `SimplifiedLayerNormalization` (fp32 statistics) |
+| RMSNorm (eight nodes, export/layers.py) | `SimplifiedLayerNormalization` (fp32 statistics); in the decoder, with the residual Add before it, `com.microsoft.SkipSimplifiedLayerNormalization` |
 
 Same file contract (export/contracts.py) and same weights: the initializers still point into `<graph>.onnx.data`,
 so the rewrite writes only a small graph file. TensorRT engines are built from the plugin graphs.
@@ -62,8 +62,11 @@ def write_fused(graph_onnx: Path, spec: ModelSpec) -> Path:
 
 
 def fuse_decoder(model: onnx.ModelProto, spec: ModelSpec) -> onnx.ModelProto:
-    """In place: every top-level qwen_vl MRoPE / KVCacheAttention node of a decoder graph -> contrib ops."""
-    return _fuse(model, spec.text.num_attention_heads, spec.text.num_key_value_heads, spec.text.head_dim, rank=4)
+    """In place: every top-level qwen_vl MRoPE / KVCacheAttention node of a decoder graph -> contrib ops, each
+    RMSNorm that reads a residual sum fused with that Add."""
+    _fuse(model, spec.text.num_attention_heads, spec.text.num_key_value_heads, spec.text.head_dim, rank=4)
+    _fuse_skip_norms(model.graph)
+    return model
 
 
 def fuse_vision(model: onnx.ModelProto, spec: ModelSpec) -> onnx.ModelProto:
@@ -384,6 +387,37 @@ def _fuse_rms_norms(g: onnx.GraphProto) -> int:
     del g.node[:]
     g.node.extend(kept)
     return fused
+
+
+def _fuse_skip_norms(g: onnx.GraphProto) -> int:
+    """Add(x, y) -> SimplifiedLayerNormalization  =>  SkipSimplifiedLayerNormalization(x, y, weight), whose 4th
+    output is the sum (the residual stream the next layer adds to). Only for activation + activation sums (the
+    decoder's residual and DeepStack adds, all [B, S, C]). The sum is rounded to the graph dtype as the Add
+    rounds it. Returns the number fused."""
+    nodes = list(g.node)
+    producer = {o: n for n in nodes for o in n.output}
+    consts = {i.name for i in g.initializer} | {o for n in nodes if n.op_type == "Constant" for o in n.output}
+    readers: dict[str, int] = {}
+    for n in nodes:
+        for i in n.input:
+            readers[i] = readers.get(i, 0) + 1
+    outputs = {o.name for o in g.output}
+    fused_at, drop = {}, set()
+    for norm in [n for n in nodes if n.op_type == "SimplifiedLayerNormalization"]:
+        add = producer.get(norm.input[0])
+        if add is None or add.op_type != "Add" or id(add) in fused_at or any(i in consts for i in add.input):
+            continue
+        eps = next(helper.get_attribute_value(a) for a in norm.attribute if a.name == "epsilon")
+        keep_sum = readers.get(add.output[0], 0) > 1 or add.output[0] in outputs
+        fused_at[id(add)] = helper.make_node(
+            "SkipSimplifiedLayerNormalization", [add.input[0], add.input[1], norm.input[1]],
+            [norm.output[0], "", "", add.output[0] if keep_sum else ""], name=f"{norm.name}/skip",
+            domain=ORT_DOMAIN, epsilon=float(eps))
+        drop.add(id(norm))
+    kept = [fused_at.get(id(n), n) for n in nodes if id(n) not in drop]
+    del g.node[:]
+    g.node.extend(kept)
+    return len(fused_at)
 
 
 def _bypass_output_identities(nodes: list, g: onnx.GraphProto) -> list:
