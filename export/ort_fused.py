@@ -81,10 +81,10 @@ def _fuse(model: onnx.ModelProto, n_q: int, n_kv: int, head_dim: int, rank: int)
     shared = _Shared(new_nodes, g)
     rewritten = 0
     for node in g.node:
-        attrs = {a.name: helper.get_attribute_value(a) for a in node.attribute}
         if node.domain != DOMAIN:
             new_nodes.append(node)
             continue
+        attrs = {a.name: helper.get_attribute_value(a) for a in node.attribute}
         if node.op_type == "MRoPE":
             cos, sin = shared.rotary_tables(node.input[1], attrs["inv_freq"], attrs["axis"])
             _rope(new_nodes, node, cos, sin, shared.rotary_ids(node.input[0], rank), head_dim, rank, n_q)

@@ -299,6 +299,6 @@ def open_sessions(manifest, backend: str = "auto", *, io_binding: bool = True, t
 
             return "tensorrt", open_trt(engines, manifest.contracts, manifest.plugin_library(),
                                         dim_ranges(manifest.limits), cuda_graph=cuda_graph)
-    paths = manifest.graph_paths(fused=ort_fused)
-    return "onnxruntime", open_ort(paths, manifest.contracts, io_binding=io_binding, threads=threads,
-                                   cuda_graph=cuda_graph, kv_in_place=paths["decoder"].name.endswith(".ort.onnx"))
+    in_place = ort_fused and bool(manifest.graphs["decoder"].get("onnx_ort"))  # decoder.ort.onnx is opened
+    return "onnxruntime", open_ort(manifest.graph_paths(fused=ort_fused), manifest.contracts, io_binding=io_binding,
+                                   threads=threads, cuda_graph=cuda_graph, kv_in_place=in_place)
