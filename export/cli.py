@@ -29,6 +29,8 @@ def export_graphs(ckpt_dir, out_dir, dtype: str = "bfloat16", graphs=("vision", 
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     exporters = {"vision": _vision_exporter(spec), "embed": export_embed, "decoder": export_decoder}
+    if weights.fp8 and progress:
+        progress(f"{weights.fp8.describe()}: dequantized to {dtype} as they are read")
     files = {}
     for name in graphs:
         t0 = time.perf_counter()

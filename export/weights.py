@@ -1,8 +1,8 @@
 """Lazy access to a checkpoint's safetensors weights, one tensor at a time.
 
 Single-file (`model.safetensors`) and sharded (`model.safetensors.index.json`) checkpoints, any of
-fp32/fp16/bf16. Nothing is read until `get(key)` is called, and only that tensor is materialized, so
-exporting a 64 GB checkpoint needs memory for its largest tensor, not for the model
+fp32/fp16/bf16, and FP8 checkpoints (export/quantized.py: a float8 weight is returned dequantized, in fp32).
+Nothing is read until `get(key)` is called, and only that tensor is materialized, so exporting a 64 GB checkpoint needs memory for its largest tensor, not for the model
 (docs/benchmarks.md, "Export: time and peak RSS").
 """
 from __future__ import annotations
@@ -11,6 +11,7 @@ import json
 import struct
 from pathlib import Path
 
+from .quantized import Fp8Weights, is_fp8
 from .spec import CheckpointError
 
 
@@ -32,9 +33,23 @@ def canonical_key(key: str) -> str:
 class CheckpointWeights:
     def __init__(self, ckpt_dir: str | Path):
         self.dir = Path(ckpt_dir)
+        self._dtypes: dict[str, str] = {}  # stored name -> safetensors dtype ("BF16", "F8_E4M3", ...)
         stored = self._index()
+        self.fp8 = Fp8Weights.from_config(_config(self.dir), str(self.dir / "config.json"))
         self._stored_key = {canonical_key(k): k for k in stored}  # canonical name -> name in the file
         self._key_to_file = {canonical_key(k): p for k, p in stored.items()}
+        self._check_fp8_scales()
+
+    def _check_fp8_scales(self) -> None:
+        """Every float8 weight has its scale, checked from the headers before anything is exported."""
+        for stored, dtype in self._dtypes.items():
+            if not dtype.startswith("F8_"):
+                continue
+            key = canonical_key(stored)
+            scale_key = self.fp8.scale_key(key) if self.fp8 else None
+            if scale_key is None or scale_key not in self._key_to_file:
+                raise CheckpointError(f"{self.dir}: weight {key!r} is stored as {dtype} without a scale "
+                                      f"({scale_key or 'config.json has no quantization_config'})")
 
     def _index(self) -> dict[str, Path]:
         index = self.dir / "model.safetensors.index.json"
@@ -48,19 +63,22 @@ class CheckpointWeights:
             if missing:
                 raise CheckpointError(f"{self.dir}: shard(s) listed in {index.name} are missing: {', '.join(missing)}")
             for p in files.values():
-                _check_safetensors_file(p)
+                self._dtypes.update(_check_safetensors_file(p))
             return {k: files[f] for k, f in weight_map.items()}
         shards = sorted(self.dir.glob("*.safetensors"))
         if not shards:
             raise CheckpointError(f"{self.dir}: no *.safetensors weights found")
         out: dict[str, Path] = {}
         for p in shards:
-            for key in _check_safetensors_file(p):
+            dtypes = _check_safetensors_file(p)
+            self._dtypes.update(dtypes)
+            for key in dtypes:
                 out[key] = p
         return out
 
-    def keys(self):
-        return self._key_to_file.keys()
+    def keys(self) -> list[str]:
+        """Weight names (an FP8 checkpoint's scales are read with their weight, so they are not listed)."""
+        return [k for k in self._key_to_file if not (self.fp8 and self.fp8.is_auxiliary(k))]
 
     def has(self, key: str) -> bool:
         return key in self._key_to_file
@@ -73,7 +91,13 @@ class CheckpointWeights:
         raise CheckpointError(f"{self.dir}: weight {candidates[0]!r} not found in the checkpoint")
 
     def get(self, key: str):
-        """One tensor as a torch.Tensor in its stored dtype."""
+        """One tensor as a torch.Tensor in its stored dtype (an FP8 weight: dequantized, float32)."""
+        t = self._read(key)
+        if not is_fp8(t):
+            return t
+        return self.fp8.dequantize(t, self._read(self.fp8.scale_key(key)), key)  # scale checked at open
+
+    def _read(self, key: str):
         from safetensors import safe_open
 
         path = self._key_to_file.get(key)
@@ -88,8 +112,16 @@ class CheckpointWeights:
             raise CheckpointError(f"{path}: cannot read tensor {key!r} ({e})") from None
 
 
-def _check_safetensors_file(path: Path) -> list[str]:
-    """Validate the header and the file size (a truncated download is caught here, not mid-export)."""
+def _config(ckpt_dir: Path) -> dict:
+    try:
+        return json.loads((ckpt_dir / "config.json").read_text())
+    except (OSError, ValueError):
+        return {}  # ModelSpec reports a missing or broken config.json; weights alone need none
+
+
+def _check_safetensors_file(path: Path) -> dict[str, str]:
+    """Validate the header and the file size (a truncated download is caught here, not mid-export) -> the
+    file's {tensor name: safetensors dtype}."""
     try:
         with open(path, "rb") as f:
             raw = f.read(8)
@@ -106,4 +138,4 @@ def _check_safetensors_file(path: Path) -> list[str]:
     size = path.stat().st_size
     if size < 8 + n + end:
         raise CheckpointError(f"{path}: truncated ({size} bytes, header needs {8 + n + end}); download it again")
-    return list(header)
+    return {k: v.get("dtype", "") for k, v in header.items()}
