@@ -9,6 +9,8 @@
   cu_seqlens; Qwen2.5-VL window index).
 - `--probe-sampling`: temperature / top-k / top-p probabilities == HF's logits warpers; seeded runs reproduce.
 - Bad input: one `error:` line, exit 2, no traceback, no hang.
+- Build: runtime/cpp/build.sh compiled and linked the tensorrt backend where TensorRT headers, a TensorRT library
+  and the CUDA runtime are present (it is never executed here: no GPU).
 """
 from __future__ import annotations
 
@@ -424,3 +426,17 @@ def test_worker_ends_when_the_cpp_process_is_killed(binary, qwen3_artifacts, goo
         time.sleep(0.05)
     alive = Path(f"/proc/{worker}").exists() and Path(f"/proc/{worker}/stat").read_text().split()[2] != "Z"
     assert not alive
+
+
+# ---- build --------------------------------------------------------------------------------------------------------
+def test_tensorrt_backend_compiled_and_linked_when_toolchain_present(binary):
+    have = (Path("/usr/local/cuda/include/cuda_runtime_api.h").exists() and
+            (ROOT / "third_party/kernel_lens/include/tensorrt/NvInferRuntime.h").exists())
+    if not have:
+        pytest.skip("no CUDA runtime / TensorRT headers here: the binary is built without the tensorrt backend")
+    r = subprocess.run(["ldd", str(binary)], capture_output=True, text=True)
+    assert "libtensorrt_rtx" in r.stdout or "libnvinfer" in r.stdout
+    assert "libcudart" in r.stdout
+    syms = subprocess.run(["nm", "-C", str(binary)], capture_output=True, text=True).stdout
+    assert "TensorRTBackend::TensorRTBackend" in syms and "TensorRTBackend::run" in syms
+    assert b"built without the tensorrt backend" not in binary.read_bytes()
