@@ -180,6 +180,29 @@ def test_qwen2_5_image_matches_hf(binary, qwen2_5_artifacts, hf_qwen2_5_vl, qwen
     assert ours["sequences"][0]["token_ids"] == hf_generate(hf_qwen2_5_vl, inputs)
 
 
+def test_stop_ids_end_each_sequence_of_a_batch(binary, qwen3_artifacts, media, tmp_path):
+    """A stop id ends a sequence after it (included, as HF); the other sequence of the batch goes on unchanged."""
+    from qwen_vl_trt.runtime import request_file
+
+    req = tmp_path / "batch.safetensors"
+    assert request_file.main(["--model-dir", str(qwen3_artifacts), "--image", str(media["images"][1]), "--prompt", "A?",
+                              "--prompt", "Tell me more about the picture.", "--out", str(req)]) == 0
+    full = [s["token_ids"] for s in generate(binary, qwen3_artifacts, req)["sequences"]]
+    stop = full[0][2]
+    eos = json.loads((qwen3_artifacts / "generation_config.json").read_text())["eos_token_id"]
+    stops = {stop, *(eos if isinstance(eos, list) else [eos])}
+
+    def cut(ids):
+        return next((ids[:i + 1] for i, t in enumerate(ids) if t in stops), ids)
+
+    r = subprocess.run([str(binary), "--model-dir", str(qwen3_artifacts), "--request", str(req), "--python",
+                        sys.executable, "--temperature", "0", "--max-new-tokens", str(N_NEW), "--stop-id", str(stop)],
+                       capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stderr
+    stopped = [s["token_ids"] for s in json.loads(r.stdout)["sequences"]]
+    assert stopped == [cut(ids) for ids in full] and len(stopped[0]) <= 3
+
+
 # ---- positions and vision inputs vs HF -----------------------------------------------------------------------
 def dump(binary, artifacts, request, out):
     r = subprocess.run([str(binary), "--model-dir", str(artifacts), "--request", str(request), "--dump-inputs", str(out)],

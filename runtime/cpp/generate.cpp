@@ -62,6 +62,34 @@ TensorMap decoderFeeds(TensorMap embeds, Tensor positionIds, std::vector<int64_t
     embeds["logits_index"] = fromVector(logitsIndex, {batch});
     return embeds;
 }
+
+// All prompts, right-padded into one decoder call (logits_index = length - 1) -> logits float32 [B, V]
+Tensor prefill(Backend& backend, Manifest const& m, Request const& r, TensorMap vision, Tensor const& positionIds)
+{
+    int64_t const batch = r.batch(), seq = r.longest();
+    std::vector<int64_t> ids(static_cast<size_t>(batch * seq), m.generation.padTokenId), logitsIndex(batch);
+    for (int64_t b = 0; b < batch; ++b)
+    {
+        std::copy(r.sequences[b].begin(), r.sequences[b].end(), ids.begin() + b * seq);
+        logitsIndex[b] = static_cast<int64_t>(r.sequences[b].size()) - 1;
+    }
+    vision["input_ids"] = fromVector(ids, {batch, seq});   // [B, S]
+    TensorMap embeds = backend.run("embed", vision); // inputs_embeds [B, S, C] (+ deepstack_embeds [Ld, B, S, C])
+    return backend.run("decoder",
+        decoderFeeds(std::move(embeds), positionIds, std::vector<int64_t>(batch, 0), logitsIndex))["logits"];
+}
+
+// tokens [B] -> logits float32 [B, V]; one row per sequence written into the cache at past[b]
+Tensor decodeOneToken(Backend& backend, Manifest const& m, std::vector<int64_t> const& tokens,
+    std::vector<int64_t> const& past, Tensor const& ropeDeltas)
+{
+    int64_t const batch = static_cast<int64_t>(tokens.size());
+    TensorMap feeds = emptyVision(m);
+    feeds["input_ids"] = fromVector(tokens, {batch, 1});             // [B, 1]
+    Tensor positions = decodePositionIds(past, ropeDeltas);          // [3, B, 1]
+    return backend.run("decoder",
+        decoderFeeds(backend.run("embed", feeds), positions, past, std::vector<int64_t>(batch, 0)))["logits"];
+}
 } // namespace
 
 int64_t cacheLenFor(Manifest const& m, Request const& r, int64_t maxNewTokens, bool capture)
@@ -85,8 +113,7 @@ Generation generate(Backend& backend, Manifest const& m, Request const& r, Sampl
 {
     if (cfg.maxNewTokens < 1)
         throw UserError("--max-new-tokens " + std::to_string(cfg.maxNewTokens) + ": must be >= 1");
-    int64_t const batch = r.batch(), seq = r.longest();
-    int64_t const pad = m.generation.padTokenId;
+    int64_t const batch = r.batch(), pad = m.generation.padTokenId;
     Generation out;
     out.tokens.resize(batch);
     out.timings.cacheLen = cacheLenFor(m, r, cfg.maxNewTokens, backend.capturesDecode());
@@ -98,25 +125,14 @@ Generation generate(Backend& backend, Manifest const& m, Request const& r, Sampl
     TensorMap vision = encodeVision(backend, m, r, out.timings.visionCalls);
     out.timings.visionMs = msSince(t0);
 
-    // prefill: the right-padded batch in one decoder call
     t0 = Clock::now();
-    std::vector<int64_t> ids(static_cast<size_t>(batch * seq), pad), lengths(batch), logitsIndex(batch);
+    std::vector<int64_t> sampled = sampler.sample(prefill(backend, m, r, std::move(vision), rope.positionIds));
+    std::vector<int64_t> past(batch);
     for (int64_t b = 0; b < batch; ++b)
-    {
-        std::copy(r.sequences[b].begin(), r.sequences[b].end(), ids.begin() + b * seq);
-        lengths[b] = static_cast<int64_t>(r.sequences[b].size());
-        logitsIndex[b] = lengths[b] - 1;
-    }
-    vision["input_ids"] = fromVector(ids, {batch, seq});
-    TensorMap embeds = backend.run("embed", vision); // inputs_embeds [B, S, C] (+ deepstack_embeds [Ld, B, S, C])
-    Tensor logits = backend.run("decoder",
-        decoderFeeds(std::move(embeds), rope.positionIds, std::vector<int64_t>(batch, 0), logitsIndex))["logits"];
-    std::vector<int64_t> sampled = sampler.sample(logits);
-    std::vector<int64_t> past = lengths;
+        past[b] = static_cast<int64_t>(r.sequences[b].size());
     out.timings.prefillMs = msSince(t0);
 
     std::vector<bool> done(batch, false);
-    TensorMap const empty = emptyVision(m);
     for (int64_t step = 0; step < cfg.maxNewTokens; ++step)
     {
         std::vector<int64_t> tokens(batch);
@@ -134,14 +150,9 @@ Generation generate(Backend& backend, Manifest const& m, Request const& r, Sampl
         if (all || step == cfg.maxNewTokens - 1)
             break;
         t0 = Clock::now();
-        TensorMap feeds = empty;
-        feeds["input_ids"] = fromVector(tokens, {batch, 1});
-        Tensor positions = decodePositionIds(past, rope.ropeDeltas); // [3, B, 1]
-        logits = backend.run("decoder",
-            decoderFeeds(backend.run("embed", feeds), positions, past, std::vector<int64_t>(batch, 0)))["logits"];
+        sampled = sampler.sample(decodeOneToken(backend, m, tokens, past, rope.ropeDeltas));
         for (auto& p : past)
             ++p;
-        sampled = sampler.sample(logits);
         out.timings.decodeMs.push_back(msSince(t0));
     }
     return out;

@@ -70,6 +70,96 @@ std::vector<int64_t> checkPixels(Tensor const* pixels, std::vector<Grid> const& 
             + " needs " + std::to_string(rows));
     return first;
 }
+// Unpadded token ids per row of input_ids [B, S] under attention_mask [B, S] (right padding, limits checked)
+std::vector<std::vector<int64_t>> readSequences(Tensor const& ids, Tensor const& mask, Manifest const& m,
+    std::string const& where)
+{
+    std::vector<std::vector<int64_t>> sequences;
+    int64_t const batch = ids.shape[0], seq = ids.shape[1];
+    if (batch > m.limits.maxBatch)
+        throw UserError(where + ": " + std::to_string(batch) + " prompts in one batch, artifacts allow at most "
+            + std::to_string(m.limits.maxBatch) + ": re-export with a larger --max-batch");
+    for (int64_t b = 0; b < batch; ++b)
+    {
+        int64_t const* mk = mask.as<int64_t>() + b * seq;
+        int64_t n = 0;
+        while (n < seq && mk[n] == 1)
+            ++n;
+        for (int64_t s = n; s < seq; ++s)
+            if (mk[s] != 0)
+                throw UserError(where + ": attention_mask row " + std::to_string(b)
+                    + " is not right padding (1..1 then 0..0)");
+        if (n == 0)
+            throw UserError(where + ": prompt " + std::to_string(b) + " is empty (attention_mask all 0)");
+        if (n > m.limits.maxSeq)
+            throw UserError("prompt has " + std::to_string(n) + " tokens, artifacts allow at most "
+                + std::to_string(m.limits.maxSeq) + ": re-export with a larger --max-seq");
+        int64_t const* row = ids.as<int64_t>() + b * seq;
+        sequences.emplace_back(row, row + n);
+        for (int64_t id : sequences.back())
+            if (id < 0 || id >= m.vocabSize)
+                throw UserError(where + ": token id " + std::to_string(id) + " outside the vocabulary of "
+                    + std::to_string(m.vocabSize));
+    }
+    return sequences;
+}
+
+// Media in pad order: the k-th item of a kind starts where the pads of that kind resume after the previous one
+std::vector<MediaItem> matchMedia(Request const& r, Tensor const* img, Tensor const* vid,
+    std::vector<int64_t> const& imgRows, std::vector<int64_t> const& vidRows, Manifest const& m,
+    std::string const& where)
+{
+    std::vector<MediaItem> media;
+    int64_t const unit = m.spatialMergeSize * m.spatialMergeSize;
+    size_t nextImage = 0, nextVideo = 0;
+    for (auto const& s : r.sequences)
+    {
+        int64_t left = 0; // pads still owed to the current item
+        bool leftVideo = false;
+        for (int64_t id : s)
+        {
+            bool const isImage = id == m.imageTokenId, isVideo = id == m.videoTokenId;
+            if (!isImage && !isVideo)
+                continue;
+            if (left > 0 && isVideo != leftVideo)
+                throw UserError(where + ": an image's pad tokens are interrupted by a video's (or the reverse)");
+            if (left == 0)
+            {
+                std::vector<Grid> const& g = isVideo ? r.videoGrids : r.imageGrids;
+                size_t& next = isVideo ? nextVideo : nextImage;
+                if (next >= g.size())
+                    throw UserError(where + ": more " + (isVideo ? "video" : "image") + " pad tokens than "
+                        + (isVideo ? "video_grid_thw" : "image_grid_thw") + " accounts for");
+                media.push_back({isVideo, g[next], isVideo ? vid : img, (isVideo ? vidRows : imgRows)[next]});
+                left = media.back().patches() / unit;
+                leftVideo = isVideo;
+                ++next;
+            }
+            --left;
+        }
+        if (left != 0)
+            throw UserError(where + ": a prompt ends inside an image's or video's pad tokens");
+    }
+    if (nextImage != r.imageGrids.size() || nextVideo != r.videoGrids.size())
+        throw UserError(where + ": image_grid_thw / video_grid_thw describe more media than the prompts have pad "
+                                "tokens for");
+    return media;
+}
+
+void checkMediaLimits(std::vector<MediaItem> const& media, Limits const& limits)
+{
+    for (auto const& item : media)
+    {
+        std::string const what = item.video ? "a video" : "an image";
+        if (item.patches() > limits.maxPatches)
+            throw UserError(what + " needs " + std::to_string(item.patches()) + " vision patches, artifacts allow at most "
+                + std::to_string(limits.maxPatches) + " per vision call: re-export with a larger --max-patches");
+        if (item.grid[0] > limits.maxFrames)
+            throw UserError(what + " needs " + std::to_string(item.grid[0]) + " temporal patches, artifacts allow at "
+                + "most " + std::to_string(limits.maxFrames) + " per vision call: re-export with a larger --max-frames");
+    }
+}
+
 } // namespace
 
 int64_t Request::longest() const
@@ -99,32 +189,7 @@ Request loadRequest(std::string const& path, Manifest const& m)
     if (ids->shape != mask->shape || ids->shape[0] < 1 || ids->shape[1] < 1)
         throw UserError(where + ": input_ids " + ids->describe() + " and attention_mask " + mask->describe()
             + " must have the same non-empty shape");
-    int64_t const batch = ids->shape[0], seq = ids->shape[1];
-    if (batch > m.limits.maxBatch)
-        throw UserError(where + ": " + std::to_string(batch) + " prompts in one batch, artifacts allow at most "
-            + std::to_string(m.limits.maxBatch) + ": re-export with a larger --max-batch");
-    for (int64_t b = 0; b < batch; ++b)
-    {
-        int64_t const* mk = mask->as<int64_t>() + b * seq;
-        int64_t n = 0;
-        while (n < seq && mk[n] == 1)
-            ++n;
-        for (int64_t s = n; s < seq; ++s)
-            if (mk[s] != 0)
-                throw UserError(where + ": attention_mask row " + std::to_string(b)
-                    + " is not right padding (1..1 then 0..0)");
-        if (n == 0)
-            throw UserError(where + ": prompt " + std::to_string(b) + " is empty (attention_mask all 0)");
-        if (n > m.limits.maxSeq)
-            throw UserError("prompt has " + std::to_string(n) + " tokens, artifacts allow at most "
-                + std::to_string(m.limits.maxSeq) + ": re-export with a larger --max-seq");
-        int64_t const* row = ids->as<int64_t>() + b * seq;
-        r.sequences.emplace_back(row, row + n);
-        for (int64_t id : r.sequences.back())
-            if (id < 0 || id >= m.vocabSize)
-                throw UserError(where + ": token id " + std::to_string(id) + " outside the vocabulary of "
-                    + std::to_string(m.vocabSize));
-    }
+    r.sequences = readSequences(*ids, *mask, m, where);
     r.imageGrids = grids(find(r.tensors, "image_grid_thw"), "image_grid_thw", m, where);
     r.videoGrids = grids(find(r.tensors, "video_grid_thw"), "video_grid_thw", m, where);
     Tensor const* img = find(r.tensors, "pixel_values");
@@ -141,50 +206,8 @@ Request loadRequest(std::string const& path, Manifest const& m)
             r.secondPerGridTs[i]
                 = secs->dtype == DType::kF32 ? secs->as<float>()[i] : static_cast<float>(secs->as<double>()[i]);
     }
-    // media in pad order: the k-th item of a kind starts where the pads of that kind resume after the previous one
-    int64_t const unit = m.spatialMergeSize * m.spatialMergeSize;
-    size_t nextImage = 0, nextVideo = 0;
-    for (auto const& s : r.sequences)
-    {
-        int64_t left = 0; // pads still owed to the current item
-        bool leftVideo = false;
-        for (int64_t id : s)
-        {
-            bool const isImage = id == m.imageTokenId, isVideo = id == m.videoTokenId;
-            if (!isImage && !isVideo)
-                continue;
-            if (left > 0 && isVideo != leftVideo)
-                throw UserError(where + ": an image's pad tokens are interrupted by a video's (or the reverse)");
-            if (left == 0)
-            {
-                std::vector<Grid> const& g = isVideo ? r.videoGrids : r.imageGrids;
-                size_t& next = isVideo ? nextVideo : nextImage;
-                if (next >= g.size())
-                    throw UserError(where + ": more " + (isVideo ? "video" : "image") + " pad tokens than "
-                        + (isVideo ? "video_grid_thw" : "image_grid_thw") + " accounts for");
-                r.media.push_back({isVideo, g[next], isVideo ? vid : img, (isVideo ? vidRows : imgRows)[next]});
-                left = r.media.back().patches() / unit;
-                leftVideo = isVideo;
-                ++next;
-            }
-            --left;
-        }
-        if (left != 0)
-            throw UserError(where + ": a prompt ends inside an image's or video's pad tokens");
-    }
-    if (nextImage != r.imageGrids.size() || nextVideo != r.videoGrids.size())
-        throw UserError(where + ": image_grid_thw / video_grid_thw describe more media than the prompts have pad "
-                                "tokens for");
-    for (auto const& item : r.media)
-    {
-        std::string const what = item.video ? "a video" : "an image";
-        if (item.patches() > m.limits.maxPatches)
-            throw UserError(what + " needs " + std::to_string(item.patches()) + " vision patches, artifacts allow at most "
-                + std::to_string(m.limits.maxPatches) + " per vision call: re-export with a larger --max-patches");
-        if (item.grid[0] > m.limits.maxFrames)
-            throw UserError(what + " needs " + std::to_string(item.grid[0]) + " temporal patches, artifacts allow at "
-                + "most " + std::to_string(m.limits.maxFrames) + " per vision call: re-export with a larger --max-frames");
-    }
+    r.media = matchMedia(r, img, vid, imgRows, vidRows, m, where);
+    checkMediaLimits(r.media, m.limits);
     return r;
 }
 
