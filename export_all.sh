@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # export_all.sh [CHECKPOINT_DIR] [ARTIFACTS_DIR] [--dtype fp32|fp16|bf16] [--no-engines]
 #               [--max-patches N] [--max-frames N] [--max-batch B] [--max-seq S] [--max-cache-len K]
-#               [--compute-capabilities "8.6 12.0"]
+#               [--compute-capabilities "8.6 12.0"] [--weights dense|int4] [--int4-block-size 32|64|128]
 #
 # Checkpoint -> ARTIFACTS_DIR (default: artifacts/, what `trt-run` reads by default):
 #   vision/embed/decoder.onnx (+ .onnx.data), vision/decoder.ort.onnx (ONNX Runtime's fused flavour, same data),
@@ -18,12 +18,14 @@ DTYPE=""
 ENGINES=1
 LIMITS=()
 CCS=""
+WEIGHTS=()
 while [ $# -gt 0 ]; do
   case "$1" in
     --dtype) DTYPE="$2"; shift 2 ;;
     --no-engines) ENGINES=0; shift ;;
     --max-patches|--max-frames|--max-batch|--max-seq|--max-cache-len) LIMITS+=("$1" "$2"); shift 2 ;;
     --compute-capabilities) CCS="$2"; shift 2 ;;
+    --weights|--int4-block-size) WEIGHTS+=("$1" "$2"); shift 2 ;;
     -h|--help) sed -n '2,12p' "$0"; exit 0 ;;
     -*) echo "export_all.sh: unknown option $1" >&2; exit 2 ;;
     *) POSITIONAL+=("$1"); shift ;;
@@ -58,7 +60,7 @@ mkdir -p "$OUT"
 rm -f "$OUT/manifest.json" "$OUT"/{vision,embed,decoder}.engine  # never leave a stale manifest or engine behind
 
 echo "[2/5] exporting vision/embed/decoder graphs to $OUT" >&2
-"$PY" -m qwen_vl_trt.export.cli "$CKPT" "$OUT" --dtype "$DTYPE"
+"$PY" -m qwen_vl_trt.export.cli "$CKPT" "$OUT" --dtype "$DTYPE" "${WEIGHTS[@]}"
 
 echo "[3/5] copying tokenizer, chat template, processor and generation configs" >&2
 "$PY" -m qwen_vl_trt.export.artifacts copy "$CKPT" "$OUT"

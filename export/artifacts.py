@@ -24,6 +24,7 @@ from qwen_vl_trt.runtime.manifest import (COPIED_FILES, FORMAT, FORMAT_VERSION, 
 
 from .build_engines import Limits
 from .contracts import CONTRACTS
+from .int4 import WEIGHTS_METADATA
 from .onnx_graph import DTYPE_ALIASES
 from .ort_fused import fused_path
 from .spec import CheckpointError, ModelSpec
@@ -82,6 +83,7 @@ def write_manifest(ckpt: Path, out: Path, dtype: str, limits: Limits, engines: b
             raise CheckpointError(f"{engine} missing: the engine build did not finish")
         graphs[name] = {"onnx": onnx_file.name, "onnx_data": data.name if data.is_file() else None,
                         "engine": engine.name if engines else None}
+        graphs[name]["weights"] = graph_metadata(onnx_file).get(WEIGHTS_METADATA, "dense")
         ort_file = fused_path(onnx_file)
         if ort_file.is_file():  # ONNX Runtime's fused flavour (export/ort_fused.py)
             graphs[name]["onnx_ort"] = ort_file.name
@@ -102,12 +104,20 @@ def write_manifest(ckpt: Path, out: Path, dtype: str, limits: Limits, engines: b
     return path
 
 
-def export_artifacts(ckpt, out, dtype: str = "bf16", limits: Limits = Limits(), progress=None) -> Path:
+def graph_metadata(onnx_file: Path) -> dict:
+    """The ONNX metadata_props of a graph file (its weights stay on disk)."""
+    import onnx
+
+    return {p.key: p.value for p in onnx.load(str(onnx_file), load_external_data=False).metadata_props}
+
+
+def export_artifacts(ckpt, out, dtype: str = "bf16", limits: Limits = Limits(), progress=None,
+                     int4_block: int | None = None) -> Path:
     """export_all.sh without engines, in-process: graphs, copied files, manifest. Returns out/manifest.json."""
     from .cli import export_graphs
 
     ckpt, out = Path(ckpt), Path(out)
-    export_graphs(ckpt, out, dtype, progress=progress)
+    export_graphs(ckpt, out, dtype, progress=progress, int4_block=int4_block)
     copy_checkpoint_files(ckpt, out)
     return write_manifest(ckpt, out, dtype, limits)
 

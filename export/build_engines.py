@@ -113,14 +113,15 @@ def build_engine(trt, onnx_path: Path, engine_path: Path, contract: GraphSpec, l
 
 
 def build_all(artifacts: Path, limits: Limits, compute_capabilities=(), plugin_lib=None, dtype="float32",
-              spec: ModelSpec | None = None, log=print) -> dict[str, str]:
+              spec: ModelSpec | None = None, log=print, graphs=tuple(CONTRACTS)) -> dict[str, str]:
     from .trt_compat import import_tensorrt
 
     limits.check()
     trt = import_tensorrt()
     spec = spec or ModelSpec.from_checkpoint(artifacts)
     engines = {}
-    for name, contract_fn in CONTRACTS.items():
+    for name in graphs:
+        contract_fn = CONTRACTS[name]
         onnx_path = artifacts / f"{name}.onnx"
         engines[name] = build_engine(trt, onnx_path, artifacts / f"{name}.engine", contract_fn(spec).resolve(dtype),
                                      limits, compute_capabilities, plugin_lib, artifacts / "timing.cache", log).name
@@ -135,11 +136,12 @@ def main(argv=None) -> int:
     ap.add_argument("--dtype", default="float32")
     ap.add_argument("--compute-capabilities", nargs="*", default=[], help="TensorRT-RTX AOT targets, e.g. 8.6 12.0")
     ap.add_argument("--plugins", default=None, help="plugin library to load (libqwen_vl_plugins.so)")
+    ap.add_argument("--graphs", default=",".join(CONTRACTS), help="which engines to build (default: all three)")
     args = ap.parse_args(argv)
     limits = Limits(**{f: getattr(args, f) for f in asdict(Limits())})
     try:
         build_all(args.artifacts, limits, args.compute_capabilities, args.plugins, args.dtype,
-                  log=lambda m: print(m, file=sys.stderr, flush=True))
+                  log=lambda m: print(m, file=sys.stderr, flush=True), graphs=tuple(args.graphs.split(",")))
     except CheckpointError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2

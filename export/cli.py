@@ -1,8 +1,9 @@
-"""`qwen-vl-export CHECKPOINT OUT_DIR [--dtype bf16|fp16|fp32] [--graphs vision,embed,decoder]`.
+"""`qwen-vl-export CHECKPOINT OUT_DIR [--dtype bf16|fp16|fp32] [--graphs vision,embed,decoder] [--weights dense|int4]`.
 
 Writes OUT_DIR/{vision,embed,decoder}.onnx with their weights in `<graph>.onnx.data` (external data,
 streamed one tensor at a time), and vision.ort.onnx / decoder.ort.onnx: the same graphs for ONNX Runtime with
-its fused contrib ops, reading the same .onnx.data files (export/ort_fused.py). A bad checkpoint ends with one line on stderr and exit code 2.
+its fused contrib ops, reading the same .onnx.data files (export/ort_fused.py). A bad checkpoint ends with one
+line on stderr and exit code 2.
 """
 from __future__ import annotations
 
@@ -11,14 +12,16 @@ import sys
 import time
 from pathlib import Path
 
+from .int4 import BLOCK_SIZES
 from .onnx_graph import DTYPE_ALIASES
 from .spec import CheckpointError, ModelSpec
 from .weights import CheckpointWeights
 
 
 def export_graphs(ckpt_dir, out_dir, dtype: str = "bfloat16", graphs=("vision", "embed", "decoder"),
-                  progress=None) -> dict:
-    """Export the graphs of a checkpoint; returns {"spec": ModelSpec, "dtype": str, "graphs": {name: file}}."""
+                  progress=None, int4_block: int | None = None) -> dict:
+    """Export the graphs of a checkpoint; returns {"spec": ModelSpec, "dtype": str, "graphs": {name: file}}.
+    `int4_block`: the decoder's projections as INT4 weight-only blocks of this size (export/int4.py)."""
     from .decoder import export_decoder
     from .embed import export_embed
     from .ort_fused import write_fused
@@ -28,7 +31,8 @@ def export_graphs(ckpt_dir, out_dir, dtype: str = "bfloat16", graphs=("vision", 
     weights = CheckpointWeights(ckpt_dir)
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    exporters = {"vision": _vision_exporter(spec), "embed": export_embed, "decoder": export_decoder}
+    exporters = {"vision": _vision_exporter(spec), "embed": export_embed,
+                 "decoder": lambda *a: export_decoder(*a, int4_block=int4_block)}
     if weights.fp8 and progress:
         progress(f"{weights.fp8.describe()}: dequantized to {dtype} as they are read")
     files = {}
@@ -60,10 +64,15 @@ def main(argv=None) -> int:
     ap.add_argument("--dtype", default="bf16", choices=sorted(DTYPE_ALIASES),
                     help="graph dtype (default bf16, the released checkpoints' dtype; fp16 drifts on Qwen3-VL)")
     ap.add_argument("--graphs", default="vision,embed,decoder")
+    ap.add_argument("--weights", default="dense", choices=("dense", "int4"),
+                    help="int4: the decoder's projections as INT4 weight-only blocks (round to nearest, no "
+                         "calibration; lossy: see export/int4.py). Default: the checkpoint's values")
+    ap.add_argument("--int4-block-size", type=int, default=128, choices=BLOCK_SIZES)
     args = ap.parse_args(argv)
     try:
         export_graphs(args.checkpoint, args.out_dir, args.dtype, tuple(args.graphs.split(",")),
-                      progress=lambda msg: print(msg, file=sys.stderr, flush=True))
+                      progress=lambda msg: print(msg, file=sys.stderr, flush=True),
+                      int4_block=args.int4_block_size if args.weights == "int4" else None)
     except CheckpointError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2

@@ -30,6 +30,7 @@ from pathlib import Path
 
 from . import ops
 from .contracts import decoder_contract
+from .int4 import WEIGHTS_METADATA, int4_format
 from .layers import cast, gated_mlp, linear, reshape, rms_norm
 from .onnx_graph import GraphBuilder
 from .rotary import text_tables
@@ -37,9 +38,12 @@ from .spec import ModelSpec
 from .weights import CheckpointWeights
 
 
-def export_decoder(spec: ModelSpec, weights: CheckpointWeights, out_dir: Path, dtype: str) -> Path:
+def export_decoder(spec: ModelSpec, weights: CheckpointWeights, out_dir: Path, dtype: str,
+                   int4_block: int | None = None) -> Path:
+    """`int4_block`: store the layers' projections as INT4 blocks of this size (export/int4.py)."""
     contract = decoder_contract(spec).resolve(dtype)
     g, x, path = GraphBuilder.for_contract(contract, out_dir, dtype)
+    g.int4_block = int4_block
     t = spec.text
     pre = spec.weight_prefixes["text"]
     inv_freq, axis = text_tables(t.head_dim, t.rope_theta, t.mrope_section, t.mrope_interleaved)
@@ -59,7 +63,8 @@ def export_decoder(spec: ModelSpec, weights: CheckpointWeights, out_dir: Path, d
         with g.scope("lm_head"):
             g.output(lm_head(g, weights, h, x["logits_index"], spec), "logits", "float32",
                      contract.output("logits").dims)
-    g.finish(path, doc=__doc__, output_order=[t.name for t in contract.outputs])
+    g.finish(path, doc=__doc__, output_order=[t.name for t in contract.outputs],
+             metadata={WEIGHTS_METADATA: int4_format(int4_block)} if int4_block else None)
     return path
 
 

@@ -7,6 +7,7 @@ uses plain MatMul, which TensorRT and ORT both fuse with the bias Add.
 """
 from __future__ import annotations
 
+from . import int4
 from .onnx_graph import ELEM, GraphBuilder
 from .weights import CheckpointWeights
 
@@ -20,10 +21,14 @@ def to_compute(g: GraphBuilder, x: str) -> str:
 
 
 def linear(g: GraphBuilder, w: CheckpointWeights, x: str, key: str, bias: bool, weight=None) -> str:
-    """y = x @ W^T + b for HF Linear `key` (weight [out, in] stored as [in, out])."""
+    """y = x @ W^T + b for HF Linear `key` (weight [out, in] stored as [in, out]; INT4 blocks when the builder
+    asks for them and `key` is a decoder projection, export/int4.py)."""
     with g.scope(key.split(".")[-1]):
         wt = (weight if weight is not None else w.get(f"{key}.weight")).t()
-        y = g.op("MatMul", [x, g.weight(f"{key}.weight_t", wt)])
+        if g.int4_block and int4.quantizes(key, wt.shape[0], g.int4_block):
+            y = g.op("MatMul", [x, int4.int4_matmul_weight(g, f"{key}.weight_t", wt, g.int4_block)])
+        else:
+            y = g.op("MatMul", [x, g.weight(f"{key}.weight_t", wt)])
         if bias:
             y = g.op("Add", [y, g.weight(f"{key}.bias", w.get(f"{key}.bias"))])
     return y

@@ -25,6 +25,7 @@ class GraphBuilder:
     def __init__(self, name: str, data_path: Path | None, dtype: str):
         self.name = name
         self.dtype = dtype  # compute dtype of activations and weights ("float32" | "float16" | "bfloat16")
+        self.int4_block: int | None = None  # set: decoder linears stored as INT4 blocks of this size (export/int4.py)
         self.nodes: list[onnx.NodeProto] = []
         self.inputs: list[onnx.ValueInfoProto] = []
         self.outputs: list[onnx.ValueInfoProto] = []
@@ -98,10 +99,20 @@ class GraphBuilder:
         dtype = dtype or self.dtype
         t = tensor.to(getattr(torch, dtype)).contiguous()
         raw = t.reshape(-1).view(torch.uint8).numpy() if t.numel() else np.zeros(0, np.uint8)
+        return self._store(name, raw, ELEM[dtype], t.shape)
+
+    def int4_weight(self, name: str, values: np.ndarray) -> str:
+        """An INT4 initializer from int8 `values` in [-8, 7], packed two per byte, low nibble first (ONNX INT4)."""
+        import ml_dtypes
+
+        packed = numpy_helper.from_array(np.ascontiguousarray(values).astype(ml_dtypes.int4), name)
+        return self._store(name, np.frombuffer(packed.raw_data, np.uint8), TensorProto.INT4, values.shape)
+
+    def _store(self, name: str, raw: np.ndarray, data_type: int, dims) -> str:
         proto = TensorProto()
         proto.name = name
-        proto.data_type = ELEM[dtype]
-        proto.dims.extend(t.shape)
+        proto.data_type = data_type
+        proto.dims.extend(dims)
         if self._data is None:
             proto.raw_data = raw.tobytes()
         else:
@@ -124,7 +135,7 @@ class GraphBuilder:
         self.domains.setdefault(fn.domain, 1)
 
     # ---- output -------------------------------------------------------------------------------------
-    def finish(self, path: Path, doc: str = "", output_order=None) -> onnx.ModelProto:
+    def finish(self, path: Path, doc: str = "", output_order=None, metadata: dict | None = None) -> onnx.ModelProto:
         if output_order is not None:  # graph outputs in the contract's order
             self.outputs.sort(key=lambda v: list(output_order).index(v.name))
         if self._data is not None:
@@ -134,6 +145,8 @@ class GraphBuilder:
         model = helper.make_model(graph, opset_imports=opsets, producer_name="qwen-vl-trt",
                                   functions=list(self.functions.values()), doc_string=doc)
         model.ir_version = 10
+        if metadata:
+            helper.set_model_props(model, metadata)
         onnx.save_model(model, str(path))
         return model
 

@@ -78,11 +78,14 @@ def session_with_layers(graph: Path, scope_prefix: str, elem_type: int, provider
     import onnx
     import onnxruntime as ort
 
+    from ..runtime.session import exact_int4_matmul
+
     model = onnx.load(str(graph), load_external_data=False)
     names = layer_outputs(model, scope_prefix)
     for name in names.values():
         model.graph.output.append(onnx.helper.make_tensor_value_info(name, elem_type, None))
     opts = ort.SessionOptions()
+    exact_int4_matmul(opts)
     opts.log_severity_level = 3
     opts.add_session_config_entry("session.model_external_initializers_file_folder_path", str(graph.parent.resolve()))
     return ort.InferenceSession(model.SerializeToString(), opts, providers=[provider]), names

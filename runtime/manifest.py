@@ -7,7 +7,7 @@ Written by export/artifacts.py. Fields (format version 1):
 | `format`, `format_version` | "qwen-vl-trt-artifacts", 1 |
 | `model_type`, `model_spec` | `ModelSpec.to_json()` of the checkpoint (must equal the spec of the copied config.json) |
 | `dtype` | export dtype of the graphs: float32 / float16 / bfloat16 (logits always float32) |
-| `graphs` | name -> {"onnx", "onnx_data", "engine" (null without TensorRT)}; vision and decoder also "onnx_ort" (`<graph>.ort.onnx`, ONNX Runtime's fused flavour reading the same `.onnx.data`) when the export wrote it |
+| `graphs` | name -> {"onnx", "onnx_data", "engine" (null without TensorRT), "weights" ("dense", or "int4-rtn-sym-b128" for a decoder exported with `--weights int4`, export/int4.py)}; vision and decoder also "onnx_ort" (`<graph>.ort.onnx`, ONNX Runtime's fused flavour reading the same `.onnx.data`) when the export wrote it |
 | `contracts` | name -> {"inputs"/"outputs": [[name, dtype, dims], ...]}, export/contracts.py resolved to `dtype` |
 | `limits` | max_patches, max_frames (per vision call), max_batch, max_seq, max_cache_len |
 | `files` | copied tokenizer/processor/config files -> sha256 |

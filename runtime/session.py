@@ -70,6 +70,7 @@ class OrtSession:
         self.ort = ort
         opts = ort.SessionOptions()
         opts.log_severity_level = 3
+        exact_int4_matmul(opts)
         if threads:
             opts.intra_op_num_threads = threads
         self.graph_capture, self.graph_capture_error, self._graph_ids = False, None, 0
@@ -198,6 +199,13 @@ class OrtSession:
 
 
 _ONNX_BF16 = 16  # onnx.TensorProto.BFLOAT16
+
+
+def exact_int4_matmul(opts) -> None:
+    """INT4 weight-only graphs (export/int4.py): ONNX Runtime fuses DequantizeLinear + MatMul into MatMulNBits, by
+    default at accuracy level 4 (activations rounded to int8, ~1e-2 relative error on these models); level 1
+    keeps them fp32, so the product is exactly x @ (q * s) up to summation order. No effect on other graphs."""
+    opts.add_session_config_entry("session.qdq_matmulnbits_accuracy_level", "1")
 
 
 def cuda_provider_options(graph_capture: bool) -> dict:

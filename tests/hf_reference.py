@@ -8,6 +8,8 @@ import onnxruntime as ort
 import torch
 from transformers import vision_utils
 
+from qwen_vl_trt.runtime.session import exact_int4_matmul
+
 
 # each graph as TensorRT reads it (plugin nodes; ONNX Runtime runs their reference bodies) and ONNX Runtime's fused one
 DECODERS = ("decoder.onnx", "decoder.ort.onnx")
@@ -34,6 +36,7 @@ def hf_model(ckpt, dtype: str = "float32"):
 
 def session(path: Path) -> ort.InferenceSession:
     opts = ort.SessionOptions()
+    exact_int4_matmul(opts)
     opts.log_severity_level = 3
     return ort.InferenceSession(str(path), opts, providers=["CPUExecutionProvider"])
 

@@ -57,10 +57,11 @@ def test_manifest_content(artifacts, qwen3_vl_ckpt):
     assert raw["limits"] == {"max_patches": 4096, "max_frames": 16, "max_batch": 2, "max_seq": 256,
                              "max_cache_len": 512}
     assert raw["graphs"]["decoder"] == {"onnx": "decoder.onnx", "onnx_data": "decoder.onnx.data", "engine": None,
-                                        "onnx_ort": "decoder.ort.onnx"}
+                                        "onnx_ort": "decoder.ort.onnx", "weights": "dense"}
     assert raw["graphs"]["vision"] == {"onnx": "vision.onnx", "onnx_data": "vision.onnx.data", "engine": None,
-                                       "onnx_ort": "vision.ort.onnx"}
-    assert raw["graphs"]["embed"] == {"onnx": "embed.onnx", "onnx_data": "embed.onnx.data", "engine": None}
+                                       "onnx_ort": "vision.ort.onnx", "weights": "dense"}
+    assert raw["graphs"]["embed"] == {"onnx": "embed.onnx", "onnx_data": "embed.onnx.data", "engine": None,
+                                      "weights": "dense"}
     weights = (qwen3_vl_ckpt / "model.safetensors").read_bytes()
     assert raw["checkpoint"]["sha256"] == {"model.safetensors": hashlib.sha256(weights).hexdigest()}
     for name in ("tokenizer.json", "tokenizer_config.json", "chat_template.jinja", "preprocessor_config.json",

@@ -1,0 +1,61 @@
+"""INT4 weight-only decoder linears (opt-in: `qwen-vl-export --weights int4`).
+
+Decode reads every weight once per step, so its speed is bytes per step: INT4 weights are a quarter of bf16's.
+Which weights: the text decoder's q/k/v/o and gate/up/down projections whose input width is a multiple of the
+block (all of them in the released models; TensorRT accepts only whole blocks). Kept as they are: the vision encoder
+(quantizing it is the usual source of accuracy complaints), the embedding table, lm_head, the MoE router and the
+MoE experts (a batched MatMul inside the expert Loop, see docs/graphs.md).
+
+Scheme: round-to-nearest, symmetric, one scale per block of `block` consecutive input features of each output
+feature. For the stored transposed weight Wt [K, N] (K = in features) and block b = 0..K/B-1:
+
+    s[b, n] = max |Wt[bB:(b+1)B, n]| / 7, rounded to the graph dtype (1 where the block is all zeros)
+    q[k, n] = clamp(round_half_even(Wt[k, n] / s[k // B, n]), -8, 7)            int4
+
+Graph: `DequantizeLinear(q, s, axis=0, block_size=B)` [K, N] in the graph dtype -> MatMul, the ONNX form of
+weight-only block quantization. ONNX Runtime fuses the pair into its `MatMulNBits` kernel (runtime/session.py asks
+for fp32 accumulation, accuracy level 1), TensorRT reads it as INT4 weight-only quantization, and every other
+runtime still computes x @ (q * s) exactly. No calibration: this is RTN, so expect some accuracy loss against the
+bf16 model on real weights (not measured here: no real checkpoint on these machines).
+"""
+from __future__ import annotations
+
+import numpy as np
+
+from .onnx_graph import GraphBuilder
+
+BLOCK_SIZES = (16, 32, 64, 128)
+WEIGHTS_METADATA = "qwen_vl.weights"  # ONNX metadata key of decoder.onnx naming its weight format
+QUANTIZED = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+INT4_MIN, INT4_MAX = -8, 7
+
+
+def int4_format(block: int) -> str:
+    """The decoder's weight format as recorded in its metadata and manifest.json."""
+    return f"int4-rtn-sym-b{block}"
+
+
+def quantizes(key: str, in_features: int, block: int) -> bool:
+    """Whether the HF Linear `key` (e.g. model.language_model.layers.3.mlp.down_proj) is stored as INT4."""
+    return key.rsplit(".", 1)[-1] in QUANTIZED and in_features % block == 0
+
+
+def quantize_rtn(wt, block: int, scale_dtype: str):
+    """(q int8 numpy [K, N] in [-8, 7], s torch [K/B, N] in `scale_dtype`) of the transposed weight Wt [K, N]."""
+    import torch
+
+    k, n = wt.shape
+    w = wt.to(torch.float32)
+    amax = w.reshape(k // block, block, n).abs().amax(dim=1)  # [K/B, N]
+    s = (amax / INT4_MAX).to(getattr(torch, scale_dtype))
+    s = torch.where(s == 0, torch.ones_like(s), s)
+    per_row = s.to(torch.float32).repeat_interleave(block, dim=0)  # [K, N]
+    q = torch.clamp(torch.round(w / per_row), INT4_MIN, INT4_MAX).to(torch.int8)
+    return q.numpy(), s
+
+
+def int4_matmul_weight(g: GraphBuilder, name: str, wt, block: int) -> str:
+    """The [K, N] weight value in the graph dtype, as DequantizeLinear of its INT4 blocks."""
+    q, s = quantize_rtn(wt, block, g.dtype)
+    return g.op("DequantizeLinear", [g.int4_weight(f"{name}.int4", np.asarray(q)), g.weight(f"{name}.scale", s)],
+                axis=0, block_size=block)
