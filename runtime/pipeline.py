@@ -68,7 +68,8 @@ class Preprocessor:
         self.image_cfg = preprocess.ImageProcessorConfig.from_dir(manifest.directory)
         self.family = "qwen2_5_vl" if self.spec.model_type == "qwen2_5_vl" else "qwen3_vl"
 
-    def _video(self, path: str):
+    def load_video(self, path: str):
+        """The processed video (pixels, grid, timestamps; Qwen2.5-VL also second_per_grid_ts)."""
         cfg = video.VideoProcessorConfig.from_dir(self.manifest.directory)
         if self.family == "qwen2_5_vl":
             return video.preprocess_video_qwen2_5(path, cfg)
@@ -78,7 +79,7 @@ class Preprocessor:
         t0 = time.perf_counter()
         images = [preprocess.preprocess_image(preprocess.load_image(p, _media_name(p, i)), self.image_cfg)
                   for i, p in enumerate(request.images)]
-        vid = self._video(request.video) if request.video is not None else None
+        vid = self.load_video(request.video) if request.video is not None else None
         media = [Media(pv, tuple(grid)) for pv, grid in images]
         if vid is not None:
             media.append(Media(vid.pixel_values, tuple(vid.grid_thw)))

@@ -52,7 +52,7 @@ def request_tensors(pre, prompts, images=(), video=None, system=None) -> dict:
         out["pixel_values_videos"] = np.concatenate([m.pixel_values for m in vids]).astype(np.float32)
         out["video_grid_thw"] = np.asarray([m.grid_thw for m in vids], np.int64)
         if pre.family == "qwen2_5_vl":
-            secs = float(pre._video(video).second_per_grid_ts)
+            secs = float(pre.load_video(video).second_per_grid_ts)
             out["second_per_grid_ts"] = np.full(len(vids), secs, np.float32)
     return out
 
