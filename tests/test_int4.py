@@ -151,3 +151,25 @@ def test_int4_bf16_engines_build_with_tensorrt(qwen3_vl_ckpt, tmp_path):
     mlp = 2 * t.hidden_size * t.intermediate_size  # gate, up (down_proj's K = 37 stays dense)
     saved = t.num_hidden_layers * (attention + mlp) * 1.5  # 2 bytes -> 0.5 byte per weight; scales ignored
     assert dense - int4 >= 0.8 * saved, (dense, int4, saved)
+
+
+def test_runtime_generates_with_int4_artifacts_like_hf(qwen3_vl_ckpt, tmp_path):
+    """`export_all`-style INT4 artifacts through the runtime (load_model, generate): greedy tokens == HF generate
+    with the same INT4 weights, and the runtime's sessions ask ONNX Runtime for fp32 accumulation."""
+    from qwen_vl_trt.export.artifacts import export_artifacts
+    from qwen_vl_trt.runtime.generate import generate, load_model
+    from qwen_vl_trt.runtime.pipeline import Preprocessor, Request
+    from qwen_vl_trt.runtime.sampling import Sampler, SamplingConfig
+
+    art = export_artifacts(qwen3_vl_ckpt, tmp_path / "art", "fp32", int4_block=BLOCK).parent
+    model = load_model(art, "onnxruntime")
+    opts = model.sessions["decoder"].sess.get_session_options()
+    assert opts.get_session_config_entry("session.qdq_matmulnbits_accuracy_level") == "1"
+    assert model.manifest.graphs["decoder"]["weights"] == f"int4-rtn-sym-b{BLOCK}"
+    req = Preprocessor(model.manifest).prepare(Request("Say something about int4."))
+    ours = generate(model, [req], Sampler(SamplingConfig(temperature=0)), 16, ignore_eos=True)[0].token_ids
+    hf = hf_with_int4_projections(qwen3_vl_ckpt)
+    with torch.no_grad():
+        ids = torch.tensor([req.input_ids])
+        ref = hf.generate(ids, max_new_tokens=16, min_new_tokens=16, do_sample=False, pad_token_id=0)
+    assert ours == ref[0, ids.shape[1]:].tolist()
