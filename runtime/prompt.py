@@ -124,8 +124,30 @@ class Tokenizer:
                                      add_generation_prompt=add_generation_prompt, **variables)
 
 
-def build_messages(prompt: str, system: str | None = None, n_images: int = 0, video: bool = False) -> list[dict]:
-    """[system?], user: images first, then the video, then the text (HF content-item format)."""
+@dataclass(frozen=True)
+class Conversation:
+    """A whole chat in place of one user text (the OpenAI server's requests): HF content-item messages
+    (system / user / assistant; content a string or a list of {"type": "text" | "image" | "video"} items)."""
+
+    messages: tuple
+
+    def media_types(self) -> list[str]:
+        """"image" / "video" of each media item of the user messages, in order (what the template renders)."""
+        return [item["type"] for m in self.messages if m["role"] == "user" and not isinstance(m["content"], str)
+                for item in m["content"] if item["type"] in ("image", "video")]
+
+
+def build_messages(prompt: "str | Conversation", system: str | None = None, n_images: int = 0,
+                   video: bool = False) -> list[dict]:
+    """[system?], user: images first, then the video, then the text (HF content-item format).
+    A `Conversation` is returned as it is, after checking that its media are the images, then the video."""
+    if isinstance(prompt, Conversation):
+        if system is not None:
+            raise ValueError("a Conversation carries its own system message")
+        if prompt.media_types() != ["image"] * n_images + ["video"] * video:
+            raise UserError(f"the conversation must show its {n_images} images before the video, and at most one "
+                            "video; reorder the media items")
+        return [dict(m) for m in prompt.messages]
     messages = [{"role": "system", "content": [{"type": "text", "text": system}]}] if system else []
     content = [{"type": "image"} for _ in range(n_images)]
     if video:

@@ -1,0 +1,228 @@
+"""OpenAI chat-completions requests -> pipeline requests, and results -> OpenAI response / chunk objects.
+
+What a request may hold (everything else OpenAI defines is ignored when absent or at its default, refused with
+400 otherwise; unknown fields are ignored, as OpenAI-compatible servers do):
+
+| field | accepted |
+|---|---|
+| `messages` | `system` / `developer` (text), `user` (text, `image_url`, `video_url` / `video`), `assistant` (text) |
+| `image_url.url` | `data:image/...;base64,...` or `file:///local/path`; http(s) is refused (nothing is fetched) |
+| `video_url.url`, `video` | `file:///local/path` (video file or frame directory); one, after the images |
+| `max_tokens`, `max_completion_tokens` | >= 1; default: generation_config.json (else 128) within the KV cache |
+| `temperature`, `top_p`, `seed` | as `trt-run`; defaults from generation_config.json |
+| `top_k`, `repetition_penalty`, `ignore_eos` | extensions, as vLLM's |
+| `stop` | a string or a list of up to 4 strings; the text ends before the first one found |
+| `n` | 1 |
+| `stream`, `stream_options.include_usage` | SSE chunks (`chat.completion.chunk`), then `data: [DONE]` |
+"""
+from __future__ import annotations
+
+import base64
+import binascii
+import time
+import urllib.parse
+import urllib.request
+import uuid
+from dataclasses import dataclass
+
+from . import prompt
+
+MAX_STOP = 4
+# sampling fields of a request: (name, type, check, what the check requires)
+_SAMPLING = (("temperature", float, lambda v: v >= 0, ">= 0 (0 = greedy)"),
+             ("top_p", float, lambda v: 0 < v <= 1, "in (0, 1]"),
+             ("top_k", int, lambda v: v >= 0, ">= 0 (0 = off)"),
+             ("seed", int, lambda v: True, "an integer"),
+             ("repetition_penalty", float, lambda v: v > 0, "> 0 (1 = off)"))
+# OpenAI fields we do not implement: refused unless absent or at their no-op value
+_UNSUPPORTED = {"logprobs": (False,), "top_logprobs": (0,), "tools": ([],), "tool_choice": ("none",),
+                "functions": ([],), "function_call": ("none",), "frequency_penalty": (0, 0.0),
+                "presence_penalty": (0, 0.0), "logit_bias": ({},), "audio": (), "modalities": (["text"],),
+                "response_format": ({"type": "text"},)}
+
+
+class ProtocolError(Exception):
+    """A request the server refuses: HTTP `status`, OpenAI error `type` and `code`, `param` (the field)."""
+
+    def __init__(self, message: str, param: str | None = None, status: int = 400, code: str | None = None,
+                 kind: str = "invalid_request_error"):
+        super().__init__(message)
+        self.param, self.status, self.code, self.kind = param, status, code, kind
+
+    def body(self) -> dict:
+        return error_body(str(self), self.kind, self.code, self.param)
+
+
+def error_body(message: str, kind: str, code: str | None = None, param: str | None = None) -> dict:
+    return {"error": {"message": message, "type": kind, "param": param, "code": code}}
+
+
+@dataclass(frozen=True)
+class ChatRequest:
+    conversation: prompt.Conversation
+    images: tuple  # image bytes (data URLs) or local paths, in conversation order
+    video: str | None  # local path
+    max_tokens: int | None
+    sampling: tuple  # (temperature, top_p, top_k, seed, repetition_penalty); None = generation_config.json
+    stop: tuple  # stop strings
+    ignore_eos: bool
+    stream: bool
+    include_usage: bool
+
+
+def _typed(body: dict, key: str, kind, param: str | None = None):
+    """body[key] if it is of `kind` (int is a float; bool is not a number), None if absent or null."""
+    value = body.get(key)
+    if value is None:
+        return None
+    ok = isinstance(value, kind) and not (isinstance(value, bool) and kind is not bool)
+    if kind is float:
+        ok = isinstance(value, (int, float)) and not isinstance(value, bool)
+    if not ok:
+        name = {float: "a number", int: "an integer", bool: "a boolean", str: "a string", list: "an array",
+                dict: "an object"}[kind]
+        raise ProtocolError(f"{param or key}: must be {name}, got {type(value).__name__}", param or key)
+    return float(value) if kind is float else value
+
+
+def parse_chat_request(body) -> ChatRequest:
+    if not isinstance(body, dict):
+        raise ProtocolError("the request body must be a JSON object")
+    for key, allowed in _UNSUPPORTED.items():
+        if key in body and body[key] is not None and body[key] not in allowed:
+            raise ProtocolError(f"{key}: not supported by this server", key)
+    n = _typed(body, "n", int)
+    if n not in (None, 1):
+        raise ProtocolError(f"n: only n=1 is supported, got {n}", "n")
+    max_tokens = _typed(body, "max_completion_tokens", int)
+    max_tokens = max_tokens if max_tokens is not None else _typed(body, "max_tokens", int)
+    if max_tokens is not None and max_tokens < 1:
+        raise ProtocolError(f"max_tokens: must be >= 1, got {max_tokens}", "max_tokens")
+    sampling = []
+    for key, kind, check, need in _SAMPLING:
+        value = _typed(body, key, kind)
+        if value is not None and not check(value):
+            raise ProtocolError(f"{key}: must be {need}, got {value}", key)
+        sampling.append(value)
+    options = _typed(body, "stream_options", dict) or {}
+    conversation, images, video = parse_messages(_typed(body, "messages", list))
+    return ChatRequest(conversation, images, video, max_tokens, tuple(sampling), _stop(body),
+                       bool(_typed(body, "ignore_eos", bool)), bool(_typed(body, "stream", bool)),
+                       bool(_typed(options, "include_usage", bool, "stream_options.include_usage")))
+
+
+def _stop(body: dict) -> tuple:
+    stop = body.get("stop")
+    stops = [stop] if isinstance(stop, str) else stop if isinstance(stop, list) else [] if stop is None else None
+    if stops is None or not all(isinstance(s, str) and s for s in stops) or len(stops) > MAX_STOP:
+        raise ProtocolError(f"stop: must be a non-empty string or a list of up to {MAX_STOP} of them", "stop")
+    return tuple(stops)
+
+
+def parse_messages(messages) -> tuple[prompt.Conversation, tuple, str | None]:
+    """OpenAI messages -> (HF content-item Conversation, images in order, the video path or None)."""
+    if not messages:
+        raise ProtocolError("messages: must be a non-empty array", "messages")
+    out, images, videos = [], [], []
+    for i, m in enumerate(messages):
+        where = f"messages[{i}]"
+        if not isinstance(m, dict):
+            raise ProtocolError(f"{where}: must be an object", where)
+        role = {"developer": "system"}.get(m.get("role"), m.get("role"))
+        if role not in ("system", "user", "assistant"):
+            raise ProtocolError(f"{where}.role: {m.get('role')!r} is not supported (system, developer, user, "
+                                "assistant)", f"{where}.role")
+        if m.get("tool_calls") or m.get("function_call"):
+            raise ProtocolError(f"{where}: tool calls are not supported", where)
+        content = m.get("content")
+        if content is None or isinstance(content, str):
+            out.append({"role": role, "content": content or ""})
+            continue
+        if not isinstance(content, list):
+            raise ProtocolError(f"{where}.content: must be a string or an array of content parts", f"{where}.content")
+        items = []
+        for j, part in enumerate(content):
+            items.append(_content_part(part, role, f"{where}.content[{j}]", images, videos))
+        out.append({"role": role, "content": items})
+    if len(videos) > 1 or (videos and images and videos[0][0] < images[-1][0]):
+        raise ProtocolError("messages: at most one video per request, after all images", "messages")
+    return (prompt.Conversation(tuple(out)), tuple(data for _, data in images),
+            videos[0][1] if videos else None)
+
+
+def _content_part(part, role: str, where: str, images: list, videos: list) -> dict:
+    kind = part.get("type") if isinstance(part, dict) else None
+    if kind == "text":
+        return {"type": "text", "text": _typed(part, "text", str, f"{where}.text") or ""}
+    if kind not in ("image_url", "video_url", "video"):
+        raise ProtocolError(f"{where}: unsupported content part type {kind!r} (text, image_url, video_url)", where)
+    if role != "user":
+        raise ProtocolError(f"{where}: {kind} parts are only allowed in user messages", where)
+    ref = part.get(kind)
+    url = ref.get("url") if isinstance(ref, dict) else ref
+    if not isinstance(url, str):
+        raise ProtocolError(f"{where}.{kind}: must be an object with a string `url`", f"{where}.{kind}")
+    order = len(images) + len(videos)
+    if kind == "image_url":
+        images.append((order, _image_data(url, f"{where}.image_url")))
+        return {"type": "image"}
+    videos.append((order, _local_path(url, f"{where}.{kind}", "video")))
+    return {"type": "video"}
+
+
+def _image_data(url: str, where: str):
+    """data:image/...;base64 -> bytes; file:// -> a local path."""
+    if not url.startswith("data:"):
+        return _local_path(url, where, "image")
+    head, sep, data = url.partition(",")
+    if not sep or not head.endswith(";base64") or not head[5:].startswith("image/"):
+        raise ProtocolError(f"{where}: data URLs must be data:image/<type>;base64,<data>", where)
+    try:
+        return base64.b64decode(data, validate=True)
+    except (binascii.Error, ValueError) as e:
+        raise ProtocolError(f"{where}: invalid base64 data ({e})", where) from None
+
+
+def _local_path(url: str, where: str, what: str) -> str:
+    scheme = urllib.parse.urlsplit(url).scheme.lower()
+    if scheme in ("http", "https"):
+        raise ProtocolError(f"{where}: {scheme} URLs are not fetched by this server; send the {what} as "
+                            + ("a data:image/...;base64 URL or " if what == "image" else "")
+                            + "a file:// path on the server", where)
+    if scheme != "file":
+        raise ProtocolError(f"{where}: unsupported URL {url[:40]!r}; use "
+                            + ("a data:image/...;base64 URL or " if what == "image" else "") + "file:///path", where)
+    return urllib.request.url2pathname(urllib.parse.urlsplit(url).path)
+
+
+# ---- responses -----------------------------------------------------------------------------------------
+def completion_id() -> str:
+    return f"chatcmpl-{uuid.uuid4().hex}"
+
+
+def usage(prompt_tokens: int, completion_tokens: int) -> dict:
+    return {"prompt_tokens": prompt_tokens, "completion_tokens": completion_tokens,
+            "total_tokens": prompt_tokens + completion_tokens}
+
+
+def completion(cid: str, model: str, text: str, finish_reason: str, use: dict) -> dict:
+    return {"id": cid, "object": "chat.completion", "created": int(time.time()), "model": model,
+            "choices": [{"index": 0, "message": {"role": "assistant", "content": text},
+                         "finish_reason": finish_reason, "logprobs": None}],
+            "usage": use}
+
+
+def chunk(cid: str, model: str, delta: dict | None, finish_reason: str | None = None, use: dict | None = None) -> dict:
+    """One `chat.completion.chunk`; `delta` None = the usage-only chunk (empty choices)."""
+    choices = [] if delta is None else [{"index": 0, "delta": delta, "finish_reason": finish_reason,
+                                         "logprobs": None}]
+    obj = {"id": cid, "object": "chat.completion.chunk", "created": int(time.time()), "model": model,
+           "choices": choices}
+    if use is not None:
+        obj["usage"] = use
+    return obj
+
+
+def models_list(name: str, created: int) -> dict:
+    return {"object": "list", "data": [{"id": name, "object": "model", "created": created,
+                                        "owned_by": "qwen-vl-trt"}]}

@@ -1,0 +1,182 @@
+"""One model, many HTTP requests: jobs, stop strings and the batching worker behind runtime/server.py.
+
+Handler threads prepare their request (media, chat template, limits: runtime/pipeline.py) and `submit` a `Job`.
+One worker thread owns the model: it takes every job waiting, groups those whose sampling settings match (as
+runtime/triton_model.py does; a seeded sampled request runs alone, so its seed alone fixes its text), packs each
+group into batches within the artifacts' max_batch and KV cache, and runs one `generate` per batch. Tokens flow
+back to each job's queue as events, so a handler can stream them:
+
+    ("delta", text)                             new text (stop strings held back until they cannot match)
+    ("done", finish_reason, completion_tokens)  "stop" (EOS or a stop string) or "length"
+    ("error", status, message)                  400 for a UserError of the batch, 500 for anything else
+
+A job ends at EOS, at a stop string or at its own max_tokens; a batch's `generate` is cut short once every job
+in it has ended or its client has gone.
+"""
+from __future__ import annotations
+
+import queue
+import sys
+import threading
+import traceback
+from dataclasses import dataclass, field
+
+from .errors import UserError
+from .generate import generate
+from .prompt import IncrementalDecoder
+from .sampling import Sampler, SamplingConfig
+
+
+class StopFilter:
+    """Text so far -> the part that is safe to emit: never text that a stop string could still start in."""
+
+    def __init__(self, stops: tuple):
+        self.stops, self.text, self.sent = stops, "", 0
+        self.hold = max((len(s) for s in stops), default=1) - 1
+
+    def feed(self, piece: str) -> tuple[str, bool]:
+        """Append `piece` -> (text to emit now, whether a stop string was found: the text ends before it)."""
+        start = max(0, len(self.text) - self.hold)  # a new match must use a character of `piece`
+        self.text += piece
+        hits = [i for i in (self.text.find(s, start) for s in self.stops) if i >= 0]
+        end = min(hits) if hits else max(self.sent, len(self.text) - self.hold)
+        out, self.sent = self.text[self.sent:end], end
+        return out, bool(hits)
+
+    def flush(self) -> str:
+        out, self.sent = self.text[self.sent:], len(self.text)
+        return out
+
+
+@dataclass
+class Job:
+    prepared: object  # PreparedRequest
+    max_new: int
+    sampling: tuple  # (temperature, top_p, top_k, seed, repetition_penalty)
+    stops: tuple = ()
+    ignore_eos: bool = False
+    events: queue.Queue = field(default_factory=queue.Queue)
+    cancelled: threading.Event = field(default_factory=threading.Event)  # set by the handler: client gone
+    n_tokens: int = 0
+    finished: bool = False
+
+    def batch_key(self) -> tuple:
+        temperature, _, _, seed, _ = self.sampling
+        alone = id(self) if seed is not None and temperature != 0 else None
+        return self.sampling, self.ignore_eos, alone
+
+    def start(self, tokenizer, eos_ids) -> None:
+        self.decoder, self.filter, self.eos = IncrementalDecoder(tokenizer), StopFilter(self.stops), set(eos_ids)
+
+    def push(self, token: int) -> None:
+        """One generated token: emit its text; end the job at a stop string, EOS or max_tokens."""
+        self.n_tokens += 1
+        text, stopped = self.filter.feed(self.decoder.push(token))
+        at_eos = token in self.eos and not self.ignore_eos
+        if not stopped and (at_eos or self.n_tokens >= self.max_new):
+            more, stopped = self.filter.feed(self.decoder.flush())
+            text += more + ("" if stopped else self.filter.flush())
+        if text:
+            self.events.put(("delta", text))
+        if stopped or at_eos or self.n_tokens >= self.max_new:
+            self.finish("stop" if stopped or at_eos else "length")
+
+    def finish(self, reason: str) -> None:
+        if not self.finished:
+            self.finished = True
+            self.events.put(("done", reason, self.n_tokens))
+
+    def fail(self, status: int, message: str) -> None:
+        if not self.finished:
+            self.finished = True
+            self.events.put(("error", status, message))
+
+    @property
+    def over(self) -> bool:
+        return self.finished or self.cancelled.is_set()
+
+
+class _BatchOver(Exception):
+    """Raised from `on_token` to end `generate` once no job of the batch wants more tokens."""
+
+
+class Scheduler:
+    """The worker thread that owns the model (see the module docstring)."""
+
+    def __init__(self, model, tokenizer, max_batch: int):
+        self.model, self.tokenizer, self.max_batch = model, tokenizer, max_batch
+        self.pending: queue.Queue = queue.Queue()
+        self.thread = threading.Thread(target=self._loop, name="qwen-vl-generate", daemon=True)
+        self.thread.start()
+
+    def submit(self, job: Job) -> None:
+        self.pending.put(job)
+
+    def close(self) -> None:
+        self.pending.put(None)
+        self.thread.join(timeout=60)
+
+    def _loop(self) -> None:
+        while True:
+            jobs = [self.pending.get()]
+            while not self.pending.empty():  # everything that arrived meanwhile is batched together
+                jobs.append(self.pending.get())
+            if None in jobs:
+                for job in jobs:
+                    if job is not None:
+                        job.fail(503, "the server is shutting down")
+                return
+            try:
+                for batch in self.batches([j for j in jobs if not j.cancelled.is_set()]):
+                    self.run(batch)
+            except Exception as e:  # a bug outside generate: fail what is left, keep the worker alive
+                traceback.print_exc(file=sys.stderr)
+                for job in jobs:
+                    job.fail(500, f"internal error: {type(e).__name__}: {e}")
+
+    def batches(self, jobs: list) -> list[list]:
+        """Jobs of one batch key, in arrival order, packed within max_batch and the KV cache."""
+        groups: dict = {}
+        for job in jobs:
+            groups.setdefault(job.batch_key(), []).append(job)
+        cache, out = self.model.manifest.limits.max_cache_len, []
+        for group in groups.values():
+            cur = []
+            for job in group:
+                trial = cur + [job]
+                fits = max(j.prepared.num_tokens for j in trial) + max(j.max_new for j in trial) <= cache
+                if cur and (len(trial) > self.max_batch or not fits):
+                    out.append(cur)
+                    trial = [job]
+                cur = trial
+            out.append(cur)
+        return out
+
+    def run(self, batch: list) -> None:
+        manifest = self.model.manifest
+        temperature, top_p, top_k, seed, penalty = batch[0].sampling
+        cfg = SamplingConfig.from_generation_config(manifest.generation_config, temperature=temperature,
+                                                    top_p=top_p, top_k=top_k, seed=seed, repetition_penalty=penalty)
+
+        def on_token(b: int, token: int) -> None:
+            if not batch[b].over:
+                batch[b].push(token)
+            if all(j.over for j in batch):
+                raise _BatchOver
+
+        try:
+            for job in batch:
+                job.start(self.tokenizer, manifest.eos_token_ids)
+            generate(self.model, [j.prepared for j in batch], Sampler(cfg), max(j.max_new for j in batch),
+                     eos_token_ids=manifest.eos_token_ids, ignore_eos=batch[0].ignore_eos, on_token=on_token)
+        except _BatchOver:
+            pass
+        except UserError as e:
+            for job in batch:
+                job.fail(400, str(e))
+        except Exception as e:  # a bug: report it, fail this batch only, keep serving
+            traceback.print_exc(file=sys.stderr)
+            for job in batch:
+                job.fail(500, f"internal error: {type(e).__name__}: {e}")
+        for job in batch:  # generate stops every sequence at its EOS or the batch's max: nothing is left open
+            job.fail(500, "internal error: generation ended without finishing this request")
