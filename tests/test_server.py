@@ -1,14 +1,15 @@
 """The OpenAI-compatible server (runtime/server.py) over HTTP, vs HF `generate` and HF's chat template.
 
 The server runs in this process on an ephemeral port with the tiny Qwen3-VL artifacts of test_generate.py
-(export_all.sh, fp32, max batch 2, max seq 512, cache 1024) and is spoken to with urllib / http.client.
+(export_all.sh, fp32, max batch 2, max seq 512, cache 1024) and is spoken to with urllib and a raw socket.
 References are HF's: `model.generate` greedy on inputs from HF's processor, whose `apply_chat_template` gets the
 same OpenAI-format messages the server gets (data URLs, string and part contents, system, assistant turns);
 texts are compared through HF's tokenizer `decode(skip_special_tokens=True)`. Cases: one image as a data URL,
-text only with EOS on (finish_reason from HF's own stop), streaming == whole, stop strings, two concurrent
-requests == each alone, the batching worker's batch == each alone, a system + multi-turn chat with an image,
-bad requests -> 400/404 error objects and the server still healthy, a client that hangs up mid-stream, and
-startup errors -> one `error:` line, exit 2.
+text only with EOS on (finish_reason from HF's own stop), a file:// image and a frame-directory video,
+streaming == whole, stop strings, two requests queued while the model is busy run as one batch == each alone,
+the worker's packing (a seeded sampled request runs alone), a system + multi-turn chat with an image, bad
+requests -> 400/404 error objects and the server still healthy, a client that hangs up mid-stream, and startup
+errors -> one `error:` line, exit 2.
 """
 from __future__ import annotations
 
@@ -18,6 +19,7 @@ import socket
 import subprocess
 import sys
 import threading
+import time
 import urllib.error
 import urllib.request
 from argparse import Namespace
@@ -76,6 +78,13 @@ def stream(server, body) -> list[str]:
     assert events[-1] == ""  # every event ends with a blank line
     assert all(e.startswith("data: ") and "\n" not in e for e in events[:-1])
     return [e[len("data: "):] for e in events[:-1]]
+
+
+def wait_until(condition, seconds: float = 60) -> None:
+    deadline = time.monotonic() + seconds
+    while not condition():
+        assert time.monotonic() < deadline, "timed out"
+        time.sleep(0.01)
 
 
 def data_url(path) -> str:
@@ -194,16 +203,37 @@ def test_stop_string_cuts_the_text(server, alone):
     assert streamed[-1]["choices"][0]["finish_reason"] == "stop"
 
 
-def test_concurrent_requests_match_each_alone(server, alone, media):  # noqa: F811
-    bodies = {"image": greedy(image_chat(media["images"][0])),
+def test_concurrent_requests_are_batched_and_match_each_alone(server, alone, media, monkeypatch):  # noqa: F811
+    """Two requests waiting while the model is busy run as one batch of `generate`, each with its text alone.
+    The worker is held (deterministically) on a first request until both others have been queued."""
+    sizes, gate, run = [], threading.Event(), server.scheduler.run
+
+    def held_run(batch):
+        sizes.append(len(batch))
+        gate.wait(timeout=60)
+        run(batch)
+
+    monkeypatch.setattr(server.scheduler, "run", held_run)
+    bodies = {"first": greedy([{"role": "user", "content": "hi"}], max_tokens=2),
+              "image": greedy(image_chat(media["images"][0])),
               "text": greedy([{"role": "user", "content": "Write a haiku about the sea."}])}
     out = {}
-    threads = [threading.Thread(target=lambda k=k: out.__setitem__(k, post(server, bodies[k]))) for k in bodies]
-    for t in threads:
+
+    def send(k):
+        out[k] = post(server, bodies[k])
+
+    threads = [threading.Thread(target=send, args=("first",))]
+    threads[0].start()
+    wait_until(lambda: sizes)  # the worker holds the first request
+    threads += [threading.Thread(target=send, args=(k,)) for k in ("image", "text")]
+    for t in threads[1:]:
         t.start()
+    wait_until(lambda: server.scheduler.pending.qsize() == 2)
+    gate.set()
     for t in threads:
         t.join(timeout=120)
-    for k in bodies:
+    assert sizes == [1, 2]
+    for k in ("image", "text"):
         assert out[k][0] == 200
         assert out[k][1]["choices"] == alone[k][1]["choices"] and out[k][1]["usage"] == alone[k][1]["usage"]
 
