@@ -19,7 +19,7 @@ from .errors import PromptTooLong
 
 @dataclass(frozen=True)
 class Request:
-    prompt: str
+    prompt: "str | prompt.Conversation"  # one user text, or a whole chat (the OpenAI server's requests)
     images: tuple = ()  # image file paths or encoded image bytes (a server request)
     video: str | None = None
     system: str | None = None
