@@ -4,7 +4,9 @@
                              [--block 128] [--work DIR]
 
 A random-weight Qwen3-VL checkpoint with Qwen3-VL-2B's layer shapes (bench_ort_graphs.make_checkpoint), exported
-twice as fp32 graphs: dense and with the decoder's projections as INT4 blocks (export/int4.py). For each:
+twice as fp32 graphs: dense and with the decoder's projections as INT4 blocks (export/int4.py); the INT4 graphs
+run twice, with the default fp32 accumulation (HF-exact) and with `QWEN_VL_INT4_ACCURACY_LEVEL=4` (activations
+rounded to int8 inside MatMulNBits, ONNX Runtime's fast CPU path). For each:
 decoder weight bytes, prefill ms of a text prompt, decode tok/s per batch (greedy, `--tokens` new tokens),
 on ONNX Runtime's fused graphs (`*.ort.onnx`); HF transformers (fp32, dense) decodes the same prompt in the same
 process for the ratios. lm_head (tied to the 151936-row embedding table) stays dense in both, so the fewer the
@@ -14,6 +16,7 @@ Random weights say nothing about INT4's accuracy; only speed and bytes are measu
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 import tempfile
 import time
@@ -50,6 +53,9 @@ def main(argv=None) -> int:
     print(f"checkpoint + two fp32 exports: {time.perf_counter() - t0:.0f} s ({work})", file=sys.stderr)
     prompt = text_prompt(args.prompt)
     runs = {k: ours(a, True, {}, prompt, args.tokens, args.batch, args.threads) for k, a in arts.items()}
+    os.environ["QWEN_VL_INT4_ACCURACY_LEVEL"] = "4"  # int8 activations: ONNX Runtime's fast CPU path, not HF-exact
+    runs["int4 a8"] = ours(arts["int4"], True, {}, prompt, args.tokens, args.batch, args.threads)
+    del os.environ["QWEN_VL_INT4_ACCURACY_LEVEL"]
     ids = Preprocessor(load_manifest(arts["dense"])).prepare(Request(prompt)).input_ids.tolist()
     ref = hf(ckpt, {}, ids, args.tokens, args.batch, args.threads)
 
@@ -57,16 +63,19 @@ def main(argv=None) -> int:
     print(f"machine: {machine()}; provider {runs['dense']['provider']}, {args.threads} threads; Qwen3-VL-2B shapes, "
           f"{args.text_layers} text layers, fp32 graphs, INT4 blocks of {args.block}, random weights")
     print(f"command: python bench/bench_int4.py {' '.join(argv if argv is not None else sys.argv[1:])}\n")
-    print("| measurement | dense | int4 | HF (dense) | int4 / dense | int4 / HF |")
-    print("|---|---|---|---|---|---|")
+    print("| measurement | dense | int4 (fp32 accumulation, default) | int4, int8 activations | HF (dense) "
+          "| int4 / dense | int4 a8 / dense | int4 / HF |")
+    print("|---|---|---|---|---|---|---|---|")
     gib = {k: (a / "decoder.onnx.data").stat().st_size / 2**30 for k, a in arts.items()}
-    print(f"| decoder weights, GiB | {gib['dense']:.2f} | {gib['int4']:.2f} | - | {gib['int4'] / gib['dense']:.2f}x | - |")
-    d, q, h = runs["dense"]["prefill_ms"], runs["int4"]["prefill_ms"], ref["prefill_ms"]
-    print(f"| prefill {runs['dense']['prompt_tokens']} tokens, ms | {d:.1f} | {q:.1f} | {h:.1f} | "
-          f"{d / q:.2f}x faster | {h / q:.2f}x faster |")
+    print(f"| decoder weights, GiB | {gib['dense']:.2f} | {gib['int4']:.2f} | {gib['int4']:.2f} | - "
+          f"| {gib['int4'] / gib['dense']:.2f}x | {gib['int4'] / gib['dense']:.2f}x | - |")
+    d, q, a, h = (r["prefill_ms"] for r in (runs["dense"], runs["int4"], runs["int4 a8"], ref))
+    print(f"| prefill {runs['dense']['prompt_tokens']} tokens, ms | {d:.1f} | {q:.1f} | {a:.1f} | {h:.1f} | "
+          f"{d / q:.2f}x faster | {d / a:.2f}x faster | {h / q:.2f}x faster |")
     for b in args.batch:
-        d, q, h = runs["dense"]["tok_s"][b], runs["int4"]["tok_s"][b], ref["tok_s"][b]
-        print(f"| decode tok/s, batch {b} | {d:.1f} | {q:.1f} | {h:.1f} | {q / d:.2f}x | {q / h:.2f}x |")
+        d, q, a, h = (r["tok_s"][b] for r in (runs["dense"], runs["int4"], runs["int4 a8"], ref))
+        print(f"| decode tok/s, batch {b} | {d:.1f} | {q:.1f} | {a:.1f} | {h:.1f} | {q / d:.2f}x | {a / d:.2f}x "
+              f"| {q / h:.2f}x |")
     same = runs["dense"]["tokens"] == ref["tokens"]
     print(f"\ndense greedy tokens == HF's: {same}; int4 tokens are not compared (random weights, lossy scheme)")
     return 0 if same else 1

@@ -17,12 +17,13 @@ warning. Outputs named in `resident` (the decoder's `present_*` caches) and thos
 """
 from __future__ import annotations
 
+import os
 from pathlib import Path
 from typing import Protocol
 
 import numpy as np
 
-from .errors import ArtifactError, BackendUnavailable
+from .errors import ArtifactError, BackendUnavailable, UserError
 from .kv_cache import numpy_dtype
 from .trt_session import _check, _cudart
 
@@ -204,8 +205,12 @@ _ONNX_BF16 = 16  # onnx.TensorProto.BFLOAT16
 def exact_int4_matmul(opts) -> None:
     """INT4 weight-only graphs (export/int4.py): ONNX Runtime fuses DequantizeLinear + MatMul into MatMulNBits, by
     default at accuracy level 4 (activations rounded to int8, ~1e-2 relative error on these models); level 1
-    keeps them fp32, so the product is exactly x @ (q * s) up to summation order. No effect on other graphs."""
-    opts.add_session_config_entry("session.qdq_matmulnbits_accuracy_level", "1")
+    keeps them fp32, so the product is exactly x @ (q * s) up to summation order. No effect on other graphs.
+    `QWEN_VL_INT4_ACCURACY_LEVEL=4` opts into int8 activations (faster on CPUs, not the HF-exact product)."""
+    level = os.environ.get("QWEN_VL_INT4_ACCURACY_LEVEL", "1")
+    if level not in ("0", "1", "2", "3", "4"):
+        raise UserError(f"QWEN_VL_INT4_ACCURACY_LEVEL={level!r}: use 0-4 (ONNX Runtime's MatMulNBits accuracy level)")
+    opts.add_session_config_entry("session.qdq_matmulnbits_accuracy_level", level)
 
 
 def cuda_provider_options(graph_capture: bool) -> dict:

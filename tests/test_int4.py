@@ -173,3 +173,15 @@ def test_runtime_generates_with_int4_artifacts_like_hf(qwen3_vl_ckpt, tmp_path):
         ids = torch.tensor([req.input_ids])
         ref = hf.generate(ids, max_new_tokens=16, min_new_tokens=16, do_sample=False, pad_token_id=0)
     assert ours == ref[0, ids.shape[1]:].tolist()
+
+
+def test_int4_accuracy_level_knob(monkeypatch):
+    opts = ort.SessionOptions()
+    monkeypatch.setenv("QWEN_VL_INT4_ACCURACY_LEVEL", "4")
+    exact_int4_matmul(opts)
+    assert opts.get_session_config_entry("session.qdq_matmulnbits_accuracy_level") == "4"
+    monkeypatch.setenv("QWEN_VL_INT4_ACCURACY_LEVEL", "fast")
+    from qwen_vl_trt.runtime.errors import UserError
+
+    with pytest.raises(UserError, match="QWEN_VL_INT4_ACCURACY_LEVEL='fast': use 0-4"):
+        exact_int4_matmul(ort.SessionOptions())
