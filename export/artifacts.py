@@ -26,7 +26,7 @@ from .build_engines import Limits
 from .contracts import CONTRACTS
 from .int4 import WEIGHTS_METADATA
 from .onnx_graph import DTYPE_ALIASES
-from .ort_fused import fused_path
+from .ort_fused import fused_path, nbits_data_path
 from .spec import CheckpointError, ModelSpec
 
 _TOOLS = ("onnx", "onnxruntime", "torch", "transformers", "numpy", "tokenizers", "tensorrt", "tensorrt_rtx",
@@ -87,6 +87,8 @@ def write_manifest(ckpt: Path, out: Path, dtype: str, limits: Limits, engines: b
         ort_file = fused_path(onnx_file)
         if ort_file.is_file():  # ONNX Runtime's fused flavour (export/ort_fused.py)
             graphs[name]["onnx_ort"] = ort_file.name
+            if nbits_data_path(ort_file).is_file():  # a bf16 INT4 decoder's MatMulNBits weights
+                graphs[name]["onnx_ort_data"] = nbits_data_path(ort_file).name
     files = {f: sha256_file(out / f) for f in COPIED_FILES if (out / f).is_file()}
     manifest = {
         "format": FORMAT, "format_version": FORMAT_VERSION,

@@ -13,6 +13,7 @@ has fused CPU and CUDA kernels for:
 | `KVCacheAttention(q, k, v, past_key, past_value, past_lengths)` | `com.microsoft.GroupQueryAttention`: writes the step's K/V at rows past_lengths[b].. and attends causally, in place when present is bound to past |
 | `VarlenAttention(q, k, v, cu_seqlens)` (vision) | segments gathered into a right-padded batch, `com.microsoft.MultiHeadAttention` (key_padding_mask only when the lengths differ), rows gathered back |
 | RMSNorm (eight nodes, export/layers.py) | `SimplifiedLayerNormalization` (fp32 statistics); in the decoder, with the residual Add before it, `com.microsoft.SkipSimplifiedLayerNormalization` |
+| `DequantizeLinear(int4) -> MatMul` (`--weights int4`, bf16 decoder only) | `com.microsoft.MatMulNBits` with its weights in `decoder.ort.onnx.data` (export/int4.py; for fp32/fp16 ONNX Runtime fuses the pair itself) |
 
 Same file contract (export/contracts.py) and same weights: the initializers still point into `<graph>.onnx.data`,
 so the rewrite writes only a small graph file. TensorRT engines are built from the plugin graphs.
@@ -57,8 +58,18 @@ def write_fused(graph_onnx: Path, spec: ModelSpec) -> Path:
     model = onnx.load(str(graph_onnx), load_external_data=False)
     {"decoder": fuse_decoder, "vision": fuse_vision}[kind](model, spec)
     out = fused_path(graph_onnx)
+    if kind == "decoder" and _activation_dtype(model.graph) == TensorProto.BFLOAT16:
+        # INT4 decoders (export/int4.py): ONNX Runtime fuses DequantizeLinear + MatMul for fp32/fp16 only
+        from .int4 import to_matmul_nbits
+
+        to_matmul_nbits(model, graph_onnx.parent, nbits_data_path(out))
     onnx.save_model(model, str(out))
     return out
+
+
+def nbits_data_path(ort_onnx: Path) -> Path:
+    """decoder.ort.onnx -> decoder.ort.onnx.data: the MatMulNBits weights of a bf16 INT4 decoder (only then)."""
+    return ort_onnx.with_name(ort_onnx.name + ".data")
 
 
 def fuse_decoder(model: onnx.ModelProto, spec: ModelSpec) -> onnx.ModelProto:
@@ -114,13 +125,17 @@ def _fuse(model: onnx.ModelProto, n_q: int, n_kv: int, head_dim: int, rank: int)
     return model
 
 
+def _activation_dtype(graph: onnx.GraphProto) -> int:
+    """The graph dtype: that of present_key.0 (decoder) or vision_features (vision); logits are always fp32."""
+    return next(o.type.tensor_type.elem_type for o in graph.output if o.name != "logits")
+
+
 class _Shared:
     """Values computed once per graph call and read by every layer (built on first use)."""
 
     def __init__(self, nodes: list, graph: onnx.GraphProto):
         self.nodes, self.memo, self.names = nodes, {}, set()
-        # the activation dtype: present_key.0 (decoder) or vision_features (vision); logits are always fp32
-        self.dtype = next(o.type.tensor_type.elem_type for o in graph.output if o.name != "logits")
+        self.dtype = _activation_dtype(graph)
 
     def op(self, op_type: str, inputs, name: str, **attrs) -> str:
         out = f"{_PREFIX}/{name}"

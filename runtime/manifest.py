@@ -7,7 +7,7 @@ Written by export/artifacts.py. Fields (format version 1):
 | `format`, `format_version` | "qwen-vl-trt-artifacts", 1 |
 | `model_type`, `model_spec` | `ModelSpec.to_json()` of the checkpoint (must equal the spec of the copied config.json) |
 | `dtype` | export dtype of the graphs: float32 / float16 / bfloat16 (logits always float32) |
-| `graphs` | name -> {"onnx", "onnx_data", "engine" (null without TensorRT), "weights" ("dense", or "int4-rtn-sym-b128" for a decoder exported with `--weights int4`, export/int4.py)}; vision and decoder also "onnx_ort" (`<graph>.ort.onnx`, ONNX Runtime's fused flavour reading the same `.onnx.data`) when the export wrote it |
+| `graphs` | name -> {"onnx", "onnx_data", "engine" (null without TensorRT), "weights" ("dense", or "int4-rtn-sym-b128" for a decoder exported with `--weights int4`, export/int4.py)}; vision and decoder also "onnx_ort" (`<graph>.ort.onnx`, ONNX Runtime's fused flavour reading the same `.onnx.data`) when the export wrote it, and a bf16 INT4 decoder "onnx_ort_data" (`decoder.ort.onnx.data`: its MatMulNBits weights) |
 | `contracts` | name -> {"inputs"/"outputs": [[name, dtype, dims], ...]}, export/contracts.py resolved to `dtype` |
 | `limits` | max_patches, max_frames (per vision call), max_batch, max_seq, max_cache_len |
 | `files` | copied tokenizer/processor/config files -> sha256 |
@@ -163,7 +163,8 @@ def _read(d: Path) -> dict:
 
 def _check_files(d: Path, raw: dict) -> None:
     needed = [f for g in GRAPHS for f in (raw["graphs"][g].get("onnx"), raw["graphs"][g].get("onnx_data"),
-                                          raw["graphs"][g].get("onnx_ort"), raw["graphs"][g].get("engine")) if f]
+                                          raw["graphs"][g].get("onnx_ort"), raw["graphs"][g].get("onnx_ort_data"),
+                                          raw["graphs"][g].get("engine")) if f]
     needed += [f for f in REQUIRED_FILES if f not in raw["files"]] + list(raw["files"])
     for name in needed:
         if not (d / name).is_file():

@@ -20,7 +20,7 @@ import torch
 from hf_reference import (assert_prefill_and_decode_match_hf, graphs_prefill, hf_model, mm_token_type_ids,
                           prompt_with_pads)
 from qwen_vl_trt.export.cli import export_graphs
-from qwen_vl_trt.export.int4 import QUANTIZED
+from qwen_vl_trt.export.int4 import QUANTIZED, to_matmul_nbits
 from qwen_vl_trt.export.spec import ModelSpec
 from qwen_vl_trt.export.trt_compat import plugin_library_path, rtx_env
 from qwen_vl_trt.runtime.session import exact_int4_matmul
@@ -62,13 +62,17 @@ def int4_graphs(tmp_path_factory):
 
     def get(family, ckpt):
         if family not in made:
-            made[family] = tmp_path_factory.mktemp(f"{family}_int4")
-            export_graphs(ckpt, made[family], "fp32", int4_block=BLOCK)
+            out = made[family] = tmp_path_factory.mktemp(f"{family}_int4")
+            export_graphs(ckpt, out, "fp32", int4_block=BLOCK)
+            # the MatMulNBits form the export writes for bf16 decoders, here on fp32 so the CPU can run it
+            model = onnx.load(str(out / "decoder.ort.onnx"), load_external_data=False)
+            assert to_matmul_nbits(model, out, out / "decoder.nbits.ort.onnx.data") > 0
+            onnx.save_model(model, str(out / "decoder.nbits.ort.onnx"))
         return made[family]
     return get
 
 
-@pytest.mark.parametrize("decoder", ["decoder.onnx", "decoder.ort.onnx"])
+@pytest.mark.parametrize("decoder", ["decoder.onnx", "decoder.ort.onnx", "decoder.nbits.ort.onnx"])
 @pytest.mark.parametrize("family", list(CASES))
 def test_int4_decoder_matches_hf_with_int4_weights(family, decoder, int4_graphs, request):
     ckpt = request.getfixturevalue(f"{family}_ckpt")
@@ -185,3 +189,30 @@ def test_int4_accuracy_level_knob(monkeypatch):
 
     with pytest.raises(UserError, match="QWEN_VL_INT4_ACCURACY_LEVEL='fast': use 0-4"):
         exact_int4_matmul(ort.SessionOptions())
+
+
+def test_bf16_int4_decoder_ort_graph_uses_matmul_nbits(qwen3_vl_ckpt, tmp_path):
+    """bf16: ONNX Runtime would not fuse DequantizeLinear + MatMul (its fusion takes float/float16 scales), so
+    decoder.ort.onnx holds MatMulNBits nodes with bf16 scales, their weights in decoder.ort.onnx.data; the
+    packing itself is checked on fp32 against HF above (decoder.nbits.ort.onnx). The CPU EP has no bf16 kernel
+    for it: not run here."""
+    from qwen_vl_trt.export.artifacts import export_artifacts
+    from qwen_vl_trt.runtime.errors import ArtifactError
+    from qwen_vl_trt.runtime.manifest import load_manifest
+
+    export_artifacts(qwen3_vl_ckpt, tmp_path, "bf16", int4_block=BLOCK)
+    model = onnx.load(str(tmp_path / "decoder.ort.onnx"), load_external_data=False)
+    nbits = [n for n in model.graph.node if n.op_type == "MatMulNBits"]
+    layers = ModelSpec.from_checkpoint(qwen3_vl_ckpt).text.num_hidden_layers
+    assert len(nbits) == layers * 6 and not any(n.op_type == "DequantizeLinear" for n in model.graph.node)
+    inits = {t.name: t for t in model.graph.initializer}
+    assert all(inits[n.input[2]].data_type == onnx.TensorProto.BFLOAT16 for n in nbits)
+    assert all(inits[n.input[1]].data_type == onnx.TensorProto.UINT8 for n in nbits)
+    assert {e.value for n in nbits for t in (inits[n.input[1]], inits[n.input[2]]) for e in t.external_data
+            if e.key == "location"} == {"decoder.ort.onnx.data"}
+    assert not any(t.data_type == onnx.TensorProto.INT4 for t in model.graph.initializer)
+    # manifest.json lists the extra weight file, and a copy of the artifacts without it is refused
+    assert load_manifest(tmp_path).graphs["decoder"]["onnx_ort_data"] == "decoder.ort.onnx.data"
+    (tmp_path / "decoder.ort.onnx.data").unlink()
+    with pytest.raises(ArtifactError, match="decoder.ort.onnx.data is missing"):
+        load_manifest(tmp_path)
