@@ -52,13 +52,14 @@ PY
   [ -f "$inc/NvInferRuntime.h" ] && echo "$inc"
 }
 
-find_trt_lib() {  # prints "-L<dir> -l<lib>" or nothing
+find_trt_lib() {  # prints "<dir> <-l argument>" or nothing
   for d in "${TENSORRT_ROOT:-/nonexistent}/lib" /usr/lib/x86_64-linux-gnu /usr/lib/aarch64-linux-gnu /usr/lib /usr/local/lib; do
     if [ -f "$d/libnvinfer.so" ]; then echo "$d nvinfer"; return; fi
   done
   local d
   d="$("$PY" -c 'import tensorrt_rtx_libs, os; print(os.path.dirname(tensorrt_rtx_libs.__file__))' 2>/dev/null || true)"
-  if [ -n "$d" ] && [ -f "$d/libtensorrt_rtx.so" ]; then echo "$d tensorrt_rtx"; fi
+  # the wheel ships only the versioned file (libtensorrt_rtx.so.1): link it by name
+  if [ -n "$d" ] && [ -f "$d/libtensorrt_rtx.so.1" ]; then echo "$d :libtensorrt_rtx.so.1"; fi
 }
 
 CUDA="${CUDA_HOME:-/usr/local/cuda}"
@@ -108,7 +109,7 @@ fi
 $CXX -o "$BIN.tmp" $objs $LINK
 mv "$BIN.tmp" "$BIN"
 if [ $WITH_TRT = 1 ]; then
-  echo "runtime_cpp: built $BIN in $(( $(date +%s) - t0 )) s (backends: worker, tensorrt [lib$LIBNAME, headers $TRT_INC])"
+  echo "runtime_cpp: built $BIN in $(( $(date +%s) - t0 )) s (backends: worker, tensorrt [-l$LIBNAME, headers $TRT_INC])"
 else
   echo "runtime_cpp: built $BIN in $(( $(date +%s) - t0 )) s (backends: worker; tensorrt not built: $MISSING)"
 fi
