@@ -33,8 +33,8 @@ def export_graphs(ckpt_dir, out_dir, dtype: str = "bfloat16", graphs=("vision", 
     out.mkdir(parents=True, exist_ok=True)
     exporters = {"vision": _vision_exporter(spec), "embed": export_embed,
                  "decoder": lambda *a: export_decoder(*a, int4_block=int4_block)}
-    if weights.fp8 and progress:
-        progress(f"{weights.fp8.describe()}: dequantized to {dtype} as they are read")
+    if weights.quant and progress:
+        progress(f"{weights.quant.describe()}: dequantized to {dtype} as they are read")
     files = {}
     for name in graphs:
         t0 = time.perf_counter()

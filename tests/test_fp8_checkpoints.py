@@ -21,7 +21,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from hf_reference import assert_prefill_and_decode_match_hf, fp32_graphs, hf_model, prompt_with_pads
-from qwen_vl_trt.export.quantized import Fp8Weights
+from qwen_vl_trt.export.quantized import Fp8Weights, weight_quantization
 from qwen_vl_trt.export.spec import CheckpointError, ModelSpec
 from tolerances import FP32_ATOL
 
@@ -148,14 +148,14 @@ def test_per_tensor_and_per_channel_scales():
 
 
 @pytest.mark.parametrize("config,message", [
-    ({"quant_method": "awq", "bits": 4}, "quantization method 'awq' is not supported"),
+    ({"quant_method": "bitsandbytes", "load_in_4bit": True}, "quantization method 'bitsandbytes' is not supported"),
     ({"quant_method": "fp8", "fmt": "e5m2"}, "FP8 format 'e5m2' is not supported"),
     ({"quant_method": "compressed-tensors", "format": "pack-quantized"},
      "compressed-tensors format 'pack-quantized' is not supported"),
 ])
 def test_unsupported_quantization_is_one_clear_error(config, message):
     with pytest.raises(CheckpointError, match=message):
-        Fp8Weights.from_config({"quantization_config": config}, "config.json")
+        weight_quantization({"quantization_config": config}, "config.json")
 
 
 def test_fp8_weight_without_scale_fails_the_export_cleanly(qwen3_vl_ckpt, tmp_path):
