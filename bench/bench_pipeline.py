@@ -46,6 +46,7 @@ import pipeline_measure as pm  # noqa: E402
 
 GPU_SIZES, SMOKE_SIZES = (448, 896, 1344), (64, 128)
 TEXT_TOKENS = 50
+INT4_BLOCK = 128  # --weights int4: export_all.sh's default block
 
 
 class Budget:
@@ -79,8 +80,9 @@ def add_tokenizer(ckpt: Path, tokenizer_dir: Path | None) -> None:
     (ckpt / "chat_template.jinja").write_text((ROOT / "export/assets/qwen3_vl_chat_template.jinja").read_text())
 
 
-def prepare_gpu(config: str, work: Path, tokenizer_dir: Path | None) -> tuple[Path, Path]:
-    ckpt, art, log = work / f"ckpt-{config}", work / f"art-{config}", work / f"prepare-{config}.log"
+def prepare_gpu(config: str, work: Path, tokenizer_dir: Path | None, weights: str = "dense") -> tuple[Path, Path]:
+    suffix = "" if weights == "dense" else f"-{weights}"
+    ckpt, art, log = work / f"ckpt-{config}", work / f"art-{config}{suffix}", work / f"prepare-{config}{suffix}.log"
     work.mkdir(parents=True, exist_ok=True)
     env = {**os.environ, "PYTHON": sys.executable}
     if not (ckpt / "model.safetensors.index.json").is_file():
@@ -88,29 +90,30 @@ def prepare_gpu(config: str, work: Path, tokenizer_dir: Path | None) -> tuple[Pa
     add_tokenizer(ckpt, tokenizer_dir)
     if not (art / "manifest.json").is_file():
         _run(["bash", ROOT / "export_all.sh", ckpt, art, "--dtype", "bf16", "--no-engines", "--max-batch", "8",
-              "--max-seq", "2048", "--max-cache-len", "4096"], log, env)
+              "--max-seq", "2048", "--max-cache-len", "4096", "--weights", weights], log, env)
     return ckpt, art
 
 
-def prepare_smoke(work: Path, checkpoint: Path | None) -> tuple[Path, Path]:
+def prepare_smoke(work: Path, checkpoint: Path | None, weights: str = "dense") -> tuple[Path, Path]:
     from qwen_vl_trt.export.artifacts import export_artifacts
     from qwen_vl_trt.export.build_engines import Limits
     from qwen_vl_trt.export.demo_checkpoint import make_checkpoint
 
     ckpt = checkpoint or make_checkpoint(work / "ckpt-tiny", "qwen3_vl", seed=0)
-    art = work / "art-tiny"
+    art = work / ("art-tiny" if weights == "dense" else f"art-tiny-{weights}")
     if not (art / "manifest.json").is_file():
-        export_artifacts(ckpt, art, "fp32", Limits(max_batch=2, max_seq=1024, max_cache_len=2048))
+        export_artifacts(ckpt, art, "fp32", Limits(max_batch=2, max_seq=1024, max_cache_len=2048),
+                         int4_block=INT4_BLOCK if weights == "int4" else None)
     return Path(ckpt), art
 
 
-def prepare_all(configs, work: Path, tokenizer_dir) -> dict:
+def prepare_all(configs, work: Path, tokenizer_dir, weights: str = "dense") -> dict:
     """Checkpoints and exports of all configs at once (one thread each; the work is in subprocesses)."""
     done, errors = {}, []
 
     def one(cfg):
         try:
-            done[cfg] = prepare_gpu(cfg, work, tokenizer_dir)
+            done[cfg] = prepare_gpu(cfg, work, tokenizer_dir, weights)
         except BaseException as e:  # noqa: BLE001 -- reported below
             errors.append(f"{cfg}: {e}")
     threads = [threading.Thread(target=one, args=(c,)) for c in configs]
@@ -146,9 +149,12 @@ def requests(art: Path, work: Path, sizes) -> tuple[dict, object, int]:
 
 
 # ---- roofline ------------------------------------------------------------------------------------------------
-def decode_bytes(ckpt: Path, spec, batch: int, context: float, kv_itemsize: int) -> float:
+def decode_bytes(ckpt: Path, spec, batch: int, context: float, kv_itemsize: int, int4_block: int | None = None) -> float:
     """Bytes a decode step must read: every text-decoder weight once (the embedding table only as lm_head when
-    tied: its rows are gathered, not read), plus each sequence's KV rows."""
+    tied: its rows are gathered, not read), plus each sequence's KV rows. With `int4_block`, the projections
+    export/int4.py quantizes count half a byte per weight plus one scale per block."""
+    from qwen_vl_trt.export.int4 import QUANTIZED
+
     import struct
 
     text, embed, head = 0, 0, 0
@@ -164,6 +170,10 @@ def decode_bytes(ckpt: Path, spec, batch: int, context: float, kv_itemsize: int)
             elif "embed_tokens" in key:
                 embed += size
             elif "language_model" in key:
+                n_elem = size // 2 if v["dtype"] in ("BF16", "F16") else size // 4
+                layer = key.rsplit(".", 2)[-2] if key.endswith(".weight") else ""
+                if int4_block and layer in QUANTIZED and v["shape"][-1] % int4_block == 0:
+                    size = n_elem // 2 + (n_elem // int4_block) * kv_itemsize  # int4 values + scales (graph dtype)
                 text += size
     t = spec.text
     kv_per_token = t.num_hidden_layers * 2 * t.num_key_value_heads * t.head_dim * kv_itemsize
@@ -181,7 +191,8 @@ def _ratio(a, b):
 
 def table(results: dict, args) -> str:
     hf_cols = ("dynamic", "compiled")
-    head = ["config", "metric", "ours (ORT)", f"HF {args.attn}, dynamic cache", "HF static cache + compile",
+    ours_label = "ours (ORT)" if args.weights == "dense" else f"ours (ORT, {args.weights} decoder)"
+    head = ["config", "metric", ours_label, f"HF {args.attn}, dynamic cache", "HF static cache + compile",
             "ours / HF dynamic", "ours / HF compiled"]
     rows = []
     for cfg, r in results.items():
@@ -241,7 +252,8 @@ def measure(entry: dict, ckpt, art, args, device, budget) -> None:
     batches = (1, 2) if args.smoke else (1, 8)
     tokens, reps, check = (8, 1, 8) if args.smoke else (args.tokens, 3, 32)
     context = ttft.num_tokens + tokens / 2
-    entry["bytes"] = {b: decode_bytes(ckpt, spec, b, context, 4 if args.smoke else 2) for b in batches}
+    int4 = INT4_BLOCK if args.weights == "int4" else None
+    entry["bytes"] = {b: decode_bytes(ckpt, spec, b, context, 4 if args.smoke else 2, int4) for b in batches}
     entry["ours"] = pm.ours(art, per_size, ttft, batches, tokens, reps, check, device)
     modes = ("dynamic",) if args.smoke else ("dynamic", "compiled")
     entry["hf"] = pm.hf(ckpt, per_size, ttft, batches, tokens, 1 if args.smoke else 2, check, device, modes,
@@ -269,6 +281,9 @@ def main(argv=None) -> int:
     ap.add_argument("--json", type=Path, default=None, help="write all numbers here (after every config)")
     ap.add_argument("--smoke", action="store_true", help="tiny checkpoint, CPU, HF eager: prove the code paths")
     ap.add_argument("--checkpoint", type=Path, default=None, help="--smoke: use this tiny checkpoint")
+    ap.add_argument("--weights", default="dense", choices=("dense", "int4"),
+                    help="int4: our side runs `export_all.sh --weights int4` artifacts (INT4 decoder projections, "
+                         "blocks of 128; HF stays dense, so greedy agreement is not expected)")
     args = ap.parse_args(argv)
     args.attn = "eager" if args.smoke else "sdpa"
     args.work.mkdir(parents=True, exist_ok=True)
@@ -285,10 +300,10 @@ def main(argv=None) -> int:
             raise SystemExit(f"onnxruntime {onnxruntime.__version__} from {onnxruntime.__file__} has no CUDA EP: "
                              "put onnxruntime-gpu first on PYTHONPATH (bench/gpu_run.sh does)")
     if args.smoke:
-        prepared = {"tiny": prepare_smoke(args.work, args.checkpoint)}
+        prepared = {"tiny": prepare_smoke(args.work, args.checkpoint, args.weights)}
     else:
         tok = args.tokenizer_dir or _package_tokenizer()
-        prepared = prepare_all(args.configs, args.work, tok)
+        prepared = prepare_all(args.configs, args.work, tok, args.weights)
     print(f"prepared in {time.perf_counter() - budget.t0:.0f} s", file=sys.stderr, flush=True)
     copy_gbps = device.copy_gbps(1 << 28 if args.smoke else 1 << 31)
     results, interrupted = {}, None

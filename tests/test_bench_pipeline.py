@@ -49,3 +49,16 @@ def test_smoke_table_and_tokens_equal_hf(qwen3_vl_ckpt, tmp_path):
     for key in ("device: CPU", "copy bandwidth", "onnxruntime", "CPUExecutionProvider", "date: ", "command: "):
         assert key in footer, key
     assert (tmp_path / "out.json").is_file()
+
+
+def test_smoke_int4_decoder(qwen3_vl_ckpt, tmp_path):
+    """`--weights int4`: our side runs INT4 artifacts; the table says so. HF stays dense, so its greedy tokens
+    are reported, not required to agree."""
+    r = subprocess.run([sys.executable, str(ROOT / "bench/bench_pipeline.py"), "--smoke", "--work", str(tmp_path),
+                        "--checkpoint", str(qwen3_vl_ckpt), "--weights", "int4"],
+                       capture_output=True, text=True, timeout=120)
+    assert r.returncode == 0, r.stderr[-3000:]
+    table = [ln for ln in r.stdout.splitlines() if ln.startswith("|")]
+    assert table[0] == HEAD.replace("| ours (ORT) |", "| ours (ORT, int4 decoder) |")
+    assert (tmp_path / "art-tiny-int4" / "manifest.json").is_file()
+    assert '"weights": "int4-rtn-sym-b128"' in (tmp_path / "art-tiny-int4" / "manifest.json").read_text()
