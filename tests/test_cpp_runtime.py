@@ -201,6 +201,17 @@ def test_stop_ids_end_each_sequence_of_a_batch(binary, qwen3_artifacts, media, t
     assert r.returncode == 0, r.stderr
     stopped = [s["token_ids"] for s in json.loads(r.stdout)["sequences"]]
     assert stopped == [cut(ids) for ids in full] and len(stopped[0]) <= 3
+    # --stream: one line per position as it is chosen, then the result; the lines rebuild each sequence exactly
+    # (-1 once a sequence has ended)
+    r = subprocess.run([str(binary), "--model-dir", str(qwen3_artifacts), "--request", str(req), "--python",
+                        sys.executable, "--temperature", "0", "--max-new-tokens", str(N_NEW), "--stop-id", str(stop),
+                        "--stream"], capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stderr
+    *lines, last = r.stdout.strip().splitlines()
+    steps = [json.loads(line)["tokens"] for line in lines]
+    assert json.loads(last)["sequences"] and len(steps) == max(len(ids) for ids in stopped)
+    assert [[t[b] for t in steps if t[b] != -1] for b in range(2)] == stopped
+    assert all(t[0] == -1 for t in steps[len(stopped[0]):])
 
 
 # ---- positions and vision inputs vs HF -----------------------------------------------------------------------

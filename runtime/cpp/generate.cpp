@@ -135,7 +135,7 @@ Generation generate(Backend& backend, Manifest const& m, Request const& r, Sampl
     std::vector<bool> done(batch, false);
     for (int64_t step = 0; step < cfg.maxNewTokens; ++step)
     {
-        std::vector<int64_t> tokens(batch);
+        std::vector<int64_t> tokens(batch), fresh(batch, -1);
         bool all = true;
         for (int64_t b = 0; b < batch; ++b)
         {
@@ -143,10 +143,13 @@ Generation generate(Backend& backend, Manifest const& m, Request const& r, Sampl
             if (done[b])
                 continue;
             out.tokens[b].push_back(tokens[b]);
+            fresh[b] = tokens[b];
             if (!cfg.ignoreEos && std::count(cfg.stopIds.begin(), cfg.stopIds.end(), tokens[b]))
                 done[b] = true; // the stop rule: the stop id is part of the result (HF)
             all = all && done[b];
         }
+        if (cfg.onTokens)
+            cfg.onTokens(fresh);
         if (all || step == cfg.maxNewTokens - 1)
             break;
         t0 = Clock::now();

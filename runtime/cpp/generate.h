@@ -10,6 +10,7 @@
 #include "request.h"
 #include "sampling.h"
 
+#include <functional>
 #include <vector>
 
 namespace qvl
@@ -20,6 +21,8 @@ struct GenerationConfig
     int64_t maxNewTokens = 128;
     bool ignoreEos = false;
     std::vector<int64_t> stopIds; // EOS ids of generation_config.json (plus --stop-id)
+    // called once per generated position with each sequence's new token (-1: that sequence had already finished)
+    std::function<void(std::vector<int64_t> const&)> onTokens;
 };
 
 struct Timings

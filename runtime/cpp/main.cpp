@@ -3,11 +3,12 @@
 //   qwen-vl-generate --model-dir A --request R.safetensors [--backend worker|tensorrt] [--max-new-tokens N]
 //                    [--temperature T --top-k K --top-p P --repetition-penalty R --seed S] [--ignore-eos]
 //                    [--stop-id ID]... [--out FILE] [--python PY] [--ort-graphs fused|plugin]
-//                    [--plugins LIB] [--no-cuda-graph]
+//                    [--plugins LIB] [--no-cuda-graph] [--stream]
 //   qwen-vl-generate --model-dir A --request R --dump-inputs OUT.safetensors   (positions + vision inputs, no run)
 //   qwen-vl-generate --probe-sampling LOGITS.safetensors --out PROBS.safetensors --temperature T --top-k K --top-p P
 //
-// Output: one JSON object {"backend", "sequences": [{"token_ids", "prompt_tokens"}], "timings"} on stdout or --out.
+// Output: one JSON object {"backend", "sequences": [{"token_ids", "prompt_tokens"}], "timings"} on stdout or --out;
+// with --stream, first one line {"tokens": [...]} per generated position (-1 for a finished sequence) on stdout.
 // Sampling defaults come from generation_config.json (do_sample false -> greedy). Bad input: one `error:` line on
 // stderr, exit 2.
 #include "backend.h"
@@ -41,6 +42,7 @@ struct Args
     std::optional<int64_t> maxNewTokens, topK, seed;
     std::optional<double> temperature, topP, repetitionPenalty;
     bool ignoreEos = false;
+    bool stream = false;
     std::vector<int64_t> stopIds;
     BackendOptions backendOptions;
 };
@@ -49,7 +51,7 @@ char const* const kUsage
     = "usage: qwen-vl-generate --model-dir DIR --request FILE [--backend worker|tensorrt] [--max-new-tokens N]\n"
       "       [--temperature T] [--top-k K] [--top-p P] [--repetition-penalty R] [--seed S] [--ignore-eos]\n"
       "       [--stop-id ID]... [--out FILE] [--python PY] [--ort-graphs fused|plugin] [--plugins LIB]\n"
-      "       [--no-cuda-graph] [--dump-inputs FILE] [--probe-sampling LOGITS --out PROBS]\n";
+      "       [--no-cuda-graph] [--stream] [--dump-inputs FILE] [--probe-sampling LOGITS --out PROBS]\n";
 
 int64_t toInt(std::string const& flag, std::string const& v)
 {
@@ -99,6 +101,11 @@ Args parseArgs(int argc, char** argv)
         if (flag == "--ignore-eos")
         {
             a.ignoreEos = true;
+            continue;
+        }
+        if (flag == "--stream")
+        {
+            a.stream = true;
             continue;
         }
         if (flag == "--no-cuda-graph")
@@ -249,6 +256,14 @@ int run(int argc, char** argv)
     std::unique_ptr<Backend> backend
         = a.backend == "worker" ? makeWorkerBackend(m, a.backendOptions) : makeTensorRTBackend(m, a.backendOptions);
     Sampler sampler(samplingConfig(a, m.generation));
+    if (a.stream) // one line per position, as soon as it is chosen: {"tokens": [id or -1 per sequence]}
+        gen.onTokens = [](std::vector<int64_t> const& t) {
+            std::string line = "{\"tokens\": [";
+            for (size_t i = 0; i < t.size(); ++i)
+                line += (i ? ", " : "") + std::to_string(t[i]);
+            std::fprintf(stdout, "%s]}\n", line.c_str());
+            std::fflush(stdout);
+        };
     Generation g = generate(*backend, m, r, sampler, gen);
     emit(a.out, report(backend->name(), r, g));
     return 0;
