@@ -38,12 +38,18 @@ def main(argv=None) -> int:
     ap.add_argument("--block", type=int, default=128)
     ap.add_argument("--work", type=Path, default=None)
     args = ap.parse_args(argv)
+    if args.work is None:  # two fp32 exports + a checkpoint: ~10 GB at 8 layers, removed at the end
+        with tempfile.TemporaryDirectory(prefix="qwen-vl-int4-") as tmp:
+            return run(args, Path(tmp), argv)
+    return run(args, args.work, argv)
+
+
+def run(args, work: Path, argv) -> int:
     from qwen_vl_trt.export.artifacts import export_artifacts
     from qwen_vl_trt.export.build_engines import Limits
     from qwen_vl_trt.runtime.manifest import load_manifest
     from qwen_vl_trt.runtime.pipeline import Preprocessor, Request
 
-    work = args.work or Path(tempfile.mkdtemp(prefix="qwen-vl-int4-"))
     t0 = time.perf_counter()
     ckpt = make_checkpoint(work, args.text_layers, 1)
     limits = Limits(max_patches=1024, max_batch=max(args.batch), max_seq=args.prompt + 64,
