@@ -28,6 +28,7 @@ from safetensors.numpy import load_file, save_file
 from transformers import vision_utils as vu
 
 import hf_processor as H
+from hf_reference import hf_greedy_new_tokens
 
 ROOT = Path(__file__).resolve().parents[1]
 BINARY = ROOT / "build" / "runtime_cpp" / "qwen-vl-generate"
@@ -97,17 +98,7 @@ def save_request(inputs, path) -> Path:
 
 
 def hf_generate(hf, inputs) -> list[int]:
-    """HF greedy tokens, EOS disabled (the model's generation_config supplies the rest, e.g. repetition penalty)."""
-    from transformers import GenerationConfig
-
-    gen = GenerationConfig(do_sample=False, max_new_tokens=N_NEW, eos_token_id=None, pad_token_id=151643)
-    saved, hf.generation_config.eos_token_id = hf.generation_config.eos_token_id, None
-    try:
-        with torch.no_grad():
-            out = hf.generate(**inputs, generation_config=gen)
-    finally:
-        hf.generation_config.eos_token_id = saved
-    return out[0, inputs["input_ids"].shape[1]:].tolist()
+    return hf_greedy_new_tokens(hf, inputs, N_NEW)
 
 
 def generate(binary, artifacts, request, *flags, check=True):

@@ -22,6 +22,7 @@ import torch
 from PIL import Image
 
 import hf_processor as H
+from hf_reference import hf_greedy_new_tokens
 from qwen_vl_trt.runtime import cli
 from qwen_vl_trt.runtime.sampling import Sampler, SamplingConfig, logits_to_probs
 
@@ -69,7 +70,6 @@ def processor(qwen3_vl_ckpt):
 
 def hf_generate(hf, processor, prompt, images=(), frames=None, system=None) -> list[int]:
     """HF greedy generation of N_NEW tokens with EOS disabled, inputs from HF's processor."""
-    from transformers import GenerationConfig
     from transformers.video_utils import VideoMetadata
 
     content = [{"type": "image"} for _ in images] + ([{"type": "video"}] if frames is not None else [])
@@ -81,14 +81,7 @@ def hf_generate(hf, processor, prompt, images=(), frames=None, system=None) -> l
         kwargs.update(videos=[frames], video_metadata=[VideoMetadata(total_num_frames=len(frames), fps=VIDEO_FPS)],
                       cap_pixels_per_frame=False)
     inputs = processor(text=[text], return_tensors="pt", **kwargs)
-    gen = GenerationConfig(do_sample=False, max_new_tokens=N_NEW, eos_token_id=None, pad_token_id=151643)
-    saved, hf.generation_config.eos_token_id = hf.generation_config.eos_token_id, None
-    try:
-        with torch.no_grad():
-            out = hf.generate(**inputs, generation_config=gen)
-    finally:
-        hf.generation_config.eos_token_id = saved
-    return out[0, inputs["input_ids"].shape[1]:].tolist()
+    return hf_greedy_new_tokens(hf, inputs, N_NEW)
 
 
 def run_json(artifacts, *args) -> dict:

@@ -123,25 +123,17 @@ private:
         return out;
     }
 
-    void writeAll(uint8_t const* p, size_t n)
-    {
-        while (n > 0)
-        {
-            ssize_t k = write(mTo, p, n);
-            if (k < 0 && errno == EINTR)
-                continue;
-            if (k <= 0)
-                throw died();
-            p += k;
-            n -= static_cast<size_t>(k);
-        }
-    }
+    void writeAll(uint8_t const* p, size_t n) { transferAll(::write, mTo, p, n); }
 
-    void readAll(uint8_t* p, size_t n)
+    void readAll(uint8_t* p, size_t n) { transferAll(::read, mFrom, p, n); }
+
+    // all n bytes through `io` (::read or ::write), retrying short transfers and EINTR; the worker gone -> died()
+    template <typename Io, typename Byte>
+    void transferAll(Io io, int fd, Byte* p, size_t n)
     {
         while (n > 0)
         {
-            ssize_t k = read(mFrom, p, n);
+            ssize_t k = io(fd, p, n);
             if (k < 0 && errno == EINTR)
                 continue;
             if (k <= 0)
