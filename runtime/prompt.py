@@ -164,7 +164,10 @@ def image_expansion(grid_thw, merge_size: int) -> str:
 
 
 def qwen3_video_expansion(grid_thw, timestamps, merge_size: int) -> str:
-    """Qwen3-VL: per temporal patch `<{t:.1f} seconds><|vision_start|><|video_pad|>*(h*w/m^2)<|vision_end|>`."""
+    """Qwen3-VL: per temporal patch `<{t:.1f} seconds><|vision_start|><|video_pad|>*(h*w/m^2)<|vision_end|>`.
+
+    The expansion replaces the template's whole `<|vision_start|><|video_pad|><|vision_end|>` (see
+    `collapse_video_wrappers`): each frame carries its own start/end pair, with no outer pair around them."""
     t, h, w = (int(v) for v in grid_thw)
     if len(timestamps) != t:
         raise ValueError(f"{len(timestamps)} timestamps for {t} temporal patches")
@@ -176,6 +179,19 @@ def qwen2_5_video_expansion(grid_thw, merge_size: int) -> str:
     """Qwen2.5-VL: one run of t*h*w / m^2 `<|video_pad|>`."""
     t, h, w = (int(v) for v in grid_thw)
     return VIDEO_PAD * (t * h * w // merge_size ** 2)
+
+
+def collapse_video_wrappers(text: str) -> str:
+    """Qwen3-VL: `<|vision_start|><|video_pad|><|vision_end|>` -> `<|video_pad|>`, so that the per-frame expansion
+    is not wrapped in a second start/end pair.
+
+    This is Qwen's reference processing, which the released models were trained with: `Qwen3VLProcessor` of
+    transformers 4.57.x-5.9 replaces the wrapped placeholder when the template wrote one, else the bare
+    `<|video_pad|>`. transformers 5.10-5.24 replaced only the inner `<|video_pad|>` and kept an outer pair (two
+    extra tokens per video, shifting every later MRoPE position); 5.25 restored the reference form
+    (`Qwen3VLProcessor.get_text_with_replacements`). The rule depends only on the rendered template text, never on
+    the installed library. docs/upstream-drift.md records the versions."""
+    return text.replace(VISION_START + VIDEO_PAD + VISION_END, VIDEO_PAD)
 
 
 def expand_placeholders(text: str, image_texts: list[str], video_texts: list[str]) -> str:
@@ -202,6 +218,8 @@ def build_prompt(tokenizer: Tokenizer, messages: list[dict], *, image_grids=(), 
     text = tokenizer.render(messages, add_generation_prompt=add_generation_prompt)
     image_texts = [image_expansion(g, merge_size) for g in image_grids]
     if family == "qwen3_vl":
+        if video_grids:
+            text = collapse_video_wrappers(text)
         video_texts = [qwen3_video_expansion(g, ts, merge_size) for g, ts in zip(video_grids, video_timestamps, strict=True)]
     elif family == "qwen2_5_vl":
         video_texts = [qwen2_5_video_expansion(g, merge_size) for g in video_grids]

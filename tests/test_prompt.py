@@ -152,10 +152,11 @@ def test_input_ids_match_hf_processor(tmp_path, ckpt, tok, processor, case):
     assert np.array_equal(ours.input_ids, ref["input_ids"][0])
     assert np.array_equal(ours.mm_token_type_ids, ref["mm_token_type_ids"][0])
     if video:
-        # doubled start/end: the template's own pair wraps the per-temporal-patch timestamped frames
-        assert f"<|vision_start|><{stamps[0][0]:.1f} seconds><|vision_start|><|video_pad|>" in ours.text
-        assert "<|vision_end|><|vision_end|>" in ours.text
-        assert ours.text.count(" seconds>") == video_grids[0][0]
+        # Qwen's reference form: each temporal patch has its own start/end pair and no outer pair wraps them
+        first = f"<{stamps[0][0]:.1f} seconds><|vision_start|><|video_pad|>"
+        assert first in ours.text and "<|vision_start|>" + first not in ours.text
+        assert "<|vision_end|><|vision_end|>" not in ours.text
+        assert ours.text.count(" seconds>") == video_grids[0][0] == ours.text.count("<|vision_start|>") - n_images
 
 
 def test_qwen2_5_video_expansion_is_one_run(tok25):
