@@ -67,14 +67,14 @@ echo "[3/5] copying tokenizer, chat template, processor and generation configs" 
 
 MANIFEST_FLAGS=()
 if [ "$ENGINES" = 1 ] && [ -f "$(dirname "$0")/export/build_engines.py" ] \
-   && "$PY" -c "from qwen_vl_trt.export.trt_compat import import_tensorrt; import_tensorrt()" >/dev/null 2>&1; then
-  PLUGIN_LIB="$("$PY" -c "from qwen_vl_trt.export.trt_compat import plugin_library_path as p; print(p())")"
+   && "$PY" -c "from qwen_vl_trt.model.trt_compat import import_tensorrt; import_tensorrt()" >/dev/null 2>&1; then
+  PLUGIN_LIB="$("$PY" -c "from qwen_vl_trt.model.trt_compat import plugin_library_path as p; print(p())")"
   PLUGIN_FLAGS=()
   if [ -f "$PLUGIN_LIB" ]; then PLUGIN_FLAGS=(--plugins "$PLUGIN_LIB"); fi
   CC_FLAGS=()
   if [ -n "$CCS" ]; then read -r -a CC_ARR <<<"$CCS"; CC_FLAGS=(--compute-capabilities "${CC_ARR[@]}"); fi
   echo "[4/5] building TensorRT engines (this can take minutes per graph)" >&2
-  LD_LIBRARY_PATH="$("$PY" -m qwen_vl_trt.export.trt_compat)${LD_LIBRARY_PATH:+:$LD_LIBRARY_PATH}" \
+  LD_LIBRARY_PATH="$("$PY" -m qwen_vl_trt.model.trt_compat)${LD_LIBRARY_PATH:+:$LD_LIBRARY_PATH}" \
     "$PY" -m qwen_vl_trt.export.build_engines "$OUT" --dtype "$TRT_DTYPE" "${LIMITS[@]}" \
     "${PLUGIN_FLAGS[@]}" "${CC_FLAGS[@]}"
   MANIFEST_FLAGS=(--engines "${PLUGIN_FLAGS[@]}")

@@ -34,7 +34,7 @@ PROMPT = "a " * 50  # 50 text tokens
 
 def make_artifacts(work: Path, layers: int) -> Path:
     from qwen_vl_trt.export.artifacts import export_artifacts
-    from qwen_vl_trt.export.build_engines import Limits
+    from qwen_vl_trt.model.contracts import Limits
     from qwen_vl_trt.export.demo_checkpoint import QWEN3_VL_TINY, make_checkpoint
 
     out = work / f"art-{layers}"
@@ -48,7 +48,7 @@ def make_artifacts(work: Path, layers: int) -> Path:
 
 def request_rows(art: Path, images: dict) -> list[list[str]]:
     from qwen_vl_trt.runtime import positions, preprocess, prompt
-    from qwen_vl_trt.runtime.manifest import load_manifest
+    from qwen_vl_trt.model.manifest import load_manifest
     from qwen_vl_trt.runtime.pipeline import Preprocessor, Request, vision_feeds
 
     manifest = load_manifest(art)

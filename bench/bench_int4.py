@@ -46,8 +46,8 @@ def main(argv=None) -> int:
 
 def run(args, work: Path, argv) -> int:
     from qwen_vl_trt.export.artifacts import export_artifacts
-    from qwen_vl_trt.export.build_engines import Limits
-    from qwen_vl_trt.runtime.manifest import load_manifest
+    from qwen_vl_trt.model.contracts import Limits
+    from qwen_vl_trt.model.manifest import load_manifest
     from qwen_vl_trt.runtime.pipeline import Preprocessor, Request
 
     t0 = time.perf_counter()

@@ -123,7 +123,7 @@ def main(argv=None) -> int:
     args = ap.parse_args(argv)
     work = args.work or Path(tempfile.mkdtemp(prefix="qwen-vl-ort-graphs-"))
     from qwen_vl_trt.export.artifacts import export_artifacts
-    from qwen_vl_trt.export.build_engines import Limits
+    from qwen_vl_trt.model.contracts import Limits
 
     t0 = time.perf_counter()
     ckpt = make_checkpoint(work, args.text_layers, args.vision_depth)
@@ -137,7 +137,7 @@ def main(argv=None) -> int:
     prompt = text_prompt(args.prompt)
     runs = {"fused": ours(art, True, images, prompt, args.tokens, args.batch, args.threads),
             "plugin": ours(art, False, images, prompt, args.tokens, args.batch, args.threads)}
-    from qwen_vl_trt.runtime.manifest import load_manifest
+    from qwen_vl_trt.model.manifest import load_manifest
     from qwen_vl_trt.runtime.pipeline import Preprocessor, Request
 
     ids = Preprocessor(load_manifest(art)).prepare(Request(prompt)).input_ids.tolist()

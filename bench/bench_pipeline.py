@@ -96,7 +96,7 @@ def prepare_gpu(config: str, work: Path, tokenizer_dir: Path | None, weights: st
 
 def prepare_smoke(work: Path, checkpoint: Path | None, weights: str = "dense") -> tuple[Path, Path]:
     from qwen_vl_trt.export.artifacts import export_artifacts
-    from qwen_vl_trt.export.build_engines import Limits
+    from qwen_vl_trt.model.contracts import Limits
     from qwen_vl_trt.export.demo_checkpoint import make_checkpoint
 
     ckpt = checkpoint or make_checkpoint(work / "ckpt-tiny", "qwen3_vl", seed=0)
@@ -137,7 +137,7 @@ def text_of(tokenizer, n: int) -> str:
 
 
 def requests(art: Path, work: Path, sizes) -> tuple[dict, object, int]:
-    from qwen_vl_trt.runtime.manifest import load_manifest
+    from qwen_vl_trt.model.manifest import load_manifest
     from qwen_vl_trt.runtime.pipeline import Preprocessor, Request
 
     pre = Preprocessor(load_manifest(art))
@@ -244,7 +244,7 @@ def agreement(ours: dict, hf: dict) -> str:
 # ---- main ----------------------------------------------------------------------------------------------------
 def measure(entry: dict, ckpt, art, args, device, budget) -> None:
     """Fills `entry` as the measurements finish (an interrupted run still prints what it has)."""
-    from qwen_vl_trt.runtime.manifest import load_manifest
+    from qwen_vl_trt.model.manifest import load_manifest
 
     sizes = SMOKE_SIZES if args.smoke else GPU_SIZES
     per_size, ttft, entry["ttft_size"] = requests(art, args.work, sizes)

@@ -1,11 +1,11 @@
 """Make an artifact directory self-describing: copy the checkpoint's tokenizer/processor files and write
-manifest.json (format in runtime/manifest.py). Called by export_all.sh after the graph export:
+manifest.json (format in model/manifest.py). Called by export_all.sh after the graph export:
 
     python -m qwen_vl_trt.export.artifacts copy CHECKPOINT OUT
     python -m qwen_vl_trt.export.artifacts manifest CHECKPOINT OUT --dtype fp32 [--engines] [--plugins LIB]
         [--max-patches N] [--max-frames N] [--max-batch B] [--max-seq S] [--max-cache-len K]
 
-The limits default to export/build_engines.py `Limits` and are the ones the engines were built with; the
+The limits default to model/contracts.py `Limits` and are the ones the engines were built with; the
 runtime enforces them on every backend so a request that an engine would refuse fails the same way on ONNX
 Runtime. Errors: one line on stderr, exit 2.
 """
@@ -13,21 +13,19 @@ from __future__ import annotations
 
 import argparse
 import importlib.metadata
-import json
 import shutil
 import sys
 from dataclasses import asdict
 from pathlib import Path
 
-from qwen_vl_trt.runtime.manifest import (COPIED_FILES, FORMAT, FORMAT_VERSION, GRAPHS, REQUIRED_FILES,
-                                          contract_to_json, sha256_file)
+from qwen_vl_trt.model.contracts import Limits
+from qwen_vl_trt.model.errors import CheckpointError, UserError
+from qwen_vl_trt.model.manifest import COPIED_FILES, GRAPHS, REQUIRED_FILES, save_manifest, sha256_file
+from qwen_vl_trt.model.spec import ModelSpec
 
-from .build_engines import Limits
-from .contracts import CONTRACTS
 from .int4 import WEIGHTS_METADATA
 from .onnx_graph import DTYPE_ALIASES
 from .ort_fused import fused_path, nbits_data_path
-from .spec import CheckpointError, ModelSpec
 
 _TOOLS = ("onnx", "onnxruntime", "torch", "transformers", "numpy", "tokenizers", "tensorrt", "tensorrt_rtx",
           "tensorrt-rtx-cu13")
@@ -68,7 +66,8 @@ def tool_versions() -> dict[str, str]:
 
 def write_manifest(ckpt: Path, out: Path, dtype: str, limits: Limits, engines: bool = False,
                    plugins: str | None = None) -> Path:
-    """Write out/manifest.json for graphs already exported to `out` (and engines when `engines`)."""
+    """Write out/manifest.json (model/manifest.py) for graphs already exported to `out` (and engines when
+    `engines`)."""
     dtype = DTYPE_ALIASES[dtype]
     limits.check()
     spec = ModelSpec.from_checkpoint(ckpt)
@@ -89,21 +88,8 @@ def write_manifest(ckpt: Path, out: Path, dtype: str, limits: Limits, engines: b
             graphs[name]["onnx_ort"] = ort_file.name
             if nbits_data_path(ort_file).is_file():  # a bf16 INT4 decoder's MatMulNBits weights
                 graphs[name]["onnx_ort_data"] = nbits_data_path(ort_file).name
-    files = {f: sha256_file(out / f) for f in COPIED_FILES if (out / f).is_file()}
-    manifest = {
-        "format": FORMAT, "format_version": FORMAT_VERSION,
-        "model_type": spec.model_type, "model_spec": spec.to_json(), "dtype": dtype,
-        "graphs": graphs,
-        "contracts": {name: contract_to_json(CONTRACTS[name](spec).resolve(dtype)) for name in GRAPHS},
-        "limits": asdict(limits),
-        "files": files,
-        "checkpoint": {"name": ckpt.resolve().name, "sha256": checkpoint_hashes(ckpt)},
-        "tools": tool_versions(),
-        "plugins": {"library": str(Path(plugins).resolve()), "namespace": "qwen_vl", "version": "1"} if plugins else None,
-    }
-    path = out / "manifest.json"
-    path.write_text(json.dumps(manifest, indent=2) + "\n")
-    return path
+    return save_manifest(out, spec, dtype, limits, graphs, plugins=plugins, tools=tool_versions(),
+                          checkpoint={"name": ckpt.resolve().name, "sha256": checkpoint_hashes(ckpt)})
 
 
 def graph_metadata(onnx_file: Path) -> dict:
@@ -145,7 +131,7 @@ def main(argv=None) -> int:
             limits = Limits(**{k: getattr(args, k) for k in asdict(Limits())})
             print(f"wrote {write_manifest(args.checkpoint, args.out, args.dtype, limits, args.engines, args.plugins)}",
                   file=sys.stderr)
-    except CheckpointError as e:
+    except UserError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
     return 0

@@ -1,8 +1,8 @@
 """ONNX graphs -> TensorRT engines, with optimization profiles derived from the contracts and user limits.
 
 Works with full TensorRT (`tensorrt`) and TensorRT-RTX (`tensorrt_rtx`, which builds ahead of time on a
-CPU-only machine for the compute capabilities given). Every named dynamic dim of export/contracts.py gets
-min/opt/max from `Limits`; an impossible limit (e.g. max < min) is an error before any build starts.
+CPU-only machine for the compute capabilities given). Every named dynamic dim of model/contracts.py gets
+min/opt/max from `Limits` (`dim_ranges`); an impossible limit (e.g. max < min) is an error before any build starts.
 
     python -m qwen_vl_trt.export.build_engines ARTIFACTS_DIR [--max-patches N] [--max-batch B]
         [--max-seq S] [--max-cache-len K] [--compute-capabilities 8.6 8.9 12.0] [--plugins LIB]
@@ -12,44 +12,12 @@ from __future__ import annotations
 import argparse
 import sys
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict
 from pathlib import Path
 
-from .contracts import CONTRACTS, GraphSpec
-from .spec import CheckpointError, ModelSpec
-
-
-@dataclass(frozen=True)
-class Limits:
-    max_patches: int = 16384  # patches per vision call (a 2048x2048 image is 16384 patches of 16 px)
-    max_frames: int = 64  # images + temporal patches per vision call
-    max_batch: int = 4
-    max_seq: int = 4096  # tokens per prefill call per sequence
-    max_cache_len: int = 8192  # context capacity (prompt + generated)
-
-    def check(self) -> None:
-        for k, v in asdict(self).items():
-            if v < 1:
-                raise CheckpointError(f"limit {k}={v} is impossible: it must be >= 1")
-        if self.max_cache_len < self.max_seq:
-            raise CheckpointError(f"max_cache_len {self.max_cache_len} < max_seq {self.max_seq}: a prompt of "
-                                  f"max_seq tokens would not fit the cache; raise --max-cache-len")
-        if self.max_patches % 4:
-            raise CheckpointError(f"max_patches {self.max_patches} must be a multiple of 4 (2x2 merge blocks)")
-
-
-def dim_ranges(limits: Limits) -> dict[str, tuple[int, int, int]]:
-    """(min, opt, max) of each named dynamic dim; opt is the shape TensorRT tunes for."""
-    lim = limits
-    return {
-        "num_patches": (4, min(1024, lim.max_patches), lim.max_patches),
-        "num_merged": (0, min(256, lim.max_patches // 4), lim.max_patches // 4),
-        "num_frames_1": (2, 2, lim.max_frames + 1),
-        "num_windows_1": (2, 17, lim.max_patches // 4 + 1),
-        "batch": (1, 1, lim.max_batch),
-        "seq": (1, min(256, lim.max_seq), lim.max_seq),
-        "cache_len": (16, min(1024, lim.max_cache_len), lim.max_cache_len),
-    }
+from qwen_vl_trt.model.contracts import CONTRACTS, GraphSpec, Limits, dim_ranges
+from qwen_vl_trt.model.errors import CheckpointError, UserError
+from qwen_vl_trt.model.spec import ModelSpec
 
 
 def profile_shapes(contract: GraphSpec, limits: Limits) -> dict[str, tuple[tuple, tuple, tuple]]:
@@ -64,7 +32,7 @@ def profile_shapes(contract: GraphSpec, limits: Limits) -> dict[str, tuple[tuple
 def build_engine(trt, onnx_path: Path, engine_path: Path, contract: GraphSpec, limits: Limits,
                  compute_capabilities=(), plugin_lib: str | None = None, timing_cache: Path | None = None,
                  log=print) -> Path:
-    from .trt_compat import load_plugin_library
+    from qwen_vl_trt.model.trt_compat import load_plugin_library
 
     logger = trt.Logger(trt.Logger.WARNING)
     builder = trt.Builder(logger)
@@ -114,7 +82,7 @@ def build_engine(trt, onnx_path: Path, engine_path: Path, contract: GraphSpec, l
 
 def build_all(artifacts: Path, limits: Limits, compute_capabilities=(), plugin_lib=None, dtype="float32",
               spec: ModelSpec | None = None, log=print, graphs=tuple(CONTRACTS)) -> dict[str, str]:
-    from .trt_compat import import_tensorrt
+    from qwen_vl_trt.model.trt_compat import import_tensorrt
 
     limits.check()
     trt = import_tensorrt()
@@ -142,7 +110,7 @@ def main(argv=None) -> int:
     try:
         build_all(args.artifacts, limits, args.compute_capabilities, args.plugins, args.dtype,
                   log=lambda m: print(m, file=sys.stderr, flush=True), graphs=tuple(args.graphs.split(",")))
-    except CheckpointError as e:
+    except UserError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
     except ImportError as e:

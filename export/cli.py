@@ -14,7 +14,8 @@ from pathlib import Path
 
 from .int4 import BLOCK_SIZES
 from .onnx_graph import DTYPE_ALIASES
-from .spec import CheckpointError, ModelSpec
+from qwen_vl_trt.model.errors import CheckpointError, UserError
+from qwen_vl_trt.model.spec import ModelSpec
 from .weights import CheckpointWeights
 
 
@@ -31,7 +32,7 @@ def export_graphs(ckpt_dir, out_dir, dtype: str = "bfloat16", graphs=("vision", 
     weights = CheckpointWeights(ckpt_dir)
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    exporters = {"vision": _vision_exporter(spec), "embed": export_embed,
+    exporters = {"vision": spec.family.load("vision_exporter"), "embed": export_embed,
                  "decoder": lambda *a: export_decoder(*a, int4_block=int4_block)}
     if weights.quant and progress:
         progress(f"{weights.quant.describe()}: dequantized to {dtype} as they are read")
@@ -45,16 +46,6 @@ def export_graphs(ckpt_dir, out_dir, dtype: str = "bfloat16", graphs=("vision", 
         if progress:
             progress(f"exported {name}.onnx in {time.perf_counter() - t0:.1f} s")
     return {"spec": spec, "dtype": dtype, "graphs": files}
-
-
-def _vision_exporter(spec: ModelSpec):
-    if spec.model_type == "qwen2_5_vl":
-        from .vision_qwen2_5 import export_vision_qwen2_5
-
-        return export_vision_qwen2_5
-    from .vision import export_vision
-
-    return export_vision
 
 
 def main(argv=None) -> int:
@@ -73,7 +64,7 @@ def main(argv=None) -> int:
         export_graphs(args.checkpoint, args.out_dir, args.dtype, tuple(args.graphs.split(",")),
                       progress=lambda msg: print(msg, file=sys.stderr, flush=True),
                       int4_block=args.int4_block_size if args.weights == "int4" else None)
-    except CheckpointError as e:
+    except UserError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
     return 0

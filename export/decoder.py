@@ -29,12 +29,12 @@ from __future__ import annotations
 from pathlib import Path
 
 from . import ops
-from .contracts import decoder_contract
+from qwen_vl_trt.model.contracts import decoder_contract
 from .int4 import WEIGHTS_METADATA, int4_format
 from .layers import cast, gated_mlp, linear, reshape, rms_norm
 from .onnx_graph import GraphBuilder
 from .rotary import text_tables
-from .spec import ModelSpec
+from qwen_vl_trt.model.spec import ModelSpec
 from .weights import CheckpointWeights
 
 

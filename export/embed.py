@@ -22,10 +22,10 @@ from pathlib import Path
 
 from onnx import helper
 
-from .contracts import embed_contract
+from qwen_vl_trt.model.contracts import embed_contract
 from .layers import cast, reshape
 from .onnx_graph import ELEM, GraphBuilder
-from .spec import ModelSpec
+from qwen_vl_trt.model.spec import ModelSpec
 from .weights import CheckpointWeights
 
 

@@ -38,7 +38,8 @@ from onnx import TensorProto, helper
 
 from .layers import activation, cast, linear, reshape, to_compute
 from .onnx_graph import ELEM, GraphBuilder
-from .spec import CheckpointError, ModelSpec
+from qwen_vl_trt.model.errors import CheckpointError
+from qwen_vl_trt.model.spec import ModelSpec
 from .weights import CheckpointWeights
 
 TILES_PER_ITERATION = 16  # G max: bounds the gathered weight slices per iteration (16 x 9.4 MB at 30B-A3B, bf16)

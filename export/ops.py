@@ -8,7 +8,7 @@ a PLUGIN_V3 layer (plugins/README.md). One file serves both runtimes.
 The plugins take int32 index inputs; the graph contracts keep int64 positions / past lengths (what the
 runtime and HF hold), so each is cast once per graph here.
 
-Shapes (dimension alphabet of export/contracts.py):
+Shapes (dimension alphabet of model/contracts.py):
   mrope:              x [..., H, D], positions [..., A] int64 -> [..., H, D]
   varlen_attention:   q [T, Hq, D], k/v [T, Hkv, D], cu_seqlens [F+1] int32 -> [T, Hq, D]
   kv_cache_attention: q [B, S, Hq, D], k/v [B, S, Hkv, D], past_key/value [B, Hkv, K, D],

@@ -15,7 +15,7 @@ has fused CPU and CUDA kernels for:
 | RMSNorm (eight nodes, export/layers.py) | `SimplifiedLayerNormalization` (fp32 statistics); in the decoder, with the residual Add before it, `com.microsoft.SkipSimplifiedLayerNormalization` |
 | `DequantizeLinear(int4) -> MatMul` (`--weights int4`, bf16 decoder only) | `com.microsoft.MatMulNBits` with its weights in `decoder.ort.onnx.data` (export/int4.py; for fp32/fp16 ONNX Runtime fuses the pair itself) |
 
-Same file contract (export/contracts.py) and same weights: the initializers still point into `<graph>.onnx.data`,
+Same file contract (model/contracts.py) and same weights: the initializers still point into `<graph>.onnx.data`,
 so the rewrite writes only a small graph file. TensorRT engines are built from the plugin graphs.
 
 GroupQueryAttention's extra inputs come from the contract's: `seqlens_k[b] = past_lengths[b] + S - 1` (int32;
@@ -39,7 +39,7 @@ import onnx
 from onnx import TensorProto, helper, numpy_helper
 
 from .plugin_ops import DOMAIN
-from .spec import ModelSpec
+from qwen_vl_trt.model.spec import ModelSpec
 
 ORT_DOMAIN = "com.microsoft"
 FUSED_SUFFIX = ".ort.onnx"

@@ -26,7 +26,7 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 
-from .spec import CheckpointError
+from qwen_vl_trt.model.errors import CheckpointError
 
 FP8_METHODS = ("fp8", "compressed-tensors")
 AWQ_ORDER = (0, 2, 4, 6, 1, 3, 5, 7)  # packed nibble i of an int32 holds column AWQ_ORDER[i] of its group of 8

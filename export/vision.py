@@ -24,11 +24,11 @@ from __future__ import annotations
 from pathlib import Path
 
 from . import ops
-from .contracts import vision_contract
+from qwen_vl_trt.model.contracts import vision_contract
 from .layers import activation, layer_norm, linear, reshape, to_compute
 from .onnx_graph import GraphBuilder
 from .rotary import vision_tables
-from .spec import ModelSpec
+from qwen_vl_trt.model.spec import ModelSpec
 from .weights import CheckpointWeights
 
 

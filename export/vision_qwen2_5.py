@@ -30,11 +30,11 @@ from pathlib import Path
 
 from onnx import helper
 
-from .contracts import vision_contract
+from qwen_vl_trt.model.contracts import vision_contract
 from .layers import gated_mlp, linear, reshape, rms_norm
 from .onnx_graph import ELEM, GraphBuilder
 from .rotary import vision_tables
-from .spec import ModelSpec
+from qwen_vl_trt.model.spec import ModelSpec
 from .vision import attention, patch_embed
 from .weights import CheckpointWeights
 

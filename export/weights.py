@@ -12,7 +12,7 @@ import struct
 from pathlib import Path
 
 from .quantized import AwqWeights, Fp8Weights, is_fp8, weight_quantization
-from .spec import CheckpointError
+from qwen_vl_trt.model.errors import CheckpointError
 
 
 def canonical_key(key: str) -> str:

@@ -9,7 +9,7 @@ import json
 import sys
 from dataclasses import dataclass
 
-from .errors import UserError
+from qwen_vl_trt.model.errors import UserError
 
 DEFAULT_MEDIA_PROMPT = "Describe this image."
 DEFAULT_MAX_NEW_TOKENS = 128
@@ -130,12 +130,10 @@ def _timing_line(index, result) -> str:
 
 
 def main(argv=None) -> int:
-    from qwen_vl_trt.export.spec import CheckpointError
-
     args = parser().parse_args(argv)
     try:
         run(RunConfig.from_args(args))
-    except (UserError, CheckpointError) as e:
+    except UserError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:

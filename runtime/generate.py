@@ -21,7 +21,7 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from .decode_io import decode_io
-from .errors import PromptTooLong, UserError
+from qwen_vl_trt.model.errors import PromptTooLong, UserError
 from .kv_cache import numpy_dtype
 from .pipeline import PreparedRequest, vision_feeds
 from .positions import decode_position_ids
@@ -183,7 +183,7 @@ def load_model(directory, backend: str = "auto", *, io_binding: bool = True, thr
     `io_binding` False: ONNX Runtime with plain numpy feeds (runtime/decode_io.py HostIO); `cuda_graph` False:
     no CUDA graph capture of the decode step; `ort_fused` False: ONNX Runtime runs decoder.onnx instead of
     decoder.ort.onnx (export/ort_fused.py)."""
-    from .manifest import load_manifest
+    from qwen_vl_trt.model.manifest import load_manifest
     from .session import open_sessions
 
     manifest = load_manifest(directory)

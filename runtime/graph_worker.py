@@ -23,7 +23,7 @@ import sys
 
 import numpy as np
 
-from .errors import UserError
+from qwen_vl_trt.model.errors import UserError
 from .kv_cache import KVCache, numpy_dtype
 
 _ST_DTYPES = {"F32": "float32", "F16": "float16", "BF16": "bfloat16", "F64": "float64", "I64": "int64",
@@ -81,7 +81,7 @@ class Worker:
     """The three ONNX Runtime sessions of one artifact directory and the decoder's resident KV cache."""
 
     def __init__(self, directory: str, ort_graphs: str = "fused", threads: int = 0):
-        from .manifest import load_manifest
+        from qwen_vl_trt.model.manifest import load_manifest
         from .session import open_sessions
 
         self.manifest = load_manifest(directory)

@@ -1,6 +1,6 @@
 """The explicit KV cache of decoder.onnx: preallocated per-layer buffers and per-sequence lengths.
 
-Layout (export/contracts.py `decoder_contract`): `past_key.{i}` / `past_value.{i}` are [B, Hkv, K, D] in the
+Layout (model/contracts.py `decoder_contract`): `past_key.{i}` / `past_value.{i}` are [B, Hkv, K, D] in the
 export dtype, K = cache_len (fixed for a run). The decoder writes the new rows of sequence b at
 `past_lengths[b] .. past_lengths[b] + S - 1` and returns the whole cache as `present_*.{i}`.
 

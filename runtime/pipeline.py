@@ -14,7 +14,7 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from . import positions, preprocess, prompt, video, vision_inputs
-from .errors import PromptTooLong
+from qwen_vl_trt.model.errors import PromptTooLong
 
 
 @dataclass(frozen=True)
@@ -46,17 +46,11 @@ class PreparedRequest:
 
 def vision_feeds(spec, pixel_values: np.ndarray, grids) -> dict:
     """Host inputs of vision.onnx for patches of several images/videos (grids int [n, 3], prompt order)."""
-    v, merge = spec.vision, spec.vision.spatial_merge_size
-    feeds = {"pixel_values": np.ascontiguousarray(pixel_values, np.float32),
-             "rotary_pos_ids": vision_inputs.rotary_pos_ids(grids, merge),
-             "cu_seqlens": vision_inputs.cu_seqlens(grids)}
-    if spec.model_type == "qwen2_5_vl":
-        feeds["window_index"], feeds["cu_window_seqlens"] = vision_inputs.window_index(
-            grids, merge, v.window_size, v.patch_size)
-    else:
-        feeds["pos_embed_indices"], feeds["pos_embed_weights"] = vision_inputs.pos_embed_interpolation(
-            grids, v.num_grid_per_side, merge)
-    return feeds
+    merge = spec.vision.spatial_merge_size
+    return {"pixel_values": np.ascontiguousarray(pixel_values, np.float32),
+            "rotary_pos_ids": vision_inputs.rotary_pos_ids(grids, merge),
+            "cu_seqlens": vision_inputs.cu_seqlens(grids),
+            **spec.family.load("vision_feeds")(spec, grids)}
 
 
 class Preprocessor:
@@ -66,14 +60,12 @@ class Preprocessor:
         self.manifest, self.spec = manifest, manifest.spec
         self.tokenizer = prompt.Tokenizer(manifest.directory)
         self.image_cfg = preprocess.ImageProcessorConfig.from_dir(manifest.directory)
-        self.family = "qwen2_5_vl" if self.spec.model_type == "qwen2_5_vl" else "qwen3_vl"
+        self.family = self.spec.family  # model/families.py
 
     def load_video(self, path: str):
         """The processed video (pixels, grid, timestamps; Qwen2.5-VL also second_per_grid_ts)."""
         cfg = video.VideoProcessorConfig.from_dir(self.manifest.directory)
-        if self.family == "qwen2_5_vl":
-            return video.preprocess_video_qwen2_5(path, cfg)
-        return video.preprocess_video_qwen3(path, cfg)
+        return self.family.load("video_preprocess")(path, cfg)
 
     def prepare(self, request: Request) -> PreparedRequest:
         t0 = time.perf_counter()
@@ -89,7 +81,7 @@ class Preprocessor:
         video_grids = [vid.grid_thw] if vid is not None else []
         built = prompt.build_prompt(self.tokenizer, messages, image_grids=image_grids, video_grids=video_grids,
                                     video_timestamps=[vid.timestamps] if vid is not None else [],
-                                    family=self.family, merge_size=self.spec.vision.spatial_merge_size)
+                                    family=self.spec.model_type, merge_size=self.spec.vision.spatial_merge_size)
         limit = self.manifest.limits.max_seq
         if len(built.input_ids) > limit:
             raise PromptTooLong(f"prompt has {len(built.input_ids)} tokens, artifacts allow at most {limit}: "
@@ -99,15 +91,9 @@ class Preprocessor:
                                {"preprocess_ms": 1e3 * (time.perf_counter() - t0)})
 
     def _positions(self, built, image_grids, video_grids, vid):
-        ids, types = built.input_ids[None], built.mm_token_type_ids[None]
-        common = dict(image_grid_thw=image_grids or None, video_grid_thw=video_grids or None,
-                      spatial_merge_size=self.spec.vision.spatial_merge_size,
-                      image_token_id=self.spec.image_token_id, video_token_id=self.spec.video_token_id)
-        if self.family == "qwen2_5_vl":
-            return positions.qwen2_5_vl_rope_index(
-                ids, types, second_per_grid_ts=[vid.second_per_grid_ts] if vid is not None else None,
-                tokens_per_second=int(self.spec.vision.tokens_per_second), **common)
-        return positions.qwen3_vl_rope_index(ids, types, **common)
+        rope_index = self.family.load("rope_index")  # runtime/positions.py
+        return rope_index(self.spec, built.input_ids[None], built.mm_token_type_ids[None], image_grids, video_grids,
+                          vid)
 
     def _check_media(self, media: list, request: Request) -> None:
         lim = self.manifest.limits

@@ -119,6 +119,25 @@ def qwen2_5_vl_rope_index(input_ids, mm_token_type_ids=None, image_grid_thw=None
     return _rope_index(ids, np.atleast_2d(types), grids, attention_mask, spatial_merge_size, interval)
 
 
+def qwen3_vl_prompt_positions(spec, input_ids, mm_token_type_ids, image_grids, video_grids, video):
+    """The family's `rope_index` (model/families.py): one prompt [1, S] of `spec`'s model -> (positions int64
+    [3, 1, S], rope delta int64 [1]); `video` (runtime/video.py VideoInputs or None) is not needed here."""
+    return qwen3_vl_rope_index(input_ids, mm_token_type_ids, image_grids or None, video_grids or None,
+                               **_token_kwargs(spec))
+
+
+def qwen2_5_vl_prompt_positions(spec, input_ids, mm_token_type_ids, image_grids, video_grids, video):
+    """As `qwen3_vl_prompt_positions`; video time steps from the video's `second_per_grid_ts`."""
+    return qwen2_5_vl_rope_index(input_ids, mm_token_type_ids, image_grids or None, video_grids or None,
+                                 second_per_grid_ts=[video.second_per_grid_ts] if video is not None else None,
+                                 tokens_per_second=int(spec.vision.tokens_per_second), **_token_kwargs(spec))
+
+
+def _token_kwargs(spec) -> dict:
+    return dict(spatial_merge_size=spec.vision.spatial_merge_size, image_token_id=spec.image_token_id,
+                video_token_id=spec.video_token_id)
+
+
 mm_token_type_ids_of = mm_token_type_ids
 
 

@@ -34,7 +34,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image, ImageOps, UnidentifiedImageError
 
-from .errors import ArtifactError, ImageError
+from qwen_vl_trt.model.errors import ArtifactError, ImageError
 from .resize import resize_bicubic_aa
 
 # `Qwen2VLImageProcessor` class defaults (used by HF when preprocessor_config.json lacks a key).

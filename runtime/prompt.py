@@ -23,7 +23,8 @@ from jinja2.ext import Extension
 from jinja2.sandbox import ImmutableSandboxedEnvironment
 from tokenizers import Tokenizer as _HFTokenizer
 
-from .errors import ArtifactError, UserError
+from qwen_vl_trt.model.errors import ArtifactError, UserError
+from qwen_vl_trt.model.families import family_of
 
 IMAGE_PAD, VIDEO_PAD = "<|image_pad|>", "<|video_pad|>"
 VISION_START, VISION_END = "<|vision_start|>", "<|vision_end|>"
@@ -212,19 +213,26 @@ class Prompt:
     mm_token_type_ids: np.ndarray  # int64 [S]: 0 text, 1 image pad, 2 video pad
 
 
+def qwen3_video_prompt(text: str, video_grids, video_timestamps, merge_size: int) -> tuple[str, list[str]]:
+    """Qwen3-VL's `video_prompt` (model/families.py): the template text without the outer start/end pair of each
+    video placeholder, and the per-frame expansion of each video."""
+    if video_grids:
+        text = collapse_video_wrappers(text)
+    return text, [qwen3_video_expansion(g, ts, merge_size) for g, ts in zip(video_grids, video_timestamps, strict=True)]
+
+
+def qwen2_5_video_prompt(text: str, video_grids, video_timestamps, merge_size: int) -> tuple[str, list[str]]:
+    """Qwen2.5-VL's `video_prompt`: the text as rendered, one run of pads per video (no timestamps)."""
+    return text, [qwen2_5_video_expansion(g, merge_size) for g in video_grids]
+
+
 def build_prompt(tokenizer: Tokenizer, messages: list[dict], *, image_grids=(), video_grids=(), video_timestamps=(),
                  family: str = "qwen3_vl", merge_size: int = 2, add_generation_prompt: bool = True) -> Prompt:
-    """Render `messages`, expand vision placeholders for the given grids, tokenize. `family`: qwen3_vl | qwen2_5_vl."""
+    """Render `messages`, expand vision placeholders for the given grids, tokenize. `family`: the config.json
+    model_type, whose `video_prompt` expands the videos (model/families.py)."""
     text = tokenizer.render(messages, add_generation_prompt=add_generation_prompt)
     image_texts = [image_expansion(g, merge_size) for g in image_grids]
-    if family == "qwen3_vl":
-        if video_grids:
-            text = collapse_video_wrappers(text)
-        video_texts = [qwen3_video_expansion(g, ts, merge_size) for g, ts in zip(video_grids, video_timestamps, strict=True)]
-    elif family == "qwen2_5_vl":
-        video_texts = [qwen2_5_video_expansion(g, merge_size) for g in video_grids]
-    else:
-        raise ValueError(f"unknown family {family!r}")
+    text, video_texts = family_of(family).load("video_prompt")(text, video_grids, video_timestamps, merge_size)
     text = expand_placeholders(text, image_texts, video_texts)
     ids = tokenizer.encode(text)
     types = np.zeros_like(ids)

@@ -28,7 +28,7 @@ from pathlib import Path
 
 import numpy as np
 
-from .errors import UserError
+from qwen_vl_trt.model.errors import UserError
 
 
 def request_tensors(pre, prompts, images=(), video=None, system=None) -> dict:
@@ -51,7 +51,7 @@ def request_tensors(pre, prompts, images=(), video=None, system=None) -> dict:
     if vids:
         out["pixel_values_videos"] = np.concatenate([m.pixel_values for m in vids]).astype(np.float32)
         out["video_grid_thw"] = np.asarray([m.grid_thw for m in vids], np.int64)
-        if pre.family == "qwen2_5_vl":
+        if pre.family.video_seconds_per_grid:
             secs = float(pre.load_video(video).second_per_grid_ts)
             out["second_per_grid_ts"] = np.full(len(vids), secs, np.float32)
     return out
@@ -79,7 +79,7 @@ def parser() -> argparse.ArgumentParser:
 
 
 def run(args, out=sys.stdout) -> None:
-    from .manifest import load_manifest
+    from qwen_vl_trt.model.manifest import load_manifest
     from .prompt import Tokenizer
 
     if args.detokenize:
@@ -104,12 +104,10 @@ def run(args, out=sys.stdout) -> None:
 
 
 def main(argv=None) -> int:
-    from qwen_vl_trt.export.spec import CheckpointError
-
     args = parser().parse_args(argv)
     try:
         run(args)
-    except (UserError, CheckpointError) as e:
+    except UserError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
     return 0

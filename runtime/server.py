@@ -22,7 +22,7 @@ from pathlib import Path
 
 from . import openai_protocol as api
 from .cli import DEFAULT_MAX_NEW_TOKENS
-from .errors import PromptTooLong, UserError
+from qwen_vl_trt.model.errors import PromptTooLong, UserError
 from .openai_protocol import ProtocolError
 
 MAX_BODY = 256 << 20  # bytes of one request (images inline as base64)
@@ -221,9 +221,9 @@ def parser() -> argparse.ArgumentParser:
 
 
 def make_server(args: argparse.Namespace) -> OpenAIServer:
-    """Bind the port, load the model, start the worker. UserError / CheckpointError / OSError on failure."""
+    """Bind the port, load the model, start the worker. UserError / OSError on failure."""
     from .generate import load_model
-    from .manifest import load_manifest
+    from qwen_vl_trt.model.manifest import load_manifest
 
     limit = load_manifest(args.model_dir).limits.max_batch
     max_batch = limit if args.max_batch is None else args.max_batch
@@ -244,12 +244,10 @@ def make_server(args: argparse.Namespace) -> OpenAIServer:
 
 
 def main(argv=None) -> int:
-    from qwen_vl_trt.export.spec import CheckpointError
-
     args = parser().parse_args(argv)
     try:
         server = make_server(args)
-    except (UserError, CheckpointError, OSError) as e:
+    except (UserError, OSError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
     host, port = server.server_address[:2]

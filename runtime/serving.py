@@ -21,7 +21,7 @@ import threading
 import traceback
 from dataclasses import dataclass, field
 
-from .errors import UserError
+from qwen_vl_trt.model.errors import UserError
 from .generate import generate
 from .prompt import IncrementalDecoder
 from .sampling import Sampler, SamplingConfig

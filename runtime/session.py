@@ -23,9 +23,11 @@ from typing import Protocol
 
 import numpy as np
 
-from .errors import ArtifactError, BackendUnavailable, UserError
+from qwen_vl_trt.model.errors import ArtifactError, BackendUnavailable, UserError
 from .kv_cache import numpy_dtype
-from .trt_session import _check, _cudart
+from .backends.cuda import check as _check
+from .backends.cuda import cudart as _cudart
+from .contract_check import check_io
 
 _ORT_TYPES = {"tensor(float)": "float32", "tensor(float16)": "float16", "tensor(bfloat16)": "bfloat16",
               "tensor(int64)": "int64", "tensor(int32)": "int32", "tensor(bool)": "bool"}
@@ -37,21 +39,6 @@ class Session(Protocol):
     def run(self, feeds: dict, device_outputs=()) -> dict: ...
 
     def allocate(self, shape: tuple, dtype: str): ...
-
-
-def check_io(contract, inputs: dict, outputs: dict, where: str) -> None:
-    """`inputs`/`outputs`: name -> (dtype name, rank) as found in the graph/engine; raise on any difference."""
-    problems = []
-    for kind, specs, found in (("input", contract.inputs, inputs), ("output", contract.outputs, outputs)):
-        expected = {t.name: (t.dtype, len(t.dims)) for t in specs}
-        problems += [f"{kind} {n} missing" for n in expected if n not in found]
-        problems += [f"unexpected {kind} {n}" for n in found if n not in expected]
-        problems += [f"{kind} {n} is {found[n][0]} rank {found[n][1]}, contract says {e[0]} rank {e[1]}"
-                     for n, e in expected.items() if n in found and tuple(found[n]) != e]
-    if problems:
-        more = f" (+{len(problems) - 3} more)" if len(problems) > 3 else ""
-        raise ArtifactError(f"{where} does not match the manifest contract of the {contract.name} graph: "
-                            f"{'; '.join(problems[:3])}{more}; re-run export_all.sh for these artifacts")
 
 
 class OrtSession:
@@ -274,7 +261,7 @@ def _cache_outputs(contract) -> tuple[str, ...]:
 def tensorrt_available() -> tuple[bool, str]:
     """(True, "") when a TensorRT module, cuda-python and a CUDA GPU are all there, else (False, why)."""
     try:
-        from qwen_vl_trt.export.trt_compat import import_tensorrt
+        from qwen_vl_trt.model.trt_compat import import_tensorrt
 
         import_tensorrt()
     except ImportError:
@@ -306,7 +293,7 @@ def open_sessions(manifest, backend: str = "auto", *, io_binding: bool = True, t
             raise ArtifactError(f"--backend tensorrt: {manifest.directory} has no TensorRT engines; run export_all.sh "
                                 "on a machine with TensorRT, or use --backend onnxruntime")
         if ok and engines:
-            from qwen_vl_trt.export.build_engines import dim_ranges
+            from qwen_vl_trt.model.contracts import dim_ranges
 
             from .trt_session import open_trt
 

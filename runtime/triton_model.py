@@ -34,7 +34,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from .cli import DEFAULT_MAX_NEW_TOKENS
-from .errors import UserError
+from qwen_vl_trt.model.errors import UserError
 
 try:  # present inside the Triton Python backend only; tests install a stand-in module of the same name
     import triton_python_backend_utils as pb_utils

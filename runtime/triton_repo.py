@@ -12,7 +12,7 @@ import argparse
 import sys
 from pathlib import Path
 
-from .errors import UserError
+from qwen_vl_trt.model.errors import UserError
 
 # (name, data_type, dims, optional) of the request tensors; dims exclude the batch dim.
 INPUTS = (
@@ -62,7 +62,7 @@ parameters {{ key: "backend", value: {{ string_value: "{backend}" }} }}
 def write_model_repository(artifacts, repo, name: str = "qwen_vl", backend: str = "auto",
                            decoupled: bool = True) -> Path:
     """Check the artifacts (manifest), then write REPO/NAME/{config.pbtxt, 1/model.py}; returns the model dir."""
-    from .manifest import load_manifest
+    from qwen_vl_trt.model.manifest import load_manifest
 
     manifest = load_manifest(artifacts)
     model_dir = Path(repo) / name
@@ -74,8 +74,6 @@ def write_model_repository(artifacts, repo, name: str = "qwen_vl", backend: str 
 
 
 def main(argv=None) -> int:
-    from qwen_vl_trt.export.spec import CheckpointError
-
     ap = argparse.ArgumentParser(prog="qwen-vl-triton-repo", description=__doc__.splitlines()[0])
     ap.add_argument("artifacts", help="artifact directory from export_all.sh")
     ap.add_argument("repo", help="model repository directory to write")
@@ -86,7 +84,7 @@ def main(argv=None) -> int:
     args = ap.parse_args(argv)
     try:
         path = write_model_repository(args.artifacts, args.repo, args.name, args.backend, not args.no_streaming)
-    except (UserError, CheckpointError) as e:
+    except UserError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
     print(f"wrote {path}; serve with: tritonserver --model-repository {Path(args.repo).resolve()}")

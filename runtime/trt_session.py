@@ -26,27 +26,13 @@ from pathlib import Path
 
 import numpy as np
 
-from .errors import ArtifactError, BackendUnavailable, PromptTooLong
+from qwen_vl_trt.model.errors import ArtifactError, BackendUnavailable, PromptTooLong
+from .backends.cuda import check as _check
+from .backends.cuda import cudart as _cudart
+from .contract_check import check_io
 from .kv_cache import KVCache, cache_names, numpy_dtype
 
 MAX_GRAPHS = 16  # captured graphs kept per engine (oldest destroyed first)
-
-
-def _cudart():
-    """cuda-python's runtime API module (`cuda.bindings.runtime`, or `cuda.cudart` before cuda-python 12.6)."""
-    try:
-        from cuda.bindings import runtime
-    except ImportError:
-        from cuda import cudart as runtime
-    return runtime
-
-
-def _check(result):
-    """cuda-python calls return (err, *values): raise on an error, return the values."""
-    err, *values = result if isinstance(result, tuple) else (result,)
-    if int(err) != 0:
-        raise BackendUnavailable(f"CUDA error {int(err)} ({err}); check the GPU and driver")
-    return values[0] if len(values) == 1 else (values or None)
 
 
 def _nbytes(shape, dtype: str) -> int:
@@ -121,8 +107,6 @@ class TrtSession:
 
     def __init__(self, engine_path: Path, contract, trt, cudart, stream, ranges: dict, *, resident=(),
                  in_place: bool = False, cuda_graph: bool = True):
-        from .session import check_io
-
         self.trt, self.cudart, self.stream, self.where = trt, cudart, stream, str(engine_path)
         self.logger = trt.Logger(trt.Logger.WARNING)
         engine = trt.Runtime(self.logger).deserialize_cuda_engine(Path(engine_path).read_bytes())
@@ -368,7 +352,7 @@ def _ort_device_greedy(logits: DeviceView, penalty: float):
 
 def open_trt(engines: dict, contracts: dict, plugin_lib: Path | None, ranges: dict, cuda_graph: bool = True) -> dict:
     """The three TrtSessions on one stream; the KV cache is written in place when the plugin library is there."""
-    from qwen_vl_trt.export.trt_compat import import_tensorrt, load_plugin_library
+    from qwen_vl_trt.model.trt_compat import import_tensorrt, load_plugin_library
 
     trt = import_tensorrt()
     if plugin_lib is not None:

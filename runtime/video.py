@@ -33,7 +33,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
-from .errors import ImageError, VideoError
+from qwen_vl_trt.model.errors import ImageError, VideoError
 from .preprocess import ImageProcessorConfig, fused_normalize, load_image, patchify, read_json
 from .preprocess import smart_resize as image_smart_resize
 from .resize import resize_bicubic_aa

@@ -10,7 +10,8 @@ what HF computes (same dtypes, same float32 arithmetic), so the exported graph s
 | `pos_embed_interpolation` | `get_vision_interpolation_indices_and_weights(bilinear, align_corners=True)` | int64 [T, 4], float32 [T, 4] |
 | `window_index` | `get_vision_window_index` | int64 [T / merge^2], int32 [n_windows + 1] |
 
-T = sum(t*h*w) patches. Vectorized per image (no per-patch Python loops).
+T = sum(t*h*w) patches. Vectorized per image (no per-patch Python loops). `qwen3_vl_feeds` / `qwen2_5_vl_feeds` are
+the families' `vision_feeds` (model/families.py): the vision inputs that differ between the families.
 """
 from __future__ import annotations
 
@@ -113,3 +114,16 @@ def window_index(grid_thw, spatial_merge_size: int, window_size: int, patch_size
     keep = np.concatenate([[True], cu_arr[1:] != cu_arr[:-1]])  # torch.unique_consecutive
     win = np.concatenate(indices) if indices else np.zeros(0, np.int64)
     return win.astype(np.int64), cu_arr[keep]
+
+
+def qwen3_vl_feeds(spec, grid_thw) -> dict:
+    """Qwen3-VL's own vision inputs: the learned position table's bilinear taps and weights."""
+    indices, weights = pos_embed_interpolation(grid_thw, spec.vision.num_grid_per_side, spec.vision.spatial_merge_size)
+    return {"pos_embed_indices": indices, "pos_embed_weights": weights}
+
+
+def qwen2_5_vl_feeds(spec, grid_thw) -> dict:
+    """Qwen2.5-VL's own vision inputs: the window permutation and the windows' cumulative lengths."""
+    v = spec.vision
+    index, cu_windows = window_index(grid_thw, v.spatial_merge_size, v.window_size, v.patch_size)
+    return {"window_index": index, "cu_window_seqlens": cu_windows}

@@ -14,7 +14,7 @@ import torch
 from bf16_emulation import load_emulated
 from hf_reference import hf_model, run, text_embed_feeds
 from qwen_vl_trt.export.cli import export_graphs
-from qwen_vl_trt.export.spec import ModelSpec
+from qwen_vl_trt.model.spec import ModelSpec
 from tolerances import BF16_LOGITS_ATOL
 
 

@@ -15,7 +15,7 @@ import pytest
 from PIL import Image
 
 from qwen_vl_trt.export.artifacts import export_artifacts
-from qwen_vl_trt.export.build_engines import Limits
+from qwen_vl_trt.model.contracts import Limits
 
 MAX_SEQ = 128
 LONG_PROMPT = "Tell me everything about this. " * 40
@@ -87,7 +87,7 @@ def test_missing_video(artifacts, tmp_path):
 
 
 def test_prompt_too_long(artifacts):
-    from qwen_vl_trt.runtime.manifest import load_manifest
+    from qwen_vl_trt.model.manifest import load_manifest
     from qwen_vl_trt.runtime.pipeline import Preprocessor, Request
     from qwen_vl_trt.runtime.prompt import build_messages, build_prompt
 

@@ -10,9 +10,9 @@ import onnx
 import pytest
 
 from qwen_vl_trt.export import decoder, embed, vision, vision_qwen2_5
-from qwen_vl_trt.export.contracts import CONTRACTS
+from qwen_vl_trt.model.contracts import CONTRACTS
 from qwen_vl_trt.export.onnx_graph import ELEM
-from qwen_vl_trt.export.spec import ModelSpec
+from qwen_vl_trt.model.spec import ModelSpec
 
 DOCS = Path(__file__).resolve().parents[1] / "docs" / "graphs.md"
 MODULES = {"vision": vision, "embed": embed, "decoder": decoder}

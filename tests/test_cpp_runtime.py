@@ -45,7 +45,7 @@ def binary():
 
 def export(ckpt, out):
     from qwen_vl_trt.export.artifacts import export_artifacts
-    from qwen_vl_trt.export.build_engines import Limits
+    from qwen_vl_trt.model.contracts import Limits
 
     export_artifacts(ckpt, out, "fp32", Limits(max_batch=2, max_seq=1024, max_cache_len=1024))
     return out
@@ -404,7 +404,7 @@ def test_bad_setup_is_one_line_error(binary, qwen3_artifacts, good_request, tmp_
     (broken / "manifest.json").write_text(json.dumps({**raw, "model_type": "llava"}))
     assert "not supported" in run_bad(binary, "--model-dir", broken, "--request", good)
     (broken / "manifest.json").write_text(json.dumps({**raw, "dtype": "float16"}))
-    # the worker's full check (runtime/manifest.py) refuses fp32 contracts under a float16 dtype
+    # the worker's full check (model/manifest.py) refuses fp32 contracts under a float16 dtype
     assert "contract differs" in run_bad(binary, "--model-dir", broken, "--request", good, "--python", sys.executable)
     # no engines in these artifacts: the tensorrt backend refuses (or, when not built, says so)
     msg = run_bad(binary, "--model-dir", qwen3_artifacts, "--request", good, "--backend", "tensorrt")

@@ -27,7 +27,7 @@ N_NEW = 12
 @pytest.fixture(scope="module")
 def artifacts(qwen3_vl_ckpt, tmp_path_factory):
     from qwen_vl_trt.export.artifacts import export_artifacts
-    from qwen_vl_trt.export.build_engines import Limits
+    from qwen_vl_trt.model.contracts import Limits
 
     out = tmp_path_factory.mktemp("decode_io_artifacts")
     export_artifacts(qwen3_vl_ckpt, out, "fp32", Limits(max_batch=2, max_seq=512, max_cache_len=1024))
@@ -195,7 +195,7 @@ def test_graph_capture_refused_falls_back(artifacts, monkeypatch):
         return real(path, opts, providers=["CPUExecutionProvider"])
 
     monkeypatch.setattr(ort, "InferenceSession", fake)
-    from qwen_vl_trt.runtime.manifest import load_manifest
+    from qwen_vl_trt.model.manifest import load_manifest
 
     manifest = load_manifest(artifacts)
     sess = OrtSession(artifacts / "decoder.onnx", manifest.contracts["decoder"],

@@ -3,7 +3,7 @@ TensorRT(-RTX) and build engines ahead of time, with the plugin library loaded (
 PLUGIN_V3 layer) and without it (TensorRT inlines the nodes' ONNX reference functions).
 
 On this CPU-only CI the TensorRT-RTX builder checks parsing, shape inference over the profiles derived
-from export/contracts.py, and the build; engines cannot run here (RTX compiles kernels on the GPU at load,
+from model/contracts.py, and the build; engines cannot run here (RTX compiles kernels on the GPU at load,
 and refuses Hopper). Runs in a subprocess because the RTX library path must be set before the process starts.
 """
 from __future__ import annotations
@@ -16,9 +16,9 @@ from pathlib import Path
 import onnx
 import pytest
 
-from qwen_vl_trt.export.build_engines import Limits, dim_ranges
+from qwen_vl_trt.model.contracts import Limits, dim_ranges
 from qwen_vl_trt.export.cli import export_graphs
-from qwen_vl_trt.export.trt_compat import rtx_env
+from qwen_vl_trt.model.trt_compat import rtx_env
 
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -45,7 +45,7 @@ def test_bf16_engines_build_for_three_targets(bf16_graphs, tmp_path, with_plugin
     if with_plugins:
         r = subprocess.run(["bash", str(ROOT / "plugins" / "build.sh")], capture_output=True, text=True, timeout=900)
         assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-4000:]
-        from qwen_vl_trt.export.trt_compat import plugin_library_path
+        from qwen_vl_trt.model.trt_compat import plugin_library_path
 
         plugin_flags = ["--plugins", str(plugin_library_path())]
     r = subprocess.run([sys.executable, "-m", "qwen_vl_trt.export.build_engines", str(tmp_path), "--dtype", "bfloat16",
@@ -75,8 +75,8 @@ def test_impossible_limit_is_a_clear_error(tmp_path):
 
 @pytest.mark.parametrize("family", ["QWEN3_VL_TINY", "QWEN3_VL_MOE_TINY", "QWEN2_5_VL_TINY"])
 def test_profiles_cover_every_dynamic_dim(family):
-    from qwen_vl_trt.export.contracts import CONTRACTS
-    from qwen_vl_trt.export.spec import ModelSpec
+    from qwen_vl_trt.model.contracts import CONTRACTS
+    from qwen_vl_trt.model.spec import ModelSpec
     import json
     from qwen_vl_trt.export import demo_checkpoint
 

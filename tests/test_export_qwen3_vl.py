@@ -13,7 +13,7 @@ import torch
 from hf_reference import (DECODERS, VISIONS, assert_prefill_and_decode_match_hf, carry_cache, empty_cache, fp32_graphs, hf_model,
                           prompt_with_pads, run, session, vision_feeds)
 from qwen_vl_trt.export.cli import export_graphs
-from qwen_vl_trt.export.spec import ModelSpec
+from qwen_vl_trt.model.spec import ModelSpec
 from tolerances import FP32_ATOL
 
 # grids (t, h, w) in patches: 224x160 -> (1, 14, 10); 96x320 -> (1, 6, 20); 4 frames of 64x64 -> (2, 4, 4)

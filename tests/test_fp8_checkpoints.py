@@ -22,7 +22,8 @@ from safetensors.torch import load_file, save_file
 
 from hf_reference import assert_prefill_and_decode_match_hf, fp32_graphs, hf_model, prompt_with_pads
 from qwen_vl_trt.export.quantized import Fp8Weights, weight_quantization
-from qwen_vl_trt.export.spec import CheckpointError, ModelSpec
+from qwen_vl_trt.model.errors import CheckpointError
+from qwen_vl_trt.model.spec import ModelSpec
 from tolerances import FP32_ATOL
 
 E4M3_MAX = 448.0

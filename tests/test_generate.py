@@ -242,7 +242,7 @@ def test_ort_session_carries_bfloat16_through_bound_ortvalues(tmp_path):
     import onnx
     from onnx import TensorProto, helper
 
-    from qwen_vl_trt.export.contracts import GraphSpec, TensorSpec
+    from qwen_vl_trt.model.contracts import GraphSpec, TensorSpec
     from qwen_vl_trt.runtime.session import OrtSession
 
     graph = helper.make_graph(

@@ -21,8 +21,8 @@ from hf_reference import (assert_prefill_and_decode_match_hf, graphs_prefill, hf
                           prompt_with_pads)
 from qwen_vl_trt.export.cli import export_graphs
 from qwen_vl_trt.export.int4 import QUANTIZED, to_matmul_nbits
-from qwen_vl_trt.export.spec import ModelSpec
-from qwen_vl_trt.export.trt_compat import plugin_library_path, rtx_env
+from qwen_vl_trt.model.spec import ModelSpec
+from qwen_vl_trt.model.trt_compat import plugin_library_path, rtx_env
 from qwen_vl_trt.runtime.session import exact_int4_matmul
 from tolerances import FP32_ATOL
 
@@ -185,7 +185,7 @@ def test_int4_accuracy_level_knob(monkeypatch):
     exact_int4_matmul(opts)
     assert opts.get_session_config_entry("session.qdq_matmulnbits_accuracy_level") == "4"
     monkeypatch.setenv("QWEN_VL_INT4_ACCURACY_LEVEL", "fast")
-    from qwen_vl_trt.runtime.errors import UserError
+    from qwen_vl_trt.model.errors import UserError
 
     with pytest.raises(UserError, match="QWEN_VL_INT4_ACCURACY_LEVEL='fast': use 0-4"):
         exact_int4_matmul(ort.SessionOptions())
@@ -197,8 +197,8 @@ def test_bf16_int4_decoder_ort_graph_uses_matmul_nbits(qwen3_vl_ckpt, tmp_path):
     packing itself is checked on fp32 against HF above (decoder.nbits.ort.onnx). The CPU EP has no bf16 kernel
     for it: not run here."""
     from qwen_vl_trt.export.artifacts import export_artifacts
-    from qwen_vl_trt.runtime.errors import ArtifactError
-    from qwen_vl_trt.runtime.manifest import load_manifest
+    from qwen_vl_trt.model.errors import ArtifactError
+    from qwen_vl_trt.model.manifest import load_manifest
 
     export_artifacts(qwen3_vl_ckpt, tmp_path, "bf16", int4_block=BLOCK)
     model = onnx.load(str(tmp_path / "decoder.ort.onnx"), load_external_data=False)

@@ -15,11 +15,11 @@ import numpy as np
 import pytest
 
 from qwen_vl_trt.export.artifacts import export_artifacts
-from qwen_vl_trt.export.build_engines import Limits
+from qwen_vl_trt.model.contracts import Limits
 from qwen_vl_trt.export.cli import export_graphs
-from qwen_vl_trt.runtime.errors import ArtifactError
+from qwen_vl_trt.model.errors import ArtifactError
 from qwen_vl_trt.runtime.kv_cache import KVCache
-from qwen_vl_trt.runtime.manifest import FORMAT, load_manifest
+from qwen_vl_trt.model.manifest import FORMAT, load_manifest
 from qwen_vl_trt.runtime.session import open_sessions
 
 LIMITS = Limits(max_patches=4096, max_frames=16, max_batch=2, max_seq=256, max_cache_len=512)
@@ -131,7 +131,7 @@ def test_manifest_of_another_model(artifacts, tmp_path):
 def test_contract_drift(artifacts, tmp_path):
     d = clone(artifacts, tmp_path / "a")
     edit_manifest(d, lambda raw: raw["contracts"]["embed"]["inputs"].pop())
-    _refused(d, f"{d}/manifest.json: the embed graph contract differs from this runtime's (export/contracts.py "
+    _refused(d, f"{d}/manifest.json: the embed graph contract differs from this runtime's (model/contracts.py "
                 f"changed since the export); {REEXPORT}")
 
 
@@ -164,7 +164,7 @@ def test_auto_backend_falls_back_to_onnxruntime_when_engines_cannot_run(artifact
     """Engines listed in the manifest, but no TensorRT runtime/GPU to run them: auto -> ORT, tensorrt -> error."""
     from qwen_vl_trt.export.artifacts import write_manifest
     from qwen_vl_trt.runtime import session
-    from qwen_vl_trt.runtime.errors import BackendUnavailable
+    from qwen_vl_trt.model.errors import BackendUnavailable
 
     d = clone(artifacts, tmp_path / "a")
     for name in ("vision", "embed", "decoder"):

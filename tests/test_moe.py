@@ -29,7 +29,8 @@ from hf_reference import assert_prefill_and_decode_match_hf, prompt_with_pads, r
 from qwen_vl_trt.export.cli import export_graphs
 from qwen_vl_trt.export.moe import TILES_PER_ITERATION, _tiles, sparse_moe_block
 from qwen_vl_trt.export.onnx_graph import GraphBuilder
-from qwen_vl_trt.export.spec import CheckpointError, ModelSpec
+from qwen_vl_trt.model.errors import CheckpointError
+from qwen_vl_trt.model.spec import ModelSpec
 from qwen_vl_trt.export.weights import CheckpointWeights
 from test_generate import N_NEW, hf_generate, media, run_cli_json, run_json  # noqa: F401 (media: a fixture)
 from tolerances import FP32_ATOL
@@ -169,7 +170,7 @@ def test_tiles_read_only_selected_experts(tokens, tiles, tmp_path):
 @pytest.fixture(scope="module")
 def tied_artifacts(qwen3_vl_moe_tied_ckpt, tmp_path_factory):
     from qwen_vl_trt.export.artifacts import export_artifacts
-    from qwen_vl_trt.export.build_engines import Limits
+    from qwen_vl_trt.model.contracts import Limits
 
     out = tmp_path_factory.mktemp("qwen3_vl_moe_tied_artifacts")
     export_artifacts(qwen3_vl_moe_tied_ckpt, out, "fp32", Limits(max_batch=2, max_seq=512, max_cache_len=1024))

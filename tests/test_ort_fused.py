@@ -12,7 +12,7 @@ import onnx
 import pytest
 
 from qwen_vl_trt.export.ort_fused import fuse_decoder
-from qwen_vl_trt.export.spec import ModelSpec
+from qwen_vl_trt.model.spec import ModelSpec
 
 FAMILIES = ("qwen3_vl", "qwen2_5_vl", "qwen3_vl_moe")
 

@@ -22,7 +22,7 @@ TARGETS = ("SM86", "SM89", "SM120")
 
 @pytest.fixture(scope="module")
 def plugin_lib() -> Path:
-    from qwen_vl_trt.export.trt_compat import plugin_library_path
+    from qwen_vl_trt.model.trt_compat import plugin_library_path
 
     r = subprocess.run(["bash", str(ROOT / "plugins" / "build.sh")], capture_output=True, text=True, timeout=900)
     assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-4000:]
@@ -33,7 +33,7 @@ def plugin_lib() -> Path:
 
 @pytest.fixture(scope="module")
 def trt_report(plugin_lib, tmp_path_factory) -> dict:
-    from qwen_vl_trt.export.trt_compat import rtx_env
+    from qwen_vl_trt.model.trt_compat import rtx_env
 
     out = tmp_path_factory.mktemp("trt") / "report.json"
     r = subprocess.run([sys.executable, __file__, str(plugin_lib), str(out)], capture_output=True, text=True,
@@ -197,7 +197,7 @@ def _bad_mrope(trt, lib) -> dict:
 
 
 def _main(lib: str, out: str) -> None:
-    from qwen_vl_trt.export.trt_compat import import_tensorrt, load_plugin_library
+    from qwen_vl_trt.model.trt_compat import import_tensorrt, load_plugin_library
 
     trt = import_tensorrt()
     logger = trt.Logger(trt.Logger.ERROR)  # the inlined bodies repeat node names: harmless warnings

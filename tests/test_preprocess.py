@@ -23,7 +23,7 @@ import hf_processor as H
 from qwen_vl_trt.export.demo_checkpoint import make_checkpoint
 from qwen_vl_trt.runtime import preprocess as pp
 from qwen_vl_trt.runtime import video as V
-from qwen_vl_trt.runtime.errors import ImageError, VideoError
+from qwen_vl_trt.model.errors import ImageError, VideoError
 
 QWEN2_5_VL_PREPROCESSOR = {  # released Qwen2.5-VL preprocessor_config.json values (notes section 5)
     "min_pixels": 3136, "max_pixels": 12845056, "patch_size": 14, "temporal_patch_size": 2, "merge_size": 2,

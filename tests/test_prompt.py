@@ -19,7 +19,7 @@ from qwen_vl_trt.export.demo_checkpoint import ASSETS, make_checkpoint
 from qwen_vl_trt.runtime import preprocess as pp
 from qwen_vl_trt.runtime import prompt as P
 from qwen_vl_trt.runtime import video as V
-from qwen_vl_trt.runtime.errors import ArtifactError, UserError
+from qwen_vl_trt.model.errors import ArtifactError, UserError
 
 IMG = "<|vision_start|><|image_pad|><|vision_end|>"
 VID = "<|vision_start|><|video_pad|><|vision_end|>"

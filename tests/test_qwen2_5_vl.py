@@ -23,7 +23,8 @@ import hf_processor as H
 from hf_reference import (VISIONS, assert_prefill_and_decode_match_hf, fp32_graphs, hf_model, prompt_with_pads, run, session,
                           text_embed_feeds, vision_feeds)
 from qwen_vl_trt.export.cli import export_graphs
-from qwen_vl_trt.export.spec import CheckpointError, ModelSpec
+from qwen_vl_trt.model.errors import CheckpointError
+from qwen_vl_trt.model.spec import ModelSpec
 from test_generate import N_NEW, hf_generate, run_json, write_media
 from tolerances import FP32_ATOL
 
@@ -197,7 +198,7 @@ def test_bad_qwen2_5_config_is_a_clear_error(qwen2_5_vl_ckpt, mutate, message):
 @pytest.fixture(scope="module")
 def artifacts(qwen2_5_vl_ckpt, tmp_path_factory):
     from qwen_vl_trt.export.artifacts import export_artifacts
-    from qwen_vl_trt.export.build_engines import Limits
+    from qwen_vl_trt.model.contracts import Limits
 
     out = tmp_path_factory.mktemp("qwen2_5_vl_artifacts")
     export_artifacts(qwen2_5_vl_ckpt, out, "fp32", Limits(max_batch=2, max_seq=1024, max_cache_len=1024))

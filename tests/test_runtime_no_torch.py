@@ -1,4 +1,5 @@
-"""The runtime never imports torch (STYLE G10): every module of qwen_vl_trt.runtime imports, and a whole
+"""The runtime never imports torch: every module of qwen_vl_trt.runtime (its subpackages too) and of
+qwen_vl_trt.model (which the runtime shares with export) imports, and a whole
 generation (image + prompt -> tokens) runs, in a process where any import of torch or transformers is
 recorded and refused by a meta-path finder (so a `try: import torch` fallback would be caught too)."""
 from __future__ import annotations
@@ -11,7 +12,7 @@ import numpy as np
 from PIL import Image
 
 from qwen_vl_trt.export.artifacts import export_artifacts
-from qwen_vl_trt.export.build_engines import Limits
+from qwen_vl_trt.model.contracts import Limits
 
 BLOCKER = r'''
 import importlib.abc, json, pkgutil, sys
@@ -23,10 +24,11 @@ class Block(importlib.abc.MetaPathFinder):
             raise ImportError(f"blocked: {name}")
         return None
 sys.meta_path.insert(0, Block())
+import qwen_vl_trt.model as md
 import qwen_vl_trt.runtime as rt
-modules = sorted(m.name for m in pkgutil.iter_modules(rt.__path__))
+modules = sorted(m.name for pkg in (rt, md) for m in pkgutil.walk_packages(pkg.__path__, pkg.__name__ + "."))
 for m in modules:
-    __import__(f"qwen_vl_trt.runtime.{m}")
+    __import__(m)
 from qwen_vl_trt.runtime.cli import main
 rc = main(sys.argv[1:])
 print(json.dumps({"rc": rc, "modules": modules, "attempts": attempts}), file=sys.stderr)
@@ -42,5 +44,7 @@ def test_runtime_imports_and_generates_without_torch(qwen3_vl_ckpt, tmp_path):
     assert r.returncode == 0, r.stderr
     report = json.loads(r.stderr.strip().splitlines()[-1])
     assert report["rc"] == 0 and report["attempts"] == []
-    assert {"cli", "generate", "session", "kv_cache", "sampling", "manifest", "pipeline", "preprocess"} <= set(report["modules"])
+    assert {f"qwen_vl_trt.runtime.{m}" for m in ("cli", "generate", "session", "kv_cache", "sampling", "pipeline",
+                                                 "preprocess")} <= set(report["modules"])
+    assert {"qwen_vl_trt.model.manifest", "qwen_vl_trt.model.spec"} <= set(report["modules"])
     assert len(json.loads(r.stdout)["token_ids"]) == 4

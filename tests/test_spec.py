@@ -5,7 +5,8 @@ import json
 
 import pytest
 
-from qwen_vl_trt.export.spec import CheckpointError, ModelSpec
+from qwen_vl_trt.model.errors import CheckpointError
+from qwen_vl_trt.model.spec import ModelSpec
 
 
 def _config(qwen3_vl_ckpt) -> dict:

@@ -71,7 +71,7 @@ def request(prompt: str, images=(), **params):
 
 
 def test_config_pbtxt_is_a_valid_triton_model_config(repo, artifacts):  # noqa: F811
-    from qwen_vl_trt.runtime.manifest import load_manifest
+    from qwen_vl_trt.model.manifest import load_manifest
 
     cfg = model_config(repo, "qwen_vl")
     assert cfg.backend == "python" and cfg.name == "qwen_vl"

@@ -15,12 +15,12 @@ import types
 import numpy as np
 import pytest
 
-from qwen_vl_trt.export.build_engines import dim_ranges
-from qwen_vl_trt.export.contracts import CONTRACTS
-from qwen_vl_trt.export.spec import ModelSpec
-from qwen_vl_trt.runtime.errors import ArtifactError
+from qwen_vl_trt.model.contracts import dim_ranges
+from qwen_vl_trt.model.contracts import CONTRACTS
+from qwen_vl_trt.model.spec import ModelSpec
+from qwen_vl_trt.model.errors import ArtifactError
 from qwen_vl_trt.runtime.generate import Model, generate
-from qwen_vl_trt.runtime.manifest import Limits
+from qwen_vl_trt.model.manifest import Limits
 from qwen_vl_trt.runtime.pipeline import PreparedRequest
 from qwen_vl_trt.runtime.sampling import Sampler, SamplingConfig
 from qwen_vl_trt.runtime.trt_session import DeviceView, TrtSession, plan_buffers

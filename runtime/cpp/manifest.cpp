@@ -86,7 +86,7 @@ GenerationDefaults generationDefaults(json const& g)
         d.eosTokenIds = g["eos_token_id"].get<std::vector<int64_t>>();
     else if (g.contains("eos_token_id") && g["eos_token_id"].is_number())
         d.eosTokenIds = {g["eos_token_id"].get<int64_t>()};
-    // runtime/manifest.py pad_token_id: generation_config's, else the first EOS, else 0
+    // model/manifest.py pad_token_id: generation_config's, else the first EOS, else 0
     d.padTokenId = g.contains("pad_token_id") && g["pad_token_id"].is_number()
         ? g["pad_token_id"].get<int64_t>()
         : (d.eosTokenIds.empty() ? 0 : d.eosTokenIds[0]);

@@ -1,6 +1,6 @@
-// ARTIFACTS/manifest.json (written by export/artifacts.py, read in Python by runtime/manifest.py) and
+// ARTIFACTS/manifest.json (written by export/artifacts.py, read in Python by model/manifest.py) and
 // generation_config.json: what the C++ runtime needs of them, parsed once into plain structs.
-// The worker backend's Python side runs the full verification (file hashes, contracts vs export/contracts.py);
+// The worker backend's Python side runs the full verification (file hashes, contracts vs model/contracts.py);
 // here the format, version and every field used are checked, each failure one UserError line.
 #pragma once
 

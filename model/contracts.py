@@ -1,4 +1,4 @@
-"""The I/O contracts of the three graphs, held once as data (STYLE G1).
+"""The I/O contracts of the three graphs and the limits of their dynamic dims, held once as data.
 
 The exporters name their graph inputs/outputs from these specs, the engine builder derives optimization
 profiles from them, the runtime allocates buffers and checks feeds against them, and a test ties the
@@ -14,12 +14,16 @@ Dimension alphabet (named dynamic dims in the ONNX files):
   cache_len     K  capacity of the KV cache (max context of this run)
 Fixed dims come from the model spec: C text hidden, Hkv kv heads, D head dim, V vocab, Ld DeepStack levels.
 `DT` is the export dtype (float32 | float16 | bfloat16); logits are always float32.
+
+`Limits` bound the dynamic dims (`dim_ranges`): the engines' optimization profiles are made from them
+(export/build_engines.py), manifest.json records them, and the runtime refuses a request beyond them on every
+backend. Which extra vision inputs a graph has is its family's (model/families.py).
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 
-from .spec import ModelSpec
+from .errors import CheckpointError
 
 DT = "DT"  # placeholder resolved to the export dtype
 
@@ -59,19 +63,11 @@ class GraphSpec:
         return "\n".join(rows)
 
 
-def vision_contract(spec: ModelSpec) -> GraphSpec:
+def vision_contract(spec: "ModelSpec") -> GraphSpec:
     v, c = spec.vision, spec.text.hidden_size
     inputs = [TensorSpec("pixel_values", "float32", ("num_patches", v.patch_dim),
-                         "flattened patches in HF order (merge-block major), rows (C, Tp, P, P)")]
-    if spec.model_type == "qwen2_5_vl":
-        inputs += [TensorSpec("window_index", "int64", ("num_merged",),
-                              "merged-token permutation into window order (HF get_window_index)"),
-                   TensorSpec("cu_window_seqlens", "int32", ("num_windows_1",),
-                              "cumulative patch counts of the attention windows (window order)")]
-    else:
-        inputs += [TensorSpec("pos_embed_indices", "int64", ("num_patches", 4),
-                              "bilinear taps into the learned position table, merge-block order"),
-                   TensorSpec("pos_embed_weights", "float32", ("num_patches", 4), "bilinear tap weights")]
+                         "flattened patches in HF order (merge-block major), rows (C, Tp, P, P)"),
+              *spec.family.vision_inputs]
     inputs += [TensorSpec("rotary_pos_ids", "int64", ("num_patches", 2), "(row, col) of each patch for 2-D RoPE"),
                TensorSpec("cu_seqlens", "int32", ("num_frames_1",),
                           "cumulative patch counts: one attention segment per image / temporal patch")]
@@ -82,7 +78,7 @@ def vision_contract(spec: ModelSpec) -> GraphSpec:
     return GraphSpec("vision", tuple(inputs), tuple(outputs))
 
 
-def embed_contract(spec: ModelSpec) -> GraphSpec:
+def embed_contract(spec: "ModelSpec") -> GraphSpec:
     c = spec.text.hidden_size
     inputs = [TensorSpec("input_ids", "int64", ("batch", "seq"), "token ids incl. image/video pad tokens"),
               TensorSpec("vision_features", DT, ("num_merged", c),
@@ -96,7 +92,7 @@ def embed_contract(spec: ModelSpec) -> GraphSpec:
     return GraphSpec("embed", tuple(inputs), tuple(outputs))
 
 
-def decoder_contract(spec: ModelSpec) -> GraphSpec:
+def decoder_contract(spec: "ModelSpec") -> GraphSpec:
     t = spec.text
     cache_dims = ("batch", t.num_key_value_heads, "cache_len", t.head_dim)
     inputs = [TensorSpec("inputs_embeds", DT, ("batch", "seq", t.hidden_size), "from embed.onnx")]
@@ -119,3 +115,36 @@ def decoder_contract(spec: ModelSpec) -> GraphSpec:
 
 
 CONTRACTS = {"vision": vision_contract, "embed": embed_contract, "decoder": decoder_contract}
+
+
+@dataclass(frozen=True)
+class Limits:
+    max_patches: int = 16384  # patches per vision call (a 2048x2048 image is 16384 patches of 16 px)
+    max_frames: int = 64  # images + temporal patches per vision call
+    max_batch: int = 4
+    max_seq: int = 4096  # tokens per prefill call per sequence
+    max_cache_len: int = 8192  # context capacity (prompt + generated)
+
+    def check(self) -> None:
+        for k, v in asdict(self).items():
+            if v < 1:
+                raise CheckpointError(f"limit {k}={v} is impossible: it must be >= 1")
+        if self.max_cache_len < self.max_seq:
+            raise CheckpointError(f"max_cache_len {self.max_cache_len} < max_seq {self.max_seq}: a prompt of "
+                                  f"max_seq tokens would not fit the cache; raise --max-cache-len")
+        if self.max_patches % 4:
+            raise CheckpointError(f"max_patches {self.max_patches} must be a multiple of 4 (2x2 merge blocks)")
+
+
+def dim_ranges(limits: Limits) -> dict[str, tuple[int, int, int]]:
+    """(min, opt, max) of each named dynamic dim; opt is the shape TensorRT tunes for."""
+    lim = limits
+    return {
+        "num_patches": (4, min(1024, lim.max_patches), lim.max_patches),
+        "num_merged": (0, min(256, lim.max_patches // 4), lim.max_patches // 4),
+        "num_frames_1": (2, 2, lim.max_frames + 1),
+        "num_windows_1": (2, 17, lim.max_patches // 4 + 1),
+        "batch": (1, 1, lim.max_batch),
+        "seq": (1, min(256, lim.max_seq), lim.max_seq),
+        "cache_len": (16, min(1024, lim.max_cache_len), lim.max_cache_len),
+    }

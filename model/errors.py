@@ -1,4 +1,6 @@
-"""Errors the user can fix. The CLI prints `str(e)` (one line) and exits 2; anything else is a bug.
+"""Errors the user can fix, one root for export and runtime alike. Every entry point (`trt-run`, `qwen-vl-export`,
+the server, Triton, `qwen-vl-request`, ...) catches `UserError`, prints `str(e)` (one line) and exits 2 (or answers
+4xx); anything else is a bug.
 
 Each message says what is wrong and what to do, e.g.
 `ImageError("image not found: cat.png; check the path")`.
@@ -8,6 +10,10 @@ from __future__ import annotations
 
 class UserError(Exception):
     """Base class: bad input or setup that the user can fix. `str(e)` is one line."""
+
+
+class CheckpointError(UserError):
+    """The checkpoint directory (or an export option) cannot be used: the message says what is wrong and where."""
 
 
 class ImageError(UserError):

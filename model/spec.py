@@ -1,11 +1,13 @@
 """The model spec: everything the graphs, engines and runtime need from a checkpoint's config.json.
 
-All config.json drift is handled here and nowhere else (STYLE G2):
+All config.json drift is handled here and nowhere else:
 - transformers 4.57 writes `rope_scaling`, 5.x writes `rope_parameters` (and Qwen2.5-VL's `type: mrope`);
 - `tie_word_embeddings` sits at the top level or inside `text_config`;
 - Qwen2.5-VL configs are flat (text keys at the top level), Qwen3-VL configs nest `text_config`.
 A key that is missing where the released checkpoints always have it raises `CheckpointError`: the
-transformers class defaults match no released model (see shared notes, "traps").
+transformers class defaults match no released model (e.g. `Qwen3VLVisionConfig` defaults to depth 27 and
+hidden size 1152, while Qwen3-VL-2B has depth 24 and hidden size 1024).
+Which parser reads a config is the family's (model/families.py).
 """
 from __future__ import annotations
 
@@ -13,17 +15,8 @@ import json
 from dataclasses import dataclass, field
 from pathlib import Path
 
-
-class CheckpointError(Exception):
-    """The checkpoint directory cannot be used: the message says what is wrong and where."""
-
-
-ARCHITECTURES = {
-    # model_type -> family name used by the exporters
-    "qwen3_vl": "qwen3_vl",
-    "qwen3_vl_moe": "qwen3_vl_moe",
-    "qwen2_5_vl": "qwen2_5_vl",
-}
+from .errors import CheckpointError
+from .families import Family, family_of
 
 
 @dataclass(frozen=True)
@@ -114,6 +107,11 @@ class ModelSpec:
     def num_deepstack(self) -> int:
         return len(self.vision.deepstack_visual_indexes)
 
+    @property
+    def family(self) -> Family:
+        """What this model type does its own way (model/families.py)."""
+        return family_of(self.model_type)
+
     @staticmethod
     def from_checkpoint(ckpt_dir: str | Path) -> "ModelSpec":
         path = Path(ckpt_dir) / "config.json"
@@ -129,16 +127,8 @@ class ModelSpec:
     def from_config(cfg: dict, source: str = "config.json") -> "ModelSpec":
         if not isinstance(cfg, dict):
             raise CheckpointError(f"{source}: expected a JSON object")
-        model_type = cfg.get("model_type")
-        if model_type not in ARCHITECTURES:
-            raise CheckpointError(
-                f"{source}: model_type {model_type!r} is not supported "
-                f"(supported: {', '.join(sorted(ARCHITECTURES))})"
-            )
-        reader = _Reader(cfg, source)
-        if model_type == "qwen2_5_vl":
-            return _parse_qwen2_5_vl(reader)
-        return _parse_qwen3_vl(reader, moe=model_type == "qwen3_vl_moe")
+        family = family_of(cfg.get("model_type"), source)
+        return family.load("config_parser")(_Reader(cfg, source))
 
     def to_json(self) -> dict:
         from dataclasses import asdict
@@ -233,6 +223,14 @@ def _vision_common(v: _Reader, in_channels: int) -> dict:
     return {**{f: v.get(f, int) for f in fields}, "in_channels": in_channels, "hidden_act": v.get("hidden_act", str)}
 
 
+def parse_qwen3_vl(top: _Reader) -> ModelSpec:
+    return _parse_qwen3_vl(top, moe=False)
+
+
+def parse_qwen3_vl_moe(top: _Reader) -> ModelSpec:
+    return _parse_qwen3_vl(top, moe=True)
+
+
 def _parse_qwen3_vl(top: _Reader, moe: bool) -> ModelSpec:
     t, v = top.sub("text_config"), top.sub("vision_config")
     text = _text_common(t, top, qk_norm=True, attention_bias=t.get("attention_bias", bool, default=False),
@@ -266,7 +264,7 @@ def _parse_qwen3_vl(top: _Reader, moe: bool) -> ModelSpec:
     )
 
 
-def _parse_qwen2_5_vl(top: _Reader) -> ModelSpec:
+def parse_qwen2_5_vl(top: _Reader) -> ModelSpec:
     # 5.x nests text keys under text_config; 4.x configs are flat. Read from whichever has them.
     t = top.sub("text_config") if top.has("text_config") and "hidden_size" in top.cfg["text_config"] else top
     v = top.sub("vision_config")

@@ -9,7 +9,7 @@ Having LD_LIBRARY_PATH right, three ways:
   * a parent process: `subprocess.run(cmd, env=rtx_env())` (what the tests do);
   * a script: call `reexec_with_rtx_env()` first thing in main(); it re-executes the interpreter once with
     the right LD_LIBRARY_PATH when needed (no-op when already set or when full TensorRT is installed);
-  * a shell: `export LD_LIBRARY_PATH=$(python -m qwen_vl_trt.export.trt_compat)${LD_LIBRARY_PATH:+:$LD_LIBRARY_PATH}`.
+  * a shell: `export LD_LIBRARY_PATH=$(python -m qwen_vl_trt.model.trt_compat)${LD_LIBRARY_PATH:+:$LD_LIBRARY_PATH}`.
 Only the ONNX parser's plugin-node import needs it; loading the library and building without plugin
 nodes work either way.
 """

@@ -78,7 +78,7 @@ def session_with_layers(graph: Path, scope_prefix: str, elem_type: int, provider
     import onnx
     import onnxruntime as ort
 
-    from ..runtime.session import exact_int4_matmul
+    from .session import exact_int4_matmul
 
     model = onnx.load(str(graph), load_external_data=False)
     names = layer_outputs(model, scope_prefix)
@@ -165,23 +165,23 @@ def hf_greedy(hf, kwargs: dict, n: int, dtype) -> list[int]:
 def parity(checkpoint, artifacts, request, n_tokens: int = 16, rtol: float | None = None,
            provider: str = "CPUExecutionProvider") -> tuple[list[Row], list[int], list[int]]:
     """Rows of per-layer comparisons, our greedy tokens, HF's greedy tokens."""
+    import onnx
     import torch
     import transformers
 
-    from qwen_vl_trt.runtime.errors import UserError
-    from qwen_vl_trt.runtime.generate import embed, generate, load_model
-    from qwen_vl_trt.runtime.kv_cache import numpy_dtype
-    from qwen_vl_trt.runtime.pipeline import Preprocessor, vision_feeds
-    from qwen_vl_trt.runtime.sampling import Sampler, SamplingConfig
+    from qwen_vl_trt.model.errors import UserError
 
-    from .onnx_graph import ELEM
+    from .generate import embed, generate, load_model
+    from .kv_cache import numpy_dtype
+    from .pipeline import Preprocessor, vision_feeds
+    from .sampling import Sampler, SamplingConfig
 
     model = load_model(artifacts, "onnxruntime")
     manifest, spec = model.manifest, model.manifest.spec
     dtype = manifest.dtype
     rtol = DEFAULT_RTOL[dtype] if rtol is None else rtol
     prepared = Preprocessor(manifest).prepare(request)
-    if spec.model_type == "qwen2_5_vl" and request.video is not None:
+    if spec.family.video_seconds_per_grid and request.video is not None:
         raise UserError("qwen-vl-parity: Qwen2.5-VL video is not supported yet (HF needs second_per_grid_ts); "
                         "compare with images")
     torch_dtype = getattr(torch, dtype)
@@ -191,7 +191,7 @@ def parity(checkpoint, artifacts, request, n_tokens: int = 16, rtol: float | Non
     hf_acts, hf_logits = run_hf(hf, kwargs, torch_dtype)
 
     rows: list[Row] = []
-    elem = ELEM[dtype]
+    elem = getattr(onnx.TensorProto, {"float32": "FLOAT", "float16": "FLOAT16", "bfloat16": "BFLOAT16"}[dtype])
     art = Path(artifacts)
     features = deepstack = None
     if prepared.media:
@@ -252,10 +252,9 @@ def report(rows: list[Row], ours: list[int], theirs: list[int], out=None) -> boo
 
 
 def main(argv=None) -> int:
-    from qwen_vl_trt.runtime.errors import UserError
-    from qwen_vl_trt.runtime.pipeline import Request
+    from qwen_vl_trt.model.errors import UserError
 
-    from .spec import CheckpointError
+    from .pipeline import Request
 
     ap = argparse.ArgumentParser(prog="qwen-vl-parity", description=__doc__.splitlines()[0])
     ap.add_argument("checkpoint", help="the Hugging Face checkpoint the artifacts were exported from")
@@ -281,7 +280,7 @@ def main(argv=None) -> int:
     try:
         rows, ours, theirs = parity(args.checkpoint, args.artifacts, Request(prompt, tuple(args.image), args.video),
                                     args.tokens, args.rtol, args.provider)
-    except (UserError, CheckpointError) as e:
+    except UserError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
     return 0 if report(rows, ours, theirs) else 1

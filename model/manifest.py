@@ -1,6 +1,6 @@
-"""ARTIFACTS_DIR/manifest.json: what an export produced, read and verified before anything runs (STYLE G12).
+"""ARTIFACTS_DIR/manifest.json: what an export produced, written once and verified before anything runs.
 
-Written by export/artifacts.py. Fields (format version 1):
+Written by `save_manifest` (called by export/artifacts.py). Fields (format version 1):
 
 | key | meaning |
 |---|---|
@@ -8,7 +8,7 @@ Written by export/artifacts.py. Fields (format version 1):
 | `model_type`, `model_spec` | `ModelSpec.to_json()` of the checkpoint (must equal the spec of the copied config.json) |
 | `dtype` | export dtype of the graphs: float32 / float16 / bfloat16 (logits always float32) |
 | `graphs` | name -> {"onnx", "onnx_data", "engine" (null without TensorRT), "weights" ("dense", or "int4-rtn-sym-b128" for a decoder exported with `--weights int4`, export/int4.py)}; vision and decoder also "onnx_ort" (`<graph>.ort.onnx`, ONNX Runtime's fused flavour reading the same `.onnx.data`) when the export wrote it, and a bf16 INT4 decoder "onnx_ort_data" (`decoder.ort.onnx.data`: its MatMulNBits weights) |
-| `contracts` | name -> {"inputs"/"outputs": [[name, dtype, dims], ...]}, export/contracts.py resolved to `dtype` |
+| `contracts` | name -> {"inputs"/"outputs": [[name, dtype, dims], ...]}, model/contracts.py resolved to `dtype` |
 | `limits` | max_patches, max_frames (per vision call), max_batch, max_seq, max_cache_len |
 | `files` | copied tokenizer/processor/config files -> sha256 |
 | `checkpoint` | source directory name and sha256 of its safetensors index or files |
@@ -22,13 +22,12 @@ from __future__ import annotations
 
 import hashlib
 import json
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
-from qwen_vl_trt.export.contracts import CONTRACTS, GraphSpec, TensorSpec
-from qwen_vl_trt.export.spec import CheckpointError, ModelSpec
-
-from .errors import ArtifactError
+from .contracts import CONTRACTS, GraphSpec, Limits, TensorSpec
+from .errors import ArtifactError, CheckpointError
+from .spec import ModelSpec
 
 FORMAT = "qwen-vl-trt-artifacts"
 FORMAT_VERSION = 1
@@ -64,15 +63,6 @@ def sha256_file(path: Path) -> str:
 
 def _canonical(obj) -> str:
     return json.dumps(json.loads(json.dumps(obj)), sort_keys=True)
-
-
-@dataclass(frozen=True)
-class Limits:
-    max_patches: int
-    max_frames: int
-    max_batch: int
-    max_seq: int
-    max_cache_len: int
 
 
 @dataclass(frozen=True)
@@ -114,6 +104,27 @@ class Manifest:
         return int(pad) if pad is not None else (self.eos_token_ids or (0,))[0]
 
 
+def save_manifest(out: Path, spec: ModelSpec, dtype: str, limits: Limits, graphs: dict, *, checkpoint: dict,
+                  tools: dict, plugins: str | None = None) -> Path:
+    """Write out/manifest.json for artifacts already in `out`: `graphs` name -> file entries (table above),
+    `checkpoint` {"name", "sha256"}; the copied files are hashed here. Returns its path."""
+    limits.check()
+    manifest = {
+        "format": FORMAT, "format_version": FORMAT_VERSION,
+        "model_type": spec.model_type, "model_spec": spec.to_json(), "dtype": dtype,
+        "graphs": graphs,
+        "contracts": {name: contract_to_json(CONTRACTS[name](spec).resolve(dtype)) for name in GRAPHS},
+        "limits": asdict(limits),
+        "files": {f: sha256_file(out / f) for f in COPIED_FILES if (out / f).is_file()},
+        "checkpoint": checkpoint,
+        "tools": tools,
+        "plugins": {"library": str(Path(plugins).resolve()), "namespace": "qwen_vl", "version": "1"} if plugins else None,
+    }
+    path = out / "manifest.json"
+    path.write_text(json.dumps(manifest, indent=2) + "\n")
+    return path
+
+
 def load_manifest(directory: str | Path) -> Manifest:
     d = Path(directory)
     raw = _read(d)
@@ -132,7 +143,7 @@ def load_manifest(directory: str | Path) -> Manifest:
         ours = CONTRACTS[name](spec).resolve(dtype)
         if contract_to_json(contracts[name]) != contract_to_json(ours):
             raise ArtifactError(f"{d}/manifest.json: the {name} graph contract differs from this runtime's "
-                                f"(export/contracts.py changed since the export); {_REEXPORT}")
+                                f"(model/contracts.py changed since the export); {_REEXPORT}")
     gen = json.loads((d / "generation_config.json").read_text())
     return Manifest(d, spec, dtype, contracts, Limits(**{k: int(raw["limits"][k]) for k in LIMIT_KEYS}),
                     raw["graphs"], gen, raw.get("plugins"))
