@@ -13,7 +13,7 @@ feature. For the stored transposed weight Wt [K, N] (K = in features) and block 
     q[k, n] = clamp(round_half_even(Wt[k, n] / s[k // B, n]), -8, 7)            int4
 
 Graph: `DequantizeLinear(q, s, axis=0, block_size=B)` [K, N] in the graph dtype -> MatMul, the ONNX form of
-weight-only block quantization. ONNX Runtime fuses the pair into its `MatMulNBits` kernel (runtime/session.py asks
+weight-only block quantization. ONNX Runtime fuses the pair into its `MatMulNBits` kernel (runtime/backends/ort.py asks
 for fp32 accumulation, accuracy level 1), TensorRT reads it as INT4 weight-only quantization, and every other
 runtime still computes x @ (q * s) exactly. No calibration: this is RTN, so expect some accuracy loss against the
 bf16 model on real weights (not measured here: no real checkpoint on these machines).

@@ -8,7 +8,7 @@ Batching: prompts of different lengths are right-padded to the longest; each seq
 own rope delta. Decode positions are `past_lengths[b] + rope_delta[b]` on all three MRoPE axes (HF).
 A finished sequence keeps stepping with the pad token; those tokens are not part of its result.
 
-How the decoder's buffers move is the business of runtime/decode_io.py: with I/O binding (the default) every
+How the decoder's buffers move is the business of the backend's decode IO (runtime/backends/decode_io.py): with I/O binding (the default) every
 decode-step input and output is bound once, the KV cache stays on the EP's device, the decode step is a CUDA
 graph replay on the CUDA EP, and greedy tokens are chosen on the device, so per token only the token ids cross
 to the host. `prefill()` and `decode_one_token()` return the chosen tokens, as gpt-fast's do.
@@ -20,9 +20,10 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from .decode_io import decode_io
 from qwen_vl_trt.model.errors import PromptTooLong, UserError
-from .kv_cache import numpy_dtype
+
+from .backends.decode_io import decode_io
+from .backends.kv_cache import numpy_dtype
 from .pipeline import PreparedRequest, vision_feeds
 from .positions import decode_position_ids
 from .sampling import Sampler
@@ -35,7 +36,7 @@ GRAPH_MIN_CACHE = 256  # with CUDA graphs cache_len is a power of two >= this: f
 
 @dataclass
 class Model:
-    """The three sessions of one artifact directory (runtime/session.py) and what the loop needs to know."""
+    """The three sessions of one artifact directory (runtime/backends/) and what the loop needs to know."""
 
     sessions: dict
     manifest: object
@@ -127,7 +128,7 @@ def cache_len_for(model: Model, requests: list[PreparedRequest], max_new_tokens:
                             f"exceed the {lim.max_cache_len}-token cache of the artifacts; lower --max-new-tokens "
                             "or re-export with a larger --max-cache-len")
     need = longest + max_new_tokens
-    if getattr(model.sessions["decoder"], "graph_capture", False):
+    if model.sessions["decoder"].graph_capture:
         need = max(GRAPH_MIN_CACHE, 1 << (need - 1).bit_length())
     return min(-(-need // CACHE_ALIGN) * CACHE_ALIGN, lim.max_cache_len)
 
@@ -180,11 +181,12 @@ def load_model(directory, backend: str = "auto", *, io_binding: bool = True, thr
                cuda_graph: bool = True, ort_fused: bool = True) -> Model:
     """Read and verify ARTIFACTS/manifest.json, then open the three sessions of `backend` (auto picks
     TensorRT when the engines exist and a TensorRT runtime and a GPU can run them, else ONNX Runtime).
-    `io_binding` False: ONNX Runtime with plain numpy feeds (runtime/decode_io.py HostIO); `cuda_graph` False:
+    `io_binding` False: ONNX Runtime with plain numpy feeds (runtime/backends/decode_io.py HostIO); `cuda_graph` False:
     no CUDA graph capture of the decode step; `ort_fused` False: ONNX Runtime runs decoder.onnx instead of
     decoder.ort.onnx (export/ort_fused.py)."""
     from qwen_vl_trt.model.manifest import load_manifest
-    from .session import open_sessions
+
+    from .backends.loader import open_sessions
 
     manifest = load_manifest(directory)
     used, sessions = open_sessions(manifest, backend, io_binding=io_binding, threads=threads, cuda_graph=cuda_graph,

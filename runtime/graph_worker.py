@@ -13,7 +13,7 @@ blob (header JSON + raw tensor bytes) whose `__metadata__` carries the command. 
 
 A failure is a reply `{"status": "error", "error": "<one line>"}` and the worker keeps serving (or exits, when
 it could not start). It exits when its stdin closes (the parent closed the pipe or died), so it never outlives
-the C++ process. Sessions: runtime/session.py (numpy feeds, CPU EP); cache: runtime/kv_cache.py.
+the C++ process. Sessions: runtime/backends/ort.py (numpy feeds, CPU EP); cache: runtime/backends/kv_cache.py.
 """
 from __future__ import annotations
 
@@ -24,7 +24,7 @@ import sys
 import numpy as np
 
 from qwen_vl_trt.model.errors import UserError
-from .kv_cache import KVCache, numpy_dtype
+from .backends.kv_cache import KVCache, numpy_dtype
 
 _ST_DTYPES = {"F32": "float32", "F16": "float16", "BF16": "bfloat16", "F64": "float64", "I64": "int64",
               "I32": "int32", "BOOL": "bool", "U8": "uint8"}
@@ -82,7 +82,7 @@ class Worker:
 
     def __init__(self, directory: str, ort_graphs: str = "fused", threads: int = 0):
         from qwen_vl_trt.model.manifest import load_manifest
-        from .session import open_sessions
+        from .backends.loader import open_sessions
 
         self.manifest = load_manifest(directory)
         _, self.sessions = open_sessions(self.manifest, "onnxruntime", io_binding=False, threads=threads,

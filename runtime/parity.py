@@ -78,7 +78,7 @@ def session_with_layers(graph: Path, scope_prefix: str, elem_type: int, provider
     import onnx
     import onnxruntime as ort
 
-    from .session import exact_int4_matmul
+    from .backends.ort import exact_int4_matmul
 
     model = onnx.load(str(graph), load_external_data=False)
     names = layer_outputs(model, scope_prefix)
@@ -172,7 +172,7 @@ def parity(checkpoint, artifacts, request, n_tokens: int = 16, rtol: float | Non
     from qwen_vl_trt.model.errors import UserError
 
     from .generate import embed, generate, load_model
-    from .kv_cache import numpy_dtype
+    from .backends.kv_cache import numpy_dtype
     from .pipeline import Preprocessor, vision_feeds
     from .sampling import Sampler, SamplingConfig
 

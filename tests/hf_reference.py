@@ -8,7 +8,7 @@ import onnxruntime as ort
 import torch
 from transformers import vision_utils
 
-from qwen_vl_trt.runtime.session import exact_int4_matmul
+from qwen_vl_trt.runtime.backends.ort import exact_int4_matmul
 
 
 # each graph as TensorRT reads it (plugin nodes; ONNX Runtime runs their reference bodies) and ONNX Runtime's fused one

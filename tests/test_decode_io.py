@@ -1,4 +1,4 @@
-"""The decode step's I/O paths on ONNX Runtime's CPU EP (runtime/decode_io.py, device_sampling.py, session.py) and
+"""The decode step's I/O paths on ONNX Runtime's CPU EP (runtime/backends/decode_io.py, device_sampling.py, ort.py, ort_io.py) and
 the image fast path (preprocess.patchify_image).
 
 What the CUDA EP needs and is checked here with the same code on the CPU EP, for both decoder files
@@ -17,9 +17,9 @@ import pytest
 from PIL import Image
 
 from qwen_vl_trt.runtime import preprocess as pp
-from qwen_vl_trt.runtime.device_sampling import DeviceGreedy
+from qwen_vl_trt.runtime.backends.device_sampling import DeviceGreedy
 from qwen_vl_trt.runtime.sampling import Sampler, SamplingConfig
-from qwen_vl_trt.runtime.session import cuda_provider_options
+from qwen_vl_trt.runtime.backends.ort import cuda_provider_options
 
 N_NEW = 12
 
@@ -87,7 +87,7 @@ def bound_values(io) -> dict:
 def test_bound_step_is_static_and_graph_ids_keep_their_bindings(artifacts, image, fused):
     """Simulated graph capture on the CPU EP: the decoder session reports graph_capture, so decode runs carry
     gpu_graph_id (ignored by the CPU EP) exactly as on the CUDA EP."""
-    from qwen_vl_trt.runtime.decode_io import OrtBoundIO
+    from qwen_vl_trt.runtime.backends.ort_io import OrtBoundIO
     from qwen_vl_trt.runtime.generate import load_model
 
     model = load_model(artifacts, "onnxruntime", ort_fused=fused)
@@ -182,7 +182,7 @@ def test_graph_capture_refused_falls_back(artifacts, monkeypatch):
     without it and says why; the decode path is then the plain bound one."""
     import onnxruntime as ort
 
-    from qwen_vl_trt.runtime.session import OrtSession
+    from qwen_vl_trt.runtime.backends.ort import OrtSession
 
     real = ort.InferenceSession
     seen = []

@@ -243,7 +243,7 @@ def test_ort_session_carries_bfloat16_through_bound_ortvalues(tmp_path):
     from onnx import TensorProto, helper
 
     from qwen_vl_trt.model.contracts import GraphSpec, TensorSpec
-    from qwen_vl_trt.runtime.session import OrtSession
+    from qwen_vl_trt.runtime.backends.ort import OrtSession
 
     graph = helper.make_graph(
         [helper.make_node("Identity", ["x"], ["present_key.0"]), helper.make_node("Cast", ["x"], ["logits"], to=1)],

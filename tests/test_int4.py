@@ -23,7 +23,7 @@ from qwen_vl_trt.export.cli import export_graphs
 from qwen_vl_trt.export.int4 import QUANTIZED, to_matmul_nbits
 from qwen_vl_trt.model.spec import ModelSpec
 from qwen_vl_trt.model.trt_compat import plugin_library_path, rtx_env
-from qwen_vl_trt.runtime.session import exact_int4_matmul
+from qwen_vl_trt.runtime.backends.ort import exact_int4_matmul
 from tolerances import FP32_ATOL
 
 BLOCK = 16  # the tiny models' input widths 64 and 128 are whole blocks; down_proj's 37 is not: it stays dense

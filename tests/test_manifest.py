@@ -18,9 +18,9 @@ from qwen_vl_trt.export.artifacts import export_artifacts
 from qwen_vl_trt.model.contracts import Limits
 from qwen_vl_trt.export.cli import export_graphs
 from qwen_vl_trt.model.errors import ArtifactError
-from qwen_vl_trt.runtime.kv_cache import KVCache
+from qwen_vl_trt.runtime.backends.kv_cache import KVCache
 from qwen_vl_trt.model.manifest import FORMAT, load_manifest
-from qwen_vl_trt.runtime.session import open_sessions
+from qwen_vl_trt.runtime.backends.loader import open_sessions
 
 LIMITS = Limits(max_patches=4096, max_frames=16, max_batch=2, max_seq=256, max_cache_len=512)
 REEXPORT = "re-run export_all.sh for this checkpoint"
@@ -163,7 +163,7 @@ def test_auto_backend_falls_back_to_onnxruntime_when_engines_cannot_run(artifact
                                                                         monkeypatch):
     """Engines listed in the manifest, but no TensorRT runtime/GPU to run them: auto -> ORT, tensorrt -> error."""
     from qwen_vl_trt.export.artifacts import write_manifest
-    from qwen_vl_trt.runtime import session
+    from qwen_vl_trt.runtime.backends import loader as session
     from qwen_vl_trt.model.errors import BackendUnavailable
 
     d = clone(artifacts, tmp_path / "a")

@@ -44,7 +44,7 @@ def test_runtime_imports_and_generates_without_torch(qwen3_vl_ckpt, tmp_path):
     assert r.returncode == 0, r.stderr
     report = json.loads(r.stderr.strip().splitlines()[-1])
     assert report["rc"] == 0 and report["attempts"] == []
-    assert {f"qwen_vl_trt.runtime.{m}" for m in ("cli", "generate", "session", "kv_cache", "sampling", "pipeline",
-                                                 "preprocess")} <= set(report["modules"])
+    assert {f"qwen_vl_trt.runtime.{m}" for m in ("cli", "generate", "backends.ort", "backends.kv_cache", "sampling",
+                                                 "pipeline", "preprocess")} <= set(report["modules"])
     assert {"qwen_vl_trt.model.manifest", "qwen_vl_trt.model.spec"} <= set(report["modules"])
     assert len(json.loads(r.stdout)["token_ids"]) == 4

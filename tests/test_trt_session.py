@@ -1,4 +1,4 @@
-"""runtime/trt_session.py against a fake TensorRT and a fake CUDA runtime (tests/trt_fakes.py).
+"""runtime/backends/trt.py and trt_io.py against a fake TensorRT and a fake CUDA runtime (tests/trt_fakes.py).
 
 No GPU runs here, so this checks the host logic only: buffers planned at the profile's largest shapes and
 allocated once, the engine profile checked against manifest.json's limits, the KV cache aliased in place (or
@@ -23,7 +23,7 @@ from qwen_vl_trt.runtime.generate import Model, generate
 from qwen_vl_trt.model.manifest import Limits
 from qwen_vl_trt.runtime.pipeline import PreparedRequest
 from qwen_vl_trt.runtime.sampling import Sampler, SamplingConfig
-from qwen_vl_trt.runtime.trt_session import DeviceView, TrtSession, plan_buffers
+from qwen_vl_trt.runtime.backends.trt import DeviceView, TrtSession, plan_buffers
 from trt_fakes import FakeCuda, FakeEngine, fake_trt
 
 LIMITS = Limits(max_patches=64, max_frames=2, max_batch=2, max_seq=64, max_cache_len=256)
@@ -106,10 +106,10 @@ N = 9
 
 def run(model, cuda, device_greedy: bool, monkeypatch):
     """generate() with greedy on the fake device (FakeGreedy) or on the host (no device sampler)."""
-    from qwen_vl_trt.runtime import trt_session
+    from qwen_vl_trt.runtime.backends import trt_io
 
     factory = (lambda logits, penalty: FakeGreedy(cuda, logits)) if device_greedy else (lambda *_: None)
-    monkeypatch.setattr(trt_session, "_ort_device_greedy", factory)
+    monkeypatch.setattr(trt_io, "_ort_device_greedy", factory)
     reqs = [request(p) for p in PROMPTS]
     return [r.token_ids for r in generate(model, reqs, Sampler(SamplingConfig(temperature=0)), N, ignore_eos=True)]
 

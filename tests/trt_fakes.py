@@ -1,4 +1,4 @@
-"""A fake TensorRT module and a fake CUDA runtime for runtime/trt_session.py (tests only).
+"""A fake TensorRT module and a fake CUDA runtime for runtime/backends/trt.py (tests only).
 
 `FakeCuda` simulates device memory (bytearrays at fake addresses), pinned host memory (real numpy memory),
 async copies and memsets, and stream capture: while a stream is capturing, every copy and every engine
@@ -18,7 +18,7 @@ import types
 
 import numpy as np
 
-from qwen_vl_trt.runtime.kv_cache import numpy_dtype
+from qwen_vl_trt.runtime.backends.kv_cache import numpy_dtype
 
 
 class FakeCuda:

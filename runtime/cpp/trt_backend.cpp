@@ -1,5 +1,5 @@
 // The `tensorrt` backend: the three engines of manifest.json through the nvinfer1 C++ API (TensorRT 10 /
-// TensorRT-RTX share it), the C++ counterpart of runtime/trt_session.py.
+// TensorRT-RTX share it), the C++ counterpart of runtime/backends/trt.py.
 //
 // NEVER EXECUTED: no machine of this project could run it (no GPU in CI; full TensorRT is not installable there and
 // TensorRT-RTX refuses Hopper). CI compiles and links it (runtime/cpp/build.sh); the test suite only checks that.
@@ -11,10 +11,10 @@
 // - buffers: one static device buffer per I/O tensor at its largest shape (profile max for inputs, the contract's
 //   dims at the limits' max for outputs), allocated once. The KV cache is the past_* buffers: present_* is bound to
 //   the same address when the engines were built with the plugin library (KVCacheAttention aliases its outputs,
-//   as trt_session.py decides: in place iff a plugin library is used), else a second set and the two ping-pong.
+//   as runtime/backends/trt.py decides: in place iff a plugin library is used), else a second set and the two ping-pong.
 // - run: host inputs copied into their buffers (cudaMemcpyAsync), shapes set, enqueueV3 on one stream, outputs
 //   copied back; a decode step (seq == 1) is captured as a CUDA graph keyed by (batch, cache_len, KV set) on its
-//   second run and replayed after (the first is a plain enqueue, as trt_session.py).
+//   second run and replayed after (the first is a plain enqueue, as runtime/backends/trt.py).
 #include "backend.h"
 #include "errors.h"
 

@@ -92,3 +92,16 @@ class DeviceGreedy:
         if self.penalty != 1.0:
             self.current = 1 - self.current
         return self.tokens.numpy().copy()  # a CPU OrtValue's numpy() shares its memory: copy before the next step
+
+
+def greedy_on_cuda_logits(ptr: int, shape: tuple, penalty: float) -> "DeviceGreedy | None":
+    """A DeviceGreedy over float32 logits [B, V] at device pointer `ptr` (another runtime's buffer: TensorRT's),
+    run by onnxruntime-gpu; None without onnxruntime-gpu."""
+    try:
+        import onnxruntime as ort
+    except ImportError:
+        return None
+    if "CUDAExecutionProvider" not in ort.get_available_providers():
+        return None
+    batch, vocab = shape
+    return DeviceGreedy(ort, ["CUDAExecutionProvider"], (ptr, shape), batch, vocab, penalty, "cuda")

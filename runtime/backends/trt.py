@@ -1,6 +1,6 @@
-"""TensorRT engines in the runtime: static device buffers, the KV cache in place, CUDA graphs of the decode step.
+"""The TensorRT backend: `TrtSession`, a Session of runtime/backends/base.py. TensorRT engines in the runtime: static device buffers, the KV cache in place, CUDA graphs of the decode step.
 
-NOT EXECUTED ON ANY GPU YET (no GPU in CI; TensorRT-RTX engines do not run on Hopper and full TensorRT is not
+Not executed on any GPU yet (no GPU in CI; TensorRT-RTX engines do not run on Hopper and full TensorRT is not
 installable on these machines). tests/test_trt_session.py runs all of it against a fake TensorRT and a fake CUDA
 runtime that simulate device memory and stream capture: buffer planning, the profile check, the aliasing of
 `present_*` onto `past_*`, the graph cache, and that a decode step copies nothing but token ids to the host.
@@ -15,10 +15,7 @@ runtime that simulate device memory and stream capture: buffer planning, the pro
   TensorRT settle shape-dependent state), the second captures, later ones replay. `in_place` (engines built
   with the plugin library, whose KVCacheAttention aliases present_* to past_*): a `present_*` output is bound
   to its `past_*` input's address, so the cache is written in place.
-- `TrtBoundIO`: the decode IO of runtime/decode_io.py: KV views of the static buffers (one set in place, else
-  two that ping-pong), embed writing straight into the decoder's input buffers, token / position / past-length
-  staged in pinned host memory and copied in, the two engines replayed as CUDA graphs, greedy on the device
-  through onnxruntime-gpu when present (else the logits are copied to pinned host memory).
+- `TrtBoundIO` (trt_io.py): its decode IO.
 """
 from __future__ import annotations
 
@@ -27,54 +24,14 @@ from pathlib import Path
 import numpy as np
 
 from qwen_vl_trt.model.errors import ArtifactError, BackendUnavailable, PromptTooLong
-from .backends.cuda import check as _check
-from .backends.cuda import cudart as _cudart
-from .contract_check import check_io
-from .kv_cache import KVCache, cache_names, numpy_dtype
+
+from .base import check_io
+from .cuda import DeviceBuffer, DeviceView
+from .cuda import check as _check
+from .cuda import cudart as _cudart
+from .kv_cache import numpy_dtype
 
 MAX_GRAPHS = 16  # captured graphs kept per engine (oldest destroyed first)
-
-
-def _nbytes(shape, dtype: str) -> int:
-    return int(np.prod(shape, dtype=np.int64)) * numpy_dtype(dtype).itemsize
-
-
-class DeviceBuffer:
-    """A cudaMalloc'd buffer with its largest shape and dtype; freed when dropped."""
-
-    def __init__(self, shape: tuple, dtype: str, cudart):
-        self.shape, self.dtype, self.cudart = tuple(int(d) for d in shape), dtype, cudart
-        self.nbytes = _nbytes(self.shape, dtype)
-        self.ptr = int(_check(cudart.cudaMalloc(max(self.nbytes, 1))))
-
-    def __del__(self):
-        if getattr(self, "ptr", None) is not None:
-            self.cudart.cudaFree(self.ptr)
-
-
-class DeviceView:
-    """`shape` elements at `ptr` (the start of a static buffer): what a session's device outputs and the KV cache
-    are. Valid as long as the owner lives; a session's output views hold until its next run."""
-
-    def __init__(self, ptr: int, shape: tuple, dtype: str, owner=None):
-        self.ptr, self.shape, self.dtype, self.owner = int(ptr), tuple(int(d) for d in shape), dtype, owner
-        self.nbytes = _nbytes(self.shape, dtype)
-
-
-class PinnedArray:
-    """numpy array in page-locked host memory (cudaMallocHost): copies from / to it can run inside a CUDA graph."""
-
-    def __init__(self, shape: tuple, dtype: str, cudart):
-        import ctypes
-
-        self.cudart, nbytes = cudart, max(_nbytes(shape, dtype), 1)
-        self.ptr = int(_check(cudart.cudaMallocHost(nbytes)))
-        raw = (ctypes.c_byte * nbytes).from_address(self.ptr)
-        self.array = np.frombuffer(raw, np.uint8)[:_nbytes(shape, dtype)].view(numpy_dtype(dtype)).reshape(shape)
-
-    def __del__(self):
-        if getattr(self, "ptr", None) is not None:
-            self.cudart.cudaFreeHost(self.ptr)
 
 
 def plan_buffers(contract, ranges: dict) -> dict[str, tuple[tuple, str]]:
@@ -108,6 +65,7 @@ class TrtSession:
     def __init__(self, engine_path: Path, contract, trt, cudart, stream, ranges: dict, *, resident=(),
                  in_place: bool = False, cuda_graph: bool = True):
         self.trt, self.cudart, self.stream, self.where = trt, cudart, stream, str(engine_path)
+        self.device = "cuda"
         self.logger = trt.Logger(trt.Logger.WARNING)
         engine = trt.Runtime(self.logger).deserialize_cuda_engine(Path(engine_path).read_bytes())
         if engine is None:
@@ -249,105 +207,11 @@ class TrtSession:
         self.sync()
         return result
 
-    @property
-    def bound_io(self):
-        return TrtBoundIO
+    def decode_io(self, model, batch: int, cache_len: int):
+        """The decode IO of this (decoder) session: static buffers, CUDA graphs (trt_io.py)."""
+        from .trt_io import TrtBoundIO
 
-
-class TrtBoundIO:
-    """Decode IO over two TrtSessions (embed, decoder); see runtime/decode_io.py for the protocol."""
-
-    def __init__(self, model, batch: int, cache_len: int, greedy_factory=None):
-        spec, dtype = model.spec, model.manifest.dtype
-        t, c = spec.text, spec.text.hidden_size
-        self.dec, self.emb = model.sessions["decoder"], model.sessions["embed"]
-        dec, emb, cudart = self.dec, self.emb, self.dec.cudart
-        shape = (batch, t.num_key_value_heads, cache_len, t.head_dim)
-        sets = 1 if dec.in_place else 2
-        views = iter([dec.view(("past" if s == 0 else "present") + n[4:], shape)
-                      for s in range(sets) for n in cache_names(t.num_hidden_layers)])  # KVCache's order
-        self.cache = KVCache(t.num_hidden_layers, batch, t.num_key_value_heads, cache_len, t.head_dim, dtype,
-                             allocate=lambda *_: next(views), sets=sets)
-        self.staged = {"input_ids": PinnedArray((batch, 1), "int64", cudart),
-                       "position_ids": PinnedArray((3, batch, 1), "int64", cudart),
-                       "past_lengths": PinnedArray((batch,), "int64", cudart)}
-        self.ids = emb.view("input_ids", (batch, 1))
-        self.small = {"position_ids": dec.view("position_ids", (3, batch, 1)),
-                      "past_lengths": dec.view("past_lengths", (batch,)),
-                      "logits_index": dec.view("logits_index", (batch,))}
-        self.embeds = {"inputs_embeds": dec.view("inputs_embeds", (batch, 1, c))}
-        self.empty = {"vision_features": emb.view("vision_features", (0, c))}
-        if spec.num_deepstack:
-            self.embeds["deepstack_embeds"] = dec.view("deepstack_embeds", (spec.num_deepstack, batch, 1, c))
-            self.empty["deepstack_features"] = emb.view("deepstack_features", (spec.num_deepstack, 0, c))
-        self.logits = dec.view("logits", (batch, t.vocab_size))
-        self.host_logits = PinnedArray((batch, t.vocab_size), "float32", cudart)
-        factory = greedy_factory or _ort_device_greedy
-        self._factory, self._greedy, self.greedy = factory, {}, None
-
-    def reset(self) -> None:
-        self.cache.reset()
-        for view in self.cache.sets[0].values():
-            self.dec.zero(view)
-        self.dec.zero(self.small["logits_index"])  # decode computes row 0
-
-    def prefill(self, embeds: dict, position_ids: np.ndarray, lengths: np.ndarray, sampler) -> np.ndarray:
-        feeds = {**embeds, "position_ids": position_ids, "past_lengths": np.zeros(len(lengths), np.int64),
-                 "logits_index": lengths - 1, **self.cache.buffers}
-        self.dec.bind(feeds, {"logits": self.logits, **self.cache.targets()})
-        self.dec.execute()
-        self.dec.zero(self.small["logits_index"])  # the prefill wrote lengths - 1 there
-        self.cache.advance(lengths)
-        self.greedy = self._greedy_for(sampler) if sampler.cfg.greedy else None
-        if self.greedy is not None:
-            self.dec.sync()
-            self.greedy.start(sampler.seen)
-        return self._choose(sampler)
-
-    def decode(self, tokens: np.ndarray, position_ids: np.ndarray, sampler) -> np.ndarray:
-        st = self.staged
-        st["input_ids"].array[:, 0] = tokens
-        st["position_ids"].array[...] = position_ids
-        st["past_lengths"].array[...] = self.cache.past_lengths
-        for name, dst in (("input_ids", self.ids), ("position_ids", self.small["position_ids"]),
-                          ("past_lengths", self.small["past_lengths"])):
-            self.dec.copy_in(dst, st[name].ptr, dst.nbytes)
-        self.emb.bind({"input_ids": self.ids, **self.empty}, self.embeds)
-        self.emb.execute(graph=True)
-        self.dec.bind({**self.embeds, **self.small, **self.cache.buffers},
-                      {"logits": self.logits, **self.cache.targets()})
-        self.dec.execute(graph=True)
-        self.cache.advance(1)
-        return self._choose(sampler)
-
-    def _greedy_for(self, sampler):
-        penalty = float(sampler.cfg.repetition_penalty)
-        if penalty not in self._greedy:
-            self._greedy[penalty] = self._factory(self.logits, penalty)
-        return self._greedy[penalty]
-
-    def _choose(self, sampler) -> np.ndarray:
-        if self.greedy is not None:
-            self.dec.sync()
-            return self.greedy.sample()  # reads the logits on the device; only the token ids come back
-        self.dec.copy_out(self.host_logits.ptr, self.logits, self.logits.nbytes)
-        self.dec.sync()
-        return sampler.sample(self.host_logits.array)
-
-
-def _ort_device_greedy(logits: DeviceView, penalty: float):
-    """Greedy on the GPU through onnxruntime-gpu (runtime/device_sampling.py) reading the decoder's logits buffer;
-    None without onnxruntime-gpu (the logits are then copied to the host)."""
-    try:
-        import onnxruntime as ort
-    except ImportError:
-        return None
-    if "CUDAExecutionProvider" not in ort.get_available_providers():
-        return None
-    from .device_sampling import DeviceGreedy
-
-    batch, vocab = logits.shape
-    return DeviceGreedy(ort, ["CUDAExecutionProvider"], (logits.ptr, logits.shape), batch, vocab, penalty, "cuda")
+        return TrtBoundIO(model, batch, cache_len)
 
 
 def open_trt(engines: dict, contracts: dict, plugin_lib: Path | None, ranges: dict, cuda_graph: bool = True) -> dict:

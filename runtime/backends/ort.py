@@ -1,51 +1,36 @@
-"""One protocol for ONNX Runtime sessions and TensorRT engines: `Session.run(feeds) -> outputs`.
+"""The ONNX Runtime backend: `OrtSession`, a Session of runtime/backends/base.py. The only module (with
+ort_io.py and device_sampling.py) that calls onnxruntime.
 
-At load every session discovers its I/O (ORT `get_inputs/get_outputs`; TensorRT `num_io_tensors`,
-`get_tensor_name`, `get_tensor_mode`, as TRT's `samples/python/detectron2/infer.py:TensorRTInfer`) and
-checks names, dtypes and ranks against the manifest's GraphSpec: a mismatch is an ArtifactError, never a
-warning. Outputs named in `resident` (the decoder's `present_*` caches) and those asked for in
-`run(feeds, device_outputs=...)` stay on the device; `allocate(shape, dtype)` makes a zeroed buffer of the kind
-`run` accepts. The decode step does not go through `run`: each session names the IO class that binds it once
-(`bound_io`, runtime/decode_io.py).
-
-- `OrtSession`: I/O binding with OrtValues by default (the KV cache lives on the EP's device); `io_binding=False`
-  gives plain numpy feeds on the CPU EP. On the CUDA EP (onnxruntime-gpu) the decoder session is created with
-  `enable_cuda_graph` (`cuda_provider_options`) and replays its decode step. The binding logic runs on the CPU
-  EP in the tests; CUDA graph capture itself only on a GPU.
-- `TrtSession` (runtime/trt_session.py): static device buffers, in-place KV cache, CUDA graphs per binding
-  state. Not executed in CI (no GPU there); see README "What is verified where".
+At load the session discovers its I/O (`get_inputs/get_outputs`) and checks names, dtypes and ranks against the
+manifest's GraphSpec (`base.check_io`). I/O binding with OrtValues by default (the KV cache lives on the EP's
+device); `io_binding=False` gives plain numpy feeds on the CPU EP. On the CUDA EP (onnxruntime-gpu) the decoder
+session is created with `enable_cuda_graph` (`cuda_provider_options`) and replays its decode step. The binding
+logic runs on the CPU EP in the tests; CUDA graph capture itself only on a GPU. The decode step does not go
+through `run`: `decode_io()` gives the IO object that binds it once (ort_io.OrtBoundIO; decode_io.HostIO
+without I/O binding).
 """
 from __future__ import annotations
 
 import os
 from pathlib import Path
-from typing import Protocol
-
 import numpy as np
 
 from qwen_vl_trt.model.errors import ArtifactError, BackendUnavailable, UserError
+
+from .base import check_io
+from .cuda import check as _check
+from .cuda import cudart as _cudart
 from .kv_cache import numpy_dtype
-from .backends.cuda import check as _check
-from .backends.cuda import cudart as _cudart
-from .contract_check import check_io
 
 _ORT_TYPES = {"tensor(float)": "float32", "tensor(float16)": "float16", "tensor(bfloat16)": "bfloat16",
               "tensor(int64)": "int64", "tensor(int32)": "int32", "tensor(bool)": "bool"}
-
-
-class Session(Protocol):
-    resident: frozenset
-
-    def run(self, feeds: dict, device_outputs=()) -> dict: ...
-
-    def allocate(self, shape: tuple, dtype: str): ...
 
 
 class OrtSession:
     """onnxruntime InferenceSession; `io_binding` keeps `resident` outputs as OrtValues on the EP's device.
 
     `graph_capture` (the decoder on the CUDA EP): the session is created with `enable_cuda_graph`, so a run whose
-    RunOptions carry `gpu_graph_id` N > 0 is captured once and then replayed (runtime/decode_io.py binds every
+    RunOptions carry `gpu_graph_id` N > 0 is captured once and then replayed (runtime/backends/ort_io.py binds every
     input and output of such a run once, at fixed addresses and shapes, as ONNX Runtime requires). ONNX Runtime
     refuses the option for a graph with control flow (the MoE experts' Loop) or with nodes that need copies
     between devices; the session is then made without it and `graph_capture_error` says why.
@@ -83,14 +68,15 @@ class OrtSession:
         self.io_binding = io_binding or has_bf16 or self.device == "cuda"
         self.resident = frozenset(resident) if self.io_binding else frozenset()
 
-    @property
-    def bound_io(self):
-        """The decode IO class for this session (runtime/decode_io.py): bound once, with I/O binding."""
+    def decode_io(self, model, batch: int, cache_len: int):
+        """The decode IO of this (decoder) session: bound once with I/O binding (ort_io.py), else host feeds."""
         if not self.io_binding:
-            return None
-        from .decode_io import OrtBoundIO
+            from .decode_io import HostIO
 
-        return OrtBoundIO
+            return HostIO(model, batch, cache_len)
+        from .ort_io import OrtBoundIO
+
+        return OrtBoundIO(model, batch, cache_len)
 
     def _create(self, path, opts, providers, graph_capture: bool):
         cuda = "CUDAExecutionProvider" in providers
@@ -245,7 +231,7 @@ def open_ort(paths: dict, contracts: dict, *, io_binding: bool = True, threads: 
              cuda_graph: bool = True, kv_in_place: bool = False) -> dict:
     """The three ORT sessions; with `cuda_graph` the decoder captures its decode step (CUDA EP only).
     `kv_in_place`: the decoder writes its cache into the past buffers when present is bound to them
-    (decoder.ort.onnx's GroupQueryAttention), so one KV set is enough (runtime/decode_io.py)."""
+    (decoder.ort.onnx's GroupQueryAttention), so one KV set is enough (runtime/backends/ort_io.py)."""
     providers = ort_providers()
     sessions = {name: OrtSession(paths[name], contracts[name], providers=providers, io_binding=io_binding,
                                  resident=_cache_outputs(contracts[name]), threads=threads,
@@ -256,49 +242,3 @@ def open_ort(paths: dict, contracts: dict, *, io_binding: bool = True, threads: 
 
 def _cache_outputs(contract) -> tuple[str, ...]:
     return tuple(t.name for t in contract.outputs if t.name.startswith("present_"))
-
-
-def tensorrt_available() -> tuple[bool, str]:
-    """(True, "") when a TensorRT module, cuda-python and a CUDA GPU are all there, else (False, why)."""
-    try:
-        from qwen_vl_trt.model.trt_compat import import_tensorrt
-
-        import_tensorrt()
-    except ImportError:
-        return False, "no TensorRT module (tensorrt or tensorrt_rtx) is installed"
-    try:
-        cudart = _cudart()
-    except ImportError:
-        return False, "cuda-python (cuda.bindings) is not installed; pip install cuda-python"
-    err, count = cudart.cudaGetDeviceCount()
-    if int(err) != 0 or count < 1:
-        return False, "no CUDA GPU is visible"
-    return True, ""
-
-
-def open_sessions(manifest, backend: str = "auto", *, io_binding: bool = True, threads: int = 0,
-                  cuda_graph: bool = True, ort_fused: bool = True) -> tuple[str, dict]:
-    """-> (backend used, {"vision"|"embed"|"decoder": Session}). `backend`: auto | tensorrt | onnxruntime.
-    `io_binding` False: ONNX Runtime with plain numpy feeds (the simple reference path); `cuda_graph` False: no
-    CUDA graph capture of the decode step (ONNX Runtime's CUDA EP, TensorRT); `ort_fused` False: ONNX Runtime
-    runs vision.onnx / decoder.onnx (the plugin graphs' reference bodies) even where the .ort.onnx files exist."""
-    if backend not in ("auto", "tensorrt", "onnxruntime"):
-        raise BackendUnavailable(f"unknown backend {backend!r}; use auto, tensorrt or onnxruntime")
-    engines = manifest.engine_paths()
-    if backend == "tensorrt" or (backend == "auto" and engines):
-        ok, why = tensorrt_available()
-        if backend == "tensorrt" and not ok:
-            raise BackendUnavailable(f"--backend tensorrt: {why}; use --backend onnxruntime")
-        if backend == "tensorrt" and not engines:
-            raise ArtifactError(f"--backend tensorrt: {manifest.directory} has no TensorRT engines; run export_all.sh "
-                                "on a machine with TensorRT, or use --backend onnxruntime")
-        if ok and engines:
-            from qwen_vl_trt.model.contracts import dim_ranges
-
-            from .trt_session import open_trt
-
-            return "tensorrt", open_trt(engines, manifest.contracts, manifest.plugin_library(),
-                                        dim_ranges(manifest.limits), cuda_graph=cuda_graph)
-    in_place = ort_fused and bool(manifest.graphs["decoder"].get("onnx_ort"))  # decoder.ort.onnx is opened
-    return "onnxruntime", open_ort(manifest.graph_paths(fused=ort_fused), manifest.contracts, io_binding=io_binding,
-                                   threads=threads, cuda_graph=cuda_graph, kv_in_place=in_place)

@@ -1,0 +1,56 @@
+"""Which backend runs an artifact directory: `open_sessions(manifest, backend)` -> (name, {graph: Session}).
+
+auto picks TensorRT when the manifest lists engines and a TensorRT module, cuda-python and a GPU can run them,
+else ONNX Runtime; an explicit choice that cannot run is a BackendUnavailable / ArtifactError line.
+"""
+from __future__ import annotations
+
+from qwen_vl_trt.model.contracts import dim_ranges
+from qwen_vl_trt.model.errors import ArtifactError, BackendUnavailable
+
+from .cuda import cudart as _cudart
+from .ort import open_ort
+
+
+def tensorrt_available() -> tuple[bool, str]:
+    """(True, "") when a TensorRT module, cuda-python and a CUDA GPU are all there, else (False, why)."""
+    try:
+        from qwen_vl_trt.model.trt_compat import import_tensorrt
+
+        import_tensorrt()
+    except ImportError:
+        return False, "no TensorRT module (tensorrt or tensorrt_rtx) is installed"
+    try:
+        cudart = _cudart()
+    except ImportError:
+        return False, "cuda-python (cuda.bindings) is not installed; pip install cuda-python"
+    err, count = cudart.cudaGetDeviceCount()
+    if int(err) != 0 or count < 1:
+        return False, "no CUDA GPU is visible"
+    return True, ""
+
+
+def open_sessions(manifest, backend: str = "auto", *, io_binding: bool = True, threads: int = 0,
+                  cuda_graph: bool = True, ort_fused: bool = True) -> tuple[str, dict]:
+    """-> (backend used, {"vision"|"embed"|"decoder": Session}). `backend`: auto | tensorrt | onnxruntime.
+    `io_binding` False: ONNX Runtime with plain numpy feeds (the simple reference path); `cuda_graph` False: no
+    CUDA graph capture of the decode step (ONNX Runtime's CUDA EP, TensorRT); `ort_fused` False: ONNX Runtime
+    runs vision.onnx / decoder.onnx (the plugin graphs' reference bodies) even where the .ort.onnx files exist."""
+    if backend not in ("auto", "tensorrt", "onnxruntime"):
+        raise BackendUnavailable(f"unknown backend {backend!r}; use auto, tensorrt or onnxruntime")
+    engines = manifest.engine_paths()
+    if backend == "tensorrt" or (backend == "auto" and engines):
+        ok, why = tensorrt_available()
+        if backend == "tensorrt" and not ok:
+            raise BackendUnavailable(f"--backend tensorrt: {why}; use --backend onnxruntime")
+        if backend == "tensorrt" and not engines:
+            raise ArtifactError(f"--backend tensorrt: {manifest.directory} has no TensorRT engines; run export_all.sh "
+                                "on a machine with TensorRT, or use --backend onnxruntime")
+        if ok and engines:
+            from .trt import open_trt
+
+            return "tensorrt", open_trt(engines, manifest.contracts, manifest.plugin_library(),
+                                        dim_ranges(manifest.limits), cuda_graph=cuda_graph)
+    in_place = ort_fused and bool(manifest.graphs["decoder"].get("onnx_ort"))  # decoder.ort.onnx is opened
+    return "onnxruntime", open_ort(manifest.graph_paths(fused=ort_fused), manifest.contracts, io_binding=io_binding,
+                                   threads=threads, cuda_graph=cuda_graph, kv_in_place=in_place)

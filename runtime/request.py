@@ -1,0 +1,137 @@
+"""One generation request, typed and validated once, for every front-end (`trt-run`, the OpenAI server, Triton,
+`qwen-vl-request`) and the pipeline behind them.
+
+`Request` holds what to generate from (prompt or chat, images, video, system) and how (max_new_tokens, `Sampling`,
+stop strings, ignore_eos). Building one checks every value: an out-of-range value raises `FieldError` (a
+UserError) naming the field, the value and the rule; a front-end may respell the field (`--top-p` for `trt-run`,
+`top_p` for the server) but the rule is this module's. A value left None takes the checkpoint's default
+(generation_config.json), resolved by `Sampling.config` and `Request.new_tokens`.
+
+| field | rule | None means |
+|---|---|---|
+| `temperature` | finite, >= 0; below `GREEDY_BELOW` (1e-5) greedy, as vLLM's `_SAMPLING_EPS` (vllm/sampling_params.py) | generation_config.json (`do_sample` false: greedy) |
+| `top_p` | in (0, 1] | generation_config.json, else 1 (off) |
+| `top_k` | integer >= 0 (0 = off) | generation_config.json, else 0 |
+| `repetition_penalty` | finite, > 0 (1 = off) | generation_config.json, else 1 |
+| `seed` | integer in [0, 2**63 - 1] (numpy's `default_rng` takes no negative seed) | a fresh random stream |
+| `max_new_tokens` | integer >= 1 | generation_config.json's `max_new_tokens`, else 128 |
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+
+from qwen_vl_trt.model.errors import UserError
+
+from .sampling import SamplingConfig
+
+DEFAULT_MEDIA_PROMPT = "Describe this image."
+DEFAULT_MAX_NEW_TOKENS = 128
+GREEDY_BELOW = 1e-5  # a temperature below this is greedy (vLLM's _SAMPLING_EPS)
+MAX_SEED = 2**63 - 1
+
+
+class FieldError(UserError):
+    """A request field out of range: `field` (the request's name), `value`, `need` (the rule, in words)."""
+
+    def __init__(self, field_name: str, value, need: str):
+        super().__init__(f"{field_name} {value}: must be {need}")
+        self.field, self.value, self.need = field_name, value, need
+
+
+def _number(name: str, value, *, integer: bool = False):
+    """`value` as int / float (bool is not a number), or FieldError."""
+    ok = isinstance(value, int) if integer else isinstance(value, (int, float))
+    if not ok or isinstance(value, bool):
+        raise FieldError(name, value, "an integer" if integer else "a number")
+    return value
+
+
+# field -> (check, rule in words): the rules of the module table
+_RULES = {
+    "temperature": (lambda v: math.isfinite(v) and v >= 0, ">= 0 (0 = greedy)"),
+    "top_p": (lambda v: 0 < v <= 1, "in (0, 1]"),
+    "top_k": (lambda v: v >= 0, ">= 0 (0 = off)"),
+    "repetition_penalty": (lambda v: math.isfinite(v) and v > 0, "> 0 (1 = off)"),
+    "seed": (lambda v: 0 <= v <= MAX_SEED, f"in [0, {MAX_SEED}]"),
+    "max_new_tokens": (lambda v: v >= 1, ">= 1"),
+}
+_INTEGERS = ("top_k", "seed", "max_new_tokens")
+
+
+def check_field(name: str, value) -> None:
+    """Raise FieldError when `value` (not None) breaks the rule of field `name`."""
+    if value is None:
+        return
+    value = _number(name, value, integer=name in _INTEGERS)
+    check, need = _RULES[name]
+    if not check(value):
+        raise FieldError(name, value, need)
+
+
+@dataclass(frozen=True)
+class Sampling:
+    """How the next token is chosen; None = the checkpoint's default (runtime/sampling.py has the semantics)."""
+
+    temperature: float | None = None
+    top_p: float | None = None
+    top_k: int | None = None
+    repetition_penalty: float | None = None
+    seed: int | None = None
+
+    def __post_init__(self):
+        for name in ("temperature", "top_p", "top_k", "repetition_penalty", "seed"):
+            check_field(name, getattr(self, name))
+
+    def config(self, generation_config: dict) -> SamplingConfig:
+        """The SamplingConfig to run: generation_config.json's defaults, then these values; a temperature below
+        GREEDY_BELOW is greedy."""
+        temperature = self.temperature
+        if temperature is not None and temperature < GREEDY_BELOW:
+            temperature = 0.0
+        return SamplingConfig.from_generation_config(generation_config, temperature=temperature, top_p=self.top_p,
+                                                     top_k=self.top_k, seed=self.seed,
+                                                     repetition_penalty=self.repetition_penalty)
+
+    @property
+    def seeded_sampling(self) -> bool:
+        """A seeded request that samples: it runs alone, so its seed alone fixes its text."""
+        return self.seed is not None and (self.temperature is None or self.temperature >= GREEDY_BELOW)
+
+
+@dataclass(frozen=True)
+class Request:
+    prompt: "str | object"  # one user text, or a whole chat (runtime/prompt.py Conversation: the server's requests)
+    images: tuple = ()  # image file paths or encoded image bytes (a server / Triton request)
+    video: str | None = None  # a video file or a directory of frames
+    system: str | None = None
+    max_new_tokens: int | None = None
+    sampling: Sampling = field(default_factory=Sampling)
+    stop: tuple = ()  # stop strings: the text ends before the first one found (the server)
+    ignore_eos: bool = False  # generate exactly max_new_tokens
+
+    def __post_init__(self):
+        check_field("max_new_tokens", self.max_new_tokens)
+        if not isinstance(self.sampling, Sampling):
+            raise TypeError(f"Request.sampling must be a Sampling, got {type(self.sampling).__name__}")
+
+    def new_tokens(self, generation_config: dict) -> int:
+        """max_new_tokens, else generation_config.json's, else DEFAULT_MAX_NEW_TOKENS."""
+        if self.max_new_tokens is not None:
+            return self.max_new_tokens
+        return int(generation_config.get("max_new_tokens") or DEFAULT_MAX_NEW_TOKENS)
+
+    def batch_key(self, own_id=None) -> tuple:
+        """Requests with equal keys may share one `generate` call (the sampler is per batch); a seeded sampled
+        request gets `own_id` in its key and so runs alone."""
+        return self.sampling, self.ignore_eos, own_id if self.sampling.seeded_sampling else None
+
+
+def prompt_or_default(prompt: str | None, has_media: bool, what: str) -> str:
+    """The user text: `prompt`, or DEFAULT_MEDIA_PROMPT for media without one; `nothing to do: {what}` (how this
+    front-end passes a prompt or media) when there are neither."""
+    if prompt:
+        return prompt
+    if not has_media:
+        raise UserError(f"nothing to do: {what}")
+    return DEFAULT_MEDIA_PROMPT
