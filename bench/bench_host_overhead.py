@@ -49,7 +49,8 @@ def make_artifacts(work: Path, layers: int) -> Path:
 def request_rows(art: Path, images: dict) -> list[list[str]]:
     from qwen_vl_trt.runtime import positions, preprocess, prompt
     from qwen_vl_trt.model.manifest import load_manifest
-    from qwen_vl_trt.runtime.pipeline import Preprocessor, Request, vision_feeds
+    from qwen_vl_trt.runtime.pipeline import Preprocessor, vision_feeds
+    from qwen_vl_trt.runtime.request import Request
 
     manifest = load_manifest(art)
     pre = Preprocessor(manifest)
@@ -83,7 +84,8 @@ def request_rows(art: Path, images: dict) -> list[list[str]]:
 def token_row(art: Path, batch: int, tokens: int, repeat: int, threads: int, io_binding: bool, image: Path,
               prof_dir: Path) -> list[str]:
     from qwen_vl_trt.runtime.generate import generate, load_model
-    from qwen_vl_trt.runtime.pipeline import Preprocessor, Request
+    from qwen_vl_trt.runtime.pipeline import Preprocessor
+    from qwen_vl_trt.runtime.request import Request
     from qwen_vl_trt.runtime.sampling import Sampler, SamplingConfig
 
     def run(model):

@@ -48,7 +48,8 @@ def run(args, work: Path, argv) -> int:
     from qwen_vl_trt.export.artifacts import export_artifacts
     from qwen_vl_trt.model.contracts import Limits
     from qwen_vl_trt.model.manifest import load_manifest
-    from qwen_vl_trt.runtime.pipeline import Preprocessor, Request
+    from qwen_vl_trt.runtime.pipeline import Preprocessor
+    from qwen_vl_trt.runtime.request import Request
 
     t0 = time.perf_counter()
     ckpt = make_checkpoint(work, args.text_layers, 1)

@@ -54,7 +54,8 @@ def text_prompt(n: int) -> str:
 
 def ours(art: Path, fused: bool, images: dict, prompt: str, tokens: int, batches, threads: int) -> dict:
     from qwen_vl_trt.runtime.generate import generate, load_model
-    from qwen_vl_trt.runtime.pipeline import Preprocessor, Request, vision_feeds
+    from qwen_vl_trt.runtime.pipeline import Preprocessor, vision_feeds
+    from qwen_vl_trt.runtime.request import Request
     from qwen_vl_trt.runtime.sampling import Sampler, SamplingConfig
 
     model = load_model(art, "onnxruntime", threads=threads, ort_fused=fused)
@@ -138,7 +139,8 @@ def main(argv=None) -> int:
     runs = {"fused": ours(art, True, images, prompt, args.tokens, args.batch, args.threads),
             "plugin": ours(art, False, images, prompt, args.tokens, args.batch, args.threads)}
     from qwen_vl_trt.model.manifest import load_manifest
-    from qwen_vl_trt.runtime.pipeline import Preprocessor, Request
+    from qwen_vl_trt.runtime.pipeline import Preprocessor
+    from qwen_vl_trt.runtime.request import Request
 
     ids = Preprocessor(load_manifest(art)).prepare(Request(prompt)).input_ids.tolist()
     ref = hf(ckpt, images, ids, args.tokens, args.batch, args.threads)

@@ -138,7 +138,8 @@ def text_of(tokenizer, n: int) -> str:
 
 def requests(art: Path, work: Path, sizes) -> tuple[dict, object, int]:
     from qwen_vl_trt.model.manifest import load_manifest
-    from qwen_vl_trt.runtime.pipeline import Preprocessor, Request
+    from qwen_vl_trt.runtime.pipeline import Preprocessor
+    from qwen_vl_trt.runtime.request import Request
 
     pre = Preprocessor(load_manifest(art))
     paths = write_images(work, sizes)

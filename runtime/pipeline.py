@@ -1,4 +1,5 @@
-"""One request (system + prompt + images + video) -> the host tensors generation needs, in prompt order.
+"""One request (runtime/request.py: system + prompt + images + video) -> the host tensors generation needs, in
+prompt order.
 
 `Preprocessor(manifest).prepare(Request)`: load and patchify the media (runtime/preprocess.py, video.py),
 render the chat template and expand the vision placeholders (runtime/prompt.py), compute the MRoPE
@@ -13,16 +14,10 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from . import positions, preprocess, prompt, video, vision_inputs
 from qwen_vl_trt.model.errors import PromptTooLong
 
-
-@dataclass(frozen=True)
-class Request:
-    prompt: "str | prompt.Conversation"  # one user text, or a whole chat (the OpenAI server's requests)
-    images: tuple = ()  # image file paths or encoded image bytes (a server request)
-    video: str | None = None
-    system: str | None = None
+from . import preprocess, prompt, video, vision_inputs
+from .request import Request
 
 
 @dataclass(frozen=True)

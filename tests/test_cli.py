@@ -47,7 +47,7 @@ def trt_run(*args, block_tensorrt: bool = False) -> tuple[int, str]:
     code = "import sys\n"
     if block_tensorrt:
         code += "sys.modules['tensorrt'] = None; sys.modules['tensorrt_rtx'] = None\n"
-    code += "from qwen_vl_trt.runtime.cli import main\nsys.exit(main(sys.argv[1:]))\n"
+    code += "from qwen_vl_trt.runtime.serve.cli import main\nsys.exit(main(sys.argv[1:]))\n"
     r = subprocess.run([sys.executable, "-c", code, *map(str, args)], capture_output=True, text=True, timeout=120)
     assert "Traceback" not in r.stderr, r.stderr
     return r.returncode, r.stderr
@@ -88,7 +88,8 @@ def test_missing_video(artifacts, tmp_path):
 
 def test_prompt_too_long(artifacts):
     from qwen_vl_trt.model.manifest import load_manifest
-    from qwen_vl_trt.runtime.pipeline import Preprocessor, Request
+    from qwen_vl_trt.runtime.pipeline import Preprocessor
+    from qwen_vl_trt.runtime.request import Request
     from qwen_vl_trt.runtime.prompt import build_messages, build_prompt
 
     pre = Preprocessor(load_manifest(artifacts))

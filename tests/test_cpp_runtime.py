@@ -140,7 +140,7 @@ def test_qwen3_text_only_matches_hf(binary, qwen3_artifacts, hf_qwen3_vl, qwen3_
 
 def test_ragged_batch_from_qwen_vl_request_matches_hf_alone(binary, qwen3_artifacts, hf_qwen3_vl, qwen3_processor, media,
                                                              tmp_path):
-    from qwen_vl_trt.runtime import request_file
+    from qwen_vl_trt.runtime.serve import request_file
 
     prompts = ["Describe this image.", "What colours do you see in the top left corner? Answer in one sentence."]
     req = tmp_path / "batch.safetensors"
@@ -156,7 +156,7 @@ def test_ragged_batch_from_qwen_vl_request_matches_hf_alone(binary, qwen3_artifa
     # detokenize: the tokenizer's own decode of those ids
     from qwen_vl_trt.runtime.prompt import Tokenizer
 
-    r = subprocess.run([sys.executable, "-m", "qwen_vl_trt.runtime.request_file", "--model-dir", str(qwen3_artifacts),
+    r = subprocess.run([sys.executable, "-m", "qwen_vl_trt.runtime.serve.request_file", "--model-dir", str(qwen3_artifacts),
                         "--detokenize", str(tmp_path / "out.json")], capture_output=True, text=True, timeout=120)
     assert r.returncode == 0, r.stderr
     texts = [json.loads(line)["text"] for line in r.stdout.splitlines()]
@@ -173,7 +173,7 @@ def test_qwen2_5_image_matches_hf(binary, qwen2_5_artifacts, hf_qwen2_5_vl, qwen
 
 def test_stop_ids_end_each_sequence_of_a_batch(binary, qwen3_artifacts, media, tmp_path):
     """A stop id ends a sequence after it (included, as HF); the other sequence of the batch goes on unchanged."""
-    from qwen_vl_trt.runtime import request_file
+    from qwen_vl_trt.runtime.serve import request_file
 
     req = tmp_path / "batch.safetensors"
     assert request_file.main(["--model-dir", str(qwen3_artifacts), "--image", str(media["images"][1]), "--prompt", "A?",
@@ -247,7 +247,7 @@ def test_qwen3_positions_and_vision_inputs_match_hf(binary, qwen3_artifacts, hf_
 
 
 def test_qwen3_padded_batch_positions_match_hf(binary, qwen3_artifacts, media, tmp_path):
-    from qwen_vl_trt.runtime import request_file
+    from qwen_vl_trt.runtime.serve import request_file
 
     req = tmp_path / "batch.safetensors"
     assert request_file.main(["--model-dir", str(qwen3_artifacts), "--image", str(media["images"][0]), "--prompt", "Hi.",

@@ -48,7 +48,8 @@ def image(tmp_path_factory):
 
 
 def prepared(model, image, prompts=("Describe this image.",)):
-    from qwen_vl_trt.runtime.pipeline import Preprocessor, Request
+    from qwen_vl_trt.runtime.pipeline import Preprocessor
+    from qwen_vl_trt.runtime.request import Request
 
     pre = Preprocessor(model.manifest)
     return [pre.prepare(Request(p, (str(image),))) for p in prompts]

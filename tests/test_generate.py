@@ -23,7 +23,7 @@ from PIL import Image
 
 import hf_processor as H
 from hf_reference import hf_greedy_new_tokens
-from qwen_vl_trt.runtime import cli
+from qwen_vl_trt.runtime.serve import cli
 from qwen_vl_trt.runtime.sampling import Sampler, SamplingConfig, logits_to_probs
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -94,8 +94,8 @@ def run_json(artifacts, *args) -> dict:
 
 
 def run_cli_json(artifacts, *args) -> dict:
-    """`python -m qwen_vl_trt.runtime.cli` in a child process, as a user runs trt-run (greedy, EOS ignored)."""
-    r = subprocess.run([sys.executable, "-m", "qwen_vl_trt.runtime.cli", "--model-dir", str(artifacts), "--json",
+    """`python -m qwen_vl_trt.runtime.serve.cli` in a child process, as a user runs trt-run (greedy, EOS ignored)."""
+    r = subprocess.run([sys.executable, "-m", "qwen_vl_trt.runtime.serve.cli", "--model-dir", str(artifacts), "--json",
                         "--temperature", "0", "--ignore-eos", "--max-new-tokens", str(N_NEW), *args],
                        capture_output=True, text=True, timeout=300)
     assert r.returncode == 0, r.stderr
@@ -104,7 +104,7 @@ def run_cli_json(artifacts, *args) -> dict:
 
 def test_one_image_subprocess_matches_hf(artifacts, media, hf_qwen3_vl, processor):
     img = media["images"][0]
-    r = subprocess.run([sys.executable, "-m", "qwen_vl_trt.runtime.cli", "--model-dir", str(artifacts),
+    r = subprocess.run([sys.executable, "-m", "qwen_vl_trt.runtime.serve.cli", "--model-dir", str(artifacts),
                         "--image", str(img), "--json", "--temperature", "0", "--ignore-eos",
                         "--max-new-tokens", str(N_NEW)], capture_output=True, text=True, timeout=300)
     assert r.returncode == 0, r.stderr
@@ -146,7 +146,8 @@ def test_batch_of_different_lengths_matches_hf_run_alone(artifacts, media, hf_qw
 def test_io_binding_path_gives_the_same_tokens(artifacts, media):
     """OrtValue I/O binding (the CUDA EP's device-resident cache path) on the CPU EP == plain numpy I/O."""
     from qwen_vl_trt.runtime.generate import generate, load_model
-    from qwen_vl_trt.runtime.pipeline import Preprocessor, Request
+    from qwen_vl_trt.runtime.pipeline import Preprocessor
+    from qwen_vl_trt.runtime.request import Request
 
     outs = []
     for binding in (False, True):
@@ -172,7 +173,8 @@ def test_streamed_text_equals_decoded_tokens(artifacts, media):
 
 def test_eos_stops_and_sampling_is_seeded(artifacts):
     from qwen_vl_trt.runtime.generate import generate, load_model
-    from qwen_vl_trt.runtime.pipeline import Preprocessor, Request
+    from qwen_vl_trt.runtime.pipeline import Preprocessor
+    from qwen_vl_trt.runtime.request import Request
 
     model = load_model(artifacts, "onnxruntime")
     req = Preprocessor(model.manifest).prepare(Request("Hello"))
@@ -266,7 +268,8 @@ def test_ort_session_carries_bfloat16_through_bound_ortvalues(tmp_path):
 def test_batch_with_different_media_per_prompt_matches_hf(artifacts, media, hf_qwen3_vl, processor):
     """Python API: prompt 0 with image 1, prompt 1 with images 0 and 1: vision rows go in prompt order."""
     from qwen_vl_trt.runtime.generate import generate, load_model
-    from qwen_vl_trt.runtime.pipeline import Preprocessor, Request
+    from qwen_vl_trt.runtime.pipeline import Preprocessor
+    from qwen_vl_trt.runtime.request import Request
 
     imgs = media["images"]
     model = load_model(artifacts, "onnxruntime")

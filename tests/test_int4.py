@@ -162,7 +162,8 @@ def test_runtime_generates_with_int4_artifacts_like_hf(qwen3_vl_ckpt, tmp_path):
     with the same INT4 weights, and the runtime's sessions ask ONNX Runtime for fp32 accumulation."""
     from qwen_vl_trt.export.artifacts import export_artifacts
     from qwen_vl_trt.runtime.generate import generate, load_model
-    from qwen_vl_trt.runtime.pipeline import Preprocessor, Request
+    from qwen_vl_trt.runtime.pipeline import Preprocessor
+    from qwen_vl_trt.runtime.request import Request
     from qwen_vl_trt.runtime.sampling import Sampler, SamplingConfig
 
     art = export_artifacts(qwen3_vl_ckpt, tmp_path / "art", "fp32", int4_block=BLOCK).parent

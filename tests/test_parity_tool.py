@@ -15,7 +15,7 @@ from contextlib import redirect_stdout
 import numpy as np
 import onnx
 
-from qwen_vl_trt.runtime import parity
+from qwen_vl_trt.runtime.serve import parity
 from test_generate import artifacts, media  # noqa: F401 (fixtures)
 
 

@@ -240,7 +240,7 @@ def test_trt_run_greedy_tokens_match_hf_generate(case, artifacts, media, hf_qwen
 
 def test_trt_run_cli_reads_the_model_type_from_config(artifacts, media, hf_qwen2_5_vl, processor):
     """The console entry point, nothing to choose: the same flags as for Qwen3-VL."""
-    r = subprocess.run([sys.executable, "-m", "qwen_vl_trt.runtime.cli", "--model-dir", str(artifacts),
+    r = subprocess.run([sys.executable, "-m", "qwen_vl_trt.runtime.serve.cli", "--model-dir", str(artifacts),
                         "--image", str(media["images"][1]), "--json", "--temperature", "0", "--ignore-eos",
                         "--max-new-tokens", str(N_NEW)], capture_output=True, text=True, timeout=300)
     assert r.returncode == 0, r.stderr

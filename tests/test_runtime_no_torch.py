@@ -29,7 +29,7 @@ import qwen_vl_trt.runtime as rt
 modules = sorted(m.name for pkg in (rt, md) for m in pkgutil.walk_packages(pkg.__path__, pkg.__name__ + "."))
 for m in modules:
     __import__(m)
-from qwen_vl_trt.runtime.cli import main
+from qwen_vl_trt.runtime.serve.cli import main
 rc = main(sys.argv[1:])
 print(json.dumps({"rc": rc, "modules": modules, "attempts": attempts}), file=sys.stderr)
 '''
@@ -44,7 +44,7 @@ def test_runtime_imports_and_generates_without_torch(qwen3_vl_ckpt, tmp_path):
     assert r.returncode == 0, r.stderr
     report = json.loads(r.stderr.strip().splitlines()[-1])
     assert report["rc"] == 0 and report["attempts"] == []
-    assert {f"qwen_vl_trt.runtime.{m}" for m in ("cli", "generate", "backends.ort", "backends.kv_cache", "sampling",
+    assert {f"qwen_vl_trt.runtime.{m}" for m in ("serve.cli", "serve.server", "request", "generate", "backends.ort", "backends.kv_cache", "sampling",
                                                  "pipeline", "preprocess")} <= set(report["modules"])
     assert {"qwen_vl_trt.model.manifest", "qwen_vl_trt.model.spec"} <= set(report["modules"])
     assert len(json.loads(r.stdout)["token_ids"]) == 4

@@ -1,4 +1,4 @@
-"""The OpenAI-compatible server (runtime/server.py) over HTTP, vs HF `generate` and HF's chat template.
+"""The OpenAI-compatible server (runtime/serve/server.py) over HTTP, vs HF `generate` and HF's chat template.
 
 The server runs in this process on an ephemeral port with the tiny Qwen3-VL artifacts of test_generate.py
 (export_all.sh, fp32, max batch 2, max seq 512, cache 1024) and is spoken to with urllib and a raw socket.
@@ -35,7 +35,7 @@ NAME = "tiny-qwen3-vl"
 
 @pytest.fixture(scope="module")
 def server(artifacts):  # noqa: F811
-    from qwen_vl_trt.runtime.server import make_server
+    from qwen_vl_trt.runtime.serve.server import make_server
 
     srv = make_server(Namespace(model_dir=str(artifacts), host="127.0.0.1", port=0, backend="onnxruntime",
                                 ort_graphs="fused", max_batch=None, served_model_name=NAME))
@@ -241,14 +241,12 @@ def test_concurrent_requests_are_batched_and_match_each_alone(server, alone, med
 def test_worker_batches_matching_requests(server, alone, media):  # noqa: F811
     """Two greedy jobs share one `generate` call and each gets the text it gets alone; a seeded sampled job
     is never batched with another."""
-    from qwen_vl_trt.runtime.openai_protocol import parse_chat_request
-    from qwen_vl_trt.runtime.pipeline import Request
-    from qwen_vl_trt.runtime.serving import Job
+    from qwen_vl_trt.runtime.serve.openai_protocol import parse_chat_request
+    from qwen_vl_trt.runtime.serve.serving import Job
 
     def job(body):
-        req = parse_chat_request(body)
-        prepared = server.pre.prepare(Request(req.conversation, req.images, req.video, None))
-        return Job(prepared, req.max_tokens, req.sampling, req.stop, req.ignore_eos)
+        request = parse_chat_request(body).request
+        return Job(server.pre.prepare(request), request.max_new_tokens, request)
 
     jobs = [job(greedy(image_chat(media["images"][0]))),
             job(greedy([{"role": "user", "content": "Write a haiku about the sea."}]))]
@@ -265,7 +263,7 @@ def test_worker_batches_matching_requests(server, alone, media):  # noqa: F811
 
 
 def test_system_and_multi_turn_match_hf(server, media, hf_qwen3_vl, processor):  # noqa: F811
-    from qwen_vl_trt.runtime.openai_protocol import parse_messages
+    from qwen_vl_trt.runtime.serve.openai_protocol import parse_messages
     from qwen_vl_trt.runtime.prompt import build_messages
 
     img = media["images"][1]
@@ -327,7 +325,7 @@ def test_bad_requests_get_error_objects(server, processor, body, status, message
 
 def test_client_hanging_up_mid_stream(server, alone, monkeypatch):
     """The worker stops generating for a client that has gone, and the server answers the next request."""
-    from qwen_vl_trt.runtime import serving
+    from qwen_vl_trt.runtime.serve import serving
 
     generated, push = [], serving.Job.push
     monkeypatch.setattr(serving.Job, "push", lambda job, token: push(job, token) or generated.append(job.max_new))
@@ -344,7 +342,7 @@ def test_client_hanging_up_mid_stream(server, alone, monkeypatch):
 
 
 def run_server(*args) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "qwen_vl_trt.runtime.server", *map(str, args)],
+    return subprocess.run([sys.executable, "-m", "qwen_vl_trt.runtime.serve.server", *map(str, args)],
                           capture_output=True, text=True, timeout=120)
 
 

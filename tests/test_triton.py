@@ -27,7 +27,7 @@ STUB = Path(__file__).parent / "triton_stub"
 
 @pytest.fixture(scope="module")
 def repo(artifacts, tmp_path_factory):  # noqa: F811
-    from qwen_vl_trt.runtime.triton_repo import write_model_repository
+    from qwen_vl_trt.runtime.serve.triton_repo import write_model_repository
 
     out = tmp_path_factory.mktemp("triton_repo")
     write_model_repository(artifacts, out, decoupled=True)
@@ -43,7 +43,7 @@ def model_config(repo: Path, name: str) -> model_config_pb2.ModelConfig:
 def load_model(repo, monkeypatch):
     """Instantiate TritonPythonModel the way the Python backend does: import 1/model.py, initialize(args)."""
     monkeypatch.syspath_prepend(str(STUB))
-    import qwen_vl_trt.runtime.triton_model as tm
+    import qwen_vl_trt.runtime.serve.triton_model as tm
 
     importlib.reload(tm)  # binds the stand-in pb_utils
 
@@ -114,7 +114,7 @@ def test_batched_requests_match_hf_and_a_bad_image_fails_alone(load_model, media
 
 
 def test_repository_cli_refuses_a_directory_without_artifacts(tmp_path):
-    r = subprocess.run([sys.executable, "-m", "qwen_vl_trt.runtime.triton_repo", str(tmp_path / "none"),
+    r = subprocess.run([sys.executable, "-m", "qwen_vl_trt.runtime.serve.triton_repo", str(tmp_path / "none"),
                         str(tmp_path / "repo")], capture_output=True, text=True, timeout=60)
     assert r.returncode == 2
     lines = r.stderr.strip().splitlines()

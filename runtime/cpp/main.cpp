@@ -1,4 +1,4 @@
-// qwen-vl-generate: generation from an artifact directory and a request file (runtime/request_file.py writes it).
+// qwen-vl-generate: generation from an artifact directory and a request file (runtime/serve/request_file.py writes it).
 //
 //   qwen-vl-generate --model-dir A --request R.safetensors [--backend worker|tensorrt] [--max-new-tokens N]
 //                    [--temperature T --top-k K --top-p P --repetition-penalty R --seed S] [--ignore-eos]

@@ -1,4 +1,4 @@
-// The request file (written by `qwen-vl-request`, runtime/request_file.py, or saved from HF's processor output):
+// The request file (written by `qwen-vl-request`, runtime/serve/request_file.py, or saved from HF's processor output):
 //
 // | tensor | dtype | shape | meaning |
 // |---|---|---|---|

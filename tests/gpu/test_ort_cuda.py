@@ -40,7 +40,8 @@ def image(tmp_path_factory):
 
 def _ours(art, image, fused: bool):
     from qwen_vl_trt.runtime.generate import generate, load_model
-    from qwen_vl_trt.runtime.pipeline import Preprocessor, Request
+    from qwen_vl_trt.runtime.pipeline import Preprocessor
+    from qwen_vl_trt.runtime.request import Request
     from qwen_vl_trt.runtime.sampling import Sampler, SamplingConfig
 
     model = load_model(art, "onnxruntime", ort_fused=fused)

@@ -1,6 +1,6 @@
 """Stand-in for Triton's `triton_python_backend_utils` (only inside the Python backend's stub process).
 
-It mirrors the parts of the real API that runtime/triton_model.py uses, with the real names and semantics
+It mirrors the parts of the real API that runtime/serve/triton_model.py uses, with the real names and semantics
 (python_backend README, "Usage"): Tensor(name, numpy array) / as_numpy(), InferenceResponse(output_tensors,
 error), TritonError(message), get_input_tensor_by_name(request, name) -> Tensor | None,
 using_decoupled_model_transaction_policy(model_config), request.get_response_sender().send(response, flags),

@@ -33,7 +33,7 @@ from qwen_vl_trt.model.errors import UserError
 
 def request_tensors(pre, prompts, images=(), video=None, system=None) -> dict:
     """The request file's tensors for `prompts` (each with the same images / video), from our preprocessor."""
-    from .pipeline import Request
+    from ..request import Request
 
     prepared = [pre.prepare(Request(p, tuple(images), video, system)) for p in prompts]
     lengths = [r.num_tokens for r in prepared]
@@ -80,7 +80,7 @@ def parser() -> argparse.ArgumentParser:
 
 def run(args, out=sys.stdout) -> None:
     from qwen_vl_trt.model.manifest import load_manifest
-    from .prompt import Tokenizer
+    from ..prompt import Tokenizer
 
     if args.detokenize:
         try:
@@ -97,7 +97,7 @@ def run(args, out=sys.stdout) -> None:
         raise UserError("pass at least one --prompt TEXT")
     from safetensors.numpy import save_file
 
-    from .pipeline import Preprocessor
+    from ..pipeline import Preprocessor
 
     pre = Preprocessor(load_manifest(args.model_dir))
     save_file(request_tensors(pre, args.prompt, args.image or (), args.video, args.system), args.out)

@@ -1,11 +1,11 @@
 """OpenAI-compatible HTTP server on the `trt-run` pipeline (standard library HTTP, no torch).
 
-    python -m qwen_vl_trt.runtime.server --model-dir ARTIFACTS [--host 127.0.0.1] [--port 8000]
+    python -m qwen_vl_trt.runtime.serve.server --model-dir ARTIFACTS [--host 127.0.0.1] [--port 8000]
 
 Endpoints: `GET /health`, `GET /v1/models`, `POST /v1/chat/completions` (request fields:
-runtime/openai_protocol.py; `stream: true` answers with server-sent events ending in `data: [DONE]`).
+runtime/serve/openai_protocol.py; `stream: true` answers with server-sent events ending in `data: [DONE]`).
 Each request is prepared on its own handler thread; one worker thread runs the model and batches requests that
-arrive together (runtime/serving.py). A bad request gets an OpenAI error object (`{"error": {"message", "type",
+arrive together (runtime/serve/serving.py). A bad request gets an OpenAI error object (`{"error": {"message", "type",
 "param", "code"}}`) with status 400 (404 for another model name), a failure of ours 500, and the server goes
 on. Images come inline as data URLs or as file:// paths on the server; nothing is fetched from the network.
 Startup errors (artifacts, port) print one `error:` line and exit 2, as `trt-run` does.
@@ -20,9 +20,9 @@ import traceback
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
-from . import openai_protocol as api
-from .cli import DEFAULT_MAX_NEW_TOKENS
 from qwen_vl_trt.model.errors import PromptTooLong, UserError
+
+from . import openai_protocol as api
 from .openai_protocol import ProtocolError
 
 MAX_BODY = 256 << 20  # bytes of one request (images inline as base64)
@@ -39,7 +39,7 @@ class OpenAIServer(ThreadingHTTPServer):
         super().__init__(address, Handler)
 
     def attach(self, model, name: str, max_batch: int) -> None:
-        from .pipeline import Preprocessor
+        from ..pipeline import Preprocessor
         from .serving import Scheduler
 
         self.model, self.name, self.created = model, name, int(time.time())
@@ -56,13 +56,14 @@ class OpenAIServer(ThreadingHTTPServer):
         if not issubclass(kind, _GONE):  # a client that hung up is not news
             print(f"error: request from {client_address[0]}: {kind.__name__}: {err}", file=sys.stderr)
 
-    def max_new_tokens(self, requested: int | None, prompt_tokens: int) -> int:
-        """`max_tokens` of a request, or the default within the KV cache left after the prompt."""
+    def max_new_tokens(self, request, prompt_tokens: int) -> int:
+        """`max_tokens` of a request, or the default (runtime/request.py) within the KV cache left after the
+        prompt."""
         cache = self.model.manifest.limits.max_cache_len
         room = cache - prompt_tokens
+        requested = request.max_new_tokens
         if requested is None:
-            default = int(self.model.manifest.generation_config.get("max_new_tokens") or DEFAULT_MAX_NEW_TOKENS)
-            requested = min(default, max(room, 1))
+            requested = min(request.new_tokens(self.model.manifest.generation_config), max(room, 1))
         if requested > room:
             raise PromptTooLong(f"prompt has {prompt_tokens} tokens and max_tokens is {requested}: together they "
                                 f"exceed the {cache}-token cache of the artifacts; lower max_tokens or re-export "
@@ -110,7 +111,6 @@ class Handler(BaseHTTPRequestHandler):
 
     # ---- chat completions ------------------------------------------------------------------------------
     def _chat(self) -> None:
-        from .pipeline import Request
         from .serving import Job
 
         body = self._body()
@@ -119,9 +119,8 @@ class Handler(BaseHTTPRequestHandler):
             raise ProtocolError(f"model {model!r} is not served here; GET /v1/models lists {self.server.name!r}",
                                 "model", status=404, code="model_not_found")
         req = api.parse_chat_request(body)
-        prepared = self.server.pre.prepare(Request(req.conversation, req.images, req.video, None))
-        job = Job(prepared, self.server.max_new_tokens(req.max_tokens, prepared.num_tokens), req.sampling,
-                  req.stop, req.ignore_eos)
+        prepared = self.server.pre.prepare(req.request)
+        job = Job(prepared, self.server.max_new_tokens(req.request, prepared.num_tokens), req.request)
         self.server.scheduler.submit(job)
         (self._stream if req.stream else self._whole)(job, req, prepared.num_tokens)
 
@@ -204,7 +203,7 @@ def _error_kind(status: int) -> str:
 
 
 def parser() -> argparse.ArgumentParser:
-    ap = argparse.ArgumentParser(prog="python -m qwen_vl_trt.runtime.server", description=__doc__.splitlines()[0])
+    ap = argparse.ArgumentParser(prog="python -m qwen_vl_trt.runtime.serve.server", description=__doc__.splitlines()[0])
     ap.add_argument("--model-dir", default="artifacts",
                     help="artifact directory from export_all.sh (default: artifacts)")
     ap.add_argument("--host", default="127.0.0.1", help="address to listen on (default: 127.0.0.1)")
@@ -222,8 +221,9 @@ def parser() -> argparse.ArgumentParser:
 
 def make_server(args: argparse.Namespace) -> OpenAIServer:
     """Bind the port, load the model, start the worker. UserError / OSError on failure."""
-    from .generate import load_model
     from qwen_vl_trt.model.manifest import load_manifest
+
+    from ..generate import load_model
 
     limit = load_manifest(args.model_dir).limits.max_batch
     max_batch = limit if args.max_batch is None else args.max_batch

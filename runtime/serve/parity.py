@@ -78,7 +78,7 @@ def session_with_layers(graph: Path, scope_prefix: str, elem_type: int, provider
     import onnx
     import onnxruntime as ort
 
-    from .backends.ort import exact_int4_matmul
+    from ..backends.ort import exact_int4_matmul
 
     model = onnx.load(str(graph), load_external_data=False)
     names = layer_outputs(model, scope_prefix)
@@ -171,10 +171,10 @@ def parity(checkpoint, artifacts, request, n_tokens: int = 16, rtol: float | Non
 
     from qwen_vl_trt.model.errors import UserError
 
-    from .generate import embed, generate, load_model
-    from .backends.kv_cache import numpy_dtype
-    from .pipeline import Preprocessor, vision_feeds
-    from .sampling import Sampler, SamplingConfig
+    from ..generate import embed, generate, load_model
+    from ..backends.kv_cache import numpy_dtype
+    from ..pipeline import Preprocessor, vision_feeds
+    from ..sampling import Sampler, SamplingConfig
 
     model = load_model(artifacts, "onnxruntime")
     manifest, spec = model.manifest, model.manifest.spec
@@ -254,7 +254,7 @@ def report(rows: list[Row], ours: list[int], theirs: list[int], out=None) -> boo
 def main(argv=None) -> int:
     from qwen_vl_trt.model.errors import UserError
 
-    from .pipeline import Request
+    from ..request import Request
 
     ap = argparse.ArgumentParser(prog="qwen-vl-parity", description=__doc__.splitlines()[0])
     ap.add_argument("checkpoint", help="the Hugging Face checkpoint the artifacts were exported from")

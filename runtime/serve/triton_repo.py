@@ -2,9 +2,9 @@
 
 Writes REPO/<name>/config.pbtxt (Python backend, decoupled streaming by default, dynamic batching up to the
 artifacts' max_batch, parameters `artifacts_dir` and `backend`) and REPO/<name>/1/model.py, a one-line shim
-over runtime/triton_model.py. Serve with `tritonserver --model-repository REPO` in a container that has
+over runtime/serve/triton_model.py. Serve with `tritonserver --model-repository REPO` in a container that has
 this package (and onnxruntime-gpu or TensorRT) installed; the request/response tensors are documented in
-runtime/triton_model.py. A missing or mismatched artifact directory is one `error:` line and exit 2.
+runtime/serve/triton_model.py. A missing or mismatched artifact directory is one `error:` line and exit 2.
 """
 from __future__ import annotations
 
@@ -28,8 +28,8 @@ INPUTS = (
 )
 OUTPUTS = (("text", "TYPE_STRING", [1]), ("token_ids", "TYPE_INT64", [-1]))
 
-MODEL_PY = '''"""Triton Python-backend entry point of qwen-vl-trt (written by runtime/triton_repo.py)."""
-from qwen_vl_trt.runtime.triton_model import TritonPythonModel  # noqa: F401
+MODEL_PY = '''"""Triton Python-backend entry point of qwen-vl-trt (written by runtime/serve/triton_repo.py)."""
+from qwen_vl_trt.runtime.serve.triton_model import TritonPythonModel  # noqa: F401
 '''
 
 

@@ -1,6 +1,6 @@
 """Triton Inference Server Python-backend model: the same pipeline as `trt-run`, one request per prompt.
 
-The model repository that loads this file is written by `runtime/triton_repo.py`
+The model repository that loads this file is written by `runtime/serve/triton_repo.py`
 (`qwen-vl-triton-repo ARTIFACTS REPO`); its `1/model.py` only re-exports `TritonPythonModel` from here, so
 the Triton container needs this package installed (`pip install qwen-vl-trt`), nothing else.
 
@@ -23,33 +23,23 @@ policy (the default repository) every token is sent as it is chosen (`text` = th
 holds the whole text and all token ids. Bad input: that request gets a TritonError with the same one-line
 message `trt-run` prints; the others in the batch go on.
 
-Requests that Triton hands over together and share sampling settings run as one batch of `generate`
+Requests that Triton hands over together and share a batch key (`Request.batch_key`, runtime/request.py: the same
+sampling and ignore_eos; a seeded sampled request runs alone) and max_new_tokens run as one batch of `generate`
 (sequences of different lengths share the decoder steps, runtime/generate.py).
 """
 from __future__ import annotations
 
 import json
-from dataclasses import dataclass
-
 import numpy as np
 
-from .cli import DEFAULT_MAX_NEW_TOKENS
 from qwen_vl_trt.model.errors import UserError
+
+from ..request import Request, Sampling, prompt_or_default
 
 try:  # present inside the Triton Python backend only; tests install a stand-in module of the same name
     import triton_python_backend_utils as pb_utils
 except ImportError:  # pragma: no cover - imported outside Triton (docs, linters)
     pb_utils = None
-
-
-@dataclass(frozen=True)
-class ParsedRequest:
-    prompt: str
-    images: tuple  # encoded image bytes
-    system: str | None
-    max_new_tokens: int | None
-    sampling: tuple  # (temperature, top_p, top_k, seed): None = generation_config.json default
-    ignore_eos: bool
 
 
 def _scalar(request, name: str, kind):
@@ -63,31 +53,21 @@ def _scalar(request, name: str, kind):
     return v.decode("utf-8") if kind is str and isinstance(v, bytes) else kind(v)
 
 
-def parse_request(request) -> ParsedRequest:
-    prompt = _scalar(request, "prompt", str)
+def parse_request(request) -> Request:
+    """One Triton request -> the typed request (runtime/request.py checks every value)."""
     images = pb_utils.get_input_tensor_by_name(request, "images")
     images = tuple(bytes(b) for b in images.as_numpy().reshape(-1)) if images is not None else ()
-    if not prompt:
-        if not images:
-            raise UserError("nothing to do: send a `prompt` or `images`")
-        prompt = "Describe this image."
-    max_new = _scalar(request, "max_new_tokens", int)
-    if max_new is not None and max_new < 1:
-        raise UserError(f"max_new_tokens {max_new}: must be >= 1")
-    temperature, top_p = _scalar(request, "temperature", float), _scalar(request, "top_p", float)
-    if temperature is not None and temperature < 0:
-        raise UserError(f"temperature {temperature}: must be >= 0 (0 = greedy)")
-    if top_p is not None and not 0 < top_p <= 1:
-        raise UserError(f"top_p {top_p}: must be in (0, 1]")
-    sampling = (temperature, top_p, _scalar(request, "top_k", int), _scalar(request, "seed", int))
-    return ParsedRequest(prompt, images, _scalar(request, "system", str), max_new, sampling,
-                         bool(_scalar(request, "ignore_eos", bool)))
+    prompt = prompt_or_default(_scalar(request, "prompt", str), bool(images), "send a `prompt` or `images`")
+    sampling = Sampling(temperature=_scalar(request, "temperature", float), top_p=_scalar(request, "top_p", float),
+                        top_k=_scalar(request, "top_k", int), seed=_scalar(request, "seed", int))
+    return Request(prompt, images, None, _scalar(request, "system", str), _scalar(request, "max_new_tokens", int),
+                   sampling, ignore_eos=bool(_scalar(request, "ignore_eos", bool)))
 
 
 class TritonPythonModel:
     def initialize(self, args: dict) -> None:
-        from .generate import load_model
-        from .pipeline import Preprocessor
+        from ..generate import load_model
+        from ..pipeline import Preprocessor
 
         config = json.loads(args["model_config"])
         params = {k: v["string_value"] for k, v in config.get("parameters", {}).items()}
@@ -103,35 +83,29 @@ class TritonPythonModel:
         for i, request in enumerate(requests):
             try:
                 parsed = parse_request(request)
-                prepared = self._prepare(parsed)
+                prepared = self.pre.prepare(parsed)
             except UserError as e:
                 self._finish(i, senders, responses, error=str(e))
                 continue
-            key = (parsed.sampling, parsed.max_new_tokens, parsed.ignore_eos)
-            groups.setdefault(key, []).append((i, prepared))
-        for (sampling, max_new, ignore_eos), members in groups.items():
+            key = (parsed.batch_key(i), parsed.max_new_tokens)  # one batch: one sampler, one token budget
+            groups.setdefault(key, []).append((i, parsed, prepared))
+        for members in groups.values():
             for start in range(0, len(members), self.max_batch):
-                self._run(members[start:start + self.max_batch], sampling, max_new, ignore_eos, senders, responses)
+                self._run(members[start:start + self.max_batch], senders, responses)
         return None if self.decoupled else responses
 
     def finalize(self) -> None:
         self.model = None
 
     # ---- helpers ---------------------------------------------------------------------------------------
-    def _prepare(self, parsed: ParsedRequest):
-        from .pipeline import Request
+    def _run(self, members, senders, responses) -> None:
+        """members: (index, Request, PreparedRequest) of one batch key."""
+        from ..generate import generate
+        from ..prompt import IncrementalDecoder
+        from ..sampling import Sampler
 
-        return self.pre.prepare(Request(parsed.prompt, parsed.images, None, parsed.system))
-
-    def _run(self, members, sampling, max_new, ignore_eos, senders, responses) -> None:
-        from .generate import generate
-        from .prompt import IncrementalDecoder
-        from .sampling import Sampler, SamplingConfig
-
-        gen = self.model.manifest.generation_config
-        temperature, top_p, top_k, seed = sampling
-        cfg = SamplingConfig.from_generation_config(gen, temperature=temperature, top_p=top_p, top_k=top_k, seed=seed)
-        max_new = max_new or int(gen.get("max_new_tokens") or DEFAULT_MAX_NEW_TOKENS)
+        gen, first = self.model.manifest.generation_config, members[0][1]
+        cfg, max_new = first.sampling.config(gen), first.new_tokens(gen)
         on_token = None
         if senders is not None:
             decoders = [IncrementalDecoder(self.pre.tokenizer) for _ in members]
@@ -140,14 +114,14 @@ class TritonPythonModel:
                 senders[members[b][0]].send(_response(decoders[b].push(token), [token]))
 
         try:
-            results = generate(self.model, [p for _, p in members], Sampler(cfg), max_new,
-                               eos_token_ids=self.model.manifest.eos_token_ids, ignore_eos=ignore_eos,
+            results = generate(self.model, [p for _, _, p in members], Sampler(cfg), max_new,
+                               eos_token_ids=self.model.manifest.eos_token_ids, ignore_eos=first.ignore_eos,
                                on_token=on_token)
         except UserError as e:
-            for i, _ in members:
+            for i, _, _ in members:
                 self._finish(i, senders, responses, error=str(e))
             return
-        for b, ((i, _), result) in enumerate(zip(members, results)):
+        for b, ((i, _, _), result) in enumerate(zip(members, results)):
             if senders is not None:
                 self._finish(i, senders, responses, text=decoders[b].flush(), token_ids=[])
             else:

@@ -1,9 +1,9 @@
-"""One model, many HTTP requests: jobs, stop strings and the batching worker behind runtime/server.py.
+"""One model, many HTTP requests: jobs, stop strings and the batching worker behind runtime/serve/server.py.
 
 Handler threads prepare their request (media, chat template, limits: runtime/pipeline.py) and `submit` a `Job`.
-One worker thread owns the model: it takes every job waiting, groups those whose sampling settings match (as
-runtime/triton_model.py does; a seeded sampled request runs alone, so its seed alone fixes its text), packs each
-group into batches within the artifacts' max_batch and KV cache, and runs one `generate` per batch. Tokens flow
+One worker thread owns the model: it takes every job waiting, groups those whose batch keys match
+(`Request.batch_key`, runtime/request.py, as runtime/serve/triton_model.py does; a seeded sampled request runs
+alone, so its seed alone fixes its text), packs each group into batches within the artifacts' max_batch and KV cache, and runs one `generate` per batch. Tokens flow
 back to each job's queue as events, so a handler can stream them:
 
     ("delta", text)                             new text (stop strings held back until they cannot match)
@@ -22,9 +22,11 @@ import traceback
 from dataclasses import dataclass, field
 
 from qwen_vl_trt.model.errors import UserError
-from .generate import generate
-from .prompt import IncrementalDecoder
-from .sampling import Sampler, SamplingConfig
+
+from ..generate import generate
+from ..prompt import IncrementalDecoder
+from ..request import Request
+from ..sampling import Sampler
 
 
 class StopFilter:
@@ -50,29 +52,26 @@ class StopFilter:
 
 @dataclass
 class Job:
-    prepared: object  # PreparedRequest
-    max_new: int
-    sampling: tuple  # (temperature, top_p, top_k, seed, repetition_penalty)
-    stops: tuple = ()
-    ignore_eos: bool = False
+    prepared: object  # PreparedRequest of `request`
+    max_new: int  # the request's max_new_tokens, resolved (OpenAIServer.max_new_tokens)
+    request: Request  # runtime/request.py: sampling, stop strings, ignore_eos
     events: queue.Queue = field(default_factory=queue.Queue)
     cancelled: threading.Event = field(default_factory=threading.Event)  # set by the handler: client gone
     n_tokens: int = 0
     finished: bool = False
 
     def batch_key(self) -> tuple:
-        temperature, _, _, seed, _ = self.sampling
-        alone = id(self) if seed is not None and temperature != 0 else None
-        return self.sampling, self.ignore_eos, alone
+        return self.request.batch_key(id(self))
 
     def start(self, tokenizer, eos_ids) -> None:
-        self.decoder, self.filter, self.eos = IncrementalDecoder(tokenizer), StopFilter(self.stops), set(eos_ids)
+        self.decoder, self.filter = IncrementalDecoder(tokenizer), StopFilter(self.request.stop)
+        self.eos = set(eos_ids)
 
     def push(self, token: int) -> None:
         """One generated token: emit its text; end the job at a stop string, EOS or max_tokens."""
         self.n_tokens += 1
         text, stopped = self.filter.feed(self.decoder.push(token))
-        at_eos = token in self.eos and not self.ignore_eos
+        at_eos = token in self.eos and not self.request.ignore_eos
         if not stopped and (at_eos or self.n_tokens >= self.max_new):
             more, stopped = self.filter.feed(self.decoder.flush())
             text += more + ("" if stopped else self.filter.flush())
@@ -154,9 +153,7 @@ class Scheduler:
 
     def run(self, batch: list) -> None:
         manifest = self.model.manifest
-        temperature, top_p, top_k, seed, penalty = batch[0].sampling
-        cfg = SamplingConfig.from_generation_config(manifest.generation_config, temperature=temperature,
-                                                    top_p=top_p, top_k=top_k, seed=seed, repetition_penalty=penalty)
+        cfg = batch[0].request.sampling.config(manifest.generation_config)  # one batch key: one sampling
 
         def on_token(b: int, token: int) -> None:
             if not batch[b].over:
@@ -168,7 +165,7 @@ class Scheduler:
             for job in batch:
                 job.start(self.tokenizer, manifest.eos_token_ids)
             generate(self.model, [j.prepared for j in batch], Sampler(cfg), max(j.max_new for j in batch),
-                     eos_token_ids=manifest.eos_token_ids, ignore_eos=batch[0].ignore_eos, on_token=on_token)
+                     eos_token_ids=manifest.eos_token_ids, ignore_eos=batch[0].request.ignore_eos, on_token=on_token)
         except _BatchOver:
             pass
         except UserError as e:

@@ -25,15 +25,12 @@ import urllib.request
 import uuid
 from dataclasses import dataclass
 
-from . import prompt
+from .. import prompt
+from ..request import FieldError, Request, Sampling, check_field
 
 MAX_STOP = 4
-# sampling fields of a request: (name, type, check, what the check requires)
-_SAMPLING = (("temperature", float, lambda v: v >= 0, ">= 0 (0 = greedy)"),
-             ("top_p", float, lambda v: 0 < v <= 1, "in (0, 1]"),
-             ("top_k", int, lambda v: v >= 0, ">= 0 (0 = off)"),
-             ("seed", int, lambda v: True, "an integer"),
-             ("repetition_penalty", float, lambda v: v > 0, "> 0 (1 = off)"))
+# sampling fields of a request and their JSON types; their ranges are runtime/request.py's
+_SAMPLING = (("temperature", float), ("top_p", float), ("top_k", int), ("repetition_penalty", float), ("seed", int))
 # OpenAI fields we do not implement: refused unless absent or at their no-op value
 _UNSUPPORTED = {"logprobs": (False,), "top_logprobs": (0,), "tools": ([],), "tool_choice": ("none",),
                 "functions": ([],), "function_call": ("none",), "frequency_penalty": (0, 0.0),
@@ -59,13 +56,8 @@ def error_body(message: str, kind: str, code: str | None = None, param: str | No
 
 @dataclass(frozen=True)
 class ChatRequest:
-    conversation: prompt.Conversation
-    images: tuple  # image bytes (data URLs) or local paths, in conversation order
-    video: str | None  # local path
-    max_tokens: int | None
-    sampling: tuple  # (temperature, top_p, top_k, seed, repetition_penalty); None = generation_config.json
-    stop: tuple  # stop strings
-    ignore_eos: bool
+    request: Request  # the conversation (prompt.Conversation), images (bytes of data URLs or local paths, in
+    # conversation order), video (a local path), max_tokens, sampling, stop strings, ignore_eos
     stream: bool
     include_usage: bool
 
@@ -96,18 +88,18 @@ def parse_chat_request(body) -> ChatRequest:
         raise ProtocolError(f"n: only n=1 is supported, got {n}", "n")
     max_tokens = _typed(body, "max_completion_tokens", int)
     max_tokens = max_tokens if max_tokens is not None else _typed(body, "max_tokens", int)
-    if max_tokens is not None and max_tokens < 1:
-        raise ProtocolError(f"max_tokens: must be >= 1, got {max_tokens}", "max_tokens")
-    sampling = []
-    for key, kind, check, need in _SAMPLING:
-        value = _typed(body, key, kind)
-        if value is not None and not check(value):
-            raise ProtocolError(f"{key}: must be {need}, got {value}", key)
-        sampling.append(value)
+    values = {key: _typed(body, key, kind) for key, kind in _SAMPLING}
+    try:
+        check_field("max_new_tokens", max_tokens)
+        sampling = Sampling(**values)
+    except FieldError as e:  # the rule is the request's; the field is named as the body names it
+        key = {"max_new_tokens": "max_tokens"}.get(e.field, e.field)
+        raise ProtocolError(f"{key}: must be {e.need}, got {e.value}", key) from None
     options = _typed(body, "stream_options", dict) or {}
     conversation, images, video = parse_messages(_typed(body, "messages", list))
-    return ChatRequest(conversation, images, video, max_tokens, tuple(sampling), _stop(body),
-                       bool(_typed(body, "ignore_eos", bool)), bool(_typed(body, "stream", bool)),
+    request = Request(conversation, images, video, None, max_tokens, sampling, _stop(body),
+                      bool(_typed(body, "ignore_eos", bool)))
+    return ChatRequest(request, bool(_typed(body, "stream", bool)),
                        bool(_typed(options, "include_usage", bool, "stream_options.include_usage")))
 
 

@@ -1,6 +1,6 @@
-"""`trt-run`: generate text from images / a video and a prompt with exported artifacts (argparse -> RunConfig
--> generate). Text streams to stdout as tokens arrive and timings go to stderr; `--json` prints one object.
-Bad input or artifacts: one line `error: ...` on stderr and exit code 2 (STYLE G11).
+"""`trt-run`: generate text from images / a video and a prompt with exported artifacts (argparse -> RunConfig of
+typed requests, runtime/request.py -> generate). Text streams to stdout as tokens arrive and timings go to
+stderr; `--json` prints one object. Bad input or artifacts: one line `error: ...` on stderr and exit code 2.
 """
 from __future__ import annotations
 
@@ -11,48 +11,29 @@ from dataclasses import dataclass
 
 from qwen_vl_trt.model.errors import UserError
 
-DEFAULT_MEDIA_PROMPT = "Describe this image."
-DEFAULT_MAX_NEW_TOKENS = 128
+from ..request import DEFAULT_MAX_NEW_TOKENS, DEFAULT_MEDIA_PROMPT, FieldError, Request, Sampling, prompt_or_default
 
 
 @dataclass(frozen=True)
 class RunConfig:
     model_dir: str
-    prompts: tuple
-    images: tuple
-    video: str | None
-    system: str | None
-    max_new_tokens: int | None
-    temperature: float | None
-    top_p: float | None
-    top_k: int | None
-    repetition_penalty: float | None
-    seed: int | None
-    ignore_eos: bool
+    requests: tuple  # Request per --prompt (runtime/request.py), each with the same media and settings
     backend: str
     json: bool
     ort_graphs: str = "fused"
 
     @classmethod
     def from_args(cls, args: argparse.Namespace) -> "RunConfig":
-        prompts = tuple(args.prompt or ())
-        if not prompts:
-            if not args.image and args.video is None:
-                raise UserError("nothing to do: pass --prompt TEXT, --image PATH or --video PATH")
-            prompts = (DEFAULT_MEDIA_PROMPT,)
-        if args.temperature is not None and args.temperature < 0:
-            raise UserError(f"--temperature {args.temperature}: must be >= 0 (0 = greedy)")
-        if args.top_p is not None and not 0 < args.top_p <= 1:
-            raise UserError(f"--top-p {args.top_p}: must be in (0, 1]")
-        if args.top_k is not None and args.top_k < 0:
-            raise UserError(f"--top-k {args.top_k}: must be >= 0 (0 = off)")
-        if args.repetition_penalty is not None and args.repetition_penalty <= 0:
-            raise UserError(f"--repetition-penalty {args.repetition_penalty}: must be > 0 (1 = off)")
-        if args.max_new_tokens is not None and args.max_new_tokens < 1:
-            raise UserError(f"--max-new-tokens {args.max_new_tokens}: must be >= 1")
-        return cls(args.model_dir, prompts, tuple(args.image or ()), args.video, args.system, args.max_new_tokens,
-                   args.temperature, args.top_p, args.top_k, args.repetition_penalty, args.seed, args.ignore_eos,
-                   args.backend, args.json, args.ort_graphs)
+        media = bool(args.image) or args.video is not None
+        prompts = tuple(args.prompt or ()) or (prompt_or_default(None, media, "pass --prompt TEXT, --image PATH or "
+                                                                              "--video PATH"),)
+        try:
+            sampling = Sampling(args.temperature, args.top_p, args.top_k, args.repetition_penalty, args.seed)
+            requests = tuple(Request(p, tuple(args.image or ()), args.video, args.system, args.max_new_tokens,
+                                     sampling, ignore_eos=args.ignore_eos) for p in prompts)
+        except FieldError as e:  # the rule is the request's; the name is the flag's
+            raise UserError(f"--{e.field.replace('_', '-')} {e.value}: must be {e.need}") from None
+        return cls(args.model_dir, requests, args.backend, args.json, args.ort_graphs)
 
 
 def parser() -> argparse.ArgumentParser:
@@ -82,25 +63,22 @@ def parser() -> argparse.ArgumentParser:
 
 
 def run(cfg: RunConfig, out=sys.stdout, err=sys.stderr) -> list:
-    from .generate import generate, load_model
-    from .pipeline import Preprocessor, Request
-    from .prompt import IncrementalDecoder
-    from .sampling import Sampler, SamplingConfig
+    from ..generate import generate, load_model
+    from ..pipeline import Preprocessor
+    from ..prompt import IncrementalDecoder
+    from ..sampling import Sampler
 
     model = load_model(cfg.model_dir, cfg.backend, ort_fused=cfg.ort_graphs == "fused")
     pre = Preprocessor(model.manifest)
-    requests = [pre.prepare(Request(p, cfg.images, cfg.video, cfg.system)) for p in cfg.prompts]
-    gen = model.manifest.generation_config
-    sampling = SamplingConfig.from_generation_config(gen, temperature=cfg.temperature, top_p=cfg.top_p,
-                                                     top_k=cfg.top_k, seed=cfg.seed,
-                                                     repetition_penalty=cfg.repetition_penalty)
-    max_new = cfg.max_new_tokens or int(gen.get("max_new_tokens") or DEFAULT_MAX_NEW_TOKENS)
+    requests = [pre.prepare(r) for r in cfg.requests]
+    gen, first = model.manifest.generation_config, cfg.requests[0]  # one batch: every request has these settings
+    sampling, max_new = first.sampling.config(gen), first.new_tokens(gen)
     stream = None
     if not cfg.json and len(requests) == 1:
         decoder = IncrementalDecoder(pre.tokenizer)
         stream = lambda b, tok: out.write(decoder.push(tok)) or out.flush()  # noqa: E731
     results = generate(model, requests, Sampler(sampling), max_new, eos_token_ids=model.manifest.eos_token_ids,
-                       ignore_eos=cfg.ignore_eos, on_token=stream)
+                       ignore_eos=first.ignore_eos, on_token=stream)
     texts = [pre.tokenizer.decode(r.token_ids) for r in results]
     if cfg.json:
         obj = [{"text": t, "token_ids": r.token_ids, "prompt_tokens": r.prompt_tokens, "timings": r.timings}
