@@ -22,7 +22,8 @@ import sys
 import time
 from pathlib import Path
 
-# Released Qwen3-VL configs (shared notes hf-reference-facts.md section 7). Written in the released
+# Released Qwen3-VL configs (the config.json files of the Qwen/Qwen3-VL-* repositories on the Hugging Face Hub,
+# e.g. https://huggingface.co/Qwen/Qwen3-VL-8B-Instruct/blob/main/config.json). Written in the released
 # (transformers 4.57) layout: rope_scaling + rope_theta inside text_config. MoE: (experts, top-k, moe_inter).
 RELEASED = {
     #        text hidden, inter, layers, heads, kv, tie | vision depth, hidden, inter, out | deepstack
@@ -123,7 +124,8 @@ def parameter_shapes(cfg: dict) -> dict[str, tuple[int, ...]]:
     persistent = {k for k in model.state_dict()}
     shapes.update({k: tuple(b.shape) for k, b in model.named_buffers() if k in persistent})
     # MoE experts: the releases store gate_up_proj [E, C, 2I] and down_proj [E, I, C], the transpose of the
-    # in-memory parameters (shared notes section 9); HF's loader transposes them back.
+    # in-memory parameters; HF's loader transposes them back (its `Transpose(1, 2, check_dims=True)` conversion:
+    # only when the stored shape differs from the parameter's).
     for k, shape in shapes.items():
         if k.endswith((".experts.gate_up_proj", ".experts.down_proj")):
             shapes[k] = (shape[0], shape[2], shape[1])

@@ -64,7 +64,7 @@ QWEN3_VL_TINY = {
 
 # Qwen3-VL-MoE: the same model with sparse MoE text MLPs. 8 experts, top-2 (both > 1, as in the releases'
 # 128/top-8); moe_intermediate_size 24, so 2I = 48 != C = 64 and I != C: an expert tensor stored transposed
-# cannot load silently (HF transposes only when the stored shape differs, shared notes section 9). Layer 1
+# cannot load silently (HF transposes only when the stored shape differs from the parameter's). Layer 1
 # is a dense `mlp_only_layers` MLP (HF's own switch; the releases have none). Experts are written in the
 # release layout (`_to_release_expert_layout`).
 QWEN3_VL_MOE_TINY = {
@@ -220,7 +220,7 @@ def _to_release_expert_layout(out: Path, model) -> None:
     """Rewrite the expert tensors that `save_pretrained` wrote in HF's in-memory layout (gate_up_proj
     [E, 2I, C], down_proj [E, C, I]) in the layout the released checkpoints store (gate_up_proj [E, C, 2I],
     gate first then up; down_proj [E, I, C]), then check that HF loads the result to the same model: the
-    same tensors bit for bit, and every sparse MoE block computes the same output (shared notes section 9).
+    same tensors bit for bit, and every sparse MoE block computes the same output.
     Blocks, not logits: `model.to(dtype)` also casts the rotary inv_freq buffer that from_pretrained keeps
     in fp32, so bf16 logits differ for a reason that has nothing to do with the experts."""
     import torch

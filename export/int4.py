@@ -22,7 +22,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from .onnx_graph import GraphBuilder
+from .onnx_graph import ExternalData, GraphBuilder
 
 BLOCK_SIZES = (16, 32, 64, 128)
 WEIGHTS_METADATA = "qwen_vl.weights"  # ONNX metadata key of decoder.onnx naming its weight format
@@ -70,8 +70,6 @@ def to_matmul_nbits(model, graph_dir, data_path) -> int:
     MatMulNBits layout: B uint8 [N, K/B, B/2] (column n's K values, block by block, two per byte, low nibble
     first, stored as q + 8 since the kernel's default zero point for 4 bits is 8), scales [N * K/B] (graph
     dtype), accuracy_level 1 (fp32 accumulation where the EP lets it choose)."""
-    from pathlib import Path
-
     from onnx import TensorProto, helper, numpy_helper
 
     g = model.graph
@@ -82,41 +80,31 @@ def to_matmul_nbits(model, graph_dir, data_path) -> int:
     for n in g.node:
         for i in n.input:
             readers[i] = readers.get(i, 0) + 1
-    data_path = Path(data_path)
-    out_nodes, dropped, added, offset = [], set(), [], 0
-    with open(data_path, "wb") as data:
-        for node in g.node:
-            if node.op_type == "DequantizeLinear" and node.output[0] in dq and readers.get(node.output[0]) == 1:
-                continue  # folded into the MatMulNBits below
-            src = dq.get(node.input[1]) if node.op_type == "MatMul" and len(node.input) == 2 else None
-            if src is None or readers.get(node.input[1]) != 1:
-                out_nodes.append(node)
-                continue
-            attrs = {a.name: helper.get_attribute_value(a) for a in src.attribute}
-            block = int(attrs["block_size"])
-            q = numpy_helper.to_array(inits[src.input[0]], base_dir=str(graph_dir)).astype(np.int8)  # [K, N]
-            s = numpy_helper.to_array(inits[src.input[1]], base_dir=str(graph_dir))  # [K/B, N]
-            k, n = q.shape
-            u = (q.T.astype(np.int16) + 8).astype(np.uint8).reshape(n, k // block, block // 2, 2)
-            packed = (u[..., 0] | (u[..., 1] << 4)).astype(np.uint8)  # [N, K/B, B/2]
-            names = (f"{src.input[0]}.nbits", f"{src.input[1]}.nbits")
-            for name, arr in zip(names, (packed, np.ascontiguousarray(s.T).reshape(-1))):
-                t = numpy_helper.from_array(arr, name)
-                raw = t.raw_data
-                t.ClearField("raw_data")
-                pad = (-offset) % 64
-                data.write(b"\0" * pad + raw)
-                offset += pad
-                t.data_location = TensorProto.EXTERNAL
-                for key, value in (("location", data_path.name), ("offset", str(offset)), ("length", str(len(raw)))):
-                    entry = t.external_data.add()
-                    entry.key, entry.value = key, value
-                offset += len(raw)
-                added.append(t)
-            out_nodes.append(helper.make_node("MatMulNBits", [node.input[0], *names], list(node.output),
-                                              name=node.name, domain="com.microsoft", K=k, N=n, bits=4,
-                                              block_size=block, accuracy_level=1))
-            dropped.update(src.input[:2])
+    data = ExternalData(data_path)
+    out_nodes, dropped, added = [], set(), []
+    for node in g.node:
+        if node.op_type == "DequantizeLinear" and node.output[0] in dq and readers.get(node.output[0]) == 1:
+            continue  # folded into the MatMulNBits below
+        src = dq.get(node.input[1]) if node.op_type == "MatMul" and len(node.input) == 2 else None
+        if src is None or readers.get(node.input[1]) != 1:
+            out_nodes.append(node)
+            continue
+        attrs = {a.name: helper.get_attribute_value(a) for a in src.attribute}
+        block = int(attrs["block_size"])
+        q = numpy_helper.to_array(inits[src.input[0]], base_dir=str(graph_dir)).astype(np.int8)  # [K, N]
+        s = numpy_helper.to_array(inits[src.input[1]], base_dir=str(graph_dir))  # [K/B, N]
+        k, n = q.shape
+        u = (q.T.astype(np.int16) + 8).astype(np.uint8).reshape(n, k // block, block // 2, 2)
+        packed = (u[..., 0] | (u[..., 1] << 4)).astype(np.uint8)  # [N, K/B, B/2]
+        names = (f"{src.input[0]}.nbits", f"{src.input[1]}.nbits")
+        for name, arr in zip(names, (packed, np.ascontiguousarray(s.T).reshape(-1))):
+            t = numpy_helper.from_array(arr, name)
+            added.append(data.tensor(name, t.raw_data, t.data_type, t.dims))
+        out_nodes.append(helper.make_node("MatMulNBits", [node.input[0], *names], list(node.output),
+                                          name=node.name, domain="com.microsoft", K=k, N=n, bits=4,
+                                          block_size=block, accuracy_level=1))
+        dropped.update(src.input[:2])
+    data.close()
     del g.node[:]
     g.node.extend(out_nodes)
     still_read = {i for n in g.node for i in n.input}
@@ -124,5 +112,5 @@ def to_matmul_nbits(model, graph_dir, data_path) -> int:
     del g.initializer[:]
     g.initializer.extend(kept + added)
     if not added:
-        data_path.unlink()
+        data.path.unlink()
     return len(added) // 2

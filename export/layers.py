@@ -1,14 +1,18 @@
 """Building blocks shared by the graphs: linear, norms, activations, casts.
 
-Numerics follow HF (STYLE G5): norm statistics in fp32; RMSNorm multiplies its weight in the compute dtype
-after casting back (HF Qwen3VLTextRMSNorm / Qwen2RMSNorm); LayerNorm in fp32 (torch computes bf16/fp16
+Numerics follow HF: norm statistics in fp32; RMSNorm multiplies its weight in the compute dtype
+after casting back (HF Qwen3VLTextRMSNorm / Qwen2RMSNorm), written as one `qwen_vl_trt.RMSNorm` node whose
+model-local function holds those ops (ONNX Runtime and TensorRT inline it; export/ort_fused.py matches the one node); LayerNorm in fp32 (torch computes bf16/fp16
 layer_norm in fp32 internally); weights of Linear layers are stored transposed ([in, out]) so the graph
 uses plain MatMul, which TensorRT and ORT both fuse with the bias Add.
 """
 from __future__ import annotations
 
+import onnx
+from onnx import AttributeProto, helper
+
 from . import int4
-from .onnx_graph import ELEM, GraphBuilder
+from .onnx_graph import ELEM, FUNCTION_DOMAIN, OPSET, FunctionBody, GraphBuilder
 from .weights import CheckpointWeights
 
 
@@ -35,13 +39,26 @@ def linear(g: GraphBuilder, w: CheckpointWeights, x: str, key: str, bias: bool, 
 
 
 def rms_norm(g: GraphBuilder, w: CheckpointWeights, x: str, key: str, eps: float) -> str:
-    """HF RMSNorm: fp32 statistics, cast back, times the weight in the compute dtype."""
+    """HF RMSNorm over the last dim: one `RMSNorm(x, weight)` node (`rms_norm_function` is its body)."""
     with g.scope(key.split(".")[-1]):
-        x32 = cast(g, x, "float32") if g.dtype != "float32" else x
-        var = g.op("ReduceMean", [g.op("Mul", [x32, x32]), g.const([-1], "int64")], keepdims=1)
-        inv = g.op("Reciprocal", [g.op("Sqrt", [g.op("Add", [var, g.const(eps, "float32")])])])
-        y = to_compute(g, g.op("Mul", [x32, inv]))
-        return g.op("Mul", [y, g.weight(f"{key}.weight", w.get(f"{key}.weight"))])
+        g.add_function(rms_norm_function())
+        weight = g.weight(f"{key}.weight", w.get(f"{key}.weight"))
+        return g.op("RMSNorm", [x, weight], domain=FUNCTION_DOMAIN, epsilon=float(eps))
+
+
+def rms_norm_function() -> onnx.FunctionProto:
+    """RMSNorm(x [..., C], weight [C]; epsilon) -> y, as HF: x in fp32, var = mean(x * x) over the last dim,
+    x * 1 / sqrt(var + epsilon), cast back to x's dtype, times the weight in that dtype."""
+    b = FunctionBody()
+    x32 = b.f32("x")
+    var = b.op("ReduceMean", [b.op("Mul", [x32, x32]), b.const([-1])], keepdims=1)
+    eps = b.attr_const("epsilon", "value_float", AttributeProto.FLOAT)
+    inv = b.op("Reciprocal", [b.op("Sqrt", [b.op("Add", [var, eps])])])
+    y = b.op("CastLike", [b.op("Mul", [x32, inv]), "x"])
+    b.nodes.append(helper.make_node("Mul", [y, "weight"], ["y"]))
+    return helper.make_function(FUNCTION_DOMAIN, "RMSNorm", ["x", "weight"], ["y"], b.nodes,
+                                [helper.make_opsetid("", OPSET)], attributes=["epsilon"],
+                                doc_string=rms_norm_function.__doc__)
 
 
 def layer_norm(g: GraphBuilder, w: CheckpointWeights, x: str, key: str, eps: float) -> str:

@@ -1,8 +1,8 @@
 """The sparse MoE text MLP of Qwen3-VL-MoE (30B-A3B, 235B-A22B): HF `Qwen3VLMoeTextSparseMoeBlock`.
 
 Router (HF `Qwen3VLMoeTextTopKRouter`): logits = x @ Wg^T in the compute dtype (HF F.linear) -> softmax over
-all E experts in fp32 (HF `softmax(dtype=float)`) -> TopK(k) -> divide by their sum (5.x always renormalizes,
-shared notes section 9) -> back to the compute dtype. Expert e: down_e(act(x @ G_e) * (x @ U_e)) times the
+all E experts in fp32 (HF `softmax(dtype=float)`) -> TopK(k) -> divide by their sum (5.x always renormalizes:
+`norm_topk_prob` is gone from its config class) -> back to the compute dtype. Expert e: down_e(act(x @ G_e) * (x @ U_e)) times the
 routing weight; a token's k results are summed in top-k order (HF's default `grouped_mm` experts: reshape to
 [N, k, C] and sum).
 

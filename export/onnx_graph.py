@@ -1,8 +1,8 @@
 """A small ONNX graph builder that streams weights to external data one tensor at a time.
 
 Graphs are written directly as ONNX (no tracing): we choose every op (TensorRT-parsable, plugin-replaceable)
-and every cast, and the process never holds more than one weight tensor (STYLE G14 node names:
-`/text/layers.3/self_attn/q_proj/MatMul`).
+and every cast, and the process never holds more than one weight tensor (node names follow
+HF's module paths: `/text/layers.3/self_attn/q_proj/MatMul`, which runtime/serve/parity.py relies on).
 """
 from __future__ import annotations
 
@@ -14,6 +14,7 @@ import onnx
 from onnx import TensorProto, helper, numpy_helper
 
 OPSET = 21
+FUNCTION_DOMAIN = "qwen_vl_trt"  # model-local composite ops that no plugin replaces (export/layers.py RMSNorm)
 
 ELEM = {"float32": TensorProto.FLOAT, "float16": TensorProto.FLOAT16, "bfloat16": TensorProto.BFLOAT16,
         "int64": TensorProto.INT64, "int32": TensorProto.INT32, "bool": TensorProto.BOOL}
@@ -36,9 +37,7 @@ class GraphBuilder:
         self._scope: list[str] = []
         self._count: dict[str, int] = {}
         self._consts: dict[bytes, str] = {}
-        self._data_path = data_path
-        self._data = open(data_path, "wb") if data_path else None
-        self._offset = 0
+        self._data = ExternalData(data_path) if data_path else None
 
     @classmethod
     def for_contract(cls, contract, out_dir, dtype: str):
@@ -109,24 +108,12 @@ class GraphBuilder:
         return self._store(name, np.frombuffer(packed.raw_data, np.uint8), TensorProto.INT4, values.shape)
 
     def _store(self, name: str, raw: np.ndarray, data_type: int, dims) -> str:
-        proto = TensorProto()
-        proto.name = name
-        proto.data_type = data_type
-        proto.dims.extend(dims)
         if self._data is None:
-            proto.raw_data = raw.tobytes()
+            proto = TensorProto()
+            proto.name, proto.data_type, proto.raw_data = name, data_type, raw.tobytes()
+            proto.dims.extend(dims)
         else:
-            pad = (-self._offset) % 64  # aligned for mmap / page-wise loading
-            if pad:
-                self._data.write(b"\0" * pad)
-                self._offset += pad
-            self._data.write(memoryview(raw))
-            proto.data_location = TensorProto.EXTERNAL
-            for k, v in (("location", self._data_path.name), ("offset", str(self._offset)),
-                         ("length", str(raw.nbytes))):
-                entry = proto.external_data.add()
-                entry.key, entry.value = k, v
-            self._offset += raw.nbytes
+            proto = self._data.tensor(name, raw, data_type, dims)
         self.initializers.append(proto)
         return name
 
@@ -149,6 +136,68 @@ class GraphBuilder:
             helper.set_model_props(model, metadata)
         onnx.save_model(model, str(path))
         return model
+
+
+class ExternalData:
+    """One external-data file that tensors are appended to, 64-byte aligned (for mmap / page-wise loading):
+    `tensor(name, raw, data_type, dims)` writes `raw` and returns the TensorProto that points at it."""
+
+    def __init__(self, path: Path):
+        self.path, self._file, self._offset = Path(path), open(path, "wb"), 0
+
+    def tensor(self, name: str, raw, data_type: int, dims) -> onnx.TensorProto:
+        proto = TensorProto()
+        proto.name, proto.data_type = name, data_type
+        proto.dims.extend(dims)
+        pad = (-self._offset) % 64
+        if pad:
+            self._file.write(b"\0" * pad)
+            self._offset += pad
+        raw = memoryview(raw).cast("B")
+        self._file.write(raw)
+        proto.data_location = TensorProto.EXTERNAL
+        for k, v in (("location", self.path.name), ("offset", str(self._offset)), ("length", str(raw.nbytes))):
+            entry = proto.external_data.add()
+            entry.key, entry.value = k, v
+        self._offset += raw.nbytes
+        return proto
+
+    def close(self) -> None:
+        self._file.close()
+
+
+class FunctionBody:
+    """The nodes of one model-local function body (export/plugin_ops.py, `rms_norm_function`), value names unique;
+    constants are Constant nodes (a function has no initializers)."""
+
+    def __init__(self):
+        self.nodes: list[onnx.NodeProto] = []
+        self._n = 0
+
+    def op(self, op_type: str, inputs, n_out: int = 1, **attrs):
+        self._n += 1
+        outs = [f"_{op_type.lower()}{self._n}_{i}" for i in range(n_out)]
+        self.nodes.append(helper.make_node(op_type, list(inputs), outs, **attrs))
+        return outs[0] if n_out == 1 else outs
+
+    def const(self, values, dtype=np.int64) -> str:
+        return self.op("Constant", [], value=onnx.numpy_helper.from_array(np.asarray(values, dtype)))
+
+    def attr_const(self, attr: str, value_field: str, attr_type) -> str:
+        """A Constant whose value is the function attribute `attr` (an attribute reference)."""
+        self._n += 1
+        out = f"_{attr}{self._n}"
+        node = helper.make_node("Constant", [], [out])
+        node.attribute.append(helper.make_attribute_ref(value_field, attr_type, ref_attr_name=attr))
+        self.nodes.append(node)
+        return out
+
+    def f32(self, x: str) -> str:
+        return self.op("Cast", [x], to=TensorProto.FLOAT)
+
+    def dim(self, x: str, i: int) -> str:
+        """Shape(x)[i:i+1] as a 1-D int64 tensor."""
+        return self.op("Shape", [x], start=i, end=i + 1) if i != -1 else self.op("Shape", [x], start=-1)
 
 
 def elem_type(dtype: str) -> int:

@@ -12,7 +12,7 @@ has fused CPU and CUDA kernels for:
 | `MRoPE(x, positions)` | `com.microsoft.RotaryEmbedding` on [B,S,H*D] (vision [1,T,H*D]), cos/sin "cache" = one row per token of this call, `cos(positions[n, axis[i]] * inv_freq[i])` (the tables of export/rotary.py), built once per call for all layers |
 | `KVCacheAttention(q, k, v, past_key, past_value, past_lengths)` | `com.microsoft.GroupQueryAttention`: writes the step's K/V at rows past_lengths[b].. and attends causally, in place when present is bound to past |
 | `VarlenAttention(q, k, v, cu_seqlens)` (vision) | segments gathered into a right-padded batch, `com.microsoft.MultiHeadAttention` (key_padding_mask only when the lengths differ), rows gathered back |
-| RMSNorm (eight nodes, export/layers.py) | `SimplifiedLayerNormalization` (fp32 statistics); in the decoder, with the residual Add before it, `com.microsoft.SkipSimplifiedLayerNormalization` |
+| `qwen_vl_trt.RMSNorm(x, weight)` (export/layers.py) | `SimplifiedLayerNormalization` (fp32 statistics); in the decoder, with the residual Add before it, `com.microsoft.SkipSimplifiedLayerNormalization` |
 | `DequantizeLinear(int4) -> MatMul` (`--weights int4`, bf16 decoder only) | `com.microsoft.MatMulNBits` with its weights in `decoder.ort.onnx.data` (export/int4.py; for fp32/fp16 ONNX Runtime fuses the pair itself) |
 
 Same file contract (model/contracts.py) and same weights: the initializers still point into `<graph>.onnx.data`,
@@ -38,8 +38,10 @@ import numpy as np
 import onnx
 from onnx import TensorProto, helper, numpy_helper
 
-from .plugin_ops import DOMAIN
 from qwen_vl_trt.model.spec import ModelSpec
+
+from .onnx_graph import FUNCTION_DOMAIN
+from .plugin_ops import DOMAIN
 
 ORT_DOMAIN = "com.microsoft"
 FUSED_SUFFIX = ".ort.onnx"
@@ -114,11 +116,13 @@ def _fuse(model: onnx.ModelProto, n_q: int, n_kv: int, head_dim: int, rank: int)
     g.node.extend(_bypass_output_identities(new_nodes, g))
     _fuse_rms_norms(g)
     _prune_dead_nodes(g)
-    used = {n.op_type for n in g.node if n.domain == DOMAIN}
-    kept = [f for f in model.functions if not (f.domain == DOMAIN and f.name not in used)]
+    used = {(n.domain, n.op_type) for n in g.node}
+    kept = [f for f in model.functions if (f.domain, f.name) in used]
     del model.functions[:]
     model.functions.extend(kept)
-    opsets = [o for o in model.opset_import if not (o.domain == DOMAIN and not used) and o.domain != ORT_DOMAIN]
+    domains = {d for d, _ in used}
+    opsets = [o for o in model.opset_import
+              if o.domain != ORT_DOMAIN and not (o.domain in (DOMAIN, FUNCTION_DOMAIN) and o.domain not in domains)]
     del model.opset_import[:]
     model.opset_import.extend(opsets + [helper.make_opsetid(ORT_DOMAIN, 1)])
     model.doc_string = (model.doc_string + "\n\n" if model.doc_string else "") + __doc__.split("\n\n")[0]
@@ -347,58 +351,18 @@ def _padded_mha(nodes: list, node: onnx.NodeProto, shared: "_Shared", scale: flo
 
 
 def _fuse_rms_norms(g: onnx.GraphProto) -> int:
-    """Every RMSNorm as export/layers.py writes it -- [Cast fp32] -> Mul(a, a) -> ReduceMean(-1) -> Add(eps) -> Sqrt
-    -> Reciprocal -> Mul(a, .) -> [Cast DT] -> Mul(., weight) -- becomes one SimplifiedLayerNormalization(x, weight,
-    epsilon, stash_type fp32) with the last Mul's output name. Statistics in fp32 as HF; the normalized value is
+    """Every `qwen_vl_trt.RMSNorm(x, weight)` node (export/layers.py) becomes one SimplifiedLayerNormalization(x,
+    weight, epsilon, stash_type fp32) with the same output. Statistics in fp32 as HF; the normalized value is
     rounded to the graph dtype once (after the weight) instead of twice: the same in fp32, up to 1 ulp in bf16.
     Returns the number of norms fused."""
-    nodes = list(g.node)  # one wrapper object per node, so id() below is stable
-    producer = {o: n for n in nodes for o in n.output}
-    consumers: dict[str, list] = {}
-    for n in nodes:
-        for i in n.input:
-            consumers.setdefault(i, []).append(n)
-    scalars = {i.name: numpy_helper.to_array(i) for i in g.initializer if not i.external_data}
-    scalars.update({n.output[0]: numpy_helper.to_array(n.attribute[0].t) for n in nodes
-                    if n.op_type == "Constant" and n.attribute and n.attribute[0].name == "value"})
-    weights = {i.name for i in g.initializer}
-    fused, drop, replace = 0, set(), {}
-
-    def only(value, op):
-        users = consumers.get(value, [])
-        return users[0] if len(users) == 1 and users[0].op_type == op else None
-
-    for recip in [n for n in nodes if n.op_type == "Reciprocal"]:
-        sqrt = producer.get(recip.input[0])
-        add = sqrt and sqrt.op_type == "Sqrt" and producer.get(sqrt.input[0])
-        if not add or add.op_type != "Add":
-            continue
-        mean_in = [i for i in add.input if i not in scalars]
-        eps = [scalars[i] for i in add.input if i in scalars]
-        mean = len(mean_in) == 1 and len(eps) == 1 and producer.get(mean_in[0])
-        if not mean or mean.op_type != "ReduceMean" or scalars.get(mean.input[1], np.array([0])).tolist() != [-1]:
-            continue
-        square = producer.get(mean.input[0])
-        if not square or square.op_type != "Mul" or square.input[0] != square.input[1]:
-            continue
-        a = square.input[0]
-        norm = only(recip.output[0], "Mul")
-        if norm is None or a not in norm.input:
-            continue
-        cast = only(norm.output[0], "Cast")
-        scale = only((cast or norm).output[0], "Mul")
-        weight = scale and [i for i in scale.input if i in weights]
-        if not weight:
-            continue
-        up = producer.get(a)
-        x = up.input[0] if up is not None and up.op_type == "Cast" and cast is not None else a
-        chain = [square, mean, add, sqrt, recip, norm, scale] + ([cast] if cast is not None else [])
-        drop.update(id(n) for n in chain)
-        replace[id(scale)] = helper.make_node(
-            "SimplifiedLayerNormalization", [x, weight[0]], [scale.output[0]], name=f"{scale.name}/rms_norm",
-            axis=-1, epsilon=float(eps[0]), stash_type=1)
-        fused += 1
-    kept = [replace.get(id(n), n) for n in nodes if id(n) not in drop or id(n) in replace]
+    fused, kept = 0, []
+    for n in g.node:
+        if n.domain == FUNCTION_DOMAIN and n.op_type == "RMSNorm":
+            eps = next(helper.get_attribute_value(a) for a in n.attribute if a.name == "epsilon")
+            n = helper.make_node("SimplifiedLayerNormalization", list(n.input), list(n.output), name=n.name,
+                                 axis=-1, epsilon=float(eps), stash_type=1)
+            fused += 1
+        kept.append(n)
     del g.node[:]
     g.node.extend(kept)
     return fused

@@ -5,7 +5,7 @@ Every op is a node of domain `qwen_vl` carrying `plugin_namespace="qwen_vl"` and
 reference computation in standard ONNX ops (opset 21), so the same graph runs two ways:
   * ONNX Runtime (and TensorRT without our library) inlines the function body;
   * TensorRT with libqwen_vl_plugins.so loaded imports the node as a PLUGIN_V3 layer (the parser prefers the
-    plugin once `plugin_namespace` names a registered creator; shared notes "Dual-path ONNX").
+    plugin once `plugin_namespace` names a registered creator: tests/test_plugins_build.py builds both ways).
 Function bodies read the op attributes through attribute references (Constant nodes with ref_attr_name),
 which ONNX Runtime resolves when it inlines the function. Bodies do their math in fp32 and cast the results
 back to the input dtype (CastLike), so fp16/bf16 graphs also run on ORT CPU (it has no bf16 MatMul).
@@ -28,6 +28,7 @@ import numpy as np
 import onnx
 from onnx import AttributeProto, TensorProto, helper
 
+from .onnx_graph import FunctionBody
 from .rotary import text_tables, vision_tables
 
 DOMAIN = "qwen_vl"
@@ -78,47 +79,14 @@ def make_kv_cache_attention_node(q: str, k: str, v: str, past_key: str, past_val
 
 
 # ---- function bodies ---------------------------------------------------------------------------------
-class _Body:
-    """Collects the nodes of one function body with unique value names."""
-
-    def __init__(self):
-        self.nodes: list[onnx.NodeProto] = []
-        self._n = 0
-
-    def op(self, op_type: str, inputs, n_out: int = 1, **attrs):
-        self._n += 1
-        outs = [f"_{op_type.lower()}{self._n}_{i}" for i in range(n_out)]
-        self.nodes.append(helper.make_node(op_type, list(inputs), outs, **attrs))
-        return outs[0] if n_out == 1 else outs
-
-    def const(self, values, dtype=np.int64) -> str:
-        return self.op("Constant", [], value=onnx.numpy_helper.from_array(np.asarray(values, dtype)))
-
-    def attr_const(self, attr: str, value_field: str, attr_type) -> str:
-        """A Constant whose value is the function attribute `attr` (an attribute reference)."""
-        self._n += 1
-        out = f"_{attr}{self._n}"
-        node = helper.make_node("Constant", [], [out])
-        node.attribute.append(helper.make_attribute_ref(value_field, attr_type, ref_attr_name=attr))
-        self.nodes.append(node)
-        return out
-
-    def f32(self, x: str) -> str:
-        return self.op("Cast", [x], to=TensorProto.FLOAT)
-
-    def dim(self, x: str, i: int) -> str:
-        """Shape(x)[i:i+1] as a 1-D int64 tensor."""
-        return self.op("Shape", [x], start=i, end=i + 1) if i != -1 else self.op("Shape", [x], start=-1)
-
-
-def _function(op: str, inputs, outputs, body: _Body, doc: str) -> onnx.FunctionProto:
+def _function(op: str, inputs, outputs, body: FunctionBody, doc: str) -> onnx.FunctionProto:
     return helper.make_function(DOMAIN, op, list(inputs), list(outputs), body.nodes,
                                 [helper.make_opsetid("", OPSET)],
                                 attributes=list(OP_ATTRIBUTES[op]) + list(_PLUGIN_ATTRS), doc_string=doc)
 
 
 def mrope_function() -> onnx.FunctionProto:
-    b = _Body()
+    b = FunctionBody()
     inv_freq = b.attr_const("inv_freq", "value_floats", AttributeProto.FLOATS)  # [D/2]
     axis = b.attr_const("axis", "value_ints", AttributeProto.INTS)  # [D/2]
     pos = b.op("Gather", ["positions", axis], axis=-1)  # [N..., D/2] the position feeding each frequency
@@ -134,7 +102,7 @@ def mrope_function() -> onnx.FunctionProto:
     return _function("MRoPE", ["x", "positions"], ["y"], b, "Multi-axis rotary embedding (plugins/README.md)")
 
 
-def _attention(b: _Body, q: str, k: str, v: str, mask: str, scale: str, rank: int) -> str:
+def _attention(b: FunctionBody, q: str, k: str, v: str, mask: str, scale: str, rank: int) -> str:
     """softmax(q k^T * scale | mask) v, all fp32 (HF eager attention takes the softmax in fp32).
     q [..., Hkv, G, Sq, D]; k, v [..., Hkv, 1, Sk, D] (GQA by broadcasting); mask -> [..., Sq, Sk]."""
     perm = list(range(rank))
@@ -145,7 +113,7 @@ def _attention(b: _Body, q: str, k: str, v: str, mask: str, scale: str, rank: in
 
 
 def varlen_attention_function() -> onnx.FunctionProto:
-    b = _Body()
+    b = FunctionBody()
     scale = b.attr_const("scale", "value_float", AttributeProto.FLOAT)
     causal = b.attr_const("causal", "value_int", AttributeProto.INT)
     n_tok = b.dim("q", 0)  # [1] = T
@@ -171,7 +139,7 @@ def varlen_attention_function() -> onnx.FunctionProto:
 
 
 def kv_cache_attention_function() -> onnx.FunctionProto:
-    b = _Body()
+    b = FunctionBody()
     scale = b.attr_const("scale", "value_float", AttributeProto.FLOAT)
     # Cache write: ScatterElements on the row axis (no reduction; TensorRT parses it, ScatterND+add it does not).
     kt, vt = (b.op("Transpose", [t], perm=[0, 2, 1, 3]) for t in ("k", "v"))  # [B, Hkv, S, D]

@@ -3,7 +3,8 @@
 TensorRT-RTX's ONNX parser dlopen()s the unversioned `libtensorrt_rtx.so` when it imports a plugin node;
 its wheel ships only `libtensorrt_rtx.so.1`. `ensure_rtx_soname()` adds the symlink inside the wheel's own
 lib dir, and `rtx_env()` gives the LD_LIBRARY_PATH a subprocess needs (it must be set before the process
-starts; see shared notes "tensorrt-on-these-machines").
+starts: the loader reads it once; without the symlink the process dies with "terminate called without an
+active exception" right after the plugin node is created).
 
 Having LD_LIBRARY_PATH right, three ways:
   * a parent process: `subprocess.run(cmd, env=rtx_env())` (what the tests do);

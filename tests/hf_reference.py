@@ -9,6 +9,7 @@ import torch
 from transformers import vision_utils
 
 from qwen_vl_trt.runtime.backends.ort import exact_int4_matmul
+from qwen_vl_trt.runtime.serve.parity import hf_greedy as hf_greedy_new_tokens  # noqa: F401 (the one HF greedy reference)
 
 
 # each graph as TensorRT reads it (plugin nodes; ONNX Runtime runs their reference bodies) and ONNX Runtime's fused one
@@ -155,18 +156,3 @@ def prompt_with_pads(spec, n_pads_per_item, text_len: int = 5, seed: int = 0, pa
         ids += [spec.vision_start_token_id] + [pad] * n + [spec.vision_end_token_id]
     ids += torch.randint(0, 5000, (text_len,), generator=g).tolist()
     return torch.tensor([ids])
-
-
-def hf_greedy_new_tokens(hf, inputs, n_new: int) -> list[int]:
-    """HF `generate`: `n_new` greedy tokens of the first sequence, EOS disabled (the model's generation_config
-    supplies the rest, e.g. repetition penalty). `inputs`: HF's processor output."""
-    from transformers import GenerationConfig
-
-    gen = GenerationConfig(do_sample=False, max_new_tokens=n_new, eos_token_id=None, pad_token_id=151643)
-    saved, hf.generation_config.eos_token_id = hf.generation_config.eos_token_id, None
-    try:
-        with torch.no_grad():
-            out = hf.generate(**inputs, generation_config=gen)
-    finally:
-        hf.generation_config.eos_token_id = saved
-    return out[0, inputs["input_ids"].shape[1]:].tolist()

@@ -1,6 +1,6 @@
 """bench/bench_pipeline.py --smoke: the GPU benchmark's code paths end to end on the CPU (tiny checkpoint, ONNX
 Runtime CPU EP, HF eager). Checks the table's structure and that our greedy tokens equal HF's in it; never a
-timing (STYLE G15: no timing asserts)."""
+timing (no timing asserts: these machines are shared, their timings vary)."""
 from __future__ import annotations
 
 import re

@@ -4,7 +4,7 @@ for SM86/SM89/SM120. Without the library the same graphs import the reference fu
 
 What this cannot check: enqueue and kernel numerics (RTX compiles kernels on the GPU at load; the GPU harness
 in tests/gpu/ covers them). The TensorRT part runs in a subprocess with rtx_env(), because the RTX parser
-needs LD_LIBRARY_PATH (shared notes "tensorrt-on-these-machines", section 2) set before the process starts.
+needs LD_LIBRARY_PATH (model/trt_compat.py says why) set before the process starts.
 """
 from __future__ import annotations
 

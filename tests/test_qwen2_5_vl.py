@@ -177,7 +177,7 @@ def test_pre_v5_nested_tie_wins_as_in_hf(qwen2_5_vl_ckpt):
 
 
 @pytest.mark.parametrize("mutate, message", [
-    # keys whose transformers class defaults match no release (shared notes, "traps")
+    # keys whose transformers class defaults match no release (model/spec.py)
     (lambda c: c["vision_config"].pop("hidden_size"), "vision_config.hidden_size missing"),
     (lambda c: c["vision_config"].pop("tokens_per_second"), "vision_config.tokens_per_second missing"),
     (lambda c: c.pop("rms_norm_eps"), "rms_norm_eps missing"),

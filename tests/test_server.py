@@ -25,10 +25,11 @@ import urllib.request
 from argparse import Namespace
 
 import pytest
-import torch
 from PIL import Image
 
 from test_generate import N_NEW, artifacts, media, processor  # noqa: F401 (fixtures)
+
+from qwen_vl_trt.runtime.serve.parity import hf_greedy
 
 NAME = "tiny-qwen3-vl"
 
@@ -103,21 +104,10 @@ def greedy(messages, **extra) -> dict:
 def hf_chat(hf, processor, messages, images=(), ignore_eos=True) -> tuple[int, list[int]]:  # noqa: F811
     """HF: the same OpenAI-format messages through the processor's chat template, then greedy `generate`
     (EOS disabled with `ignore_eos`, else the checkpoint's) -> (prompt tokens, new tokens)."""
-    from transformers import GenerationConfig
-
     text = processor.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
     kwargs = {"images": [Image.open(p).convert("RGB") for p in images]} if images else {}
     inputs = processor(text=[text], return_tensors="pt", **kwargs)
-    eos = None if ignore_eos else hf.generation_config.eos_token_id
-    gen = GenerationConfig(do_sample=False, max_new_tokens=N_NEW, eos_token_id=eos, pad_token_id=151643)
-    saved, hf.generation_config.eos_token_id = hf.generation_config.eos_token_id, eos
-    try:
-        with torch.no_grad():
-            out = hf.generate(**inputs, generation_config=gen)
-    finally:
-        hf.generation_config.eos_token_id = saved
-    n = inputs["input_ids"].shape[1]
-    return n, out[0, n:].tolist()
+    return inputs["input_ids"].shape[1], hf_greedy(hf, inputs, N_NEW, stop_at_eos=not ignore_eos)
 
 
 def hf_text(processor, tokens) -> str:  # noqa: F811

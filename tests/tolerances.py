@@ -1,4 +1,4 @@
-"""One table of tolerances, each justified (STYLE G7). Change one only with a reason in the commit.
+"""One table of tolerances, each justified. Change one only with a reason in the commit.
 
 fp32 graphs vs HF fp32: the graphs compute the same operations in the same precision; differences come
 only from summation order (MatMul vs Conv3d, fused softmax) and are ~1e-6 on the tiny models' O(1) values.

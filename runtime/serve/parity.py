@@ -17,7 +17,7 @@ bf16/fp16, where HF also runs in that dtype). The first failing layer is where t
 row passes, 1 when one fails, 2 on bad input. Needs the `export` extra (torch, transformers); the graphs run
 on ONNX Runtime's CPU provider unless --provider says otherwise (bf16 graphs need CUDA).
 
-Layers are found by the graph's node names, which follow HF's module paths (STYLE G14): a layer's output is
+Layers are found by the graph's node names, which follow HF's module paths (export/onnx_graph.py): a layer's output is
 the last node of its `/visual/blocks.i/mlp/` or `/text/layers.i/mlp/` scope (the residual Add), the same
 tensor a forward hook on HF's `visual.blocks[i]` / `language_model.layers[i]` returns (before DeepStack).
 """
@@ -146,18 +146,28 @@ def run_hf(hf, kwargs: dict, dtype) -> tuple[dict, np.ndarray]:
     return acts, out.logits[0, -1].float().numpy()
 
 
-def hf_greedy(hf, kwargs: dict, n: int, dtype) -> list[int]:
+def hf_greedy(hf, kwargs: dict, n: int, dtype=None, stop_at_eos: bool = False) -> list[int]:
+    """The HF greedy reference (this tool's and the tests'): `generate` of up to `n` new tokens of the first
+    sequence of `kwargs` (HF processor output; float tensors cast to `dtype` when given). EOS is disabled unless
+    `stop_at_eos` (then the checkpoint's); the rest of the checkpoint's generation_config applies (e.g. its
+    repetition penalty). pad_token_id: the checkpoint's, else its first EOS (model/manifest.py's rule); one
+    sequence never reads it."""
     import torch
     from transformers import GenerationConfig
 
-    kwargs = {k: (v.to(dtype) if v.is_floating_point() else v) for k, v in kwargs.items()}
-    gen = GenerationConfig(do_sample=False, max_new_tokens=n, eos_token_id=None, pad_token_id=0)
-    saved, hf.generation_config.eos_token_id = hf.generation_config.eos_token_id, None
+    if dtype is not None:
+        kwargs = {k: (v.to(dtype) if v.is_floating_point() else v) for k, v in kwargs.items()}
+    own = hf.generation_config
+    eos = own.eos_token_id if stop_at_eos else None
+    first_eos = own.eos_token_id[0] if isinstance(own.eos_token_id, list) else own.eos_token_id
+    pad = own.pad_token_id if own.pad_token_id is not None else (first_eos if first_eos is not None else 0)
+    gen = GenerationConfig(do_sample=False, max_new_tokens=n, eos_token_id=eos, pad_token_id=pad)
+    saved, own.eos_token_id = own.eos_token_id, eos
     try:
         with torch.no_grad():
             out = hf.generate(**kwargs, generation_config=gen)
     finally:
-        hf.generation_config.eos_token_id = saved
+        own.eos_token_id = saved
     return out[0, kwargs["input_ids"].shape[1]:].tolist()
 
 
