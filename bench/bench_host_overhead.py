@@ -33,7 +33,7 @@ PROMPT = "a " * 50  # 50 text tokens
 
 
 def make_artifacts(work: Path, layers: int) -> Path:
-    from qwen_vl_trt.export.artifacts import export_artifacts
+    from qwen_vl_trt.export.export_all import export_all
     from qwen_vl_trt.model.contracts import Limits
     from qwen_vl_trt.export.demo_checkpoint import QWEN3_VL_TINY, make_checkpoint
 
@@ -42,7 +42,7 @@ def make_artifacts(work: Path, layers: int) -> Path:
         return out
     text = {**QWEN3_VL_TINY["text_config"], "num_hidden_layers": layers}
     ckpt = make_checkpoint(work / f"ckpt-{layers}", "qwen3_vl", seed=0, config_overrides={"text_config": text})
-    export_artifacts(ckpt, out, "fp32", Limits(max_batch=8, max_seq=2048, max_cache_len=4096))
+    export_all(ckpt, out, "fp32", Limits(max_batch=8, max_seq=2048, max_cache_len=4096))
     return out
 
 

@@ -45,7 +45,7 @@ def main(argv=None) -> int:
 
 
 def run(args, work: Path, argv) -> int:
-    from qwen_vl_trt.export.artifacts import export_artifacts
+    from qwen_vl_trt.export.export_all import export_all
     from qwen_vl_trt.model.contracts import Limits
     from qwen_vl_trt.model.manifest import load_manifest
     from qwen_vl_trt.runtime.pipeline import Preprocessor
@@ -55,8 +55,8 @@ def run(args, work: Path, argv) -> int:
     ckpt = make_checkpoint(work, args.text_layers, 1)
     limits = Limits(max_patches=1024, max_batch=max(args.batch), max_seq=args.prompt + 64,
                     max_cache_len=args.prompt + 64 + args.tokens + 16)
-    arts = {"dense": export_artifacts(ckpt, work / "dense", "fp32", limits).parent,
-            "int4": export_artifacts(ckpt, work / "int4", "fp32", limits, int4_block=args.block).parent}
+    arts = {"dense": export_all(ckpt, work / "dense", "fp32", limits).parent,
+            "int4": export_all(ckpt, work / "int4", "fp32", limits, int4_block=args.block).parent}
     print(f"checkpoint + two fp32 exports: {time.perf_counter() - t0:.0f} s ({work})", file=sys.stderr)
     prompt = text_prompt(args.prompt)
     runs = {k: ours(a, True, {}, prompt, args.tokens, args.batch, args.threads) for k, a in arts.items()}

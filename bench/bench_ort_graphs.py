@@ -5,7 +5,7 @@
 
 A random-weight Qwen3-VL checkpoint with Qwen3-VL-2B's layer shapes (text hidden 2048, 16/8 heads of 128,
 MLP 6144, tied 151936-token vocabulary; vision hidden 1024, 16 heads of 64, MLP 4096) and fewer layers
-(`--text-layers`, `--vision-depth`), fp32 graphs (export/demo_checkpoint.py, export_artifacts), then on ONNX
+(`--text-layers`, `--vision-depth`), fp32 graphs (export/demo_checkpoint.py, export_all), then on ONNX
 Runtime (the CUDA EP when onnxruntime-gpu is installed, else the CPU EP) for `--ort-graphs fused` and `plugin`,
 and for HF transformers (fp32, sdpa, same device as torch's default: the CPU here) in the same process:
 vision encoder ms per image size, prefill ms of a `--prompt`-token text prompt, decode tok/s at each batch
@@ -123,7 +123,7 @@ def main(argv=None) -> int:
     ap.add_argument("--work", type=Path, default=None)
     args = ap.parse_args(argv)
     work = args.work or Path(tempfile.mkdtemp(prefix="qwen-vl-ort-graphs-"))
-    from qwen_vl_trt.export.artifacts import export_artifacts
+    from qwen_vl_trt.export.export_all import export_all
     from qwen_vl_trt.model.contracts import Limits
 
     t0 = time.perf_counter()
@@ -131,7 +131,7 @@ def main(argv=None) -> int:
     art = work / "art"
     image_tokens = max(args.sizes) ** 2 // (32 * 32)  # merged 2x2 patches of 16 px
     max_seq = max(args.prompt, image_tokens) + 64
-    export_artifacts(ckpt, art, "fp32", Limits(max_patches=16384, max_batch=max(args.batch), max_seq=max_seq,
+    export_all(ckpt, art, "fp32", Limits(max_patches=16384, max_batch=max(args.batch), max_seq=max_seq,
                                                max_cache_len=max_seq + args.tokens + 16))
     print(f"checkpoint + fp32 export: {time.perf_counter() - t0:.0f} s ({work})", file=sys.stderr)
     images = write_images(work, args.sizes)

@@ -1,25 +1,18 @@
 """Make an artifact directory self-describing: copy the checkpoint's tokenizer/processor files and write
-manifest.json (format in model/manifest.py). Called by export_all.sh after the graph export:
+manifest.json (format in model/manifest.py). Steps [3/5] and [5/5] of export/export_all.py.
 
-    python -m qwen_vl_trt.export.artifacts copy CHECKPOINT OUT
-    python -m qwen_vl_trt.export.artifacts manifest CHECKPOINT OUT --dtype fp32 [--engines] [--plugins LIB]
-        [--max-patches N] [--max-frames N] [--max-batch B] [--max-seq S] [--max-cache-len K]
-
-The limits default to model/contracts.py `Limits` and are the ones the engines were built with; the
-runtime enforces them on every backend so a request that an engine would refuse fails the same way on ONNX
-Runtime. Errors: one line on stderr, exit 2.
+The limits (model/contracts.py `Limits`) are the ones the engines were built with; the runtime enforces them on
+every backend so a request that an engine would refuse fails the same way on ONNX Runtime.
 """
 from __future__ import annotations
 
-import argparse
 import importlib.metadata
 import shutil
 import sys
-from dataclasses import asdict
 from pathlib import Path
 
 from qwen_vl_trt.model.contracts import Limits
-from qwen_vl_trt.model.errors import CheckpointError, UserError
+from qwen_vl_trt.model.errors import CheckpointError
 from qwen_vl_trt.model.manifest import COPIED_FILES, GRAPHS, REQUIRED_FILES, save_manifest, sha256_file
 from qwen_vl_trt.model.spec import ModelSpec
 
@@ -97,45 +90,3 @@ def graph_metadata(onnx_file: Path) -> dict:
     import onnx
 
     return {p.key: p.value for p in onnx.load(str(onnx_file), load_external_data=False).metadata_props}
-
-
-def export_artifacts(ckpt, out, dtype: str = "bf16", limits: Limits = Limits(), progress=None,
-                     int4_block: int | None = None) -> Path:
-    """export_all.sh without engines, in-process: graphs, copied files, manifest. Returns out/manifest.json."""
-    from .cli import export_graphs
-
-    ckpt, out = Path(ckpt), Path(out)
-    export_graphs(ckpt, out, dtype, progress=progress, int4_block=int4_block)
-    copy_checkpoint_files(ckpt, out)
-    return write_manifest(ckpt, out, dtype, limits)
-
-
-def main(argv=None) -> int:
-    ap = argparse.ArgumentParser(prog="python -m qwen_vl_trt.export.artifacts", description=__doc__.splitlines()[0])
-    sub = ap.add_subparsers(dest="command", required=True)
-    cp = sub.add_parser("copy", help="copy tokenizer/processor/config files into OUT")
-    mf = sub.add_parser("manifest", help="write OUT/manifest.json")
-    for p in (cp, mf):
-        p.add_argument("checkpoint", type=Path)
-        p.add_argument("out", type=Path)
-    mf.add_argument("--dtype", default="bf16", choices=sorted(DTYPE_ALIASES))
-    mf.add_argument("--engines", action="store_true", help="OUT holds the three engines built with these limits")
-    mf.add_argument("--plugins", default=None, help="plugin library the engines were built with")
-    for key, default in asdict(Limits()).items():
-        mf.add_argument("--" + key.replace("_", "-"), type=int, default=default)
-    args = ap.parse_args(argv)
-    try:
-        if args.command == "copy":
-            copy_checkpoint_files(args.checkpoint, args.out)
-        else:
-            limits = Limits(**{k: getattr(args, k) for k in asdict(Limits())})
-            print(f"wrote {write_manifest(args.checkpoint, args.out, args.dtype, limits, args.engines, args.plugins)}",
-                  file=sys.stderr)
-    except UserError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
-    return 0
-
-
-if __name__ == "__main__":
-    sys.exit(main())

@@ -14,7 +14,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from qwen_vl_trt.export.artifacts import export_artifacts
+from qwen_vl_trt.export.export_all import export_all
 from qwen_vl_trt.model.contracts import Limits
 
 MAX_SEQ = 128
@@ -24,7 +24,7 @@ LONG_PROMPT = "Tell me everything about this. " * 40
 @pytest.fixture(scope="module")
 def artifacts(qwen3_vl_ckpt, tmp_path_factory):
     out = tmp_path_factory.mktemp("cli_artifacts")
-    export_artifacts(qwen3_vl_ckpt, out, "fp32",
+    export_all(qwen3_vl_ckpt, out, "fp32",
                      Limits(max_patches=1024, max_frames=8, max_batch=2, max_seq=MAX_SEQ, max_cache_len=256))
     return out
 
@@ -164,7 +164,7 @@ def test_auto_backend_runs_and_exits_0(artifacts, files):
 def test_bf16_artifacts_on_the_cpu_provider(qwen3_vl_ckpt, tmp_path, files):
     """ONNX Runtime's CPU provider has no bf16 MatMul/Add: say what runs bf16 graphs instead of a stack trace."""
     out = tmp_path / "bf16"
-    export_artifacts(qwen3_vl_ckpt, out, "bf16", Limits(max_patches=1024, max_batch=1, max_seq=MAX_SEQ,
+    export_all(qwen3_vl_ckpt, out, "bf16", Limits(max_patches=1024, max_batch=1, max_seq=MAX_SEQ,
                                                         max_cache_len=256))
     rc, err = trt_run("--model-dir", out, "--image", files / "ok.png", "--backend", "onnxruntime")
     assert rc == 2 and len(err.splitlines()) == 1

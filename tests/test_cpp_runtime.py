@@ -44,10 +44,10 @@ def binary():
 
 
 def export(ckpt, out):
-    from qwen_vl_trt.export.artifacts import export_artifacts
+    from qwen_vl_trt.export.export_all import export_all
     from qwen_vl_trt.model.contracts import Limits
 
-    export_artifacts(ckpt, out, "fp32", Limits(max_batch=2, max_seq=1024, max_cache_len=1024))
+    export_all(ckpt, out, "fp32", Limits(max_batch=2, max_seq=1024, max_cache_len=1024))
     return out
 
 

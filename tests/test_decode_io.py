@@ -26,11 +26,11 @@ N_NEW = 12
 
 @pytest.fixture(scope="module")
 def artifacts(qwen3_vl_ckpt, tmp_path_factory):
-    from qwen_vl_trt.export.artifacts import export_artifacts
+    from qwen_vl_trt.export.export_all import export_all
     from qwen_vl_trt.model.contracts import Limits
 
     out = tmp_path_factory.mktemp("decode_io_artifacts")
-    export_artifacts(qwen3_vl_ckpt, out, "fp32", Limits(max_batch=2, max_seq=512, max_cache_len=1024))
+    export_all(qwen3_vl_ckpt, out, "fp32", Limits(max_batch=2, max_seq=512, max_cache_len=1024))
     return out
 
 

@@ -160,13 +160,13 @@ def test_int4_bf16_engines_build_with_tensorrt(qwen3_vl_ckpt, tmp_path):
 def test_runtime_generates_with_int4_artifacts_like_hf(qwen3_vl_ckpt, tmp_path):
     """`export_all`-style INT4 artifacts through the runtime (load_model, generate): greedy tokens == HF generate
     with the same INT4 weights, and the runtime's sessions ask ONNX Runtime for fp32 accumulation."""
-    from qwen_vl_trt.export.artifacts import export_artifacts
+    from qwen_vl_trt.export.export_all import export_all
     from qwen_vl_trt.runtime.generate import generate, load_model
     from qwen_vl_trt.runtime.pipeline import Preprocessor
     from qwen_vl_trt.runtime.request import Request
     from qwen_vl_trt.runtime.sampling import Sampler, SamplingConfig
 
-    art = export_artifacts(qwen3_vl_ckpt, tmp_path / "art", "fp32", int4_block=BLOCK).parent
+    art = export_all(qwen3_vl_ckpt, tmp_path / "art", "fp32", int4_block=BLOCK).parent
     model = load_model(art, "onnxruntime")
     opts = model.sessions["decoder"].sess.get_session_options()
     assert opts.get_session_config_entry("session.qdq_matmulnbits_accuracy_level") == "1"
@@ -197,11 +197,11 @@ def test_bf16_int4_decoder_ort_graph_uses_matmul_nbits(qwen3_vl_ckpt, tmp_path):
     decoder.ort.onnx holds MatMulNBits nodes with bf16 scales, their weights in decoder.ort.onnx.data; the
     packing itself is checked on fp32 against HF above (decoder.nbits.ort.onnx). The CPU EP has no bf16 kernel
     for it: not run here."""
-    from qwen_vl_trt.export.artifacts import export_artifacts
+    from qwen_vl_trt.export.export_all import export_all
     from qwen_vl_trt.model.errors import ArtifactError
     from qwen_vl_trt.model.manifest import load_manifest
 
-    export_artifacts(qwen3_vl_ckpt, tmp_path, "bf16", int4_block=BLOCK)
+    export_all(qwen3_vl_ckpt, tmp_path, "bf16", int4_block=BLOCK)
     model = onnx.load(str(tmp_path / "decoder.ort.onnx"), load_external_data=False)
     nbits = [n for n in model.graph.node if n.op_type == "MatMulNBits"]
     layers = ModelSpec.from_checkpoint(qwen3_vl_ckpt).text.num_hidden_layers

@@ -14,7 +14,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from qwen_vl_trt.export.artifacts import export_artifacts
+from qwen_vl_trt.export.export_all import export_all
 from qwen_vl_trt.model.contracts import Limits
 from qwen_vl_trt.export.cli import export_graphs
 from qwen_vl_trt.model.errors import ArtifactError
@@ -29,7 +29,7 @@ REEXPORT = "re-run export_all.sh for this checkpoint"
 @pytest.fixture(scope="module")
 def artifacts(qwen3_vl_ckpt, tmp_path_factory):
     out = tmp_path_factory.mktemp("manifest_artifacts")
-    export_artifacts(qwen3_vl_ckpt, out, "fp32", LIMITS)
+    export_all(qwen3_vl_ckpt, out, "fp32", LIMITS)
     return out
 
 

@@ -7,7 +7,7 @@
 - decoder.onnx: prefill with an image + 16 decode steps through the explicit cache vs HF, tied and untied
   (vision/embed graphs and the ragged batch of two are tests/test_export_qwen3_vl.py, parametrized by family);
 - a checkpoint in HF's in-memory expert layout exports the same bytes as the release layout;
-- end to end: export_all.sh / export_artifacts, then trt-run greedy tokens == HF `generate` (32 tokens, EOS
+- end to end: export_all.sh / export_all, then trt-run greedy tokens == HF `generate` (32 tokens, EOS
   ignored) for one image, two images, a video and text only.
 """
 from __future__ import annotations
@@ -169,11 +169,11 @@ def test_tiles_read_only_selected_experts(tokens, tiles, tmp_path):
 # ---- decoder -----------------------------------------------------------------------------------------------
 @pytest.fixture(scope="module")
 def tied_artifacts(qwen3_vl_moe_tied_ckpt, tmp_path_factory):
-    from qwen_vl_trt.export.artifacts import export_artifacts
+    from qwen_vl_trt.export.export_all import export_all
     from qwen_vl_trt.model.contracts import Limits
 
     out = tmp_path_factory.mktemp("qwen3_vl_moe_tied_artifacts")
-    export_artifacts(qwen3_vl_moe_tied_ckpt, out, "fp32", Limits(max_batch=2, max_seq=512, max_cache_len=1024))
+    export_all(qwen3_vl_moe_tied_ckpt, out, "fp32", Limits(max_batch=2, max_seq=512, max_cache_len=1024))
     return out
 
 
@@ -241,6 +241,6 @@ def test_trt_run_greedy_tokens_match_hf_generate(flags, prompt, images, video, s
 
 
 def test_trt_run_cli_tied_checkpoint_matches_hf(tied_artifacts, media, hf_tied, processor):
-    """The console entry point on export_artifacts' output of the tied checkpoint (same tokenizer files)."""
+    """The console entry point on export_all' output of the tied checkpoint (same tokenizer files)."""
     ours = run_cli_json(tied_artifacts, "--image", str(media["images"][1]))
     assert ours["token_ids"] == hf_generate(hf_tied, processor, "Describe this image.", [media["images"][1]])

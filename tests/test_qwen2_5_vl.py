@@ -4,7 +4,7 @@ Graphs on ONNX Runtime CPU in fp32: vision.onnx vs `model.model.visual` (window 
 full attention in blocks 1 and 3, an image larger than one window, two images, a 4-frame video), embed.onnx
 vs HF's placeholder scatter (exact), decoder.onnx prefill + 16 decode steps vs HF's forward (tied, untied).
 Checkpoint spellings: the flat 4.x config and the nested 5.x one, both key layouts. End to end:
-`export_artifacts` (what export_all.sh runs, without engines) then `trt-run` greedy tokens == HF `generate`
+`export_all` (what export_all.sh runs, without engines) then `trt-run` greedy tokens == HF `generate`
 for one image, two images, a video and text only, with the released generation config (repetition penalty
 1.05, which HF applies even when greedy).
 """
@@ -197,11 +197,11 @@ def test_bad_qwen2_5_config_is_a_clear_error(qwen2_5_vl_ckpt, mutate, message):
 # ---- end to end -------------------------------------------------------------------------------------------
 @pytest.fixture(scope="module")
 def artifacts(qwen2_5_vl_ckpt, tmp_path_factory):
-    from qwen_vl_trt.export.artifacts import export_artifacts
+    from qwen_vl_trt.export.export_all import export_all
     from qwen_vl_trt.model.contracts import Limits
 
     out = tmp_path_factory.mktemp("qwen2_5_vl_artifacts")
-    export_artifacts(qwen2_5_vl_ckpt, out, "fp32", Limits(max_batch=2, max_seq=1024, max_cache_len=1024))
+    export_all(qwen2_5_vl_ckpt, out, "fp32", Limits(max_batch=2, max_seq=1024, max_cache_len=1024))
     assert not (out / "video_preprocessor_config.json").exists()  # as the releases: video uses the image limits
     return out
 

@@ -11,7 +11,7 @@ import sys
 import numpy as np
 from PIL import Image
 
-from qwen_vl_trt.export.artifacts import export_artifacts
+from qwen_vl_trt.export.export_all import export_all
 from qwen_vl_trt.model.contracts import Limits
 
 BLOCKER = r'''
@@ -36,7 +36,7 @@ print(json.dumps({"rc": rc, "modules": modules, "attempts": attempts}), file=sys
 
 
 def test_runtime_imports_and_generates_without_torch(qwen3_vl_ckpt, tmp_path):
-    export_artifacts(qwen3_vl_ckpt, tmp_path / "art", "fp32", Limits(max_seq=512, max_cache_len=1024))
+    export_all(qwen3_vl_ckpt, tmp_path / "art", "fp32", Limits(max_seq=512, max_cache_len=1024))
     Image.fromarray(np.random.default_rng(0).integers(0, 256, (96, 128, 3), dtype=np.uint8)).save(tmp_path / "a.png")
     r = subprocess.run([sys.executable, "-c", BLOCKER, "--model-dir", str(tmp_path / "art"), "--image",
                         str(tmp_path / "a.png"), "--json", "--temperature", "0", "--ignore-eos", "--max-new-tokens", "4"],

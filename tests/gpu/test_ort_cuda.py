@@ -23,11 +23,11 @@ LOGITS_ATOL = 0.1
 
 @pytest.fixture(scope="module")
 def bf16_artifacts(qwen3_vl_ckpt, tmp_path_factory):
-    from qwen_vl_trt.export.artifacts import export_artifacts
+    from qwen_vl_trt.export.export_all import export_all
     from qwen_vl_trt.model.contracts import Limits
 
     out = tmp_path_factory.mktemp("ort_cuda_bf16")
-    export_artifacts(qwen3_vl_ckpt, out, "bf16", Limits(max_batch=2, max_seq=512, max_cache_len=1024))
+    export_all(qwen3_vl_ckpt, out, "bf16", Limits(max_batch=2, max_seq=512, max_cache_len=1024))
     return out
 
 
