@@ -14,7 +14,7 @@ from pathlib import Path
 
 from .int4 import BLOCK_SIZES
 from .onnx_graph import DTYPE_ALIASES
-from qwen_vl_trt.model.errors import CheckpointError, UserError
+from qwen_vl_trt.model.errors import UserError
 from qwen_vl_trt.model.spec import ModelSpec
 from .weights import CheckpointWeights
 

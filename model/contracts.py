@@ -63,7 +63,7 @@ class GraphSpec:
         return "\n".join(rows)
 
 
-def vision_contract(spec: "ModelSpec") -> GraphSpec:
+def vision_contract(spec) -> GraphSpec:  # spec: a ModelSpec (model/spec.py)
     v, c = spec.vision, spec.text.hidden_size
     inputs = [TensorSpec("pixel_values", "float32", ("num_patches", v.patch_dim),
                          "flattened patches in HF order (merge-block major), rows (C, Tp, P, P)"),
@@ -78,7 +78,7 @@ def vision_contract(spec: "ModelSpec") -> GraphSpec:
     return GraphSpec("vision", tuple(inputs), tuple(outputs))
 
 
-def embed_contract(spec: "ModelSpec") -> GraphSpec:
+def embed_contract(spec) -> GraphSpec:  # spec: a ModelSpec (model/spec.py)
     c = spec.text.hidden_size
     inputs = [TensorSpec("input_ids", "int64", ("batch", "seq"), "token ids incl. image/video pad tokens"),
               TensorSpec("vision_features", DT, ("num_merged", c),
@@ -92,7 +92,7 @@ def embed_contract(spec: "ModelSpec") -> GraphSpec:
     return GraphSpec("embed", tuple(inputs), tuple(outputs))
 
 
-def decoder_contract(spec: "ModelSpec") -> GraphSpec:
+def decoder_contract(spec) -> GraphSpec:  # spec: a ModelSpec (model/spec.py)
     t = spec.text
     cache_dims = ("batch", t.num_key_value_heads, "cache_len", t.head_dim)
     inputs = [TensorSpec("inputs_embeds", DT, ("batch", "seq", t.hidden_size), "from embed.onnx")]
