@@ -6,7 +6,8 @@
 | one request's headers + body | `--read-timeout` (30 s) from the first byte awaited to the last body byte (`ReadDeadlines`) |
 | an idle keep-alive connection | the same timeout |
 | body bytes | `--max-body-mb` (64 MiB), refused from Content-Length before anything is read |
-| requests being read or served at once | `--max-concurrent-requests` (8): a slot is taken before the body is read |
+| requests being read or served at once | `--max-concurrent-requests` (8): a slot is taken before the body is read; |
+| | a request waits `--queue-timeout` (60 s) for one, then gets 503 |
 | images per request | `--max-images-per-request` (16, runtime/openai_protocol.py) |
 
 The request must say `Content-Type: application/json` (415 otherwise: a web page's form or `text/plain` POST,
@@ -38,6 +39,7 @@ class ServerLimits:
     max_body: int = 64 << 20  # bytes
     max_concurrent: int = 8
     read_timeout: float = 30.0  # seconds
+    queue_timeout: float = 60.0  # seconds a request waits for a slot before its 503
 
 
 def content_length(headers, max_body: int) -> int:
@@ -115,6 +117,22 @@ def read_body(rfile, length: int) -> bytes:
     return b"".join(chunks)
 
 
+def discard_unread(rfile, sock: socket.socket, most: int, seconds: float = 1.0) -> None:
+    """Read and drop what the client may still be sending (at most `most` bytes, for at most `seconds`) before a
+    connection with an unread body is closed: closing with unread data sends a TCP reset, which can destroy the
+    error response just sent before the client reads it (the "lingering close" of Apache httpd)."""
+    deadline = time.monotonic() + seconds
+    try:
+        while most > 0 and (left := deadline - time.monotonic()) > 0:
+            sock.settimeout(left)
+            chunk = rfile.read1(min(most, 1 << 16))
+            if not chunk:
+                return
+            most -= len(chunk)
+    except OSError:
+        pass
+
+
 def client_gone(sock: socket.socket) -> bool:
     """Whether the peer has closed (or reset) its side: readable with nothing to read. Data waiting (a next
     pipelined request) is not a hang-up."""
@@ -154,6 +172,6 @@ class ReadDeadlines:
                     del self.deadlines[s]
             for s in late:
                 try:
-                    s.shutdown(socket.SHUT_RDWR)  # the handler's blocked read returns: it closes the connection
+                    s.shutdown(socket.SHUT_RD)  # its blocked read returns: 408 (a body) or a quiet close (headers)
                 except OSError:
                     pass

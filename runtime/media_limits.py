@@ -12,8 +12,9 @@ every image of a request, before runtime/preprocess.py decodes any of them:
   must fit the artifacts' `max_patches`, and its frames `max_frames` (an image is one temporal patch);
 - the vision tokens of all images (patches / merge²) plus two marker tokens each must fit `max_seq`.
 
-`set_decompression_bomb_limit` makes PIL's own check (`Image.MAX_IMAGE_PIXELS`: a warning above it, an error
-above twice it) use the same number, for media decoded without going through here (video frames).
+`set_decompression_bomb_limit` makes PIL's own check (`Image.MAX_IMAGE_PIXELS`: a DecompressionBombWarning
+above it, an error above twice it, both at `Image.open`) use the same number: the warning comes only with images
+refused here, and the error also guards media decoded without going through here (video frames).
 """
 from __future__ import annotations
 
@@ -40,7 +41,7 @@ def set_decompression_bomb_limit(cfg: ImageProcessorConfig) -> None:
     Image.MAX_IMAGE_PIXELS = source_pixel_limit(cfg)
 
 
-def header_size(source, name: str) -> tuple[int, int]:
+def header_size(source, name: str, limit: int) -> tuple[int, int]:
     """(width, height) of an image file path or encoded bytes, from its header only. ImageError if the header
     is not one of the accepted formats; file errors are left to `preprocess.load_image`'s messages."""
     if isinstance(source, (bytes, bytearray, memoryview)):
@@ -50,6 +51,8 @@ def header_size(source, name: str) -> tuple[int, int]:
     try:
         with Image.open(source, formats=IMAGE_FORMATS) as img:
             return img.size
+    except Image.DecompressionBombError:  # PIL's check at open: over twice `set_decompression_bomb_limit`'s number
+        raise too_many_pixels(name, limit) from None
     except UnidentifiedImageError:
         raise ImageError(f"cannot read image {name}: not a supported image format; convert it to PNG or JPEG") from None
     except (OSError, ValueError, SyntaxError):
@@ -60,15 +63,18 @@ def image_patches(size: tuple[int, int], name: str, cfg: ImageProcessorConfig, l
     """Vision patches an image of header `size` (width, height) will need; ImageError / PromptTooLong if it
     is over the source pixel limit or the artifacts' max_patches."""
     width, height = size
-    limit = source_pixel_limit(cfg)
-    if width * height > limit:
-        raise ImageError(f"image {name} is {width}x{height} = {width * height} pixels, over the {limit} this "
-                         f"model's image processor takes ({SOURCE_PIXELS_PER_MAX_PIXELS} x max_pixels); downscale it")
+    if width * height > source_pixel_limit(cfg):
+        raise too_many_pixels(name, source_pixel_limit(cfg))
     h, w = smart_resize(height, width, cfg.factor, cfg.min_pixels, cfg.max_pixels)
     patches = (h // cfg.patch_size) * (w // cfg.patch_size)
     if patches > limits.max_patches:
         raise too_many_patches(name, patches, limits.max_patches)
     return patches
+
+
+def too_many_pixels(name: str, limit: int) -> ImageError:
+    return ImageError(f"image {name} has more than {limit} pixels ({SOURCE_PIXELS_PER_MAX_PIXELS} x the max_pixels of "
+                      "this model's image processor); downscale it")
 
 
 def too_many_patches(name: str, patches: int, max_patches: int) -> PromptTooLong:
@@ -81,7 +87,7 @@ def check_images(images, names, cfg: ImageProcessorConfig, limits) -> int:
     tokens = 0
     merge = cfg.merge_size * cfg.merge_size
     for source, name in zip(images, names):
-        size = header_size(source, name)
+        size = header_size(source, name, source_pixel_limit(cfg))
         if size == (0, 0):
             continue
         tokens += image_patches(size, name, cfg, limits) // merge + MARKERS_PER_IMAGE

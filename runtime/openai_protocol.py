@@ -169,7 +169,8 @@ def parse_messages(messages, media: MediaPolicy = MediaPolicy()) -> tuple[prompt
         where = f"messages[{i}]"
         if not isinstance(m, dict):
             raise ProtocolError(f"{where}: must be an object", where)
-        role = {"developer": "system"}.get(m.get("role"), m.get("role"))
+        role = m.get("role")
+        role = {"developer": "system"}.get(role, role) if isinstance(role, str) else None
         if role not in ("system", "user", "assistant"):
             raise ProtocolError(f"{where}.role: {m.get('role')!r} is not supported (system, developer, user, "
                                 "assistant)", f"{where}.role")
@@ -199,7 +200,7 @@ def _local(data, where: str, what: str, policy: LocalMediaPolicy):
     try:
         return policy.resolve(data, what)
     except MediaRefused as e:
-        raise ProtocolError(f"{where}: {e}", where) from None
+        raise ProtocolError(str(e), where) from None
 
 
 def _content_part(part, role: str, where: str, images: list, videos: list, max_images: int) -> dict:

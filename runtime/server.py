@@ -123,10 +123,12 @@ class Handler(BaseHTTPRequestHandler):
         if path != "/v1/chat/completions":
             self._error(ProtocolError(f"no route POST {path}", status=404, code="not_found"))
             return
-        if not self.server.slots.acquire(timeout=self.server.limits.read_timeout):
+        self.server.deadlines.disarm(self.connection)  # waiting for a slot is not the client being slow
+        if not self.server.slots.acquire(timeout=self.server.limits.queue_timeout):
             self._error(ProtocolError("the server is busy; retry later", status=503, code="server_busy",
                                       kind="server_error"))
             return
+        self.server.deadlines.arm(self.connection)  # the body, within the read timeout
         try:
             self._guarded_chat()
         finally:
@@ -165,25 +167,31 @@ class Handler(BaseHTTPRequestHandler):
         (self._stream if req.stream else self._whole)(job, req, prepared.num_tokens)
 
     def _prepare(self, request):
-        """The pipeline's preprocessing; a local file that does not decode gets local_media's one message."""
+        """The pipeline's preprocessing; local media that does not decode gets local_media's one message (a video
+        is always local; an image error is about an inline image when it names one, `<image i>`)."""
         local = [p for p in (*request.images, request.video) if isinstance(p, str)]
         try:
             return self.server.pre.prepare(request)
         except (ImageError, VideoError) as e:
-            if not any(p in str(e) for p in local):
+            if not local or (isinstance(e, ImageError) and "<image " in str(e)):
                 raise
             local_media.log_unusable(", ".join(local), str(e))
             raise ProtocolError(local_media.UNUSABLE, "messages") from None
 
     def _next_event(self, job) -> tuple:
-        """The job's next event; cancels the job (the worker drops it at its next step) if the client hangs up."""
+        """The job's next event; cancels the job (the worker drops it at its next step) if the client has hung
+        up, which is checked every POLL_S seconds however fast the events come."""
         while True:
-            try:
-                return job.events.get(timeout=POLL_S)
-            except queue.Empty:
+            now = time.monotonic()
+            if now >= getattr(self, "check_client_at", 0):
+                self.check_client_at = now + POLL_S
                 if http_guard.client_gone(self.connection):
                     job.cancelled.set()
                     raise ConnectionAbortedError("the client closed the connection")
+            try:
+                return job.events.get(timeout=POLL_S)
+            except queue.Empty:
+                pass
 
     def _whole(self, job, req, prompt_tokens: int) -> None:
         pieces = []
@@ -253,10 +261,14 @@ class Handler(BaseHTTPRequestHandler):
         self.wfile.write(data)
 
     def _error(self, e: ProtocolError) -> None:
-        if self.command == "POST" and not getattr(self, "body_read", False):
+        unread = self.command == "POST" and not getattr(self, "body_read", False)
+        if unread:
             self.close_connection = True  # the unread body must not be taken for the next request
         try:
             self._json(e.status, e.body())
+            self.wfile.flush()
+            if unread:
+                http_guard.discard_unread(self.rfile, self.connection, self.server.limits.max_body)
         except _GONE:
             pass
 
@@ -287,8 +299,10 @@ def parser() -> argparse.ArgumentParser:
     ap.add_argument("--max-body-mb", type=float, default=default.max_body / (1 << 20),
                     help=f"largest request body in MiB (default: {default.max_body >> 20})")
     ap.add_argument("--max-concurrent-requests", type=int, default=default.max_concurrent,
-                    help="requests read, prepared or generating at once; others wait up to --read-timeout, then "
+                    help="requests read, prepared or generating at once; others wait up to --queue-timeout, then "
                          f"get 503 (default: {default.max_concurrent})")
+    ap.add_argument("--queue-timeout", type=float, default=default.queue_timeout,
+                    help=f"seconds a request waits for one of those slots (default: {default.queue_timeout:g})")
     ap.add_argument("--read-timeout", type=float, default=default.read_timeout,
                     help="seconds a client may take to send a whole request, or stay idle between requests "
                          f"(default: {default.read_timeout:g})")
@@ -300,7 +314,7 @@ def limits_from_args(args: argparse.Namespace) -> tuple[ServerLimits, MediaPolic
     checks = (("--max-images-per-request", args.max_images_per_request, 1),
               ("--max-body-mb", args.max_body_mb, 1 / (1 << 20)),
               ("--max-concurrent-requests", args.max_concurrent_requests, 1),
-              ("--read-timeout", args.read_timeout, 0.01))
+              ("--read-timeout", args.read_timeout, 0.01), ("--queue-timeout", args.queue_timeout, 0))
     for flag, value, least in checks:
         if not value >= least:
             raise UserError(f"{flag} {value}: must be at least {least:g}")
@@ -308,7 +322,8 @@ def limits_from_args(args: argparse.Namespace) -> tuple[ServerLimits, MediaPolic
         local = local_media.LocalMediaPolicy.allowing(args.allowed_local_media_path)
     except ValueError as e:
         raise UserError(str(e)) from None
-    limits = ServerLimits(int(args.max_body_mb * (1 << 20)), args.max_concurrent_requests, args.read_timeout)
+    limits = ServerLimits(int(args.max_body_mb * (1 << 20)), args.max_concurrent_requests, args.read_timeout,
+                          args.queue_timeout)
     return limits, MediaPolicy(local, args.max_images_per_request)
 
 
