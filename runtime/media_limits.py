@@ -13,12 +13,13 @@ every image of a request, before runtime/preprocess.py decodes any of them:
 - the vision tokens of all images (patches / merge²) plus two marker tokens each must fit `max_seq`.
 
 `set_decompression_bomb_limit` makes PIL's own check (`Image.MAX_IMAGE_PIXELS`: a DecompressionBombWarning
-above it, an error above twice it, both at `Image.open`) use the same number: the warning comes only with images
-refused here, and the error also guards media decoded without going through here (video frames).
+above it, an error above twice it, both at `Image.open`) use the same number: the error also guards media
+decoded without going through here (video frames).
 """
 from __future__ import annotations
 
 import io
+import warnings
 from pathlib import Path
 
 from PIL import Image, UnidentifiedImageError
@@ -37,8 +38,10 @@ def source_pixel_limit(cfg: ImageProcessorConfig) -> int:
 
 
 def set_decompression_bomb_limit(cfg: ImageProcessorConfig) -> None:
-    """PIL's process-wide limit from the same number (it warns above it and refuses above twice it)."""
+    """PIL's process-wide limit from the same number (it refuses above twice it). Its warning above the limit is
+    silenced: such an image is refused here with a message, and `trt-run` prints one `error:` line only."""
     Image.MAX_IMAGE_PIXELS = source_pixel_limit(cfg)
+    warnings.filterwarnings("ignore", category=Image.DecompressionBombWarning)
 
 
 def header_size(source, name: str, limit: int) -> tuple[int, int]:
