@@ -6,8 +6,8 @@
 | one request's headers + body | `--read-timeout` (30 s) from the first byte awaited to the last body byte (`ReadDeadlines`) |
 | an idle keep-alive connection | the same timeout |
 | body bytes | `--max-body-mb` (64 MiB), refused from Content-Length before anything is read |
-| requests being read or served at once | `--max-concurrent-requests` (8): a slot is taken before the body is read; |
-| | a request waits `--queue-timeout` (60 s) for one, then gets 503 |
+| requests in flight (read, prepared, queued, generating) | `--max-concurrent-requests` (2 x max batch, >= 8): a |
+| | slot is taken before the body is read; a request waits `--queue-timeout` (60 s) for one, then gets 503 |
 | images per request | `--max-images-per-request` (16, runtime/openai_protocol.py) |
 
 The request must say `Content-Type: application/json` (415 otherwise: a web page's form or `text/plain` POST,
@@ -37,7 +37,7 @@ _LOOPBACK_NAMES = {"localhost", "localhost.", "127.0.0.1", "::1"}
 @dataclass(frozen=True)
 class ServerLimits:
     max_body: int = 64 << 20  # bytes
-    max_concurrent: int = 8
+    max_concurrent: int = 8  # requests in flight (the server's default: 2 x max batch, at least this)
     read_timeout: float = 30.0  # seconds
     queue_timeout: float = 60.0  # seconds a request waits for a slot before its 503
 

@@ -87,6 +87,7 @@ class Handler(BaseHTTPRequestHandler):
 
     def setup(self) -> None:
         self.timeout = self.server.limits.read_timeout  # every recv and send (StreamRequestHandler.setup)
+        self.check_client_at = 0.0  # when `_next_event` next looks for a hang-up
         super().setup()
 
     def handle_one_request(self) -> None:
@@ -183,7 +184,7 @@ class Handler(BaseHTTPRequestHandler):
         up, which is checked every POLL_S seconds however fast the events come."""
         while True:
             now = time.monotonic()
-            if now >= getattr(self, "check_client_at", 0):
+            if now >= self.check_client_at:
                 self.check_client_at = now + POLL_S
                 if http_guard.client_gone(self.connection):
                     job.cancelled.set()
@@ -298,9 +299,9 @@ def parser() -> argparse.ArgumentParser:
                     help=f"most images in one request (default: {api.MAX_IMAGES})")
     ap.add_argument("--max-body-mb", type=float, default=default.max_body / (1 << 20),
                     help=f"largest request body in MiB (default: {default.max_body >> 20})")
-    ap.add_argument("--max-concurrent-requests", type=int, default=default.max_concurrent,
-                    help="requests read, prepared or generating at once; others wait up to --queue-timeout, then "
-                         f"get 503 (default: {default.max_concurrent})")
+    ap.add_argument("--max-concurrent-requests", type=int,
+                    help="requests being read, prepared, queued or generated at once; others wait up to "
+                         f"--queue-timeout, then get 503 (default: 2 x max batch, at least {default.max_concurrent})")
     ap.add_argument("--queue-timeout", type=float, default=default.queue_timeout,
                     help=f"seconds a request waits for one of those slots (default: {default.queue_timeout:g})")
     ap.add_argument("--read-timeout", type=float, default=default.read_timeout,
@@ -309,11 +310,13 @@ def parser() -> argparse.ArgumentParser:
     return ap
 
 
-def limits_from_args(args: argparse.Namespace) -> tuple[ServerLimits, MediaPolicy]:
-    """The resource limits and media policy of the flags; UserError for a value out of range."""
+def limits_from_args(args: argparse.Namespace, max_batch: int) -> tuple[ServerLimits, MediaPolicy]:
+    """The resource limits and media policy of the flags; UserError for a value out of range. Requests in flight
+    default to two batches (one generating, one being prepared)."""
+    concurrent = args.max_concurrent_requests or max(2 * max_batch, ServerLimits().max_concurrent)
     checks = (("--max-images-per-request", args.max_images_per_request, 1),
               ("--max-body-mb", args.max_body_mb, 1 / (1 << 20)),
-              ("--max-concurrent-requests", args.max_concurrent_requests, 1),
+              ("--max-concurrent-requests", concurrent, 1),
               ("--read-timeout", args.read_timeout, 0.01), ("--queue-timeout", args.queue_timeout, 0))
     for flag, value, least in checks:
         if not value >= least:
@@ -322,8 +325,7 @@ def limits_from_args(args: argparse.Namespace) -> tuple[ServerLimits, MediaPolic
         local = local_media.LocalMediaPolicy.allowing(args.allowed_local_media_path)
     except ValueError as e:
         raise UserError(str(e)) from None
-    limits = ServerLimits(int(args.max_body_mb * (1 << 20)), args.max_concurrent_requests, args.read_timeout,
-                          args.queue_timeout)
+    limits = ServerLimits(int(args.max_body_mb * (1 << 20)), concurrent, args.read_timeout, args.queue_timeout)
     return limits, MediaPolicy(local, args.max_images_per_request)
 
 
@@ -337,7 +339,7 @@ def make_server(args: argparse.Namespace) -> OpenAIServer:
     if not 1 <= max_batch <= limit:
         raise UserError(f"--max-batch {max_batch}: must be in [1, {limit}] (the artifacts' max batch); re-export "
                         "with a larger --max-batch")
-    limits, media = limits_from_args(args)
+    limits, media = limits_from_args(args, max_batch)
     try:  # the port first: a port in use is known before minutes of model loading
         server = OpenAIServer((args.host, args.port), limits, media)
     except OSError as e:

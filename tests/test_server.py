@@ -14,6 +14,7 @@ errors -> one `error:` line, exit 2.
 from __future__ import annotations
 
 import base64
+import contextlib
 import json
 import socket
 import subprocess
@@ -40,12 +41,20 @@ def server(artifacts, media):  # noqa: F811
     srv = make_server(parser().parse_args([
         "--model-dir", str(artifacts), "--port", "0", "--backend", "onnxruntime", "--served-model-name", NAME,
         "--allowed-local-media-path", str(media["images"][0].parent)]))
+    with serving(srv):
+        yield srv
+
+
+@contextlib.contextmanager
+def serving(srv):
+    """Run the server on a daemon thread, quietly; shut it down and close it after."""
     srv.quiet = True
-    thread = threading.Thread(target=srv.serve_forever, daemon=True)
-    thread.start()
-    yield srv
-    srv.shutdown()
-    srv.server_close()
+    threading.Thread(target=srv.serve_forever, daemon=True).start()
+    try:
+        yield srv
+    finally:
+        srv.shutdown()
+        srv.server_close()
 
 
 def url(server, path: str) -> str:

@@ -22,6 +22,7 @@ import pytest
 
 from media_bombs import BOMB_MESSAGE, png_bomb
 from test_generate import N_NEW, artifacts, media, run_json  # noqa: F401 (fixtures)
+from test_server import serving
 
 PROMPT = "Describe this image."
 READ_TIMEOUT = 2.0
@@ -54,12 +55,8 @@ def server(artifacts, allowed):  # noqa: F811
         "--model-dir", str(artifacts), "--port", "0", "--backend", "onnxruntime", "--allowed-local-media-path",
         str(allowed), "--read-timeout", str(READ_TIMEOUT), "--max-concurrent-requests", "4", "--max-body-mb", "2",
         "--max-images-per-request", "4"]))
-    srv.quiet = True
-    thread = threading.Thread(target=srv.serve_forever, daemon=True)
-    thread.start()
-    yield srv
-    srv.shutdown()
-    srv.server_close()
+    with serving(srv):
+        yield srv
 
 
 @pytest.fixture(scope="module")
