@@ -118,6 +118,14 @@ class Handler(BaseHTTPRequestHandler):
         else:
             self._error(ProtocolError(f"no route GET {path}", status=404, code="not_found"))
 
+    def _not_allowed(self) -> None:
+        """Other standard methods: 405 (a browser's CORS preflight, OPTIONS, gets no Access-Control-* header)."""
+        self.body_read = False
+        self._error(ProtocolError(f"method {self.command} is not allowed; use GET or POST", status=405,
+                                  code="method_not_allowed"))
+
+    do_HEAD = do_PUT = do_PATCH = do_DELETE = do_OPTIONS = _not_allowed
+
     def do_POST(self) -> None:
         self.body_read = False  # until it is, an error response closes the connection (the body is unread)
         path = self.path.split("?")[0].rstrip("/")
@@ -262,7 +270,7 @@ class Handler(BaseHTTPRequestHandler):
         self.wfile.write(data)
 
     def _error(self, e: ProtocolError) -> None:
-        unread = self.command == "POST" and not getattr(self, "body_read", False)
+        unread = self.command != "GET" and not getattr(self, "body_read", False)
         if unread:
             self.close_connection = True  # the unread body must not be taken for the next request
         try:
