@@ -21,6 +21,7 @@ from pathlib import Path
 import pytest
 
 from media_bombs import BOMB_MESSAGE, png_bomb
+from raw_http import http, peak_rss, port, post_bytes, read_response, reset_peak_rss
 from test_generate import N_NEW, artifacts, media, run_json  # noqa: F401 (fixtures)
 from test_server import serving
 
@@ -66,38 +67,6 @@ def trt_text(artifacts, media):  # noqa: F811
 
 
 # ---- helpers ----------------------------------------------------------------------------------------------
-def port(server) -> int:
-    return server.server_address[1]
-
-
-def http(server, body: bytes, headers: dict | None = None, timeout: float = 60) -> tuple[int, dict, bytes, float]:
-    """One POST /v1/chat/completions on a new connection -> (status, headers, body, seconds to the answer)."""
-    head = {"Host": "127.0.0.1", "Content-Type": "application/json", "Content-Length": str(len(body)),
-            **(headers or {})}
-    lines = "".join(f"{k}: {v}\r\n" for k, v in head.items() if v is not None)
-    with socket.create_connection(("127.0.0.1", port(server)), timeout=timeout) as s:
-        t0 = time.monotonic()
-        s.sendall(f"POST /v1/chat/completions HTTP/1.1\r\n{lines}\r\n".encode("latin-1") + body)
-        return (*read_response(s), time.monotonic() - t0)
-
-
-def read_response(s: socket.socket) -> tuple[int, dict, bytes]:
-    data = b""
-    while b"\r\n\r\n" not in data:
-        more = s.recv(65536)
-        assert more, f"connection closed before a response: {data!r}"
-        data += more
-    head, _, rest = data.partition(b"\r\n\r\n")
-    status_line, *fields = head.decode("latin-1").split("\r\n")
-    headers = {k.lower(): v.strip() for k, _, v in (f.partition(":") for f in fields)}
-    length = int(headers.get("content-length", "0"))
-    while len(rest) < length:
-        more = s.recv(65536)
-        assert more, "connection closed inside a response body"
-        rest += more
-    return int(status_line.split()[1]), headers, rest[:length]
-
-
 def chat(server, body: dict, **kw) -> tuple[int, dict, float]:
     status, _, raw, seconds = http(server, json.dumps(body).encode(), **kw)
     return status, json.loads(raw), seconds
@@ -118,19 +87,6 @@ def assert_serves(server, media, trt_text) -> None:  # noqa: F811
     status, r, _ = chat(server, image_body(data_url(media["images"][0].read_bytes())))
     assert status == 200, r
     assert r["choices"][0]["message"]["content"] == trt_text
-
-
-def peak_rss() -> int:
-    """This process's peak resident set (VmHWM), bytes."""
-    for line in Path("/proc/self/status").read_text().splitlines():
-        if line.startswith("VmHWM:"):
-            return int(line.split()[1]) * 1024
-    raise AssertionError("no VmHWM in /proc/self/status")
-
-
-def reset_peak_rss() -> int:
-    Path("/proc/self/clear_refs").write_text("5")  # Linux: VmHWM := current RSS
-    return peak_rss()
 
 
 def error_message(r: dict) -> str:
@@ -338,11 +294,6 @@ def test_64_concurrent_connections_see_no_reset(server):
         t.join(timeout=120)
     assert errors == [] and sorted(results) == [200] * 192
     assert max(connect_s) < 1.0  # a full listen backlog drops SYNs: Linux retries after 1 s, then 3 s, ...
-
-
-def post_bytes(body: bytes) -> bytes:
-    return (b"POST /v1/chat/completions HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: application/json\r\n"
-            b"Content-Length: " + str(len(body)).encode() + b"\r\n\r\n" + body)
 
 
 def test_slow_clients_are_cut_at_the_read_timeout(server, media, trt_text):  # noqa: F811
