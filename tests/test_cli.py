@@ -14,6 +14,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
+from media_bombs import BOMB_MESSAGE, png_bomb
 from qwen_vl_trt.export.artifacts import export_artifacts
 from qwen_vl_trt.export.build_engines import Limits
 
@@ -40,6 +41,7 @@ def files(tmp_path_factory):
     (d / "truncated.png").write_bytes(good[: len(good) // 2])
     Image.fromarray(np.zeros((2, 500, 3), np.uint8)).save(d / "thin.png")
     Image.fromarray(np.zeros((1024, 1024, 3), np.uint8)).save(d / "big.png")
+    (d / "bomb.png").write_bytes(png_bomb(9000, 9000))  # 236 KB; 243 MB decoded
     return d
 
 
@@ -67,6 +69,7 @@ def assert_error(args, message, **kw):
     ("thin.png", "image 500x2 has aspect ratio 250.0 > 200; crop or pad it to at most 200:1"),
     ("big.png", "{p} needs 4096 vision patches, artifacts allow at most 1024 per vision call: re-export with a "
                 "larger --max-patches or pass a smaller image"),
+    ("bomb.png", BOMB_MESSAGE.replace("{name}", "{p}")),  # refused from its header (issue 14)
 ])
 def test_bad_image(artifacts, files, name, message):
     p = files / name

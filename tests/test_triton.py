@@ -13,6 +13,7 @@ import importlib
 import importlib.util
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import numpy as np
@@ -20,6 +21,7 @@ import pytest
 from google.protobuf import json_format, text_format
 from tritonclient.grpc import model_config_pb2
 
+from media_bombs import BOMB_MESSAGE, png_bomb
 from test_generate import N_NEW, artifacts, hf_generate, media, processor  # noqa: F401 (fixtures)
 
 STUB = Path(__file__).parent / "triton_stub"
@@ -111,6 +113,15 @@ def test_batched_requests_match_hf_and_a_bad_image_fails_alone(load_model, media
         hf_generate(hf_qwen3_vl, processor, "Write a haiku about the sea.")
     assert responses[2].has_error()
     assert responses[2].error.message().startswith("cannot read image <image 0>: not a supported image format")
+
+
+def test_an_image_bomb_is_refused_from_its_header(load_model):
+    """A 9000x9000 PNG (236 KB, 243 MB decoded) fails its request within a second, before decoding (issue 14)."""
+    model, bomb = load_model("qwen_vl_whole"), png_bomb(9000, 9000)
+    t0 = time.monotonic()
+    responses = model.execute([request("Describe this image.", [bomb])])
+    assert time.monotonic() - t0 < 1.0
+    assert responses[0].has_error() and responses[0].error.message() == BOMB_MESSAGE.format(name="<image 0>")
 
 
 def test_repository_cli_refuses_a_directory_without_artifacts(tmp_path):
