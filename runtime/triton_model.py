@@ -26,8 +26,9 @@ Errors are per request: a request that cannot run (bad input, prompt + max_new_t
 limits) gets a TritonError with code INVALID_ARG (gRPC INVALID_ARGUMENT, HTTP 400) and the same one-line
 message `trt-run` prints, checked for that request alone in `admit`, so its batch neighbours go on. A streaming
 request the client cancels gets a CANCELLED final response; when every request of a batch is cancelled the
-generation stops. Triton itself rejects a missing `prompt` or a tensor of the wrong datatype (INVALID_ARG)
-before the model sees it (config.pbtxt).
+generation stops. Triton itself rejects a tensor of the wrong datatype or shape (INVALID_ARG) before the model
+sees it; a missing `prompt` reaches the model (Triton 2.51 lets a request omit a non-optional input when the
+model has optional ones) and is refused here.
 
 `execute` = `admit` each request (parse, preprocess, check limits -> `Job`) then run batches of jobs that
 share sampling settings through `generate` (sequences of different lengths share the decoder steps,
@@ -99,7 +100,7 @@ def _scalar(request, name: str, kind):
 
 def parse_request(request) -> ParsedRequest:
     prompt = _scalar(request, "prompt", str)
-    if prompt is None:  # Triton rejects it first (optional: false); kept for other callers
+    if prompt is None:  # config.pbtxt says optional: false, but Triton 2.51 lets it through
         raise UserError("missing input 'prompt' (TYPE_STRING [1]): send the user text")
     images = pb_utils.get_input_tensor_by_name(request, "images")
     images = tuple(bytes(b) for b in images.as_numpy().reshape(-1)) if images is not None else ()

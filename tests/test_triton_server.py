@@ -156,8 +156,8 @@ def test_bad_requests_get_invalid_arg_alone(server, refs, artifacts):  # noqa: F
            "not utf-8": inputs(httpclient, b"\xff\xfe caf\xe9")}
     expected = {"corrupt image": r"cannot read image <image 0>: not a supported image format",
                 "over-long": rf"prompt has \d+ tokens and --max-new-tokens is {LONG_NEW}: together they exceed",
-                "wrong dtype": r"unexpected datatype FP32 for inference input 'max_new_tokens', expecting INT32",
-                "missing prompt": r"prompt",
+                "wrong dtype": r"input 'max_new_tokens' data-type is 'FP32', but model 'qwen_vl_whole' expects 'INT32'",
+                "missing prompt": r"missing input 'prompt' \(TYPE_STRING \[1\]\)",
                 "not utf-8": r"input 'prompt' is not UTF-8 text"}
     haiku = "Write a haiku about the sea."
     good = [lambda: http_infer(server, case_inputs(httpclient, refs, "image")),
