@@ -67,7 +67,7 @@ parameters {{ key: "backend", value: {{ string_value: "{backend}" }} }}
 
 
 def write_model_repository(artifacts, repo, name: str = "qwen_vl", backend: str = "auto",
-                           decoupled: bool = True, execution_env=None) -> Path:
+                           decoupled: bool = True, execution_env=None, queue_delay_us: int = 2000) -> Path:
     """Check the artifacts (manifest), then write REPO/NAME/{config.pbtxt, 1/model.py}; returns the model dir."""
     from .manifest import load_manifest
 
@@ -78,7 +78,7 @@ def write_model_repository(artifacts, repo, name: str = "qwen_vl", backend: str 
     (model_dir / "1").mkdir(parents=True, exist_ok=True)
     (model_dir / "config.pbtxt").write_text(
         config_pbtxt(name, Path(artifacts), int(manifest.limits.max_batch), backend, decoupled,
-                     execution_env=execution_env))
+                     queue_delay_us, execution_env))
     (model_dir / "1" / "model.py").write_text(MODEL_PY)
     return model_dir
 
@@ -95,10 +95,15 @@ def main(argv=None) -> int:
                     help="one response per request instead of decoupled token streaming")
     ap.add_argument("--execution-env", metavar="DIR",
                     help="Python environment (venv) the model runs in: the backend's EXECUTION_ENV_PATH")
+    ap.add_argument("--max-queue-delay-us", type=int, default=2000, metavar="US",
+                    help="how long Triton's dynamic batcher waits to fill a batch (default 2000)")
     args = ap.parse_args(argv)
+    if args.max_queue_delay_us < 0:
+        print(f"error: --max-queue-delay-us {args.max_queue_delay_us}: must be >= 0", file=sys.stderr)
+        return 2
     try:
         path = write_model_repository(args.artifacts, args.repo, args.name, args.backend, not args.no_streaming,
-                                      args.execution_env)
+                                      args.execution_env, args.max_queue_delay_us)
     except (UserError, CheckpointError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2

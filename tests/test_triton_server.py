@@ -24,18 +24,22 @@ import tritonclient.grpc as grpcclient
 import tritonclient.http as httpclient
 from tritonclient.utils import InferenceServerException
 
+from tolerances import TRITON_RSS_GROWTH_MIB
+
 import real_tritonserver as tritonserver
 from test_generate import N_NEW, artifacts, hf_generate, media, processor, run_json  # noqa: F401 (fixtures)
 
 STREAM_TIMEOUT_S = 120  # one response of a stream; generous for a loaded 2-core host
 CORRUPT_PNG = b"\x89PNG\r\n\x1a\n not really a png"
 LONG_NEW = 600  # > max_seq 512 - a long prompt leaves no room in the 1024-row cache of the test artifacts
+WAIT_US = 3_000_000  # qwen_vl_wait's batcher waits up to 3 s for a second request: two sent at once share a batch
 
 
 @pytest.fixture(scope="module")
 def server(artifacts, tmp_path_factory):  # noqa: F811  (module scope: `artifacts` is a module fixture)
     repo = tmp_path_factory.mktemp("triton_repo")
-    for extra in ([], ["--name", "qwen_vl_whole", "--no-streaming"]):
+    for extra in ([], ["--name", "qwen_vl_whole", "--no-streaming"],
+                  ["--name", "qwen_vl_wait", "--no-streaming", "--max-queue-delay-us", str(WAIT_US)]):
         subprocess.run([sys.executable, "-m", "qwen_vl_trt.runtime.triton_repo", str(artifacts), str(repo),
                         "--execution-env", str(tritonserver.TRITON_ENV), *extra], check=True, timeout=60)
     srv = tritonserver.start(repo, tmp_path_factory.mktemp("tritonserver"))
@@ -107,11 +111,11 @@ def stream(server, request_inputs, cancel_after: int | None = None):
     return tokens, text, error
 
 
-def http_infer(server, request_inputs):
-    """One request to the non-decoupled model over HTTP -> (token ids, text) or the InferenceServerException."""
+def http_infer(server, request_inputs, model="qwen_vl_whole"):
+    """One request to a non-decoupled model over HTTP -> (token ids, text) or the InferenceServerException."""
     client = httpclient.InferenceServerClient(server.http_url, network_timeout=STREAM_TIMEOUT_S)
     try:
-        r = client.infer("qwen_vl_whole", request_inputs)
+        r = client.infer(model, request_inputs)
         return r.as_numpy("token_ids").reshape(-1).tolist(), r.as_numpy("text").reshape(-1)[0].decode()
     except InferenceServerException as e:
         return e
@@ -145,31 +149,43 @@ def test_http_batched_whole_responses_match_hf(server, refs):
         assert result == (refs[name][1], refs[name][2]), name
 
 
-def test_bad_requests_get_invalid_arg_alone(server, refs, artifacts):  # noqa: F811
-    """Sent at once with two good requests: one of them shares max_new_tokens with the over-long prompt, so
-    both land in one batch group (the group once failed as a whole on the longest prompt)."""
-    long_prompt = " ".join(["sea"] * 450)  # ~460 tokens with the chat template: fits max_seq, not the cache
+def test_bad_requests_get_invalid_arg_alone(server, refs):
+    """Sent at once with a good request: each bad one gets its own HTTP 400 (INVALID_ARG), the good one its tokens."""
     bad = {"corrupt image": inputs(httpclient, images=[CORRUPT_PNG]),
-           "over-long": inputs(httpclient, long_prompt, max_new=LONG_NEW),
+           "over-long": inputs(httpclient, " ".join(["sea"] * 600)),
            "wrong dtype": inputs(httpclient, max_new_tokens=(np.array([[8.0]], np.float32), "FP32")),
            "missing prompt": inputs(httpclient, images=[refs["image"][0][1][0]], drop=("prompt",)),
            "not utf-8": inputs(httpclient, b"\xff\xfe caf\xe9")}
     expected = {"corrupt image": r"cannot read image <image 0>: not a supported image format",
-                "over-long": rf"prompt has \d+ tokens and --max-new-tokens is {LONG_NEW}: together they exceed",
+                "over-long": r"prompt has \d+ tokens, artifacts allow at most 512",
                 "wrong dtype": r"input 'max_new_tokens' data-type is 'FP32', but model 'qwen_vl_whole' expects 'INT32'",
                 "missing prompt": r"missing input 'prompt' \(TYPE_STRING \[1\]\)",
                 "not utf-8": r"input 'prompt' is not UTF-8 text"}
-    haiku = "Write a haiku about the sea."
-    good = [lambda: http_infer(server, case_inputs(httpclient, refs, "image")),
-            lambda: http_infer(server, inputs(httpclient, haiku, max_new=LONG_NEW))]
-    results = in_parallel(*good, *[lambda r=r: http_infer(server, r) for r in bad.values()])
+    results = in_parallel(lambda: http_infer(server, case_inputs(httpclient, refs, "image")),
+                          *[lambda r=r: http_infer(server, r) for r in bad.values()])
     assert results[0] == (refs["image"][1], refs["image"][2])
-    long_ref = run_json(artifacts, "--prompt", haiku, "--max-new-tokens", str(LONG_NEW))
-    assert results[1] == (long_ref["token_ids"], long_ref["text"])
-    for (name, pattern), error in zip(expected.items(), results[2:]):
+    for (name, pattern), error in zip(expected.items(), results[1:]):
         assert isinstance(error, InferenceServerException), name
         assert error.status() == "400", (name, error.status(), error.message())  # INVALID_ARG
         assert re.search(pattern, error.message()), (name, error.message())
+
+
+def test_an_over_long_request_fails_alone_in_its_batch(server, artifacts):  # noqa: F811
+    """Prompt + max_new_tokens beyond the cache, batched (Triton's statistics show one execution of 2) with a
+    request of the same settings: only it fails; the whole batch once failed on its longest prompt."""
+    haiku, long_prompt = "Write a haiku about the sea.", " ".join(["sea"] * 450)  # ~460 tokens: fits max_seq 512
+    stats = httpclient.InferenceServerClient(server.http_url)
+    ok, too_long = in_parallel(lambda: http_infer(server, inputs(httpclient, haiku, max_new=LONG_NEW), "qwen_vl_wait"),
+                               lambda: http_infer(server, inputs(httpclient, long_prompt, max_new=LONG_NEW),
+                                                  "qwen_vl_wait"))
+    batches = stats.get_inference_statistics("qwen_vl_wait")["model_stats"][0]["batch_stats"]
+    stats.close()
+    assert [(b["batch_size"], b["compute_infer"]["count"]) for b in batches] == [(2, 1)]
+    reference = run_json(artifacts, "--prompt", haiku, "--max-new-tokens", str(LONG_NEW))
+    assert ok == (reference["token_ids"], reference["text"])
+    assert isinstance(too_long, InferenceServerException) and too_long.status() == "400"
+    assert re.search(rf"prompt has \d+ tokens and --max-new-tokens is {LONG_NEW}: together they exceed the 1024-token",
+                     too_long.message()), too_long.message()
 
 
 def test_bad_requests_over_grpc(server, refs):
@@ -203,7 +219,7 @@ def test_16_clients_x_10_requests_no_failure_and_flat_memory(server, refs):
     compared between the end of the 2nd and of the 10th round (the 1st warms allocator pools and caches)."""
     names, rounds, clients = list(refs), 10, 16
     rss_after: dict = {}
-    barrier = threading.Barrier(clients, action=lambda: rss_after.setdefault(len(rss_after), 
+    barrier = threading.Barrier(clients, action=lambda: rss_after.setdefault(len(rss_after),
                                                                               tritonserver.rss_bytes(server)))
 
     def client(c: int) -> list:
@@ -221,7 +237,4 @@ def test_16_clients_x_10_requests_no_failure_and_flat_memory(server, refs):
     failures = [f for fs in in_parallel(*[lambda c=c: client(c) for c in range(clients)]) for f in fs]
     assert failures == []
     growth = rss_after[rounds - 1] - rss_after[1]
-    assert growth < RSS_GROWTH_LIMIT, f"RSS grew {growth / 2**20:.1f} MiB over 8 rounds: {rss_after}"
-
-
-RSS_GROWTH_LIMIT = 64 * 2**20
+    assert growth < TRITON_RSS_GROWTH_MIB * 2**20, f"RSS grew {growth / 2**20:.1f} MiB over 8 rounds: {rss_after}"
