@@ -122,3 +122,10 @@ def test_repository_cli_refuses_a_directory_without_artifacts(tmp_path):
     assert r.returncode == 2
     lines = r.stderr.strip().splitlines()
     assert len(lines) == 1 and lines[0].startswith("error: ") and "Traceback" not in r.stderr
+
+
+def test_repository_cli_refuses_an_execution_env_without_activate(artifacts, tmp_path):  # noqa: F811
+    r = subprocess.run([sys.executable, "-m", "qwen_vl_trt.runtime.triton_repo", str(artifacts), str(tmp_path / "repo"),
+                        "--execution-env", str(tmp_path)], capture_output=True, text=True, timeout=60)
+    assert r.returncode == 2 and "Traceback" not in r.stderr
+    assert r.stderr.strip() == f"error: --execution-env {tmp_path}: no bin/activate there; pass a venv or conda env directory"
