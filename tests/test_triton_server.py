@@ -97,10 +97,9 @@ def stream(server, request_inputs, cancel_after: int | None = None):
             if err is not None:
                 error = err.message()
                 break
-            tokens += result.as_numpy("token_ids").reshape(-1).tolist() if result.as_numpy("token_ids") is not None \
-                else []
-            text += b"".join(result.as_numpy("text").reshape(-1)).decode() if result.as_numpy("text") is not None \
-                else ""
+            ids, piece = result.as_numpy("token_ids"), result.as_numpy("text")  # None in an empty final response
+            tokens += [] if ids is None else ids.reshape(-1).tolist()
+            text += "" if piece is None else b"".join(piece.reshape(-1)).decode()
             if result.get_response().parameters["triton_final_response"].bool_param:
                 break
             if cancel_after is not None and len(tokens) >= cancel_after:
@@ -132,6 +131,19 @@ def in_parallel(*calls):
 def case_inputs(mod, refs, name):
     (prompt, images, system), _, _ = refs[name]
     return inputs(mod, prompt, images, system)
+
+
+def test_backend_stubs_run_numpy_1_from_the_execution_env(server):
+    """Each model's stub process (3 models) maps numpy 1.x's core library from .venv/triton (numpy 2 breaks
+    Triton 2.51's bytes tensors), not the project venv's numpy 2 (numpy/_core/)."""
+    import psutil
+
+    children = psutil.Process(server.process.pid).children(recursive=True)
+    stubs = [p for p in children if p.cmdline()[:1] and p.cmdline()[0].endswith("triton_python_backend_stub")]
+    assert len(stubs) == 3
+    for stub in stubs:
+        cores = {m.path for m in stub.memory_maps() if "_multiarray_umath" in m.path}
+        assert cores and all(c.startswith(str(tritonserver.TRITON_ENV)) and "/numpy/core/" in c for c in cores), cores
 
 
 def test_grpc_streamed_tokens_match_hf(server, refs):
