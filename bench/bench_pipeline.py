@@ -34,6 +34,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import signal
 import sys
 import time
 from pathlib import Path
@@ -244,6 +245,9 @@ def gpu_preflight() -> str | None:
 
 def main(argv=None) -> int:
     args = parse_args(argv)
+    # SIGINT even where a parent ignored it (a background job), and SIGTERM: both end in the table of what finished
+    signal.signal(signal.SIGINT, signal.default_int_handler)
+    signal.signal(signal.SIGTERM, signal.default_int_handler)
     args.work.mkdir(parents=True, exist_ok=True)
     budget = Budget(args.budget_s)
     notes = []  # configs dropped or failed, one line each (printed under the table, in the JSON)
