@@ -27,8 +27,8 @@ test_bench_pipeline.py runs it and checks the table and that our greedy tokens e
 Before anything is prepared (GPU mode): configs that do not fit the free disk of --work are dropped, last first
 (bench/pipeline_prepare.py NEED_BYTES), and a preflight opens a one-node session on ONNX Runtime's CUDA provider
 (runtime/ort_cuda.py): without a usable GPU the run stops there with one line. A config that fails to prepare
-or to measure is reported under the table and the next one goes on. Exit: 0 all measured, 1 a config failed
-(or none fits the disk), 3 no usable CUDA (preflight), 130 interrupted (the table holds what finished).
+or to measure is reported under the table and the next one goes on. Exit: 0 all measured, 1 a config failed,
+3 no usable CUDA (preflight), 4 no config fits the disk, 130 interrupted (the table holds what finished).
 """
 from __future__ import annotations
 
@@ -52,7 +52,8 @@ from pipeline_prepare import INT4_BLOCK, fit_to_disk, free_bytes, prepare_all, p
 
 GPU_SIZES, SMOKE_SIZES = (448, 896, 1344), (64, 128)
 TEXT_TOKENS = 50
-EXIT_FAILED, EXIT_NO_CUDA, EXIT_INTERRUPTED = 1, 3, 130  # a config failed / no usable CUDA / SIGINT (the budget)
+# a config failed / no usable CUDA / no config fits the disk / SIGINT (the budget)
+EXIT_FAILED, EXIT_NO_CUDA, EXIT_NO_DISK, EXIT_INTERRUPTED = 1, 3, 4, 130
 
 
 class Budget:
@@ -258,7 +259,7 @@ def main(argv=None) -> int:
             print(note, file=sys.stderr, flush=True)
         if not args.configs:
             print("error: no config fits on the disk; free space or pass --work on a larger filesystem", file=sys.stderr)
-            return EXIT_FAILED
+            return EXIT_NO_DISK
         why = None if args.prepare_only else gpu_preflight()
         if why:
             print(f"error: {why}", file=sys.stderr)

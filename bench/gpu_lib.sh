@@ -7,7 +7,8 @@
 #   gpu_note TEXT          a line under the summary's header
 #   gpu_step NAME MIN_S MAX_S CMD...   run CMD when MIN_S seconds are still left, for at most MAX_S (and never
 #                          past the end); log $OUT/NAME.log (or $GPU_LOGDIR/NAME.log); OK_RCS="0 3" (the
-#                          variable, for this step only) names the exit codes that count as done
+#                          variable, for this step only) names the exit codes that count as done, SKIP_RCS
+#                          those that mean the step found nothing to do here (e.g. no disk for it)
 #   gpu_finish             print the summary; exit 0 when every step was done, 1 when one failed, 2 when one was
 #                          cut or skipped by the budget
 # CMD may be a shell function of the calling script (run as it is, without a timeout: keep it short).
@@ -57,7 +58,7 @@ gpu_tail() {  # NAME LOG: the last lines of a step's log into the summary (and t
 }
 
 gpu_step() {
-  local name=$1 min=$2 max=$3 ok=" ${OK_RCS:-0} " left limit t rc status log
+  local name=$1 min=$2 max=$3 ok=" ${OK_RCS:-0} " skip=" ${SKIP_RCS:-} " left limit t rc status log
   shift 3
   log=${GPU_LOGDIR:-$OUT}/$name.log
   left=$(gpu_left)
@@ -77,6 +78,7 @@ gpu_step() {
   rc=$?
   t=$(( $(date +%s) - t ))
   if [[ "$ok" == *" $rc "* ]]; then status="done$([ "$rc" = 0 ] || echo " (exit $rc, expected here)")"
+  elif [[ "$skip" == *" $rc "* ]]; then status="skipped (exit $rc: its log says why)"; GPU_INCOMPLETE=1
   elif [ "$rc" = 124 ]; then status="cut by the budget (SIGINT after $limit s)"; GPU_INCOMPLETE=1
   elif [ "$rc" = 137 ]; then status="KILLED (still running 15 s after SIGINT at $limit s)"; GPU_FAILED=1
   else status="FAILED (exit $rc)"; GPU_FAILED=1
