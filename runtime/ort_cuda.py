@@ -12,6 +12,7 @@ cuda-bindings) finds each library wherever the nvidia-* wheels, conda or CUDA_HO
 from __future__ import annotations
 
 import contextlib
+import ctypes
 import sys
 import warnings
 
@@ -36,8 +37,27 @@ def load_cuda_libraries() -> tuple[list[str], list[str]]:
         try:
             loaded.append(str(pathfinder.load_nvidia_dynamic_lib(name).abs_path))
         except Exception as e:  # noqa: BLE001 -- DynamicLibNotFoundError and kin: reported, session creation decides
-            problems.append(f"{name}: {str(e).splitlines()[0] if str(e) else type(e).__name__}")
+            wheel = _wheel_library(name)  # an older cuda.pathfinder may not know it (cuDNN)
+            if wheel is None:
+                problems.append(f"{name}: {str(e).splitlines()[0] if str(e) else type(e).__name__}")
+                continue
+            ctypes.CDLL(wheel, mode=ctypes.RTLD_GLOBAL)
+            loaded.append(wheel)
     return loaded, problems
+
+
+def _wheel_library(name: str) -> str | None:
+    """lib<name>.so.<major> as an installed nvidia-* wheel lists it (importlib.metadata), or None."""
+    import importlib.metadata as md
+    import re
+
+    pattern = re.compile(rf"lib{re.escape(name)}\.so\.\d+")
+    for dist in md.distributions():
+        if (dist.metadata["Name"] or "").lower().startswith("nvidia-"):
+            found = next((f for f in dist.files or () if pattern.fullmatch(f.name)), None)
+            if found is not None:
+                return str(dist.locate_file(found))
+    return None
 
 
 def _ort_preload() -> tuple[list[str], list[str]]:

@@ -92,3 +92,24 @@ def test_cuda_libraries_of_the_nvidia_wheels_load_without_torch():
     assert wheel_cudart in mapped and "nvidia/cu13/lib" in wheel_cudart, (wheel_cudart, r.stdout)
     assert any("libcublasLt.so" in p for p in mapped) and any("libcudnn.so" in p for p in mapped), r.stdout
     assert mapped[-1] == "problems: []"
+
+
+def test_a_library_cuda_pathfinder_does_not_know_comes_from_the_wheel(monkeypatch):
+    """An older cuda.pathfinder without cuDNN: the nvidia-cudnn wheel's own file list gives libcudnn.so.9."""
+    import importlib.metadata as md
+
+    from cuda import pathfinder
+
+    from qwen_vl_trt.runtime.ort_cuda import load_cuda_libraries
+
+    real = pathfinder.load_nvidia_dynamic_lib
+
+    def without_cudnn(name):
+        if name == "cudnn":
+            raise pathfinder.DynamicLibNotFoundError("cudnn: unsupported here")
+        return real(name)
+    monkeypatch.setattr(pathfinder, "load_nvidia_dynamic_lib", without_cudnn)
+    dist = md.distribution("nvidia-cudnn-cu13")
+    wheel = next(str(dist.locate_file(f)) for f in dist.files if f.name.startswith("libcudnn.so."))
+    loaded, problems = load_cuda_libraries()
+    assert wheel in loaded and problems == []
