@@ -17,7 +17,7 @@
 #   --rehearse on a machine without a GPU: every step's non-CUDA path (arguments, staging when .gpu/ is there,
 #              disk check, the CUDA preflight failing with one line, pytest collection of the GPU tests, the
 #              budget / SIGINT handling, the summary), with the venv's python; the prepare step runs only with
-#              VISIT_PREPARE=1 (2B takes ~9 GiB and a minute here)
+#              VISIT_PREPARE=1 (2B takes ~9 GiB and a minute here; VISIT_PREPARE=0 turns it off in a real visit)
 set -uo pipefail
 cd "$(dirname "$0")/.."
 usage() { echo "usage: bash bench/gpu_visit.sh BUDGET_S [--rehearse]" >&2; exit 64; }
@@ -87,7 +87,7 @@ PY
 # ---- prepare: in the background (its own session where setsid exists; ended below) while the correctness steps
 # use the GPU; the benchmarks start once it is done (its disk and CPU work would disturb their timings) -----------
 PREP_PID=
-if [ "$REHEARSE" = 0 ] || [ "${VISIT_PREPARE:-0}" = 1 ]; then
+if [ "${VISIT_PREPARE:-$((1 - REHEARSE))}" = 1 ]; then
   $(command -v setsid) "$PY" bench/bench_pipeline.py --prepare-only --configs 2B 8B --work "$WORK/qvb" --tokenizer-dir "$TOK" \
     > "$OUT/prepare.log" 2>&1 &
   PREP_PID=$!
@@ -96,7 +96,7 @@ fi
 end_prepare() {  # wait for it while the budget allows (keeping MIN_S for what follows), then record it
   local rc
   while [ -n "$PREP_PID" ] && kill -0 "$PREP_PID" 2>/dev/null && [ "$(gpu_left)" -gt "$1" ]; do sleep 2; done
-  if [ -z "$PREP_PID" ]; then gpu_row prepare "not run (rehearsal; VISIT_PREPARE=1 runs it)" 0 "-"; return; fi
+  if [ -z "$PREP_PID" ]; then gpu_row prepare "not run (VISIT_PREPARE=0; the default in a rehearsal)" 0 "-"; return; fi
   if kill -0 "$PREP_PID" 2>/dev/null; then
     kill -INT -- "-$PREP_PID" 2>/dev/null || kill -INT "$PREP_PID"
     for _ in 1 2 3 4 5 6 7 8 9 10; do kill -0 "$PREP_PID" 2>/dev/null || break; sleep 1; done  # its children too

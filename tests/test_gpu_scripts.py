@@ -96,6 +96,7 @@ def test_visit_rehearsal_up_to_the_cuda_calls(tmp_path):
     summary = (out / "summary.md").read_text()
     status = {ln.split(" | ")[0][2:]: ln.split(" | ")[1] for ln in summary.splitlines() if ln.startswith("| ")}
     assert status["stage"] == "done" and status["ort_cuda"] == "done" and status["plugins"] == "done"
+    assert status["prepare"] == "not run (VISIT_PREPARE=0; the default in a rehearsal)"
     assert status["bench_2B"] == "done (exit 3, expected here)"
     assert status["bench_8B"] == ("done (exit 3, expected here)" if fits_8b else "skipped (exit 4: its log says why)")
     assert "preflight: onnxruntime " in summary and "has no CUDA provider" in summary
@@ -109,3 +110,23 @@ def test_visit_rehearsal_up_to_the_cuda_calls(tmp_path):
         log = (out / "bench_8B.log").read_text().strip().splitlines()
         assert log[0].startswith("dropped 8B: needs 32.6 GiB of disk") and log[-1].startswith("error: no config fits")
     assert len(list(out.iterdir())) <= 8  # the device tool returns at most 8 files
+
+
+def test_visit_real_mode_runs_through_without_a_gpu(tmp_path):
+    """The real (non-rehearsal) path's shell on this machine, `python3` being the venv's: no unbound variable or
+    missing command; unstaged pieces are one FAILED step (exit 3, the message in the summary) and the steps that
+    no longer fit the small budget are skipped, not started."""
+    out = tmp_path / "out"
+    env = {**os.environ, "OUT": str(out), "VISIT_WORK": str(tmp_path / "work"), "VISIT_PREPARE": "0",
+           "PATH": f"{Path(sys.executable).parent}:{os.environ['PATH']}"}
+    r = subprocess.run(["bash", str(ROOT / "bench/gpu_visit.sh"), "50"], capture_output=True, text=True,
+                       timeout=120, env=env)
+    assert "unbound variable" not in r.stdout + r.stderr and "command not found" not in r.stdout + r.stderr
+    summary = (out / "summary.md").read_text()
+    status = {ln.split(" | ")[0][2:]: ln.split(" | ")[1] for ln in summary.splitlines() if ln.startswith("| ")}
+    staged = (ROOT / ".gpu" / "ort0").is_dir()
+    assert status["stage"] == ("done" if staged else "FAILED (exit 3)")
+    assert r.returncode == (2 if staged else 1), summary
+    if not staged:
+        assert "onnxruntime-gpu pieces missing or damaged" in summary
+    assert all(status[s].startswith("skipped (") for s in ("ort_cuda", "plugins", "bench_2B", "bench_8B")), summary
