@@ -32,6 +32,7 @@ class RunConfig:
     backend: str
     json: bool
     ort_graphs: str = "fused"
+    device: str = "auto"
 
     @classmethod
     def from_args(cls, args: argparse.Namespace) -> "RunConfig":
@@ -52,7 +53,7 @@ class RunConfig:
             raise UserError(f"--max-new-tokens {args.max_new_tokens}: must be >= 1")
         return cls(args.model_dir, prompts, tuple(args.image or ()), args.video, args.system, args.max_new_tokens,
                    args.temperature, args.top_p, args.top_k, args.repetition_penalty, args.seed, args.ignore_eos,
-                   args.backend, args.json, args.ort_graphs)
+                   args.backend, args.json, args.ort_graphs, args.device)
 
 
 def parser() -> argparse.ArgumentParser:
@@ -77,17 +78,25 @@ def parser() -> argparse.ArgumentParser:
     ap.add_argument("--ort-graphs", choices=("fused", "plugin"), default="fused",
                     help="ONNX Runtime backend: fused = vision/decoder.ort.onnx (ONNX Runtime's attention and rotary "
                          "kernels, in-place KV cache; default), plugin = the graphs TensorRT builds (reference bodies)")
+    ap.add_argument("--device", choices=("auto", "cuda"), default="auto",
+                    help="auto: ONNX Runtime's CUDA provider when it loads, else the CPU (the timing line says which); "
+                         "cuda: fail with one line instead of falling back to the CPU")
     ap.add_argument("--json", action="store_true", help="print one JSON object instead of streaming text")
     return ap
 
 
 def run(cfg: RunConfig, out=sys.stdout, err=sys.stderr) -> list:
     from .generate import generate, load_model
+    from .ort_cuda import providers_line, require_cuda_provider, require_on_gpu
     from .pipeline import Preprocessor, Request
     from .prompt import IncrementalDecoder
     from .sampling import Sampler, SamplingConfig
 
+    if cfg.device == "cuda" and cfg.backend == "onnxruntime":
+        require_cuda_provider()  # seconds, before loading the graphs
     model = load_model(cfg.model_dir, cfg.backend, ort_fused=cfg.ort_graphs == "fused")
+    if cfg.device == "cuda":
+        require_on_gpu(model.sessions)
     pre = Preprocessor(model.manifest)
     requests = [pre.prepare(Request(p, cfg.images, cfg.video, cfg.system)) for p in cfg.prompts]
     gen = model.manifest.generation_config
@@ -116,7 +125,7 @@ def run(cfg: RunConfig, out=sys.stdout, err=sys.stderr) -> list:
         for i, t in enumerate(texts):
             out.write(f"[{i}] {t}\n")
     for i, r in enumerate(results):
-        err.write(_timing_line(i if len(results) > 1 else None, r) + "\n")
+        err.write(_timing_line(i if len(results) > 1 else None, r) + f" | {providers_line(model.sessions)}\n")
     return results
 
 

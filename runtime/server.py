@@ -371,7 +371,10 @@ def main(argv=None) -> int:
         print(f"error: {e}", file=sys.stderr)
         return 2
     host, port = server.server_address[:2]
-    print(f"serving {server.name!r} ({server.model.backend}) at http://{host}:{port}/v1", file=sys.stderr, flush=True)
+    from .ort_cuda import providers_line
+
+    print(f"serving {server.name!r} ({server.model.backend}: {providers_line(server.model.sessions)}) at "
+          f"http://{host}:{port}/v1", file=sys.stderr, flush=True)
     try:
         server.serve_forever()
     except KeyboardInterrupt:

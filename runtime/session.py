@@ -112,7 +112,10 @@ class OrtSession:
         if graph_capture and cuda:
             try:
                 sess = self.ort.InferenceSession(str(path), opts, providers=with_options(True))
-                self.graph_capture = True
+                # ONNX Runtime falls back to the CPU provider when the CUDA one cannot load: no graph there
+                self.graph_capture = sess.get_providers()[0] == "CUDAExecutionProvider"
+                if not self.graph_capture:
+                    self.graph_capture_error = f"the CUDA provider did not load ({sess.get_providers()[0]} runs)"
                 return sess
             except Exception as e:  # e.g. "... cannot use the CUDA Graph feature ... control flow nodes"
                 self.graph_capture_error = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
@@ -246,11 +249,9 @@ def ort_providers() -> tuple[str, ...]:
     available = ort.get_available_providers()
     if "CUDAExecutionProvider" not in available:
         return ("CPUExecutionProvider",)
-    if hasattr(ort, "preload_dlls"):  # CUDA / cuDNN from the nvidia-* wheels when no torch import loaded them
-        try:
-            ort.preload_dlls()
-        except Exception:  # noqa: BLE001 -- session creation then says what is missing
-            pass
+    from .ort_cuda import load_cuda_libraries
+
+    load_cuda_libraries()  # CUDA / cuDNN from the nvidia-* wheels wherever they are; a session says what is missing
     return ("CUDAExecutionProvider", "CPUExecutionProvider")
 
 

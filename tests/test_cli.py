@@ -173,3 +173,29 @@ def test_bf16_artifacts_on_the_cpu_provider(qwen3_vl_ckpt, tmp_path, files):
     assert err.startswith(f"error: {out}/vision.ort.onnx: ONNX Runtime's CPU provider has no kernel for an op")
     assert err.rstrip().endswith("bf16/fp16 graphs need onnxruntime-gpu or TensorRT engines, or re-export with "
                                  "--dtype fp32 for the CPU")
+
+
+def test_timing_line_names_the_provider(artifacts, files):
+    """Issue 16: trt-run says where ONNX Runtime runs (here the CPU build: the CPU provider, no CUDA graph)."""
+    rc, err = trt_run("--model-dir", artifacts, "--image", files / "ok.png", "--max-new-tokens", "2",
+                      "--backend", "onnxruntime")
+    assert rc == 0 and err.splitlines()[-1].endswith(" tok/s | CPUExecutionProvider, CUDA graph off"), err
+
+
+@pytest.mark.parametrize("backend", ["onnxruntime", "auto"])
+def test_device_cuda_refuses_the_cpu(artifacts, files, backend):
+    """`--device cuda` where ONNX Runtime's CUDA provider cannot run: one line, exit 2, never a CPU run. With
+    --backend onnxruntime the preflight stops it before the graphs load; with auto, the loaded sessions say so."""
+    import onnxruntime as ort
+
+    rc, err = trt_run("--model-dir", artifacts, "--image", files / "ok.png", "--max-new-tokens", "2",
+                      "--backend", backend, "--device", "cuda")
+    assert rc == 2 and len(err.splitlines()) == 1, err
+    if backend == "onnxruntime":
+        assert err.startswith(f"error: --device cuda: onnxruntime {ort.__version__} (")
+        assert err.rstrip().endswith("has no CUDA provider (the CPU build; install onnxruntime-gpu); not running on "
+                                     "the CPU instead")
+    else:
+        assert err.rstrip() == ("error: --device cuda: ONNX Runtime runs the vision, embed, decoder graph(s) on "
+                                "CPUExecutionProvider, not the CUDA provider (install onnxruntime-gpu with CUDA 13 / "
+                                "cuDNN 9 libraries)")
