@@ -21,16 +21,21 @@ CPU, 64/128 px images, 8 tokens, batch 1 and 2: the same code and table, no mean
 test_bench_pipeline.py runs it and checks the table and that our greedy tokens equal HF's.
 
 `--budget-s`: wall seconds for the whole run; HF measurements that would start after it are skipped and say so
-(the numbers gathered so far are printed, and written to --json after every config).
+(the numbers gathered so far are printed, and written to --json after every config). SIGINT (`timeout
+--signal=INT`, bench/gpu_visit.sh) at any point after the checks prints the table of what finished.
+
+Before anything is prepared (GPU mode): configs that do not fit the free disk of --work are dropped, last first
+(bench/pipeline_prepare.py NEED_BYTES), and a preflight opens a one-node session on ONNX Runtime's CUDA provider
+(runtime/backends/ort_cuda.py): without a usable GPU the run stops there with one line. A config that fails to prepare
+or to measure is reported under the table and the next one goes on. Exit: 0 all measured, 1 a config failed,
+3 no usable CUDA (preflight), 4 no config fits the disk, 130 interrupted (the table holds what finished).
 """
 from __future__ import annotations
 
 import argparse
 import json
-import os
-import subprocess
+import signal
 import sys
-import threading
 import time
 from pathlib import Path
 
@@ -43,10 +48,12 @@ from benchlib import ensure_importable, machine, utc_now, write_images  # noqa: 
 
 ensure_importable(ROOT)
 import pipeline_measure as pm  # noqa: E402
+from pipeline_prepare import INT4_BLOCK, fit_to_disk, free_bytes, prepare_all, prepare_smoke  # noqa: E402
 
 GPU_SIZES, SMOKE_SIZES = (448, 896, 1344), (64, 128)
 TEXT_TOKENS = 50
-INT4_BLOCK = 128  # --weights int4: export_all.sh's default block
+# a config failed / no usable CUDA / no config fits the disk / SIGINT (the budget)
+EXIT_FAILED, EXIT_NO_CUDA, EXIT_NO_DISK, EXIT_INTERRUPTED = 1, 3, 4, 130
 
 
 class Budget:
@@ -57,73 +64,6 @@ class Budget:
 
     def allows(self, expected_s: float) -> bool:
         return self.seconds is None or time.perf_counter() - self.t0 + expected_s <= self.seconds
-
-
-# ---- preparation -------------------------------------------------------------------------------------------
-def _run(cmd, log: Path, env=None) -> None:
-    with open(log, "a") as f:
-        r = subprocess.run(cmd, stdout=f, stderr=subprocess.STDOUT, env=env)
-    if r.returncode:
-        raise SystemExit(f"failed ({r.returncode}): {' '.join(map(str, cmd))}; see {log}")
-
-
-def add_tokenizer(ckpt: Path, tokenizer_dir: Path | None) -> None:
-    """tokenizer.json, tokenizer_config.json (its chat template dropped) and our chat_template.jinja."""
-    if (ckpt / "tokenizer.json").is_file():
-        return
-    if tokenizer_dir is None:
-        raise SystemExit(f"{ckpt} has no tokenizer.json: pass --tokenizer-dir (tokenizer.json, tokenizer_config.json)")
-    (ckpt / "tokenizer.json").write_bytes((tokenizer_dir / "tokenizer.json").read_bytes())
-    cfg = json.loads((tokenizer_dir / "tokenizer_config.json").read_text())
-    cfg.pop("chat_template", None)
-    (ckpt / "tokenizer_config.json").write_text(json.dumps(cfg, indent=2))
-    (ckpt / "chat_template.jinja").write_text((ROOT / "export/assets/qwen3_vl_chat_template.jinja").read_text())
-
-
-def prepare_gpu(config: str, work: Path, tokenizer_dir: Path | None, weights: str = "dense") -> tuple[Path, Path]:
-    suffix = "" if weights == "dense" else f"-{weights}"
-    ckpt, art, log = work / f"ckpt-{config}", work / f"art-{config}{suffix}", work / f"prepare-{config}{suffix}.log"
-    work.mkdir(parents=True, exist_ok=True)
-    env = {**os.environ, "PYTHON": sys.executable}
-    if not (ckpt / "model.safetensors.index.json").is_file():
-        _run([sys.executable, HERE / "make_random_checkpoint.py", config, ckpt, "--dtype", "bf16"], log, env)
-    add_tokenizer(ckpt, tokenizer_dir)
-    if not (art / "manifest.json").is_file():
-        _run(["bash", ROOT / "export_all.sh", ckpt, art, "--dtype", "bf16", "--no-engines", "--max-batch", "8",
-              "--max-seq", "2048", "--max-cache-len", "4096", "--weights", weights], log, env)
-    return ckpt, art
-
-
-def prepare_smoke(work: Path, checkpoint: Path | None, weights: str = "dense") -> tuple[Path, Path]:
-    from qwen_vl_trt.export.export_all import export_all
-    from qwen_vl_trt.model.contracts import Limits
-    from qwen_vl_trt.export.demo_checkpoint import make_checkpoint
-
-    ckpt = checkpoint or make_checkpoint(work / "ckpt-tiny", "qwen3_vl", seed=0)
-    art = work / ("art-tiny" if weights == "dense" else f"art-tiny-{weights}")
-    if not (art / "manifest.json").is_file():
-        export_all(ckpt, art, "fp32", Limits(max_batch=2, max_seq=1024, max_cache_len=2048),
-                         int4_block=INT4_BLOCK if weights == "int4" else None)
-    return Path(ckpt), art
-
-
-def prepare_all(configs, work: Path, tokenizer_dir, weights: str = "dense") -> dict:
-    """Checkpoints and exports of all configs at once (one thread each; the work is in subprocesses)."""
-    done, errors = {}, []
-
-    def one(cfg):
-        try:
-            done[cfg] = prepare_gpu(cfg, work, tokenizer_dir, weights)
-        except BaseException as e:  # noqa: BLE001 -- reported below
-            errors.append(f"{cfg}: {e}")
-    threads = [threading.Thread(target=one, args=(c,)) for c in configs]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join()
-    if errors:
-        raise SystemExit("; ".join(errors))
-    return done
 
 
 # ---- requests ------------------------------------------------------------------------------------------------
@@ -272,9 +212,9 @@ def _jsonable(x):
     return x
 
 
-def main(argv=None) -> int:
+def parse_args(argv=None) -> argparse.Namespace:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--configs", nargs="+", default=["2B", "8B"])
+    ap.add_argument("--configs", nargs="+", default=["2B", "8B"], help="in order of priority (disk, budget)")
     ap.add_argument("--work", type=Path, default=Path("/tmp/qwen-vl-pipeline-bench"))
     ap.add_argument("--tokenizer-dir", type=Path, default=None, help="tokenizer.json + tokenizer_config.json")
     ap.add_argument("--tokens", type=int, default=64, help="new tokens per decode measurement")
@@ -282,56 +222,109 @@ def main(argv=None) -> int:
     ap.add_argument("--json", type=Path, default=None, help="write all numbers here (after every config)")
     ap.add_argument("--smoke", action="store_true", help="tiny checkpoint, CPU, HF eager: prove the code paths")
     ap.add_argument("--checkpoint", type=Path, default=None, help="--smoke: use this tiny checkpoint")
+    ap.add_argument("--prepare-only", action="store_true",
+                    help="make the checkpoints and exports of --configs (no GPU needed) and stop")
     ap.add_argument("--weights", default="dense", choices=("dense", "int4"),
                     help="int4: our side runs `export_all.sh --weights int4` artifacts (INT4 decoder projections, "
                          "blocks of 128; HF stays dense, so greedy agreement is not expected)")
     args = ap.parse_args(argv)
     args.attn = "eager" if args.smoke else "sdpa"
-    args.work.mkdir(parents=True, exist_ok=True)
-    budget = Budget(args.budget_s)
+    return args
+
+
+def gpu_preflight() -> str | None:
+    """None when torch sees a GPU and ONNX Runtime's CUDA provider really runs (runtime/backends/ort_cuda.py opens a
+    one-node CUDA session), else why not (one line). Seconds, before anything is prepared."""
     import torch
 
-    device = pm.Device("cpu" if args.smoke else "cuda")
-    if not args.smoke and not torch.cuda.is_available():
-        raise SystemExit("no CUDA device: run with --smoke on a machine without a GPU")
-    if not args.smoke:
-        import onnxruntime
+    from qwen_vl_trt.runtime.backends.ort_cuda import cuda_provider_status
 
-        if "CUDAExecutionProvider" not in onnxruntime.get_available_providers():
-            raise SystemExit(f"onnxruntime {onnxruntime.__version__} from {onnxruntime.__file__} has no CUDA EP: "
-                             "put onnxruntime-gpu first on PYTHONPATH (bench/gpu_run.sh does)")
-    if args.smoke:
-        prepared = {"tiny": prepare_smoke(args.work, args.checkpoint, args.weights)}
-    else:
-        tok = args.tokenizer_dir or _package_tokenizer()
-        prepared = prepare_all(args.configs, args.work, tok, args.weights)
-    print(f"prepared in {time.perf_counter() - budget.t0:.0f} s", file=sys.stderr, flush=True)
-    copy_gbps = device.copy_gbps(1 << 28 if args.smoke else 1 << 31)
-    results, interrupted = {}, None
+    problems = [] if torch.cuda.is_available() else ["no CUDA device visible to torch (--smoke runs on the CPU)"]
+    ok, why = cuda_provider_status()
+    problems += [] if ok else [f"{why}; put onnxruntime-gpu first on PYTHONPATH (bench/gpu_visit.sh does)"]
+    return "; ".join(problems) or None
+
+
+def main(argv=None) -> int:
+    args = parse_args(argv)
+    # SIGINT even where a parent ignored it (a background job), and SIGTERM: both end in the table of what finished
+    signal.signal(signal.SIGINT, signal.default_int_handler)
+    signal.signal(signal.SIGTERM, signal.default_int_handler)
+    args.work.mkdir(parents=True, exist_ok=True)
+    budget = Budget(args.budget_s)
+    notes = []  # configs dropped or failed, one line each (printed under the table, in the JSON)
+    if not args.smoke:
+        args.configs, dropped = fit_to_disk(args.configs, args.work, free_bytes(args.work), args.weights)
+        notes += [f"dropped {d}" for d in dropped]
+        for note in notes:
+            print(note, file=sys.stderr, flush=True)
+        if not args.configs:
+            print("error: no config fits on the disk; free space or pass --work on a larger filesystem", file=sys.stderr)
+            return EXIT_NO_DISK
+        why = None if args.prepare_only else gpu_preflight()
+        if why:
+            print(f"error: {why}", file=sys.stderr)
+            return EXIT_NO_CUDA
+    results, interrupted, device = {}, None, None
     try:
+        prepared = prepare(args, notes)
+        print(f"prepared {', '.join(prepared) or 'nothing'} in {time.perf_counter() - budget.t0:.0f} s",
+              file=sys.stderr, flush=True)
+        if args.prepare_only:
+            return EXIT_FAILED if len(prepared) < len(args.configs) else 0
+        device = pm.Device("cpu" if args.smoke else "cuda")
+        copy_gbps = device.copy_gbps(1 << 28 if args.smoke else 1 << 31)
         for cfg, (ckpt, art) in prepared.items():
-            measure(results.setdefault(cfg, {"copy_gbps": copy_gbps}), ckpt, art, args, device, budget)
-            print(f"{cfg} measured at {time.perf_counter() - budget.t0:.0f} s\n{table({cfg: results[cfg]}, args)}",
+            entry = results.setdefault(cfg, {"copy_gbps": copy_gbps})
+            try:
+                measure(entry, ckpt, art, args, device, budget)
+            except Exception as e:  # noqa: BLE001 -- one config failing does not stop the next one
+                entry["error"] = f"{type(e).__name__}: {str(e).strip().splitlines()[0] if str(e).strip() else ''}"
+                notes.append(f"{cfg} failed while measuring: {entry['error']}")
+                import traceback
+
+                traceback.print_exc()
+            print(f"{cfg} measured at {time.perf_counter() - budget.t0:.0f} s\n{table({cfg: entry}, args)}",
                   file=sys.stderr, flush=True)  # in the log even if the run is killed before the end
-            if args.json:
-                args.json.write_text(json.dumps(_jsonable(results), indent=1))
-    except KeyboardInterrupt:  # `timeout --signal=INT`: print what was measured
+            write_json(args.json, results, notes)
+    except KeyboardInterrupt:  # `timeout --signal=INT` (bench/gpu_visit.sh): print what was measured
         interrupted = f"interrupted at {time.perf_counter() - budget.t0:.0f} s; the table holds what finished"
     print(table({k: v for k, v in results.items() if "ours" in v}, args))
     print()
-    print(footer(results, args, device, copy_gbps, budget))
+    print(footer(results, args, device, budget))
+    for line in notes + ([interrupted] if interrupted else []):
+        print(line)
+    write_json(args.json, results, notes + ([interrupted] if interrupted else []))
     if interrupted:
-        print(interrupted)
-    return 0
+        return EXIT_INTERRUPTED
+    return EXIT_FAILED if any(not n.startswith("dropped ") for n in notes) else 0
 
 
-def footer(results: dict, args, device, copy_gbps: float, budget: Budget) -> str:
+def prepare(args, notes: list) -> dict:
+    """{config: (checkpoint, artifacts)} of what prepared; a failed config adds a line to `notes`."""
+    if args.smoke:
+        return {"tiny": prepare_smoke(args.work, args.checkpoint, args.weights)}
+    tok = args.tokenizer_dir or _package_tokenizer()
+    prepared, errors = prepare_all(args.configs, args.work, tok, args.weights)
+    for cfg, why in errors.items():
+        notes.append(f"{cfg} failed to prepare: {why}")
+        print(notes[-1], file=sys.stderr, flush=True)
+    return prepared
+
+
+def write_json(path: Path | None, results: dict, notes: list) -> None:
+    if path:
+        path.write_text(json.dumps({**_jsonable(results), "notes": notes}, indent=1))
+
+
+def footer(results: dict, args, device, budget: Budget) -> str:
     import onnxruntime
     import torch
     import transformers
 
     first = next((r["ours"] for r in results.values() if "ours" in r), None)
-    if first is None:
+    copy_gbps = next(iter(results.values()))["copy_gbps"] if results else None
+    if first is None or device is None:
         return f"nothing measured; date: {utc_now()}; command: python bench/bench_pipeline.py {' '.join(sys.argv[1:])}"
     graph = "on" if first["cuda_graph"] else f"off ({first['cuda_graph_error'] or 'CPU EP'})"
     name = torch.cuda.get_device_name(0) if device.kind == "cuda" else "CPU"

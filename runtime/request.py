@@ -53,7 +53,7 @@ _RULES = {
     "top_p": (lambda v: 0 < v <= 1, "in (0, 1]"),
     "top_k": (lambda v: v >= 0, ">= 0 (0 = off)"),
     "repetition_penalty": (lambda v: math.isfinite(v) and v > 0, "> 0 (1 = off)"),
-    "seed": (lambda v: 0 <= v <= MAX_SEED, f"in [0, {MAX_SEED}]"),
+    "seed": (lambda v: 0 <= v <= MAX_SEED, "in [0, 2**63)"),
     "max_new_tokens": (lambda v: v >= 1, ">= 1"),
 }
 _INTEGERS = ("top_k", "seed", "max_new_tokens")

@@ -24,4 +24,26 @@ if [ ! -f third_party/autoawq/packing_utils.py ]; then
   tar xzf third_party/autoawq/autoawq-0.2.9.tar.gz -C third_party/autoawq --strip-components=3 \
     autoawq-0.2.9/awq/utils/packing_utils.py
 fi
+# Triton Inference Server for tests/test_triton_server.py: the nvidia-pytriton wheel carries tritonserver 2.51.0, its
+# Python backend and one backend stub per Python version (glibc >= 2.35, no GPU needed). The stub links
+# libpython3.X.so.1.0 (Debian: libpython3.11) and needs numpy<2 (2.51's bytes-tensor deserialization breaks under
+# numpy 2), so it runs in .venv/triton: a venv holding the server and numpy 1.x, layered over .venv's packages (the
+# project, onnxruntime, tokenizers) by a .pth file; tests/real_tritonserver.py points the model's EXECUTION_ENV_PATH there.
+PYVER=$(.venv/bin/python -c 'import sys; print(f"{sys.version_info[0]}.{sys.version_info[1]}")')
+if ! ldconfig -p | grep -q "libpython$PYVER.so.1.0"; then
+  if [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null; then
+    apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq "libpython$PYVER" >/dev/null
+  else
+    echo "setup: libpython$PYVER.so.1.0 missing (the Triton backend stub links it): install libpython$PYVER" >&2
+  fi
+fi
+[ -x .venv/triton/bin/python ] || .venv/bin/python -m venv .venv/triton
+PIP_CONSTRAINT="$PWD/scripts/constraints-triton.txt" .venv/triton/bin/pip install -q --no-deps nvidia-pytriton numpy
+.venv/bin/python - <<'PY'
+import subprocess, sysconfig
+layer = subprocess.run([".venv/triton/bin/python", "-c", "import sysconfig; print(sysconfig.get_paths()['purelib'])"],
+                       capture_output=True, text=True, check=True).stdout.strip()
+with open(f"{layer}/zz_qwen_vl_trt_venv.pth", "w") as f:  # after .venv/triton's own packages: its numpy 1.x wins
+    f.write(f"import site; site.addsitedir({sysconfig.get_paths()['purelib']!r})\n")
+PY
 echo "setup: .venv ready ($(.venv/bin/python -c 'import torch, torchvision, transformers, onnxruntime; print("torch", torch.__version__, "torchvision", torchvision.__version__, "transformers", transformers.__version__, "onnxruntime", onnxruntime.__version__)'))"

@@ -9,6 +9,8 @@ import sys
 import time
 from pathlib import Path
 
+import pytest
+
 ROOT = Path(__file__).resolve().parents[1]
 HEAD = ("| config | metric | ours (ORT) | HF eager, dynamic cache | HF static cache + compile | ours / HF dynamic "
         "| ours / HF compiled |")
@@ -62,3 +64,65 @@ def test_smoke_int4_decoder(qwen3_vl_ckpt, tmp_path):
     assert table[0] == HEAD.replace("| ours (ORT) |", "| ours (ORT, int4 decoder) |")
     assert (tmp_path / "art-tiny-int4" / "manifest.json").is_file()
     assert '"weights": "int4-rtn-sym-b128"' in (tmp_path / "art-tiny-int4" / "manifest.json").read_text()
+
+
+# ---- issue 16: what a GPU visit needs before any CUDA call ------------------------------------------------------
+sys.path.insert(0, str(ROOT / "bench"))
+import pipeline_prepare as pp  # noqa: E402
+
+GIB = 2**30
+
+
+@pytest.mark.parametrize("free_gib,kept", [(60, ["2B", "8B"]), (40, ["2B"]), (9, []), (11, ["2B"])])
+def test_disk_check_keeps_configs_in_order_of_priority(tmp_path, free_gib, kept):
+    """2B needs 8.6 GiB, 8B 35 GB (checkpoint + bf16 graphs, docs/benchmarks.md), plus 2 GiB headroom."""
+    got, dropped = pp.fit_to_disk(["2B", "8B"], tmp_path, free_gib * GIB)
+    assert got == kept and [d.split(":")[0] for d in dropped] == [c for c in ("2B", "8B") if c not in kept]
+    assert all("GiB of disk" in d for d in dropped)
+
+
+def test_disk_check_counts_nothing_for_a_prepared_config(tmp_path):
+    (tmp_path / "art-8B").mkdir()
+    (tmp_path / "art-8B" / "manifest.json").write_text("{}")
+    assert pp.fit_to_disk(["2B", "8B"], tmp_path, 11 * GIB) == (["2B", "8B"], [])
+
+
+def test_one_config_failing_to_prepare_leaves_the_others(tmp_path, monkeypatch):
+    """A config that fails (here: unknown to make_random_checkpoint.py, a real subprocess failure) is reported with
+    the end of its log; the one that prepared is returned."""
+    real = pp.prepare_gpu
+    monkeypatch.setattr(pp, "prepare_gpu", lambda cfg, *a: ("ckpt", "art") if cfg == "2B" else real(cfg, *a))
+    done, errors = pp.prepare_all(["2B", "nope"], tmp_path, None)
+    assert done == {"2B": ("ckpt", "art")} and list(errors) == ["nope"]
+    assert errors["nope"].startswith("failed (") and f"end of {tmp_path}/prepare-nope.log: " in errors["nope"]
+
+
+def test_gpu_mode_without_a_gpu_stops_at_the_preflight(tmp_path):
+    """No usable CUDA: one line, exit 3, nothing prepared (the disk check runs first and prints what it drops)."""
+    r = subprocess.run([sys.executable, str(ROOT / "bench/bench_pipeline.py"), "--configs", "2B", "--work",
+                        str(tmp_path)], capture_output=True, text=True, timeout=120)
+    assert r.returncode == 3 and "Traceback" not in r.stderr, r.stderr
+    last = r.stderr.strip().splitlines()[-1]
+    assert last.startswith("error: no CUDA device visible to torch") and "has no CUDA provider" in last
+    assert not (tmp_path / "ckpt-2B").exists()
+
+
+def test_sigint_prints_the_table_even_when_the_parent_ignores_it(qwen3_vl_ckpt, tmp_path):
+    """`timeout --signal=INT` (bench/gpu_visit.sh) mid-measurement: the table and footer are printed, exit 130.
+    The child starts with SIGINT ignored, as a background job's children do; the bench restores the handler."""
+    import signal
+
+    p = subprocess.Popen([sys.executable, str(ROOT / "bench/bench_pipeline.py"), "--smoke", "--work", str(tmp_path),
+                          "--checkpoint", str(qwen3_vl_ckpt), "--json", str(tmp_path / "out.json")],
+                         stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                         preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_IGN))
+    for line in p.stderr:
+        if line.startswith("prepared tiny in "):
+            break
+    time.sleep(1)  # inside the measurement of the only config
+    p.send_signal(signal.SIGINT)
+    out, _ = p.communicate(timeout=120)
+    assert p.returncode == 130, out
+    assert HEAD in out.splitlines() and "nothing measured; date: " in out
+    assert out.rstrip().splitlines()[-1].startswith("interrupted at ")
+    assert '"notes"' in (tmp_path / "out.json").read_text()

@@ -14,6 +14,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
+from media_bombs import BOMB_MESSAGE, png_bomb
 from qwen_vl_trt.export.export_all import export_all
 from qwen_vl_trt.model.contracts import Limits
 
@@ -40,6 +41,7 @@ def files(tmp_path_factory):
     (d / "truncated.png").write_bytes(good[: len(good) // 2])
     Image.fromarray(np.zeros((2, 500, 3), np.uint8)).save(d / "thin.png")
     Image.fromarray(np.zeros((1024, 1024, 3), np.uint8)).save(d / "big.png")
+    (d / "bomb.png").write_bytes(png_bomb(9000, 9000))  # 236 KB; 243 MB decoded
     return d
 
 
@@ -67,6 +69,7 @@ def assert_error(args, message, **kw):
     ("thin.png", "image 500x2 has aspect ratio 250.0 > 200; crop or pad it to at most 200:1"),
     ("big.png", "{p} needs 4096 vision patches, artifacts allow at most 1024 per vision call: re-export with a "
                 "larger --max-patches or pass a smaller image"),
+    ("bomb.png", BOMB_MESSAGE.replace("{name}", "{p}")),  # refused from its header (issue 14)
 ])
 def test_bad_image(artifacts, files, name, message):
     p = files / name
@@ -171,3 +174,29 @@ def test_bf16_artifacts_on_the_cpu_provider(qwen3_vl_ckpt, tmp_path, files):
     assert err.startswith(f"error: {out}/vision.ort.onnx: ONNX Runtime's CPU provider has no kernel for an op")
     assert err.rstrip().endswith("bf16/fp16 graphs need onnxruntime-gpu or TensorRT engines, or re-export with "
                                  "--dtype fp32 for the CPU")
+
+
+def test_timing_line_names_the_provider(artifacts, files):
+    """Issue 16: trt-run says where ONNX Runtime runs (here the CPU build: the CPU provider, no CUDA graph)."""
+    rc, err = trt_run("--model-dir", artifacts, "--image", files / "ok.png", "--max-new-tokens", "2",
+                      "--backend", "onnxruntime")
+    assert rc == 0 and err.splitlines()[-1].endswith(" tok/s | CPUExecutionProvider, CUDA graph off"), err
+
+
+@pytest.mark.parametrize("backend", ["onnxruntime", "auto"])
+def test_device_cuda_refuses_the_cpu(artifacts, files, backend):
+    """`--device cuda` where ONNX Runtime's CUDA provider cannot run: one line, exit 2, never a CPU run. With
+    --backend onnxruntime the preflight stops it before the graphs load; with auto, the loaded sessions say so."""
+    import onnxruntime as ort
+
+    rc, err = trt_run("--model-dir", artifacts, "--image", files / "ok.png", "--max-new-tokens", "2",
+                      "--backend", backend, "--device", "cuda")
+    assert rc == 2 and len(err.splitlines()) == 1, err
+    if backend == "onnxruntime":
+        assert err.startswith(f"error: --device cuda: onnxruntime {ort.__version__} (")
+        assert err.rstrip().endswith("has no CUDA provider (the CPU build; install onnxruntime-gpu); not running on "
+                                     "the CPU instead")
+    else:
+        assert err.rstrip() == ("error: --device cuda: ONNX Runtime runs the vision, embed, decoder graph(s) on "
+                                "CPUExecutionProvider, not the CUDA provider (install onnxruntime-gpu with CUDA 13 / "
+                                "cuDNN 9 libraries)")

@@ -14,6 +14,7 @@ errors -> one `error:` line, exit 2.
 from __future__ import annotations
 
 import base64
+import contextlib
 import json
 import socket
 import subprocess
@@ -22,7 +23,6 @@ import threading
 import time
 import urllib.error
 import urllib.request
-from argparse import Namespace
 
 import pytest
 from PIL import Image
@@ -35,17 +35,27 @@ NAME = "tiny-qwen3-vl"
 
 
 @pytest.fixture(scope="module")
-def server(artifacts):  # noqa: F811
-    from qwen_vl_trt.runtime.serve.server import make_server
+def server(artifacts, media):  # noqa: F811
+    """The server with its default limits; clients may name files in the media fixture's directory."""
+    from qwen_vl_trt.runtime.serve.server import make_server, parser
 
-    srv = make_server(Namespace(model_dir=str(artifacts), host="127.0.0.1", port=0, backend="onnxruntime",
-                                ort_graphs="fused", max_batch=None, served_model_name=NAME))
+    srv = make_server(parser().parse_args([
+        "--model-dir", str(artifacts), "--port", "0", "--backend", "onnxruntime", "--served-model-name", NAME,
+        "--allowed-local-media-path", str(media["images"][0].parent)]))
+    with serving(srv):
+        yield srv
+
+
+@contextlib.contextmanager
+def serving(srv):
+    """Run the server on a daemon thread, quietly; shut it down and close it after."""
     srv.quiet = True
-    thread = threading.Thread(target=srv.serve_forever, daemon=True)
-    thread.start()
-    yield srv
-    srv.shutdown()
-    srv.server_close()
+    threading.Thread(target=srv.serve_forever, daemon=True).start()
+    try:
+        yield srv
+    finally:
+        srv.shutdown()
+        srv.server_close()
 
 
 def url(server, path: str) -> str:
@@ -71,7 +81,8 @@ def get(server, path: str) -> tuple[int, dict]:
 def stream(server, body) -> list[str]:
     """The `data:` payloads of a streamed response, in order; checks the SSE framing."""
     data = json.dumps({**body, "stream": True}).encode()
-    req = urllib.request.Request(url(server, "/v1/chat/completions"), data=data)
+    req = urllib.request.Request(url(server, "/v1/chat/completions"), data=data,
+                                 headers={"Content-Type": "application/json"})
     with urllib.request.urlopen(req, timeout=120) as r:
         assert r.status == 200 and r.headers["Content-Type"] == "text/event-stream"
         raw = r.read().decode()
@@ -322,10 +333,10 @@ def test_client_hanging_up_mid_stream(server, alone, monkeypatch):
     body = json.dumps({"messages": [{"role": "user", "content": "Write a haiku about the sea."}], "max_tokens": 900,
                        "temperature": 0, "ignore_eos": True, "stream": True}).encode()
     with socket.create_connection(("127.0.0.1", server.server_address[1]), timeout=60) as s:
-        s.sendall(b"POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+        s.sendall(b"POST /v1/chat/completions HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: application/json\r\n"
                   b"Content-Length: " + str(len(body)).encode() + b"\r\n\r\n" + body)
         head = s.recv(4096)
-        assert head.startswith(b"HTTP/1.0 200") and b"text/event-stream" in head
+        assert head.startswith(b"HTTP/1.1 200") and b"text/event-stream" in head
     status, r = post(server, greedy([{"role": "user", "content": "Write a haiku about the sea."}]))
     assert status == 200 and r["choices"] == alone["text"][1]["choices"]
     assert 0 < generated.count(900) < 450 and generated.count(N_NEW) == N_NEW

@@ -3,7 +3,8 @@
 The config.pbtxt is parsed with Triton's own ModelConfig protobuf (tritonclient), so a field Triton would
 reject fails here. The model runs through its real entry point (the repository's 1/model.py shim) with a
 stand-in of `triton_python_backend_utils` (tests/triton_stub; the real module exists only inside
-tritonserver's Python backend, which cannot be installed here): streamed and whole responses must carry
+tritonserver's Python backend: tests/test_triton_server.py runs the same repository in a real tritonserver),
+in-process and fast: streamed and whole responses must carry
 exactly HF's greedy tokens (32 new tokens, EOS ignored), for an image sent as bytes and a text-only prompt
 batched together, and a corrupt image fails only its own request with the one-line message trt-run prints.
 """
@@ -13,6 +14,7 @@ import importlib
 import importlib.util
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import numpy as np
@@ -20,6 +22,7 @@ import pytest
 from google.protobuf import json_format, text_format
 from tritonclient.grpc import model_config_pb2
 
+from media_bombs import BOMB_MESSAGE, png_bomb
 from test_generate import N_NEW, artifacts, hf_generate, media, processor  # noqa: F401 (fixtures)
 
 STUB = Path(__file__).parent / "triton_stub"
@@ -99,6 +102,8 @@ def test_streamed_tokens_match_hf(load_model, media, hf_qwen3_vl, processor):  #
 
 
 def test_batched_requests_match_hf_and_a_bad_image_fails_alone(load_model, media, hf_qwen3_vl, processor):  # noqa: F811
+    import triton_python_backend_utils as pb
+
     model = load_model("qwen_vl_whole")
     img = media["images"][1]
     reqs = [request("What is shown?", [img]), request("Write a haiku about the sea."),
@@ -109,8 +114,17 @@ def test_batched_requests_match_hf_and_a_bad_image_fails_alone(load_model, media
         hf_generate(hf_qwen3_vl, processor, "What is shown?", [img])
     assert [int(t) for t in responses[1].tensor("token_ids").reshape(-1)] == \
         hf_generate(hf_qwen3_vl, processor, "Write a haiku about the sea.")
-    assert responses[2].has_error()
+    assert responses[2].has_error() and responses[2].error.code() == pb.TritonError.INVALID_ARG
     assert responses[2].error.message().startswith("cannot read image <image 0>: not a supported image format")
+
+
+def test_an_image_bomb_is_refused_from_its_header(load_model):
+    """A 9000x9000 PNG (236 KB, 243 MB decoded) fails its request within a second, before decoding (issue 14)."""
+    model, bomb = load_model("qwen_vl_whole"), png_bomb(9000, 9000)
+    t0 = time.monotonic()
+    responses = model.execute([request("Describe this image.", [bomb])])
+    assert time.monotonic() - t0 < 1.0
+    assert responses[0].has_error() and responses[0].error.message() == BOMB_MESSAGE.format(name="<image 0>")
 
 
 def test_repository_cli_refuses_a_directory_without_artifacts(tmp_path):
@@ -119,3 +133,10 @@ def test_repository_cli_refuses_a_directory_without_artifacts(tmp_path):
     assert r.returncode == 2
     lines = r.stderr.strip().splitlines()
     assert len(lines) == 1 and lines[0].startswith("error: ") and "Traceback" not in r.stderr
+
+
+def test_repository_cli_refuses_an_execution_env_without_activate(artifacts, tmp_path):  # noqa: F811
+    r = subprocess.run([sys.executable, "-m", "qwen_vl_trt.runtime.serve.triton_repo", str(artifacts), str(tmp_path / "repo"),
+                        "--execution-env", str(tmp_path)], capture_output=True, text=True, timeout=60)
+    assert r.returncode == 2 and "Traceback" not in r.stderr
+    assert r.stderr.strip() == f"error: --execution-env {tmp_path}: no bin/activate there; pass a venv or conda env directory"

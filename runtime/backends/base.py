@@ -6,7 +6,7 @@
                                       `resident` names and `device_outputs`, which stay on the device
       allocate(shape, dtype)          a zeroed buffer of the kind `run` accepts (numpy, OrtValue, device buffer)
       decode_io(model, B, K)          (decoder) the DecodeIO that owns this generation's KV cache and step buffers
-      device, resident, graph_capture, graph_capture_error   plain attributes, set at load
+      device, provider, resident, graph_capture, graph_capture_error   plain attributes, set at load
     DecodeIO       one generation's decoder steps (runtime/backends/decode_io.py HostIO, ort_io.OrtBoundIO,
                    trt_io.TrtBoundIO)
       reset()                                          empty cache, same buffers
@@ -40,6 +40,7 @@ class DecodeIO(Protocol):
 
 class Session(Protocol):
     device: str  # "cpu" | "cuda": where `allocate` buffers and `resident` outputs live
+    provider: str  # what runs the graph: ONNX Runtime's execution provider (e.g. "CUDAExecutionProvider") or "TensorRT"
     resident: frozenset  # output names that stay on the device (the decoder's present_* caches)
     graph_capture: bool  # the decode step replays a CUDA graph: generate.py rounds cache_len to few shapes
     graph_capture_error: str | None  # why capture was refused, when it was asked for

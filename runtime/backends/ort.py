@@ -62,6 +62,7 @@ class OrtSession:
         found_out = {o.name: (_ORT_TYPES.get(o.type, o.type), len(o.shape)) for o in self.sess.get_outputs()}
         check_io(contract, found_in, found_out, str(path))
         self.output_names = [o.name for o in self.sess.get_outputs()]
+        self.provider = self.sess.get_providers()[0]
         self.device = "cuda" if "CUDAExecutionProvider" in self.sess.get_providers() else "cpu"
         # bf16 has no numpy type in onnxruntime's Python API: only bound OrtValues carry it
         has_bf16 = any(d == "bfloat16" for d, _ in (*found_in.values(), *found_out.values()))
@@ -85,7 +86,10 @@ class OrtSession:
         if graph_capture and cuda:
             try:
                 sess = self.ort.InferenceSession(str(path), opts, providers=with_options(True))
-                self.graph_capture = True
+                # ONNX Runtime falls back to the CPU provider when the CUDA one cannot load: no graph there
+                self.graph_capture = sess.get_providers()[0] == "CUDAExecutionProvider"
+                if not self.graph_capture:
+                    self.graph_capture_error = f"the CUDA provider did not load ({sess.get_providers()[0]} runs)"
                 return sess
             except Exception as e:  # e.g. "... cannot use the CUDA Graph feature ... control flow nodes"
                 self.graph_capture_error = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
@@ -219,11 +223,9 @@ def ort_providers() -> tuple[str, ...]:
     available = ort.get_available_providers()
     if "CUDAExecutionProvider" not in available:
         return ("CPUExecutionProvider",)
-    if hasattr(ort, "preload_dlls"):  # CUDA / cuDNN from the nvidia-* wheels when no torch import loaded them
-        try:
-            ort.preload_dlls()
-        except Exception:  # noqa: BLE001 -- session creation then says what is missing
-            pass
+    from .ort_cuda import load_cuda_libraries
+
+    load_cuda_libraries()  # CUDA / cuDNN from the nvidia-* wheels wherever they are; a session says what is missing
     return ("CUDAExecutionProvider", "CPUExecutionProvider")
 
 

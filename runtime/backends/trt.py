@@ -65,7 +65,7 @@ class TrtSession:
     def __init__(self, engine_path: Path, contract, trt, cudart, stream, ranges: dict, *, resident=(),
                  in_place: bool = False, cuda_graph: bool = True):
         self.trt, self.cudart, self.stream, self.where = trt, cudart, stream, str(engine_path)
-        self.device = "cuda"
+        self.device, self.provider = "cuda", "TensorRT"
         self.logger = trt.Logger(trt.Logger.WARNING)
         engine = trt.Runtime(self.logger).deserialize_cuda_engine(Path(engine_path).read_bytes())
         if engine is None:

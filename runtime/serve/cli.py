@@ -21,6 +21,7 @@ class RunConfig:
     backend: str
     json: bool
     ort_graphs: str = "fused"
+    device: str = "auto"
 
     @classmethod
     def from_args(cls, args: argparse.Namespace) -> "RunConfig":
@@ -33,7 +34,7 @@ class RunConfig:
                                      sampling, ignore_eos=args.ignore_eos) for p in prompts)
         except FieldError as e:  # the rule is the request's; the name is the flag's
             raise UserError(f"--{e.field.replace('_', '-')} {e.value}: must be {e.need}") from None
-        return cls(args.model_dir, requests, args.backend, args.json, args.ort_graphs)
+        return cls(args.model_dir, requests, args.backend, args.json, args.ort_graphs, args.device)
 
 
 def parser() -> argparse.ArgumentParser:
@@ -58,17 +59,25 @@ def parser() -> argparse.ArgumentParser:
     ap.add_argument("--ort-graphs", choices=("fused", "plugin"), default="fused",
                     help="ONNX Runtime backend: fused = vision/decoder.ort.onnx (ONNX Runtime's attention and rotary "
                          "kernels, in-place KV cache; default), plugin = the graphs TensorRT builds (reference bodies)")
+    ap.add_argument("--device", choices=("auto", "cuda"), default="auto",
+                    help="auto: ONNX Runtime's CUDA provider when it loads, else the CPU (the timing line says which); "
+                         "cuda: fail with one line instead of falling back to the CPU")
     ap.add_argument("--json", action="store_true", help="print one JSON object instead of streaming text")
     return ap
 
 
 def run(cfg: RunConfig, out=sys.stdout, err=sys.stderr) -> list:
+    from ..backends.ort_cuda import providers_line, require_cuda_provider, require_on_gpu
     from ..generate import generate, load_model
     from ..pipeline import Preprocessor
     from ..prompt import IncrementalDecoder
     from ..sampling import Sampler
 
+    if cfg.device == "cuda" and cfg.backend == "onnxruntime":
+        require_cuda_provider()  # seconds, before loading the graphs
     model = load_model(cfg.model_dir, cfg.backend, ort_fused=cfg.ort_graphs == "fused")
+    if cfg.device == "cuda":
+        require_on_gpu(model.sessions)
     pre = Preprocessor(model.manifest)
     requests = [pre.prepare(r) for r in cfg.requests]
     gen, first = model.manifest.generation_config, cfg.requests[0]  # one batch: every request has these settings
@@ -94,7 +103,7 @@ def run(cfg: RunConfig, out=sys.stdout, err=sys.stderr) -> list:
         for i, t in enumerate(texts):
             out.write(f"[{i}] {t}\n")
     for i, r in enumerate(results):
-        err.write(_timing_line(i if len(results) > 1 else None, r) + "\n")
+        err.write(_timing_line(i if len(results) > 1 else None, r) + f" | {providers_line(model.sessions)}\n")
     return results
 
 

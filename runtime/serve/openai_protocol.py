@@ -9,27 +9,35 @@ What a request may hold (everything else OpenAI defines is ignored when absent o
 | `image_url.url` | `data:image/...;base64,...` or `file:///local/path`; http(s) is refused (nothing is fetched) |
 | `video_url.url`, `video` | `file:///local/path` (video file or frame directory); one, after the images |
 | `max_tokens`, `max_completion_tokens` | >= 1; default: generation_config.json (else 128) within the KV cache |
-| `temperature`, `top_p`, `seed` | as `trt-run`; defaults from generation_config.json |
+| `temperature`, `top_p`, `seed` | as `trt-run`; defaults from generation_config.json; temperature < 1e-5 = greedy |
 | `top_k`, `repetition_penalty`, `ignore_eos` | extensions, as vLLM's |
 | `stop` | a string or a list of up to 4 strings; the text ends before the first one found |
 | `n` | 1 |
 | `stream`, `stream_options.include_usage` | SSE chunks (`chat.completion.chunk`), then `data: [DONE]` |
+
+`file://` media only inside the directory the operator allows (runtime/serve/local_media.py); at most
+`MediaPolicy.max_images` images, refused before the next one is decoded. Numbers are finite and in range
+(integers within 64 bits), strings valid Unicode (no lone surrogates): anything else is a 400.
 """
 from __future__ import annotations
 
 import base64
 import binascii
+import math
 import time
 import urllib.parse
-import urllib.request
 import uuid
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from .. import prompt
 from ..request import FieldError, Request, Sampling, check_field
+from .local_media import LocalMediaPolicy, MediaRefused
 
 MAX_STOP = 4
-# sampling fields of a request and their JSON types; their ranges are runtime/request.py's
+MAX_IMAGES = 16  # default images per request (`qwen-vl-serve --max-images-per-request`)
+INT_RANGE = (-(1 << 63), (1 << 63) - 1)  # integer fields: what a C long long holds
+# sampling fields of a request and their JSON types; their ranges are runtime/request.py's (a temperature below
+# 1e-5 is greedy there: logits / T would overflow float32)
 _SAMPLING = (("temperature", float), ("top_p", float), ("top_k", int), ("repetition_penalty", float), ("seed", int))
 # OpenAI fields we do not implement: refused unless absent or at their no-op value
 _UNSUPPORTED = {"logprobs": (False,), "top_logprobs": (0,), "tools": ([],), "tool_choice": ("none",),
@@ -55,6 +63,14 @@ def error_body(message: str, kind: str, code: str | None = None, param: str | No
 
 
 @dataclass(frozen=True)
+class MediaPolicy:
+    """What media a request may carry: local files (runtime/serve/local_media.py) and how many images."""
+
+    local: LocalMediaPolicy = field(default_factory=LocalMediaPolicy)
+    max_images: int = MAX_IMAGES
+
+
+@dataclass(frozen=True)
 class ChatRequest:
     request: Request  # the conversation (prompt.Conversation), images (bytes of data URLs or local paths, in
     # conversation order), video (a local path), max_tokens, sampling, stop strings, ignore_eos
@@ -74,10 +90,33 @@ def _typed(body: dict, key: str, kind, param: str | None = None):
         name = {float: "a number", int: "an integer", bool: "a boolean", str: "a string", list: "an array",
                 dict: "an object"}[kind]
         raise ProtocolError(f"{param or key}: must be {name}, got {type(value).__name__}", param or key)
-    return float(value) if kind is float else value
+    if kind is int and not INT_RANGE[0] <= value <= INT_RANGE[1]:
+        raise ProtocolError(f"{param or key}: integer out of range", param or key)
+    if kind is float:
+        return _finite(value, param or key)
+    return _valid_text(value, param or key) if kind is str else value
 
 
-def parse_chat_request(body) -> ChatRequest:
+def _finite(value, param: str) -> float:
+    try:
+        number = float(value)
+    except OverflowError:
+        number = math.inf
+    if not math.isfinite(number):
+        raise ProtocolError(f"{param}: must be a finite number", param)
+    return number
+
+
+def _valid_text(text: str, param: str) -> str:
+    """`text` if it encodes as UTF-8 (JSON's \\ud800 escapes decode to lone surrogates, which do not)."""
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        raise ProtocolError(f"{param}: not valid Unicode text (a lone surrogate escape?)", param) from None
+    return text
+
+
+def parse_chat_request(body, media: MediaPolicy = MediaPolicy()) -> ChatRequest:
     if not isinstance(body, dict):
         raise ProtocolError("the request body must be a JSON object")
     for key, allowed in _UNSUPPORTED.items():
@@ -96,7 +135,7 @@ def parse_chat_request(body) -> ChatRequest:
         key = {"max_new_tokens": "max_tokens"}.get(e.field, e.field)
         raise ProtocolError(f"{key}: must be {e.need}, got {e.value}", key) from None
     options = _typed(body, "stream_options", dict) or {}
-    conversation, images, video = parse_messages(_typed(body, "messages", list))
+    conversation, images, video = parse_messages(_typed(body, "messages", list), media)
     request = Request(conversation, images, video, None, max_tokens, sampling, _stop(body),
                       bool(_typed(body, "ignore_eos", bool)))
     return ChatRequest(request, bool(_typed(body, "stream", bool)),
@@ -108,10 +147,10 @@ def _stop(body: dict) -> tuple:
     stops = [stop] if isinstance(stop, str) else stop if isinstance(stop, list) else [] if stop is None else None
     if stops is None or not all(isinstance(s, str) and s for s in stops) or len(stops) > MAX_STOP:
         raise ProtocolError(f"stop: must be a non-empty string or a list of up to {MAX_STOP} of them", "stop")
-    return tuple(stops)
+    return tuple(_valid_text(s, "stop") for s in stops)
 
 
-def parse_messages(messages) -> tuple[prompt.Conversation, tuple, str | None]:
+def parse_messages(messages, media: MediaPolicy = MediaPolicy()) -> tuple[prompt.Conversation, tuple, str | None]:
     """OpenAI messages -> (HF content-item Conversation, images in order, the video path or None)."""
     if not messages:
         raise ProtocolError("messages: must be a non-empty array", "messages")
@@ -120,7 +159,8 @@ def parse_messages(messages) -> tuple[prompt.Conversation, tuple, str | None]:
         where = f"messages[{i}]"
         if not isinstance(m, dict):
             raise ProtocolError(f"{where}: must be an object", where)
-        role = {"developer": "system"}.get(m.get("role"), m.get("role"))
+        role = m.get("role")
+        role = {"developer": "system"}.get(role, role) if isinstance(role, str) else None
         if role not in ("system", "user", "assistant"):
             raise ProtocolError(f"{where}.role: {m.get('role')!r} is not supported (system, developer, user, "
                                 "assistant)", f"{where}.role")
@@ -128,21 +168,32 @@ def parse_messages(messages) -> tuple[prompt.Conversation, tuple, str | None]:
             raise ProtocolError(f"{where}: tool calls are not supported", where)
         content = m.get("content")
         if content is None or isinstance(content, str):
-            out.append({"role": role, "content": content or ""})
+            out.append({"role": role, "content": _valid_text(content or "", f"{where}.content")})
             continue
         if not isinstance(content, list):
             raise ProtocolError(f"{where}.content: must be a string or an array of content parts", f"{where}.content")
         items = []
         for j, part in enumerate(content):
-            items.append(_content_part(part, role, f"{where}.content[{j}]", images, videos))
+            items.append(_content_part(part, role, f"{where}.content[{j}]", images, videos, media.max_images))
         out.append({"role": role, "content": items})
     if len(videos) > 1 or (videos and images and videos[0][0] < images[-1][0]):
         raise ProtocolError("messages: at most one video per request, after all images", "messages")
-    return (prompt.Conversation(tuple(out)), tuple(data for _, data in images),
-            videos[0][1] if videos else None)
+    image_data = tuple(_local(data, where, "image", media.local) for _, data, where in images)
+    video = _local(videos[0][1], videos[0][2], "video", media.local) if videos else None
+    return prompt.Conversation(tuple(out)), image_data, video
 
 
-def _content_part(part, role: str, where: str, images: list, videos: list) -> dict:
+def _local(data, where: str, what: str, policy: LocalMediaPolicy):
+    """Image bytes as they are; a file:// URL (str) -> the path the policy allows, else a 400."""
+    if not isinstance(data, str):
+        return data
+    try:
+        return policy.resolve(data, what)
+    except MediaRefused as e:
+        raise ProtocolError(str(e), where) from None
+
+
+def _content_part(part, role: str, where: str, images: list, videos: list, max_images: int) -> dict:
     kind = part.get("type") if isinstance(part, dict) else None
     if kind == "text":
         return {"type": "text", "text": _typed(part, "text", str, f"{where}.text") or ""}
@@ -156,16 +207,18 @@ def _content_part(part, role: str, where: str, images: list, videos: list) -> di
         raise ProtocolError(f"{where}.{kind}: must be an object with a string `url`", f"{where}.{kind}")
     order = len(images) + len(videos)
     if kind == "image_url":
-        images.append((order, _image_data(url, f"{where}.image_url")))
+        if len(images) >= max_images:
+            raise ProtocolError(f"messages: at most {max_images} images per request", "messages")
+        images.append((order, _image_data(url, f"{where}.image_url"), f"{where}.image_url"))
         return {"type": "image"}
-    videos.append((order, _local_path(url, f"{where}.{kind}", "video")))
+    videos.append((order, _file_url(url, f"{where}.{kind}", "video"), f"{where}.{kind}"))
     return {"type": "video"}
 
 
 def _image_data(url: str, where: str):
-    """data:image/...;base64 -> bytes; file:// -> a local path."""
+    """data:image/...;base64 -> bytes; file:// -> the URL (str), resolved once the whole request parsed."""
     if not url.startswith("data:"):
-        return _local_path(url, where, "image")
+        return _file_url(url, where, "image")
     head, sep, data = url.partition(",")
     if not sep or not head.endswith(";base64") or not head[5:].startswith("image/"):
         raise ProtocolError(f"{where}: data URLs must be data:image/<type>;base64,<data>", where)
@@ -175,7 +228,7 @@ def _image_data(url: str, where: str):
         raise ProtocolError(f"{where}: invalid base64 data ({e})", where) from None
 
 
-def _local_path(url: str, where: str, what: str) -> str:
+def _file_url(url: str, where: str, what: str) -> str:
     scheme = urllib.parse.urlsplit(url).scheme.lower()
     if scheme in ("http", "https"):
         raise ProtocolError(f"{where}: {scheme} URLs are not fetched by this server; send the {what} as "
@@ -184,7 +237,7 @@ def _local_path(url: str, where: str, what: str) -> str:
     if scheme != "file":
         raise ProtocolError(f"{where}: unsupported URL {url[:40]!r}; use "
                             + ("a data:image/...;base64 URL or " if what == "image" else "") + "file:///path", where)
-    return urllib.request.url2pathname(urllib.parse.urlsplit(url).path)
+    return url
 
 
 # ---- responses -----------------------------------------------------------------------------------------

@@ -2,7 +2,8 @@
 
 It mirrors the parts of the real API that runtime/serve/triton_model.py uses, with the real names and semantics
 (python_backend README, "Usage"): Tensor(name, numpy array) / as_numpy(), InferenceResponse(output_tensors,
-error), TritonError(message), get_input_tensor_by_name(request, name) -> Tensor | None,
+error), TritonError(message, code) with the codes INTERNAL / INVALID_ARG / CANCELLED (python_backend README,
+"Error Handling"), Logger.log_info / log_error, request.is_cancelled(), get_input_tensor_by_name(request, name) -> Tensor | None,
 using_decoupled_model_transaction_policy(model_config), request.get_response_sender().send(response, flags),
 TRITONSERVER_RESPONSE_COMPLETE_FINAL. Tests build requests with `FakeRequest`.
 """
@@ -14,12 +15,27 @@ TRITONSERVER_RESPONSE_COMPLETE_FINAL = 1
 
 
 class TritonError(Exception):
-    def __init__(self, message: str):
+    UNKNOWN, INTERNAL, NOT_FOUND, INVALID_ARG, UNAVAILABLE, UNSUPPORTED, ALREADY_EXISTS, CANCELLED = range(8)
+
+    def __init__(self, message: str, code: int = INTERNAL):
         super().__init__(message)
-        self._message = message
+        self._message, self._code = message, code
 
     def message(self) -> str:
         return self._message
+
+    def code(self) -> int:
+        return self._code
+
+
+class Logger:
+    lines: list[str] = []
+
+    @classmethod
+    def log_info(cls, message: str) -> None:
+        cls.lines.append(message)
+
+    log_warn = log_error = log_info
 
 
 class Tensor:
@@ -60,6 +76,10 @@ class FakeRequest:
     def __init__(self, **inputs):
         self.inputs = {k: Tensor(k, np.asarray(v)[None]) for k, v in inputs.items()}
         self.sender = ResponseSender()
+        self.cancelled = False
+
+    def is_cancelled(self) -> bool:
+        return self.cancelled
 
     def get_response_sender(self) -> ResponseSender:
         return self.sender
