@@ -111,6 +111,15 @@ class Engine:
         while self.busy:
             self.step()
 
+    def abort(self, status: int, message: str) -> None:
+        """Fail every request in a slot or waiting (a step raised, or shutdown); every slot is free after."""
+        requests = [s.request for s in self.slots if s is not None]
+        while not self.waiting.empty():
+            requests.append(self.waiting.get())
+        self.slots = [None] * self.max_batch
+        for request in requests:
+            _fail(request, status, message)
+
     # ---- one scheduling step ----------------------------------------------------------------------------
     def step(self) -> None:
         for b, slot in enumerate(self.slots):
