@@ -61,7 +61,8 @@ class SeqRequest:
     on_error: Callable[[int, str], None] | None = None
     token_ids: list = field(default_factory=list)  # generated ids (incl. the EOS that stopped it)
     finish_reason: str | None = None
-    timings: dict = field(default_factory=dict)  # submitted / first_token / end: time.perf_counter() seconds
+    timings: dict = field(default_factory=dict)  # time.perf_counter() at submitted / admitted / vision_done /
+    # first_token / end
 
     @property
     def done(self) -> bool:
@@ -150,8 +151,10 @@ class Engine:
             raise PromptTooLong(f"prompt has {prep.num_tokens} tokens and max_new_tokens is "
                                 f"{request.max_new_tokens}: together they exceed the {self.cache_len}-token cache "
                                 "of the artifacts")
+        request.timings["admitted"] = time.perf_counter()
         features, deepstack = encode_vision(self.model, [prep], on_device=False)
         feeds = embed(self.model, prep.input_ids[None], features, deepstack)  # numpy [1, L, C] (+ [Ld, 1, L, C])
+        request.timings["vision_done"] = time.perf_counter()
         sampler = Sampler(request.sampling)
         sampler.start([prep.input_ids], self.vocab)
         return _Slot(request, sampler, feeds)
@@ -236,3 +239,35 @@ def _fail(request: SeqRequest, status: int, message: str) -> None:
     request.timings["end"] = time.perf_counter()
     if request.on_error is not None:
         request.on_error(status, message)
+
+
+def generate_inflight(model, requests: list[PreparedRequest], sampling: SamplingConfig, max_new_tokens: int, *,
+                      ignore_eos: bool = False, on_token=None, max_batch: int | None = None) -> list:
+    """`generate` (runtime/generate.py) for many prompts through the engine: up to max_batch at a time, each
+    taking a free slot as soon as one ends. `on_token(i, token_id)` as tokens of prompt i are chosen; a seeded
+    `sampling` seeds every prompt alike. -> generate.Result per prompt, in order."""
+    from .generate import Result, cache_len_for
+
+    if max_new_tokens < 1:
+        raise UserError(f"--max-new-tokens {max_new_tokens}: must be >= 1")
+    for prep in requests:  # each must fit a slot: the same check and message as generate's
+        cache_len_for(model, [prep], max_new_tokens)
+    engine = Engine(model, max_batch)
+    seqs = []
+    for i, prep in enumerate(requests):
+        emit = (lambda tok, i=i: on_token(i, tok)) if on_token is not None else None
+        seqs.append(engine.submit(SeqRequest(prep, max_new_tokens, sampling, ignore_eos, on_token=emit)))
+    engine.run_until_idle()
+    return [Result(s.token_ids, s.prepared.num_tokens, _timings(s, model.backend)) for s in seqs]
+
+
+def _timings(seq: SeqRequest, backend: str) -> dict:
+    """generate.Result timings of one sequence (ms): vision = its vision + embed, prefill = from then to its first
+    token (its prompt chunks, and the steps it waited for them), ttft from submission."""
+    t, decoded = seq.timings, max(len(seq.token_ids) - 1, 0)
+    decode_s = t["end"] - t["first_token"]
+    ms = lambda a, b: round(1e3 * (t[b] - t[a]), 2)  # noqa: E731
+    return {"backend": backend, "preprocess_ms": round(seq.prepared.timings.get("preprocess_ms", 0.0), 2),
+            "vision_ms": ms("admitted", "vision_done"), "prefill_ms": ms("vision_done", "first_token"),
+            "ttft_ms": ms("submitted", "first_token"), "decode_ms": round(1e3 * decode_s, 2),
+            "decode_tokens": decoded, "decode_tok_per_s": round(decoded / decode_s, 2) if decode_s > 0 else None}
