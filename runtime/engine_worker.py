@@ -1,9 +1,9 @@
-"""The server's in-flight batching worker: one thread steps the engine (runtime/scheduler.py) and feeds it the
-server's jobs (runtime/serving.py `Job`) as they arrive, so a request starts at the next step instead of waiting
-for the running batch to end.
+"""The in-flight batching worker: one thread steps the engine (runtime/scheduler.py) and feeds it requests as
+they arrive, so a request starts at the next step instead of waiting for the running batch to end.
 
-Same interface as serving.Scheduler (the run-to-completion worker, kept for `--batching static` and the
-benchmark): `submit(job)`, `close()`. Job events are unchanged ("delta" / "done" / "error"): each token goes
+`submit_request(SeqRequest)` from any thread (the Triton model, runtime/triton_model.py); `submit(job)` takes the
+HTTP server's jobs (runtime/serving.py `Job`), the same interface as serving.Scheduler (the run-to-completion
+worker, kept for `--batching static` and the benchmark); `close()`. Job events are unchanged ("delta" / "done" / "error"): each token goes
 through `Job.push`, which detokenizes, holds back stop strings and ends the job at EOS, a stop string or its
 max_tokens; a job whose client has gone (`job.cancelled`) gives its slot up at the next step.
 """
@@ -27,7 +27,11 @@ class EngineWorker:
         self.thread.start()
 
     def submit(self, job) -> None:
-        self.pending.put(job)
+        """A server Job (runtime/serving.py)."""
+        self.pending.put(self._request(job))
+
+    def submit_request(self, request: SeqRequest) -> None:
+        self.pending.put(request)
 
     def close(self) -> None:
         self.pending.put(None)
@@ -35,14 +39,14 @@ class EngineWorker:
 
     def _loop(self) -> None:
         while True:
-            jobs = [] if self.engine.busy else [self.pending.get()]  # idle: wait for work
+            requests = [] if self.engine.busy else [self.pending.get()]  # idle: wait for work
             while not self.pending.empty():
-                jobs.append(self.pending.get())
-            if None in jobs:
-                self._shut_down(jobs)
+                requests.append(self.pending.get())
+            if None in requests:
+                self._shut_down(requests)
                 return
-            for job in jobs:
-                self.engine.submit(self._request(job))
+            for request in requests:
+                self.engine.submit(request)
             try:
                 self.engine.step()
             except Exception as e:  # a bug: fail what is in flight, keep serving
@@ -66,8 +70,8 @@ class EngineWorker:
 
         return SeqRequest(job.prepared, job.max_new, cfg, job.ignore_eos, job.cancelled, on_token, on_end, job.fail)
 
-    def _shut_down(self, jobs: list) -> None:
-        for job in jobs:
-            if job is not None:
-                job.fail(503, "the server is shutting down")
+    def _shut_down(self, requests: list) -> None:
+        for request in requests:
+            if request is not None:
+                self.engine.submit(request)
         self.engine.abort(503, "the server is shutting down")

@@ -23,8 +23,8 @@ policy (the default repository) every token is sent as it is chosen (`text` = th
 holds the whole text and all token ids. Bad input: that request gets a TritonError with the same one-line
 message `trt-run` prints; the others in the batch go on.
 
-Requests that Triton hands over together and share sampling settings run as one batch of `generate`
-(sequences of different lengths share the decoder steps, runtime/generate.py).
+Requests join one running batch at the next decode step, whatever their sampling settings, and leave it when they
+end (in-flight batching, runtime/scheduler.py); each has its own sampler (a seed gives the text it gives alone).
 """
 from __future__ import annotations
 
@@ -85,7 +85,12 @@ def parse_request(request) -> ParsedRequest:
 
 
 class TritonPythonModel:
+    """Requests go into one in-flight engine (runtime/scheduler.py) stepped by its own thread
+    (runtime/engine_worker.py): decoupled, `execute` returns at once and each request's tokens are sent as they
+    are chosen, by the engine's thread; otherwise `execute` waits for its requests and returns their responses."""
+
     def initialize(self, args: dict) -> None:
+        from .engine_worker import EngineWorker
         from .generate import load_model
         from .pipeline import Preprocessor
 
@@ -95,11 +100,12 @@ class TritonPythonModel:
         self.pre = Preprocessor(self.model.manifest)
         self.decoupled = pb_utils.using_decoupled_model_transaction_policy(config)
         self.max_batch = max(1, int(self.model.manifest.limits.max_batch))
+        self.worker = EngineWorker(self.model, self.pre.tokenizer, self.max_batch)
 
     def execute(self, requests):
         senders = [r.get_response_sender() for r in requests] if self.decoupled else None
         responses: list = [None] * len(requests)
-        groups: dict = {}
+        ended = []
         for i, request in enumerate(requests):
             try:
                 parsed = parse_request(request)
@@ -107,14 +113,17 @@ class TritonPythonModel:
             except UserError as e:
                 self._finish(i, senders, responses, error=str(e))
                 continue
-            key = (parsed.sampling, parsed.max_new_tokens, parsed.ignore_eos)
-            groups.setdefault(key, []).append((i, prepared))
-        for (sampling, max_new, ignore_eos), members in groups.items():
-            for start in range(0, len(members), self.max_batch):
-                self._run(members[start:start + self.max_batch], sampling, max_new, ignore_eos, senders, responses)
-        return None if self.decoupled else responses
+            seq, done = self._sequence(i, request, parsed, prepared, senders, responses)
+            ended.append(done)
+            self.worker.submit_request(seq)
+        if self.decoupled:
+            return None
+        for event in ended:
+            event.wait()
+        return responses
 
     def finalize(self) -> None:
+        self.worker.close()
         self.model = None
 
     # ---- helpers ---------------------------------------------------------------------------------------
@@ -123,36 +132,43 @@ class TritonPythonModel:
 
         return self.pre.prepare(Request(parsed.prompt, parsed.images, None, parsed.system))
 
-    def _run(self, members, sampling, max_new, ignore_eos, senders, responses) -> None:
-        from .generate import generate
+    def _sequence(self, i: int, request, parsed: ParsedRequest, prepared, senders, responses):
+        """-> (the engine's request for Triton request i, an Event set once its final response is out). Its
+        callbacks run on the engine's thread and send (decoupled) or store the responses."""
+        import threading
+
         from .prompt import IncrementalDecoder
-        from .sampling import Sampler, SamplingConfig
+        from .sampling import SamplingConfig
+        from .scheduler import SeqRequest
 
         gen = self.model.manifest.generation_config
-        temperature, top_p, top_k, seed = sampling
+        temperature, top_p, top_k, seed = parsed.sampling
         cfg = SamplingConfig.from_generation_config(gen, temperature=temperature, top_p=top_p, top_k=top_k, seed=seed)
-        max_new = max_new or int(gen.get("max_new_tokens") or DEFAULT_MAX_NEW_TOKENS)
-        on_token = None
-        if senders is not None:
-            decoders = [IncrementalDecoder(self.pre.tokenizer) for _ in members]
+        max_new = parsed.max_new_tokens or int(gen.get("max_new_tokens") or DEFAULT_MAX_NEW_TOKENS)
+        decoder, seq, done = IncrementalDecoder(self.pre.tokenizer), None, threading.Event()
 
-            def on_token(b: int, token: int) -> None:
-                senders[members[b][0]].send(_response(decoders[b].push(token), [token]))
-
-        try:
-            results = generate(self.model, [p for _, p in members], Sampler(cfg), max_new,
-                               eos_token_ids=self.model.manifest.eos_token_ids, ignore_eos=ignore_eos,
-                               on_token=on_token)
-        except UserError as e:
-            for i, _ in members:
-                self._finish(i, senders, responses, error=str(e))
-            return
-        for b, ((i, _), result) in enumerate(zip(members, results)):
+        def on_token(token: int) -> bool:
             if senders is not None:
-                self._finish(i, senders, responses, text=decoders[b].flush(), token_ids=[])
+                senders[i].send(_response(decoder.push(token), [token]))
+            if getattr(request, "is_cancelled", None) is not None and request.is_cancelled():
+                seq.cancelled.set()  # the client went away (python_backend: request.is_cancelled())
+            return False
+
+        def on_end(reason: str) -> None:
+            if senders is not None:
+                self._finish(i, senders, responses, text=decoder.flush(), token_ids=[])
             else:
-                self._finish(i, senders, responses, text=self.pre.tokenizer.decode(result.token_ids),
-                             token_ids=result.token_ids)
+                self._finish(i, senders, responses, text=self.pre.tokenizer.decode(seq.token_ids),
+                             token_ids=seq.token_ids)
+            done.set()
+
+        def on_error(status: int, message: str) -> None:
+            self._finish(i, senders, responses, error=message)
+            done.set()
+
+        seq = SeqRequest(prepared, max_new, cfg, parsed.ignore_eos, on_token=on_token, on_end=on_end,
+                         on_error=on_error)
+        return seq, done
 
     @staticmethod
     def _finish(i: int, senders, responses, text: str = "", token_ids=(), error: str | None = None) -> None:

@@ -6,6 +6,7 @@ stand-in of `triton_python_backend_utils` (tests/triton_stub; the real module ex
 tritonserver's Python backend, which cannot be installed here): streamed and whole responses must carry
 exactly HF's greedy tokens (32 new tokens, EOS ignored), for an image sent as bytes and a text-only prompt
 batched together, and a corrupt image fails only its own request with the one-line message trt-run prints.
+Decoupled, requests join the running batch as they arrive: a short one sent while a long one streams ends first.
 """
 from __future__ import annotations
 
@@ -13,6 +14,7 @@ import importlib
 import importlib.util
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import numpy as np
@@ -70,6 +72,16 @@ def request(prompt: str, images=(), **params):
     return pb.FakeRequest(**inputs)
 
 
+def wait_final(req, timeout: float = 120) -> list:
+    """Decoupled: `execute` returns at once and the engine's thread sends the responses (in-flight batching,
+    issue 13); wait for the one flagged final -> all sent (response, flags)."""
+    deadline = time.monotonic() + timeout
+    while not (req.sender.sent and req.sender.sent[-1][1] & 1):
+        assert time.monotonic() < deadline, "no final response"
+        time.sleep(0.01)
+    return req.sender.sent
+
+
 def test_config_pbtxt_is_a_valid_triton_model_config(repo, artifacts):  # noqa: F811
     from qwen_vl_trt.runtime.manifest import load_manifest
 
@@ -90,7 +102,7 @@ def test_streamed_tokens_match_hf(load_model, media, hf_qwen3_vl, processor):  #
     img = media["images"][0]
     req = request("Describe this image.", [img])
     assert model.execute([req]) is None  # decoupled: everything goes through the sender
-    sent = req.sender.sent
+    sent = wait_final(req)
     assert [flags for _, flags in sent] == [0] * N_NEW + [1]  # one response per token, then the final one
     tokens = [int(t) for r, _ in sent for t in r.tensor("token_ids").reshape(-1)]
     assert tokens == hf_generate(hf_qwen3_vl, processor, "Describe this image.", [img])
@@ -119,3 +131,23 @@ def test_repository_cli_refuses_a_directory_without_artifacts(tmp_path):
     assert r.returncode == 2
     lines = r.stderr.strip().splitlines()
     assert len(lines) == 1 and lines[0].startswith("error: ") and "Traceback" not in r.stderr
+
+
+def test_decoupled_request_joins_the_running_batch(load_model, media, hf_qwen3_vl, processor):  # noqa: F811
+    """A second `execute` while the first request still streams: its request joins the batch at the next step and
+    ends first; both carry HF's tokens (the long one's first N_NEW)."""
+    model = load_model("qwen_vl")
+    img = media["images"][0]
+    long_req = request("Write a haiku about the sea.", max_new_tokens=np.array([600], np.int32))
+    short_req = request("Describe this image.", [img])
+    assert model.execute([long_req]) is None
+    while not long_req.sender.sent:
+        time.sleep(0.01)
+    assert model.execute([short_req]) is None
+    short = wait_final(short_req)
+    assert not (long_req.sender.sent[-1][1] & 1)  # the long one still runs
+    ids = lambda sent: [int(t) for r, _ in sent for t in r.tensor("token_ids").reshape(-1)]  # noqa: E731
+    assert ids(short) == hf_generate(hf_qwen3_vl, processor, "Describe this image.", [img])
+    long = wait_final(long_req)
+    assert len(ids(long)) == 600
+    assert ids(long)[:N_NEW] == hf_generate(hf_qwen3_vl, processor, "Write a haiku about the sea.")
