@@ -155,8 +155,9 @@ def main() -> int:
             for rate in args.rates:
                 work = workload(args.requests, rate, args.seed, args.image_fraction, args.lengths)
                 s = summarize(run_load(base, work), work)
-                print(f"| {mode} | {rate:g} | {len(work)} | {s['req_s']:.2f} | {s['tok_s']:.1f} | {s['ttft_p50']:.0f} | "
-                      f"{s['ttft_p99']:.0f} | {s['itl_p50']:.1f} | {s['itl_p99']:.1f} | {s['span_s']:.1f} |", flush=True)
+                print(f"| {mode} | {rate:g} | {len(work)} | {s['req_s']:.2f} | {s['tok_s']:.1f} | "
+                      f"{s['ttft_p50']:.0f} | {s['ttft_p99']:.0f} | {s['itl_p50']:.1f} | {s['itl_p99']:.1f} | "
+                      f"{s['span_s']:.1f} |", flush=True)
             if args.head_of_line:
                 hol[mode] = head_of_line(base, args.long_tokens)
         finally:

@@ -3,9 +3,9 @@ they arrive, so a request starts at the next step instead of waiting for the run
 
 `submit_request(SeqRequest)` from any thread (the Triton model, runtime/triton_model.py); `submit(job)` takes the
 HTTP server's jobs (runtime/serving.py `Job`), the same interface as serving.Scheduler (the run-to-completion
-worker, kept for `--batching static` and the benchmark); `close()`. Job events are unchanged ("delta" / "done" / "error"): each token goes
-through `Job.push`, which detokenizes, holds back stop strings and ends the job at EOS, a stop string or its
-max_tokens; a job whose client has gone (`job.cancelled`) gives its slot up at the next step.
+worker, kept for `--batching static` and the benchmark); `close()`. Job events are unchanged ("delta" / "done" /
+"error"): each token goes through `Job.push`, which detokenizes, holds back stop strings and ends the job at EOS,
+a stop string or its max_tokens; a job whose client has gone (`job.cancelled`) gives its slot up at the next step.
 """
 from __future__ import annotations
 

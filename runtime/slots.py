@@ -9,15 +9,17 @@ the buffer's address + slot * Hkv*K*D*itemsize with shape [1, Hkv, K, D]. Nothin
 | IO | slot view |
 |---|---|
 | `HostIO` (numpy caches) | `buf[slot:slot + 1]` fed, `present_*[0]` written back into `buf[slot]` |
-| `OrtBoundIO` | `IOBinding.bind_input/bind_output(name, device, 0, onnx type, [1, Hkv, K, D], ptr)` (onnxruntime's raw-pointer binding) |
+| `OrtBoundIO` | `IOBinding.bind_input/bind_output(name, device, 0, onnx type, [1, Hkv, K, D], ptr)` (raw pointers) |
 | `TrtBoundIO` | a `DeviceView` at the slot's address (TensorRT binds any address) |
 
 Why alone and not in the decode batch: decoder.ort.onnx's GroupQueryAttention accepts a step with S > 1 and
-B > 1 only into an empty cache (export/ort_fused.py); one sequence may continue its cache with S > 1, which is
-what a chunked prefill would do, but its graph's `total_sequence_length` is S for S > 1, right only into an
-empty cache, so there a prompt is written in one call too (`chunks_allowed`). With two ping-pong KV sets (decoder.onnx on ONNX Runtime, TensorRT without the
-plugin library) a step reads one set and writes the other, so a prompt is written in ONE call from an empty cache
-(past read from the other set's slot, never attended) into the current set: `chunks_allowed(io)` is False there.
+B > 1 only into an empty cache (export/ort_fused.py). A chunked prefill (several calls per prompt, past > 0 and
+S > 1) needs a decoder that continues a cache with S > 1 -- decoder.onnx and the KVCacheAttention plugin do;
+decoder.ort.onnx does not (its `total_sequence_length` is S for S > 1, right only into an empty cache) -- and a
+cache read and written in the same buffers: with two ping-pong KV sets (decoder.onnx on ONNX Runtime, TensorRT
+without the plugin library) a step reads one set and writes the other. Elsewhere a prompt is written in ONE call
+from an empty cache (with ping-pong: past read from the other set's slot, never attended, present into the
+current set). `chunks_allowed(io)` says which.
 """
 from __future__ import annotations
 

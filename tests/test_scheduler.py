@@ -140,7 +140,8 @@ def test_cancellation_frees_the_slot_at_the_next_step(model, prepared, hf_tokens
     from qwen_vl_trt.runtime.scheduler import Engine
 
     engine = Engine(model, prefill_budget=PREFILL_BUDGET)
-    cancelled, other, waiting = seq(prepared, "text", N_NEW), seq(prepared, "image", N_NEW), seq(prepared, "long_text", 8)
+    cancelled, other = seq(prepared, "text", N_NEW), seq(prepared, "image", N_NEW)
+    waiting = seq(prepared, "long_text", 8)
     ended = []
     cancelled.on_end = ended.append
     engine.submit(cancelled)

@@ -33,33 +33,29 @@ from test_generate import N_NEW, artifacts, media, processor  # noqa: F401 (fixt
 NAME = "tiny-qwen3-vl"
 
 
-@pytest.fixture(scope="module")
-def server(artifacts):  # noqa: F811
+def serve(artifacts, **args):  # noqa: F811
+    """A server on a free port, in this process, until the fixture ends."""
     from qwen_vl_trt.runtime.server import make_server
 
     srv = make_server(Namespace(model_dir=str(artifacts), host="127.0.0.1", port=0, backend="onnxruntime",
-                                ort_graphs="fused", max_batch=None, served_model_name=NAME))
+                                ort_graphs="fused", max_batch=None, served_model_name=NAME, **args))
     srv.quiet = True
     thread = threading.Thread(target=srv.serve_forever, daemon=True)
     thread.start()
     yield srv
     srv.shutdown()
     srv.server_close()
+
+
+@pytest.fixture(scope="module")
+def server(artifacts):  # noqa: F811
+    yield from serve(artifacts)  # the default worker: in-flight batching
 
 
 @pytest.fixture(scope="module")
 def static_server(artifacts):  # noqa: F811
     """`--batching static`: the run-to-completion worker (runtime/serving.py Scheduler)."""
-    from qwen_vl_trt.runtime.server import make_server
-
-    srv = make_server(Namespace(model_dir=str(artifacts), host="127.0.0.1", port=0, backend="onnxruntime",
-                                ort_graphs="fused", max_batch=None, served_model_name=NAME, batching="static"))
-    srv.quiet = True
-    thread = threading.Thread(target=srv.serve_forever, daemon=True)
-    thread.start()
-    yield srv
-    srv.shutdown()
-    srv.server_close()
+    yield from serve(artifacts, batching="static")
 
 
 def url(server, path: str) -> str:
