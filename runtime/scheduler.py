@@ -76,6 +76,7 @@ class _Slot:
     request: SeqRequest
     sampler: Sampler
     feeds: dict  # whole-prompt host arrays: inputs_embeds [1, L, C], deepstack_embeds [Ld, 1, L, C]
+    admitted: int = 0  # admission order: prompts are written oldest first
     written: int = 0  # rows of this sequence in the cache (prompt rows, then one per decode step)
     next_token: int | None = None  # sampled, not yet fed: the slot joins the next decode step
 
@@ -97,6 +98,7 @@ class Engine:
         self.slots: list[_Slot | None] = [None] * self.max_batch
         self.waiting: queue.Queue = queue.Queue()
         self.steps = 0  # decode steps run (tests, the benchmark)
+        self.admitted = 0
 
     # ---- requests in ------------------------------------------------------------------------------------
     def submit(self, request: SeqRequest) -> SeqRequest:
@@ -157,14 +159,17 @@ class Engine:
         request.timings["vision_done"] = time.perf_counter()
         sampler = Sampler(request.sampling)
         sampler.start([prep.input_ids], self.vocab)
-        return _Slot(request, sampler, feeds)
+        self.admitted += 1
+        return _Slot(request, sampler, feeds, self.admitted)
 
     def _prefill(self) -> None:
         """Write prompt chunks of admitted slots, oldest first, within the step's budget of prompt tokens."""
         budget = self.prefill_budget
-        for b, slot in enumerate(self.slots):
-            if slot is None or slot.next_token is not None or budget <= 0:
-                continue
+        prompting = [b for b, s in enumerate(self.slots) if s is not None and s.next_token is None]
+        for b in sorted(prompting, key=lambda b: self.slots[b].admitted):
+            if budget <= 0:
+                break
+            slot = self.slots[b]
             prep = slot.request.prepared
             n = min(prep.num_tokens - slot.written, budget) if self.chunked else prep.num_tokens
             start, end = slot.written, slot.written + n
