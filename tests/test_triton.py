@@ -151,3 +151,21 @@ def test_decoupled_request_joins_the_running_batch(load_model, media, hf_qwen3_v
     long = wait_final(long_req)
     assert len(ids(long)) == 600
     assert ids(long)[:N_NEW] == hf_generate(hf_qwen3_vl, processor, "Write a haiku about the sea.")
+
+
+def test_cancelled_request_frees_its_slot(load_model):
+    """`request.is_cancelled()` (the client cancelled): seen at its next token, the engine retires it at the step
+    after, sends the final response and the slot is free."""
+    model = load_model("qwen_vl")
+    req = request("Write a haiku about the sea.", max_new_tokens=np.array([900], np.int32))
+    assert model.execute([req]) is None
+    while len(req.sender.sent) < 3:
+        time.sleep(0.01)
+    req.cancelled = True
+    sent = wait_final(req)
+    assert len(sent) < 900 and sent[-1][1] == 1
+    engine = model.worker.engine
+    deadline = time.monotonic() + 30
+    while any(s is not None for s in engine.slots):
+        assert time.monotonic() < deadline
+        time.sleep(0.01)
