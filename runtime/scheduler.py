@@ -46,7 +46,10 @@ DEFAULT_PREFILL_BUDGET = 256  # prompt tokens written per scheduling step (one c
 
 @dataclass(eq=False)
 class SeqRequest:
-    """One sequence for the engine. Callbacks run on the engine's thread.
+    """One sequence for the engine (the front-ends' requests are wrapped in it; a typed request type can replace
+    it). Callbacks run on the engine's thread. The engine stops at EOS, `max_new_tokens` and `cancelled`; stop
+    strings are text, so the front-end that detokenizes checks them (runtime/serving.py `Job.push`) and says so
+    through `on_token`.
     `on_token(token_id) -> bool`: True when the request wants no more tokens (a stop string matched);
     `on_end(reason)`: "stop" (EOS / on_token), "length" (max_new_tokens) or "cancelled";
     `on_error(status, message)`: 400 for a request the artifacts cannot take, 500 for a failure of ours."""
