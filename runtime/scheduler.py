@@ -17,8 +17,9 @@ thread-safe; `step()` runs one scheduling step on the calling thread:
 
 Per-request sampling: every slot has its own `Sampler` (runtime/sampling.py) over its own logits row, with its
 own seeded `numpy.random.Generator` and repetition-penalty state, so a request's tokens do not depend on what else
-is in the batch: a seeded request gives the text it gives alone. Logits come to the host each step (the device
-greedy path of `generate` serves one sampling setting per batch; per-slot settings are chosen on the host).
+is in the batch: a seeded request gives the text it gives alone. Those choices are made on the host; a step whose
+slots are all plain greedy (no repetition penalty) uses the IO's device greedy where it has one, as `generate`
+does, so only token ids leave the device.
 
 The request type is the scheduler's own small input (`SeqRequest`); the front-ends (runtime/serving.py,
 runtime/triton_model.py, `trt-run`) wrap their requests in it.
@@ -33,7 +34,7 @@ from typing import Callable
 
 import numpy as np
 
-from .decode_io import decode_io
+from .decode_io import OrtBoundIO, decode_io
 from .errors import PromptTooLong, UserError
 from .generate import embed, encode_vision
 from .pipeline import PreparedRequest
@@ -94,7 +95,7 @@ class Engine:
             raise UserError(f"max batch {self.max_batch}: must be in [1, {lim.max_batch}] (the artifacts' limit)")
         self.cache_len, self.prefill_budget = lim.max_cache_len, max(1, prefill_budget)
         self.io = decode_io(model, self.max_batch, self.cache_len)
-        self.io.greedy = None  # every token is chosen per slot on the host (no batch-wide device greedy)
+        self.io.greedy = None  # set per decode step (see _decode)
         self.chunked = chunks_allowed(self.io)
         self.pad, self.eos = model.manifest.pad_token_id, frozenset(model.manifest.eos_token_ids)
         self.vocab = model.spec.text.vocab_size
@@ -178,9 +179,9 @@ class Engine:
             start, end = slot.written, slot.written + n
             feeds = {k: np.ascontiguousarray(v[..., start:end, :]) for k, v in slot.feeds.items()}
             feeds["position_ids"] = np.ascontiguousarray(prep.position_ids[:, None, start:end])  # [3, 1, n]
-            logits = prefill_slot(self.io, b, feeds, start)
+            logits = prefill_slot(self.io, b, feeds, start, last=end == prep.num_tokens)
             slot.written, budget = end, budget - n
-            if end == prep.num_tokens:
+            if logits is not None:  # the prompt's last chunk: its first token
                 slot.feeds = {}
                 slot.request.timings["first_token"] = time.perf_counter()
                 self._emit(b, int(slot.sampler.sample(logits[None])[0]))
@@ -194,6 +195,9 @@ class Engine:
         past = np.array([s.written if s is not None else 0 for s in self.slots], np.int64)  # [B]
         deltas = np.array([s.request.prepared.rope_delta if f else 0 for s, f in zip(self.slots, feeding)], np.int64)
         self.io.cache.past_lengths[:] = past
+        settings = [self.slots[b].request.sampling for b in np.flatnonzero(feeding)]
+        plain_greedy = all(c.greedy and c.repetition_penalty == 1.0 for c in settings)
+        self.io.greedy = _device_greedy(self.io) if plain_greedy else None  # stateless: no slot sampler to update
         chosen = self.io.decode(tokens, decode_position_ids(past, deltas), _SlotSamplers(self.slots, feeding))
         self.steps += 1
         for b in np.flatnonzero(feeding):
@@ -233,6 +237,20 @@ class _SlotSamplers:
             if feed:
                 out[b] = self.slots[b].sampler.sample(logits[b:b + 1])[0]
         return out
+
+
+def _device_greedy(io):
+    """The IO's greedy sampler on the device (penalty 1: no per-sequence state; runtime/device_sampling.py), used
+    when every slot of a step is plain greedy so that only token ids leave the device; None where there is none
+    (numpy I/O, ONNX Runtime's CPU EP, no onnxruntime-gpu beside TensorRT): then logits go to the host."""
+    plain = Sampler(SamplingConfig(temperature=0))
+    if isinstance(io, OrtBoundIO):
+        greedy = io._greedy(plain) if io.device_greedy else None
+    else:
+        greedy = io._greedy_for(plain) if hasattr(io, "_greedy_for") else None  # TrtBoundIO
+    if greedy is not None:
+        greedy.start(None)
+    return greedy
 
 
 def _end(request: SeqRequest, reason: str) -> None:

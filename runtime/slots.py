@@ -42,8 +42,9 @@ def chunks_allowed(io) -> bool:
     return isinstance(io, HostIO) or len(io.cache.sets) == 1
 
 
-def prefill_slot(io, slot: int, feeds: dict, past: int) -> np.ndarray:
-    """Write one prompt chunk of a sequence into `slot` of `io`'s cache -> logits float32 [V] of its last row.
+def prefill_slot(io, slot: int, feeds: dict, past: int, last: bool = True) -> np.ndarray | None:
+    """Write one prompt chunk of a sequence into `slot` of `io`'s cache -> logits float32 [V] of its last row, on
+    the host; None when not `last` (a chunk before the prompt's last one: its logits stay on the device).
 
     `feeds`: `inputs_embeds` [1, S, C], `deepstack_embeds` [Ld, 1, S, C] (Qwen3-VL), `position_ids` int64
     [3, 1, S] (host arrays); `past`: rows of this sequence already in the slot (0 for the first chunk)."""
@@ -52,10 +53,12 @@ def prefill_slot(io, slot: int, feeds: dict, past: int) -> np.ndarray:
     steps = {"past_lengths": np.array([past], np.int64),
              "logits_index": np.array([feeds["inputs_embeds"].shape[1] - 1], np.int64)}
     if isinstance(io, HostIO):
-        return _host_prefill(io, slot, {**feeds, **steps})
-    if isinstance(io, OrtBoundIO):
-        return _ort_prefill(io, slot, {**feeds, **steps}, past)
-    return _trt_prefill(io, slot, {**feeds, **steps}, past)
+        logits = _host_prefill(io, slot, {**feeds, **steps})
+    elif isinstance(io, OrtBoundIO):
+        logits = _ort_prefill(io, slot, {**feeds, **steps}, past, last)
+    else:
+        logits = _trt_prefill(io, slot, {**feeds, **steps}, past, last)
+    return logits if last else None
 
 
 def _sets(io, past: int) -> tuple[dict, dict]:
@@ -83,7 +86,7 @@ def _ort_slot(value, slot: int) -> tuple:
     return value.device_name(), 0, onnx_type, [1, *shape[1:]], value.data_ptr() + slot * per_slot
 
 
-def _ort_prefill(io: OrtBoundIO, slot: int, feeds: dict, past: int) -> np.ndarray:
+def _ort_prefill(io: OrtBoundIO, slot: int, feeds: dict, past: int, last: bool) -> np.ndarray | None:
     dec = io.dec
     read, write = _sets(io, past)
     binding = dec.sess.io_binding()
@@ -93,14 +96,14 @@ def _ort_prefill(io: OrtBoundIO, slot: int, feeds: dict, past: int) -> np.ndarra
         binding.bind_input(name, *_ort_slot(buf, slot))
     for name in dec.output_names:  # bound in output order: get_outputs() follows it
         if name == "logits":
-            binding.bind_output(name, "cpu")
+            binding.bind_output(name, "cpu" if last else dec.device)
         else:
             binding.bind_output(name, *_ort_slot(write[f"past{name[7:]}"], slot))
     dec.sess.run_with_iobinding(binding, io.prefill_options)
-    return binding.get_outputs()[dec.output_names.index("logits")].numpy()[0]
+    return binding.get_outputs()[dec.output_names.index("logits")].numpy()[0] if last else None
 
 
-def _trt_prefill(io, slot: int, feeds: dict, past: int) -> np.ndarray:
+def _trt_prefill(io, slot: int, feeds: dict, past: int, last: bool) -> np.ndarray | None:
     """TensorRT (not executed in CI: no GPU there). Mirrors TrtBoundIO.prefill with slot views."""
     from .trt_session import DeviceView
 
@@ -116,6 +119,8 @@ def _trt_prefill(io, slot: int, feeds: dict, past: int) -> np.ndarray:
     dec.bind({**feeds, **{n: view(v) for n, v in read.items()}}, outputs)
     dec.execute()
     dec.zero(io.small["logits_index"])  # the decode binding reads row 0 of every sequence
+    if not last:
+        return None
     host = np.empty((1, logits.shape[1]), np.float32)
     dec.copy_out(host.ctypes.data, logits, host.nbytes)
     dec.sync()

@@ -160,6 +160,26 @@ def test_cancellation_frees_the_slot_at_the_next_step(model, prepared, hf_tokens
     assert other.token_ids == hf_tokens["image"] and waiting.token_ids == hf_tokens["long_text"][:8]
 
 
+def test_device_greedy_steps_match_hf(model, prepared, hf_tokens):
+    """Steps whose slots are all plain greedy take the IO's device greedy (runtime/device_sampling.py; on the CPU EP
+    here, switched on as tests/test_decode_io.py does); a sampled slot in the batch sends the step to the host, and
+    numpy I/O has no device greedy at all."""
+    from qwen_vl_trt.runtime.sampling import SamplingConfig
+    from qwen_vl_trt.runtime.scheduler import Engine
+
+    engine = Engine(model, prefill_budget=PREFILL_BUDGET)
+    has_device_greedy = hasattr(engine.io, "device_greedy")  # numpy I/O (HostIO) has none: all on the host
+    engine.io.device_greedy = True
+    first, second = seq(prepared, "image", N_NEW), seq(prepared, "text", N_NEW)
+    sampled = seq(prepared, "long_text", 3, SamplingConfig(temperature=0.8, seed=1))
+    used = []
+    decode = engine.io.decode
+    engine.io.decode = lambda *a: (used.append(engine.io.greedy is not None), decode(*a))[1]
+    drive(engine, [(0, sampled), (0, first), (6, second)])  # both prompts go in at step 0
+    assert first.token_ids == hf_tokens["image"] and second.token_ids == hf_tokens["text"]
+    assert not used[0] and any(used) == has_device_greedy  # the sampled slot's steps on the host
+
+
 def test_a_request_over_the_cache_fails_alone(model, prepared, hf_tokens):
     from qwen_vl_trt.runtime.scheduler import Engine
 
