@@ -62,8 +62,8 @@ def parser() -> argparse.ArgumentParser:
     ap.add_argument("--image", action="append", help="image file; repeat for several images")
     ap.add_argument("--video", help="video file (needs PyAV) or a directory of frame images")
     ap.add_argument("--prompt", action="append",
-                    help=f"user text (default with media: {DEFAULT_MEDIA_PROMPT!r}); repeat for a batch, each with "
-                         "the same media")
+                    help=f"user text (default with media: {DEFAULT_MEDIA_PROMPT!r}); repeat for several prompts, each "
+                         "with the same media, generated with in-flight batching (any number of prompts)")
     ap.add_argument("--system", help="system message")
     ap.add_argument("--max-new-tokens", type=int, help=f"default: generation_config.json, else {DEFAULT_MAX_NEW_TOKENS}")
     ap.add_argument("--temperature", type=float, help="0 = greedy; default from generation_config.json")
@@ -91,6 +91,7 @@ def run(cfg: RunConfig, out=sys.stdout, err=sys.stderr) -> list:
     from .pipeline import Preprocessor, Request
     from .prompt import IncrementalDecoder
     from .sampling import Sampler, SamplingConfig
+    from .scheduler import generate_inflight
 
     if cfg.device == "cuda" and cfg.backend == "onnxruntime":
         require_cuda_provider()  # seconds, before loading the graphs
@@ -108,8 +109,11 @@ def run(cfg: RunConfig, out=sys.stdout, err=sys.stderr) -> list:
     if not cfg.json and len(requests) == 1:
         decoder = IncrementalDecoder(pre.tokenizer)
         stream = lambda b, tok: out.write(decoder.push(tok)) or out.flush()  # noqa: E731
-    results = generate(model, requests, Sampler(sampling), max_new, eos_token_ids=model.manifest.eos_token_ids,
-                       ignore_eos=cfg.ignore_eos, on_token=stream)
+    if len(requests) == 1:
+        results = generate(model, requests, Sampler(sampling), max_new, eos_token_ids=model.manifest.eos_token_ids,
+                           ignore_eos=cfg.ignore_eos, on_token=stream)
+    else:  # several prompts: in-flight batching, each takes a free slot as soon as one ends (runtime/scheduler.py)
+        results = generate_inflight(model, requests, sampling, max_new, ignore_eos=cfg.ignore_eos)
     texts = [pre.tokenizer.decode(r.token_ids) for r in results]
     if cfg.json:
         obj = [{"text": t, "token_ids": r.token_ids, "prompt_tokens": r.prompt_tokens, "timings": r.timings}
