@@ -55,9 +55,11 @@ class Result:
     timings: dict = field(default_factory=dict)
 
 
-def encode_vision(model: Model, requests: list[PreparedRequest]) -> tuple[np.ndarray, np.ndarray | None]:
+def encode_vision(model: Model, requests: list[PreparedRequest],
+                  on_device: bool = True) -> tuple[np.ndarray, np.ndarray | None]:
     """Vision features of every media item of the batch, in prompt order: ([M, C], [Ld, M, C] or None).
-    Items are grouped into vision calls within the artifacts' max_patches / max_frames."""
+    Items are grouped into vision calls within the artifacts' max_patches / max_frames. One call's outputs stay
+    on the session's device with `on_device`; else (and with several calls) they are host arrays."""
     spec, lim = model.spec, model.manifest.limits
     media = [m for r in requests for m in r.media]
     groups, cur = [], []
@@ -74,9 +76,10 @@ def encode_vision(model: Model, requests: list[PreparedRequest]) -> tuple[np.nda
         grids = np.asarray([m.grid_thw for m in group], np.int64)
         pixels = group[0].pixel_values if len(group) == 1 else np.concatenate([m.pixel_values for m in group])
         # one vision call (the usual case): its outputs stay on the device and go to embed.onnx from there
+        one_call = len(groups) == 1 and on_device
         out = model.sessions["vision"].run(vision_feeds(spec, pixels, grids),
-                                           device_outputs=_VISION_OUT if len(groups) == 1 else ())
-        if len(groups) == 1:
+                                           device_outputs=_VISION_OUT if one_call else ())
+        if one_call:
             return out["vision_features"], out.get("deepstack_features")
         feats.append(out["vision_features"])  # [M_g, C]
         if spec.num_deepstack:

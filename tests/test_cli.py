@@ -109,9 +109,22 @@ def test_prompt_plus_new_tokens_exceed_cache(artifacts):
                  "artifacts; lower --max-new-tokens or re-export with a larger --max-cache-len")
 
 
-def test_batch_larger_than_artifacts(artifacts):
-    assert_error(["--model-dir", artifacts, "--prompt", "a", "--prompt", "b", "--prompt", "c"],
-                 "3 prompts in one batch, artifacts allow at most 2: re-export with a larger --max-batch")
+def test_more_prompts_than_the_artifacts_batch_run_in_flight(artifacts):
+    """Was an error (a batch over the artifacts' max batch 2); with in-flight batching (issue 13) the third prompt
+    takes the first slot that frees. Each prompt's tokens == that prompt run alone (`generate` alone == HF:
+    tests/test_generate.py)."""
+    import json
+
+    def tokens(*prompts):
+        args = [a for p in prompts for a in ("--prompt", p)]
+        r = subprocess.run([sys.executable, "-m", "qwen_vl_trt.runtime.serve.cli", "--model-dir", str(artifacts), "--json",
+                            "--temperature", "0", "--ignore-eos", "--max-new-tokens", "6", *args],
+                           capture_output=True, text=True, timeout=120)
+        assert r.returncode == 0, r.stderr
+        return json.loads(r.stdout)["token_ids"]
+
+    prompts = ("a", "Write a haiku about GPUs.", "c")
+    assert tokens(*prompts) == [tokens(p) for p in prompts]
 
 
 def test_missing_artifacts(tmp_path):

@@ -34,16 +34,27 @@ from qwen_vl_trt.runtime.serve.parity import hf_greedy
 NAME = "tiny-qwen3-vl"
 
 
-@pytest.fixture(scope="module")
-def server(artifacts, media):  # noqa: F811
-    """The server with its default limits; clients may name files in the media fixture's directory."""
+def serve(artifacts, media, *flags):  # noqa: F811
+    """A server on a free port, in this process, with its default limits (clients may name files in the media
+    fixture's directory) and `flags`, until the fixture ends."""
     from qwen_vl_trt.runtime.serve.server import make_server, parser
 
     srv = make_server(parser().parse_args([
         "--model-dir", str(artifacts), "--port", "0", "--backend", "onnxruntime", "--served-model-name", NAME,
-        "--allowed-local-media-path", str(media["images"][0].parent)]))
+        "--allowed-local-media-path", str(media["images"][0].parent), *flags]))
     with serving(srv):
         yield srv
+
+
+@pytest.fixture(scope="module")
+def server(artifacts, media):  # noqa: F811
+    yield from serve(artifacts, media)  # the default worker: in-flight batching
+
+
+@pytest.fixture(scope="module")
+def static_server(artifacts, media):  # noqa: F811
+    """`--batching static`: the run-to-completion worker (runtime/serve/serving.py Scheduler)."""
+    yield from serve(artifacts, media, "--batching", "static")
 
 
 @contextlib.contextmanager
@@ -204,24 +215,25 @@ def test_stop_string_cuts_the_text(server, alone):
     assert streamed[-1]["choices"][0]["finish_reason"] == "stop"
 
 
-def test_concurrent_requests_are_batched_and_match_each_alone(server, alone, media, monkeypatch):  # noqa: F811
-    """Two requests waiting while the model is busy run as one batch of `generate`, each with its text alone.
+def test_concurrent_requests_are_batched_and_match_each_alone(static_server, alone, media, monkeypatch):  # noqa: F811
+    """`--batching static`: two requests waiting while the model is busy run as one batch of `generate`, each with
+    its text alone.
     The worker is held (deterministically) on a first request until both others have been queued."""
-    sizes, gate, run = [], threading.Event(), server.scheduler.run
+    sizes, gate, run = [], threading.Event(), static_server.scheduler.run
 
     def held_run(batch):
         sizes.append(len(batch))
         gate.wait(timeout=60)
         run(batch)
 
-    monkeypatch.setattr(server.scheduler, "run", held_run)
+    monkeypatch.setattr(static_server.scheduler, "run", held_run)
     bodies = {"first": greedy([{"role": "user", "content": "hi"}], max_tokens=2),
               "image": greedy(image_chat(media["images"][0])),
               "text": greedy([{"role": "user", "content": "Write a haiku about the sea."}])}
     out = {}
 
     def send(k):
-        out[k] = post(server, bodies[k])
+        out[k] = post(static_server, bodies[k])
 
     threads = [threading.Thread(target=send, args=("first",))]
     threads[0].start()
@@ -229,7 +241,7 @@ def test_concurrent_requests_are_batched_and_match_each_alone(server, alone, med
     threads += [threading.Thread(target=send, args=(k,)) for k in ("image", "text")]
     for t in threads[1:]:
         t.start()
-    wait_until(lambda: server.scheduler.pending.qsize() == 2)
+    wait_until(lambda: static_server.scheduler.pending.qsize() == 2)
     gate.set()
     for t in threads:
         t.join(timeout=120)
@@ -239,28 +251,57 @@ def test_concurrent_requests_are_batched_and_match_each_alone(server, alone, med
         assert out[k][1]["choices"] == alone[k][1]["choices"] and out[k][1]["usage"] == alone[k][1]["usage"]
 
 
-def test_worker_batches_matching_requests(server, alone, media):  # noqa: F811
-    """Two greedy jobs share one `generate` call and each gets the text it gets alone; a seeded sampled job
-    is never batched with another."""
+def test_worker_batches_matching_requests(static_server, alone, media):  # noqa: F811
+    """`--batching static`: two greedy jobs share one `generate` call and each gets the text it gets alone; a
+    seeded sampled job is never batched with another."""
     from qwen_vl_trt.runtime.serve.openai_protocol import parse_chat_request
     from qwen_vl_trt.runtime.serve.serving import Job
 
     def job(body):
         request = parse_chat_request(body).request
-        return Job(server.pre.prepare(request), request.max_new_tokens, request)
+        return Job(static_server.pre.prepare(request), request.max_new_tokens, request)
 
     jobs = [job(greedy(image_chat(media["images"][0]))),
             job(greedy([{"role": "user", "content": "Write a haiku about the sea."}]))]
     seeded = [job({"messages": [{"role": "user", "content": "hi"}], "seed": 3, "temperature": 0.7,
                    "max_tokens": 4}) for _ in range(2)]
-    assert server.scheduler.batches(jobs + seeded) == [jobs, seeded[:1], seeded[1:]]
-    server.scheduler.run(jobs)  # the worker thread is idle: no request is in flight
+    assert static_server.scheduler.batches(jobs + seeded) == [jobs, seeded[:1], seeded[1:]]
+    static_server.scheduler.run(jobs)  # the worker thread is idle: no request is in flight
     for j, key in zip(jobs, ("image", "text")):
         events = []
         while not events or events[-1][0] == "delta":
             events.append(j.events.get(timeout=1))
         assert "".join(e[1] for e in events[:-1]) == alone[key][1]["choices"][0]["message"]["content"]
         assert events[-1] == ("done", "length", N_NEW)
+
+
+def test_a_short_request_behind_a_long_one_ends_first(server, alone, media):  # noqa: F811
+    """In-flight batching (the default worker): while a 900-token stream runs, a short request and an image request
+    join the batch, end first, and each gets the text it gets alone; the long stream ends whole afterwards."""
+    long_body = {"messages": [{"role": "user", "content": "Write a haiku about the sea."}], "max_tokens": 900,
+                 "temperature": 0, "ignore_eos": True}
+    long_out, first_delta = [], threading.Event()
+
+    def send_long():
+        req = urllib.request.Request(url(server, "/v1/chat/completions"),
+                                     data=json.dumps({**long_body, "stream": True}).encode(),
+                                     headers={"Content-Type": "application/json"})
+        with urllib.request.urlopen(req, timeout=300) as r:
+            for line in r:
+                if line.startswith(b"data: {") and b'"content": "' in line:
+                    first_delta.set()
+                long_out.append(line)
+
+    thread = threading.Thread(target=send_long)
+    thread.start()
+    assert first_delta.wait(timeout=120)  # the long request is decoding
+    short = post(server, greedy([{"role": "user", "content": "Write a haiku about the sea."}]))
+    image = post(server, greedy(image_chat(media["images"][0])))
+    assert not any(b"[DONE]" in line for line in long_out)  # both ended while the long one still runs
+    assert short[1]["choices"] == alone["text"][1]["choices"] and image[1]["choices"] == alone["image"][1]["choices"]
+    thread.join(timeout=300)
+    final = [json.loads(line[len(b"data: "):]) for line in long_out if line.startswith(b"data: {")]
+    assert final[-1]["choices"][0]["finish_reason"] == "length" and long_out[-2].strip() == b"data: [DONE]"
 
 
 def test_system_and_multi_turn_match_hf(server, media, hf_qwen3_vl, processor):  # noqa: F811

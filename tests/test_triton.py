@@ -7,6 +7,7 @@ tritonserver's Python backend: tests/test_triton_server.py runs the same reposit
 in-process and fast: streamed and whole responses must carry
 exactly HF's greedy tokens (32 new tokens, EOS ignored), for an image sent as bytes and a text-only prompt
 batched together, and a corrupt image fails only its own request with the one-line message trt-run prints.
+Decoupled, requests join the running batch as they arrive: a short one sent while a long one streams ends first.
 """
 from __future__ import annotations
 
@@ -73,6 +74,16 @@ def request(prompt: str, images=(), **params):
     return pb.FakeRequest(**inputs)
 
 
+def wait_final(req, timeout: float = 120) -> list:
+    """Decoupled: `execute` returns at once and the engine's thread sends the responses (in-flight batching,
+    issue 13); wait for the one flagged final -> all sent (response, flags)."""
+    deadline = time.monotonic() + timeout
+    while not (req.sender.sent and req.sender.sent[-1][1] & 1):
+        assert time.monotonic() < deadline, "no final response"
+        time.sleep(0.01)
+    return req.sender.sent
+
+
 def test_config_pbtxt_is_a_valid_triton_model_config(repo, artifacts):  # noqa: F811
     from qwen_vl_trt.model.manifest import load_manifest
 
@@ -93,7 +104,7 @@ def test_streamed_tokens_match_hf(load_model, media, hf_qwen3_vl, processor):  #
     img = media["images"][0]
     req = request("Describe this image.", [img])
     assert model.execute([req]) is None  # decoupled: everything goes through the sender
-    sent = req.sender.sent
+    sent = wait_final(req)
     assert [flags for _, flags in sent] == [0] * N_NEW + [1]  # one response per token, then the final one
     tokens = [int(t) for r, _ in sent for t in r.tensor("token_ids").reshape(-1)]
     assert tokens == hf_generate(hf_qwen3_vl, processor, "Describe this image.", [img])
@@ -140,3 +151,44 @@ def test_repository_cli_refuses_an_execution_env_without_activate(artifacts, tmp
                         "--execution-env", str(tmp_path)], capture_output=True, text=True, timeout=60)
     assert r.returncode == 2 and "Traceback" not in r.stderr
     assert r.stderr.strip() == f"error: --execution-env {tmp_path}: no bin/activate there; pass a venv or conda env directory"
+
+
+def test_decoupled_request_joins_the_running_batch(load_model, media, hf_qwen3_vl, processor):  # noqa: F811
+    """A second `execute` while the first request still streams: its request joins the batch at the next step and
+    ends first; both carry HF's tokens (the long one's first N_NEW)."""
+    model = load_model("qwen_vl")
+    img = media["images"][0]
+    long_req = request("Write a haiku about the sea.", max_new_tokens=np.array([600], np.int32))
+    short_req = request("Describe this image.", [img])
+    assert model.execute([long_req]) is None
+    while not long_req.sender.sent:
+        time.sleep(0.01)
+    assert model.execute([short_req]) is None
+    short = wait_final(short_req)
+    assert not (long_req.sender.sent[-1][1] & 1)  # the long one still runs
+    ids = lambda sent: [int(t) for r, _ in sent for t in r.tensor("token_ids").reshape(-1)]  # noqa: E731
+    assert ids(short) == hf_generate(hf_qwen3_vl, processor, "Describe this image.", [img])
+    long = wait_final(long_req)
+    assert len(ids(long)) == 600
+    assert ids(long)[:N_NEW] == hf_generate(hf_qwen3_vl, processor, "Write a haiku about the sea.")
+
+
+def test_cancelled_request_frees_its_slot(load_model):
+    """`request.is_cancelled()` (the client cancelled): seen at its next token, the engine retires it, sends a
+    CANCELLED final response and the slot is free."""
+    import triton_python_backend_utils as pb
+
+    model = load_model("qwen_vl")
+    req = request("Write a haiku about the sea.", max_new_tokens=np.array([900], np.int32))
+    assert model.execute([req]) is None
+    while len(req.sender.sent) < 3:
+        time.sleep(0.01)
+    req.cancelled = True
+    sent = wait_final(req)
+    assert len(sent) < 900 and sent[-1][1] == 1
+    assert sent[-1][0].has_error() and sent[-1][0].error.code() == pb.TritonError.CANCELLED  # issue 15's code
+    engine = model.worker.engine
+    deadline = time.monotonic() + 30
+    while any(s is not None for s in engine.slots):
+        assert time.monotonic() < deadline
+        time.sleep(0.01)

@@ -12,6 +12,7 @@
       reset()                                          empty cache, same buffers
       prefill(embeds, position_ids, lengths, sampler)  -> first tokens int64 [B] (host)
       decode(tokens, position_ids, sampler)            -> next tokens int64 [B] (host)
+      greedy_on_device(sampler)                        a DeviceGreedy over this IO's logits, or None (host)
       cache                                            the KVCache (its past_lengths int64 [B])
 
 Shapes and dtypes of every tensor: docs/graphs.md. At load every session checks the graph / engine it opened
@@ -36,6 +37,8 @@ class DecodeIO(Protocol):
     def prefill(self, embeds: dict, position_ids: np.ndarray, lengths: np.ndarray, sampler) -> np.ndarray: ...
 
     def decode(self, tokens: np.ndarray, position_ids: np.ndarray, sampler) -> np.ndarray: ...
+
+    def greedy_on_device(self, sampler): ...
 
 
 class Session(Protocol):

@@ -69,6 +69,10 @@ class HostIO:
         self.cache.update(out, new_tokens)
         return _host(out["logits"])  # float32 [B, V]
 
+    def greedy_on_device(self, sampler) -> None:
+        """None: numpy feeds choose on the host."""
+        return None
+
     def reset(self) -> None:
         """A new generation: a new zeroed cache (the steps replace its buffers by the session's outputs)."""
         t = self.model.spec.text

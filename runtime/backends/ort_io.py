@@ -75,6 +75,11 @@ class OrtBoundIO:
         self.cache.advance(1)
         return self._choose(sampler)
 
+    def greedy_on_device(self, sampler) -> DeviceGreedy | None:
+        """Greedy on the EP's device for `sampler`'s repetition penalty; None on the CPU EP (numpy reads the bound
+        logits in place there)."""
+        return self._greedy(sampler) if self.device_greedy else None
+
     def _greedy(self, sampler) -> DeviceGreedy:
         penalty = float(sampler.cfg.repetition_penalty)
         if penalty not in self._greedy_by_penalty:

@@ -21,7 +21,7 @@ class TrtBoundIO:
     def __init__(self, model, batch: int, cache_len: int, greedy_factory=None):
         spec, dtype = model.spec, model.manifest.dtype
         t, c = spec.text, spec.text.hidden_size
-        self.dec, self.emb = model.sessions["decoder"], model.sessions["embed"]
+        self.model, self.dec, self.emb = model, model.sessions["decoder"], model.sessions["embed"]
         dec, emb, cudart = self.dec, self.emb, self.dec.cudart
         shape = (batch, t.num_key_value_heads, cache_len, t.head_dim)
         sets = 1 if dec.in_place else 2
@@ -80,6 +80,10 @@ class TrtBoundIO:
         self.dec.execute(graph=True)
         self.cache.advance(1)
         return self._choose(sampler)
+
+    def greedy_on_device(self, sampler):
+        """Greedy reading TensorRT's logits on the GPU (onnxruntime-gpu), or None without it."""
+        return self._greedy_for(sampler)
 
     def _greedy_for(self, sampler):
         penalty = float(sampler.cfg.repetition_penalty)

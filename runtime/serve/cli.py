@@ -43,8 +43,8 @@ def parser() -> argparse.ArgumentParser:
     ap.add_argument("--image", action="append", help="image file; repeat for several images")
     ap.add_argument("--video", help="video file (needs PyAV) or a directory of frame images")
     ap.add_argument("--prompt", action="append",
-                    help=f"user text (default with media: {DEFAULT_MEDIA_PROMPT!r}); repeat for a batch, each with "
-                         "the same media")
+                    help=f"user text (default with media: {DEFAULT_MEDIA_PROMPT!r}); repeat for several prompts, each "
+                         "with the same media, generated with in-flight batching (any number of prompts)")
     ap.add_argument("--system", help="system message")
     ap.add_argument("--max-new-tokens", type=int, help=f"default: generation_config.json, else {DEFAULT_MAX_NEW_TOKENS}")
     ap.add_argument("--temperature", type=float, help="0 = greedy; default from generation_config.json")
@@ -72,6 +72,7 @@ def run(cfg: RunConfig, out=sys.stdout, err=sys.stderr) -> list:
     from ..pipeline import Preprocessor
     from ..prompt import IncrementalDecoder
     from ..sampling import Sampler
+    from ..scheduler import generate_inflight
 
     if cfg.device == "cuda" and cfg.backend == "onnxruntime":
         require_cuda_provider()  # seconds, before loading the graphs
@@ -80,14 +81,17 @@ def run(cfg: RunConfig, out=sys.stdout, err=sys.stderr) -> list:
         require_on_gpu(model.sessions)
     pre = Preprocessor(model.manifest)
     requests = [pre.prepare(r) for r in cfg.requests]
-    gen, first = model.manifest.generation_config, cfg.requests[0]  # one batch: every request has these settings
+    gen, first = model.manifest.generation_config, cfg.requests[0]  # every request has these settings
     sampling, max_new = first.sampling.config(gen), first.new_tokens(gen)
     stream = None
     if not cfg.json and len(requests) == 1:
         decoder = IncrementalDecoder(pre.tokenizer)
         stream = lambda b, tok: out.write(decoder.push(tok)) or out.flush()  # noqa: E731
-    results = generate(model, requests, Sampler(sampling), max_new, eos_token_ids=model.manifest.eos_token_ids,
-                       ignore_eos=first.ignore_eos, on_token=stream)
+    if len(requests) == 1:
+        results = generate(model, requests, Sampler(sampling), max_new, eos_token_ids=model.manifest.eos_token_ids,
+                           ignore_eos=first.ignore_eos, on_token=stream)
+    else:  # several prompts: in-flight batching, each takes a free slot as soon as one ends (runtime/scheduler.py)
+        results = generate_inflight(model, requests, sampling, max_new, ignore_eos=first.ignore_eos)
     texts = [pre.tokenizer.decode(r.token_ids) for r in results]
     if cfg.json:
         obj = [{"text": t, "token_ids": r.token_ids, "prompt_tokens": r.prompt_tokens, "timings": r.timings}

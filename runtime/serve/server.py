@@ -4,12 +4,14 @@
 
 Endpoints: `GET /health`, `GET /v1/models`, `POST /v1/chat/completions` (request fields:
 runtime/serve/openai_protocol.py; `stream: true` answers with server-sent events ending in `data: [DONE]`).
-Each request is prepared on its own handler thread; one worker thread runs the model and batches requests that
-arrive together (runtime/serve/serving.py). A bad request gets an OpenAI error object (`{"error": {"message", "type",
-"param", "code"}}`) with a 4xx status (400; 404 for another model name; 408, 413, 415, 421, 503 for the limits
-of runtime/serve/http_guard.py), a failure of ours 500, and the server goes on. Images come inline as data URLs or as
-file:// paths inside the directory the operator allows (runtime/serve/local_media.py); nothing is fetched from the
-network. A non-streaming client that hangs up is noticed while it waits and its generation is cancelled.
+Each request is prepared on its own handler thread; one worker thread runs the model: by default requests join
+the running batch at the next decode step (runtime/serve/engine_worker.py, runtime/scheduler.py); `--batching static`
+batches requests that arrive together and runs each batch to its end (runtime/serve/serving.py). A bad request gets an
+OpenAI error object (`{"error": {"message", "type", "param", "code"}}`) with a 4xx status (400; 404 for another
+model name; 408, 413, 415, 421, 503 for the limits of runtime/serve/http_guard.py), a failure of ours 500, and the server
+goes on. Images come inline as data URLs or as file:// paths inside the directory the operator allows
+(runtime/serve/local_media.py); nothing is fetched from the network. A non-streaming client that hangs up is noticed
+while it waits and its generation is cancelled (either worker frees its place at its next step).
 Startup errors (artifacts, port) print one `error:` line and exit 2, as `trt-run` does.
 """
 from __future__ import annotations
@@ -48,13 +50,21 @@ class OpenAIServer(ThreadingHTTPServer):
         self.deadlines = http_guard.ReadDeadlines(limits.read_timeout)
         super().__init__(address, Handler)
 
-    def attach(self, model, name: str, max_batch: int) -> None:
+    def attach(self, model, name: str, max_batch: int, batching: str = "inflight") -> None:
+        """`batching`: "inflight" (runtime/serve/engine_worker.py: requests join the running batch at every step) or
+        "static" (runtime/serve/serving.py Scheduler: each batch of `generate` runs to its end)."""
         from ..pipeline import Preprocessor
-        from .serving import Scheduler
 
         self.model, self.name, self.created = model, name, int(time.time())
         self.pre = Preprocessor(model.manifest)
-        self.scheduler = Scheduler(model, self.pre.tokenizer, max_batch)
+        if batching == "static":
+            from .serving import Scheduler
+
+            self.scheduler = Scheduler(model, self.pre.tokenizer, max_batch)
+        else:
+            from .engine_worker import EngineWorker
+
+            self.scheduler = EngineWorker(model, self.pre.tokenizer, max_batch)
 
     def server_close(self) -> None:
         super().server_close()
@@ -296,7 +306,10 @@ def parser() -> argparse.ArgumentParser:
     ap.add_argument("--ort-graphs", choices=("fused", "plugin"), default="fused",
                     help="ONNX Runtime backend: fused = vision/decoder.ort.onnx (default), "
                          "plugin = the TensorRT graphs")
-    ap.add_argument("--max-batch", type=int, help="most requests per generate call (default: the artifacts' max batch)")
+    ap.add_argument("--max-batch", type=int, help="most requests generated at once (default: the artifacts' max batch)")
+    ap.add_argument("--batching", choices=("inflight", "static"), default="inflight",
+                    help="inflight (default): requests join and leave the running batch at every decode step; "
+                         "static: each batch runs to its end while new requests wait (the old behaviour)")
     ap.add_argument("--served-model-name", help="model id in /v1/models and requests (default: the artifacts "
                                                 "directory's name)")
     default = ServerLimits()
@@ -354,7 +367,8 @@ def make_server(args: argparse.Namespace) -> OpenAIServer:
         raise OSError(f"cannot listen on {args.host}:{args.port}: {e.strerror or e}; pick another --port") from None
     try:
         model = load_model(args.model_dir, args.backend, ort_fused=args.ort_graphs == "fused")
-        server.attach(model, args.served_model_name or Path(args.model_dir).resolve().name, max_batch)
+        server.attach(model, args.served_model_name or Path(args.model_dir).resolve().name, max_batch,
+                      getattr(args, "batching", "inflight"))  # a Namespace built by hand may lack it
     except BaseException:
         server.server_close()
         raise

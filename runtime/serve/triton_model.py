@@ -24,20 +24,24 @@ holds the whole text and all token ids.
 
 Errors are per request: a request that cannot run (bad input, prompt + max_new_tokens beyond the artifacts'
 limits) gets a TritonError with code INVALID_ARG (gRPC INVALID_ARGUMENT, HTTP 400) and the same one-line
-message `trt-run` prints, checked for that request alone in `admit`, so its batch neighbours go on. A streaming
-request the client cancels gets a CANCELLED final response; when every request of a batch is cancelled the
-generation stops. Triton itself rejects a tensor of the wrong datatype or shape (INVALID_ARG) before the model
-sees it; a missing `prompt` reaches the model (Triton 2.51 lets a request omit a non-optional input when the
-model has optional ones) and is refused here.
+message `trt-run` prints, checked for that request alone in `admit`, so its batch neighbours go on. A request
+the client cancels (`request.is_cancelled()`, seen at its next token) gets a CANCELLED final response and its
+KV slot is freed at once; a failure of ours gets INTERNAL (UNAVAILABLE while the model shuts down). Triton
+itself rejects a tensor of the wrong datatype or shape (INVALID_ARG) before the model sees it; a missing
+`prompt` reaches the model (Triton 2.51 lets a request omit a non-optional input when the model has optional
+ones) and is refused here.
 
-`execute` = `admit` each request (parse, preprocess, check limits -> `Job`) then run batches of jobs that
-share sampling settings through `generate` (sequences of different lengths share the decoder steps,
-runtime/generate.py); an engine that schedules jobs as they arrive can take `Job`s from `admit` unchanged.
+`execute` = `admit` each request (parse, preprocess, check limits -> `Job`) then hand the jobs to one in-flight
+engine (runtime/scheduler.py) stepped by its own thread (runtime/serve/engine_worker.py): requests join the running
+batch at the next decode step, whatever their sampling settings (each has its own sampler: a seeded request
+gives the text it gives alone), and leave it when they end. Decoupled, `execute` returns at once and the
+engine's thread sends each token as it is chosen, so a request sent while another streams joins its batch;
+otherwise `execute` waits for its requests and returns their responses.
 """
 from __future__ import annotations
 
 import json
-import traceback
+import threading
 from dataclasses import dataclass
 
 import numpy as np
@@ -55,28 +59,14 @@ except ImportError:  # pragma: no cover - imported outside Triton (docs, linters
 @dataclass(frozen=True)
 class Job:
     """One admitted request, ready to run: its position in `execute`'s list, its Triton request object,
-    the typed request (runtime/request.py), the preprocessed inputs (pipeline.PreparedRequest) and its resolved
-    generation settings."""
+    the preprocessed inputs (pipeline.PreparedRequest) and its resolved generation settings (from the typed
+    request, runtime/request.py)."""
     index: int
     request: object
-    typed: Request
     prepared: object
     sampling: object  # sampling.SamplingConfig
     max_new_tokens: int
-
-    @property
-    def ignore_eos(self) -> bool:
-        return self.typed.ignore_eos
-
-    @property
-    def batch_key(self) -> tuple:
-        """Jobs with equal keys can share one `generate` call (`Request.batch_key`: a seeded sampled request runs
-        alone) with one token budget."""
-        return self.typed.batch_key(self.index), self.max_new_tokens
-
-
-class _AllCancelled(Exception):
-    """Raised from the token callback to stop a generation whose requests were all cancelled."""
+    ignore_eos: bool
 
 
 def _scalar(request, name: str, kind):
@@ -113,6 +103,7 @@ class TritonPythonModel:
     def initialize(self, args: dict) -> None:
         from ..generate import load_model
         from ..pipeline import Preprocessor
+        from .engine_worker import EngineWorker
 
         config = json.loads(args["model_config"])
         params = {k: v["string_value"] for k, v in config.get("parameters", {}).items()}
@@ -120,21 +111,29 @@ class TritonPythonModel:
         self.pre = Preprocessor(self.model.manifest)
         self.decoupled = pb_utils.using_decoupled_model_transaction_policy(config)
         self.max_batch = max(1, int(self.model.manifest.limits.max_batch))
+        self.worker = EngineWorker(self.model, self.pre.tokenizer, self.max_batch)
 
     def execute(self, requests):
         senders = [r.get_response_sender() for r in requests] if self.decoupled else None
         responses: list = [None] * len(requests)
-        jobs = []
+        ended = []
         for i, request in enumerate(requests):
             try:
-                jobs.append(self.admit(i, request))
+                job = self.admit(i, request)
             except UserError as e:
                 _finish(i, senders, responses, _error(str(e), pb_utils.TritonError.INVALID_ARG))
-        for batch in self.batches(jobs):
-            self._run(batch, senders, responses)
-        return None if self.decoupled else responses
+                continue
+            stream = _Stream(job, senders, responses, self.pre.tokenizer)
+            ended.append(stream.done)
+            self.worker.submit_request(stream.sequence())
+        if self.decoupled:
+            return None
+        for done in ended:
+            done.wait()
+        return responses
 
     def finalize(self) -> None:
+        self.worker.close()
         self.model = None
 
     def admit(self, index: int, request) -> Job:
@@ -146,82 +145,63 @@ class TritonPythonModel:
         gen = self.model.manifest.generation_config
         max_new = typed.new_tokens(gen)
         cache_len_for(self.model, [prepared], max_new)  # raises PromptTooLong if prompt + max_new overflow
-        return Job(index, request, typed, prepared, typed.sampling.config(gen), max_new)
-
-    def batches(self, jobs: list[Job]):
-        """Jobs grouped by `batch_key`, in slices of at most the artifacts' max_batch."""
-        groups: dict = {}
-        for job in jobs:
-            groups.setdefault(job.batch_key, []).append(job)
-        for members in groups.values():
-            for start in range(0, len(members), self.max_batch):
-                yield members[start:start + self.max_batch]
-
-    # ---- running one batch -----------------------------------------------------------------------------
-    def _run(self, batch: list[Job], senders, responses) -> None:
-        from ..generate import generate
-        from ..sampling import Sampler
-
-        streams = _Streams(batch, senders, self.pre.tokenizer) if senders is not None else None
-        try:
-            results = generate(self.model, [job.prepared for job in batch], Sampler(batch[0].sampling),
-                               batch[0].max_new_tokens, eos_token_ids=self.model.manifest.eos_token_ids,
-                               ignore_eos=batch[0].ignore_eos, on_token=streams.on_token if streams else None)
-        except _AllCancelled:
-            return
-        except UserError as e:
-            self._fail(batch, streams, senders, responses, _error(str(e), pb_utils.TritonError.INVALID_ARG))
-            return
-        except Exception as e:  # a bug: answer every request of the batch instead of leaving them hanging
-            pb_utils.Logger.log_error(f"qwen-vl-trt: generation failed:\n{traceback.format_exc()}")
-            self._fail(batch, streams, senders, responses,
-                       _error(f"internal error: {type(e).__name__}: {e}", pb_utils.TritonError.INTERNAL))
-            return
-        for b, (job, result) in enumerate(zip(batch, results)):
-            if streams is not None:
-                streams.finish(b)
-            else:
-                text = self.pre.tokenizer.decode(result.token_ids)
-                _finish(job.index, None, responses, _response(text, result.token_ids))
-
-    @staticmethod
-    def _fail(batch, streams, senders, responses, error_response) -> None:
-        for b, job in enumerate(batch):
-            if streams is None or not streams.closed[b]:
-                _finish(job.index, senders, responses, error_response)
+        return Job(index, request, prepared, typed.sampling.config(gen), max_new, typed.ignore_eos)
 
 
-class _Streams:
-    """Token streaming of one decoupled batch: one response per token, a CANCELLED final response to a
-    request the client cancelled (checked before each token), `_AllCancelled` once every request is."""
+class _Stream:
+    """One admitted job in the engine: the callbacks of its scheduler.SeqRequest (`sequence()`), run on the
+    engine's thread: one response per token (decoupled), the final response (COMPLETE_FINAL, or stored for a
+    non-decoupled `execute`) and `done` set after it. A request the client cancelled (checked before each token)
+    stops at once: its slot is free for the next step and it gets a CANCELLED final response. The SeqRequest
+    points here and not back, so that no reference cycle keeps a finished Triton request (and the backend's
+    shared memory behind its tensors) alive until a garbage collection."""
 
-    def __init__(self, batch: list[Job], senders, tokenizer):
+    def __init__(self, job: Job, senders, responses: list, tokenizer):
         from ..prompt import IncrementalDecoder
 
-        self.batch, self.senders = batch, [senders[job.index] for job in batch]
-        self.decoders = [IncrementalDecoder(tokenizer) for _ in batch]
-        self.closed = [False] * len(batch)
-        self.sent = [0] * len(batch)
+        self.job, self.senders, self.responses, self.tokenizer = job, senders, responses, tokenizer
+        self.sender = senders[job.index] if senders is not None else None
+        self.decoder, self.done, self.cancelled = IncrementalDecoder(tokenizer), threading.Event(), threading.Event()
+        self.token_ids: list[int] = []  # tokens chosen and sent (or to return), EOS included
 
-    def on_token(self, b: int, token: int) -> None:
-        if self.closed[b]:
-            return
-        if self.batch[b].request.is_cancelled():
-            pb_utils.Logger.log_info(f"qwen-vl-trt: request cancelled after {self.sent[b]} tokens")
-            self.senders[b].send(_error("request cancelled by the client", pb_utils.TritonError.CANCELLED),
-                                 flags=pb_utils.TRITONSERVER_RESPONSE_COMPLETE_FINAL)
-            self.closed[b] = True
-            if all(self.closed):
-                raise _AllCancelled
-            return
-        self.senders[b].send(_response(self.decoders[b].push(token), [token]))
-        self.sent[b] += 1
+    def sequence(self):
+        from ..scheduler import SeqRequest
 
-    def finish(self, b: int) -> None:
-        if not self.closed[b]:
-            self.senders[b].send(_response(self.decoders[b].flush(), []),
-                                 flags=pb_utils.TRITONSERVER_RESPONSE_COMPLETE_FINAL)
-            self.closed[b] = True
+        job = self.job
+        return SeqRequest(job.prepared, job.max_new_tokens, job.sampling, job.ignore_eos, self.cancelled,
+                          on_token=self.on_token, on_end=self.on_end, on_error=self.on_error)
+
+    def on_token(self, token: int) -> bool:
+        """-> True to stop (the client cancelled)."""
+        if self.job.request.is_cancelled():
+            self.cancelled.set()
+            return True
+        self.token_ids.append(token)
+        if self.sender is not None:
+            self.sender.send(_response(self.decoder.push(token), [token]))
+        return False
+
+    def on_end(self, reason: str) -> None:
+        if self.cancelled.is_set():
+            pb_utils.Logger.log_info(f"qwen-vl-trt: request cancelled after {len(self.token_ids)} tokens")
+            self._final(_error("request cancelled by the client", pb_utils.TritonError.CANCELLED))
+        elif self.sender is not None:
+            self._final(_response(self.decoder.flush(), []))
+        else:
+            self._final(_response(self.tokenizer.decode(self.token_ids), self.token_ids))
+
+    def on_error(self, status: int, message: str) -> None:
+        """`status` as scheduler.SeqRequest says: 400 the request, 503 shutting down, 500 a failure of ours."""
+        codes = {400: pb_utils.TritonError.INVALID_ARG, 503: pb_utils.TritonError.UNAVAILABLE}
+        if status == 500:
+            pb_utils.Logger.log_error(f"qwen-vl-trt: generation failed: {message}")
+        self._final(_error(message, codes.get(status, pb_utils.TritonError.INTERNAL)))
+
+    def _final(self, response) -> None:
+        try:
+            _finish(self.job.index, self.senders, self.responses, response)
+        finally:
+            self.done.set()
 
 
 def _finish(i: int, senders, responses, response) -> None:

@@ -34,7 +34,7 @@ INPUTS = (
 OUTPUTS = (("text", "TYPE_STRING", [1]), ("token_ids", "TYPE_INT64", [-1]))
 
 MODEL_PY = '''"""Triton Python-backend entry point of qwen-vl-trt (written by runtime/serve/triton_repo.py)."""
-from .triton_model import TritonPythonModel  # noqa: F401
+from qwen_vl_trt.runtime.serve.triton_model import TritonPythonModel  # noqa: F401
 '''
 
 

@@ -76,13 +76,13 @@ class FakeRequest:
     def __init__(self, **inputs):
         self.inputs = {k: Tensor(k, np.asarray(v)[None]) for k, v in inputs.items()}
         self.sender = ResponseSender()
-        self.cancelled = False
-
-    def is_cancelled(self) -> bool:
-        return self.cancelled
+        self.cancelled = False  # tests set it: the client cancelled the request
 
     def get_response_sender(self) -> ResponseSender:
         return self.sender
+
+    def is_cancelled(self) -> bool:
+        return self.cancelled
 
 
 def get_input_tensor_by_name(request: FakeRequest, name: str):

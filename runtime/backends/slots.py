@@ -1,0 +1,128 @@
+"""One sequence's prompt written into one slot of a batch's KV cache: the prefill half of in-flight batching.
+
+The scheduler (runtime/scheduler.py) keeps ONE decode IO of `max_batch` sequences (runtime/backends/decode_io.py; the
+same object `generate` uses, so the decode step is the same bound, graph-replayed call) and prefills each new
+request alone, as a batch of one, whose cache inputs and outputs are the request's slot of the batch cache:
+`past_*.{i}[slot]` is one contiguous block of the [B, Hkv, K, D] buffer (batch is the leading dim), so a slot is
+the buffer's address + slot * Hkv*K*D*itemsize with shape [1, Hkv, K, D]. Nothing is copied between slots.
+
+| IO | slot view |
+|---|---|
+| `HostIO` (numpy caches) | `buf[slot:slot + 1]` fed, `present_*[0]` written back into `buf[slot]` |
+| `OrtBoundIO` | `IOBinding.bind_input/bind_output(name, device, 0, onnx type, [1, Hkv, K, D], ptr)` (raw pointers) |
+| `TrtBoundIO` | a `DeviceView` at the slot's address (TensorRT binds any address) |
+
+Why alone and not in the decode batch: decoder.ort.onnx's GroupQueryAttention accepts a step with S > 1 and
+B > 1 only into an empty cache (export/ort_fused.py). A chunked prefill (several calls per prompt, past > 0 and
+S > 1) needs a decoder that continues a cache with S > 1 -- decoder.onnx and the KVCacheAttention plugin do;
+decoder.ort.onnx does not (its `total_sequence_length` is S for S > 1, right only into an empty cache) -- and a
+cache read and written in the same buffers: with two ping-pong KV sets (decoder.onnx on ONNX Runtime, TensorRT
+without the plugin library) a step reads one set and writes the other. Elsewhere a prompt is written in ONE call
+from an empty cache (with ping-pong: past read from the other set's slot, never attended, present into the
+current set). `chunks_allowed(io)` says which.
+"""
+from __future__ import annotations
+
+import numpy as np
+
+from .decode_io import HostIO, _host
+from .ort import OrtSession
+from .ort_io import OrtBoundIO
+
+_ONNX_TYPE = {"tensor(float)": (1, 4), "tensor(float16)": (10, 2), "tensor(bfloat16)": (16, 2)}  # (onnx code, bytes)
+
+
+def chunks_allowed(io) -> bool:
+    """Whether a prompt may be written in several calls (past_lengths > 0 with S > 1): the decoder continues a
+    cache with S > 1 (decoder.onnx and the KVCacheAttention plugin do; decoder.ort.onnx does not: its
+    GroupQueryAttention gets total_sequence_length = S for S > 1, export/ort_fused.py) and the cache is read and
+    written in the same buffers (numpy caches, or one KV set written in place)."""
+    dec = io.model.sessions["decoder"]
+    if isinstance(dec, OrtSession) and dec.kv_in_place:  # decoder.ort.onnx
+        return False
+    return isinstance(io, HostIO) or len(io.cache.sets) == 1
+
+
+def prefill_slot(io, slot: int, feeds: dict, past: int, last: bool = True) -> np.ndarray | None:
+    """Write one prompt chunk of a sequence into `slot` of `io`'s cache -> logits float32 [V] of its last row, on
+    the host; None when not `last` (a chunk before the prompt's last one: its logits stay on the device).
+
+    `feeds`: `inputs_embeds` [1, S, C], `deepstack_embeds` [Ld, 1, S, C] (Qwen3-VL), `position_ids` int64
+    [3, 1, S] (host arrays); `past`: rows of this sequence already in the slot (0 for the first chunk)."""
+    if past and not chunks_allowed(io):
+        raise ValueError("a ping-pong KV cache takes a prompt in one call (runtime/backends/slots.py)")
+    steps = {"past_lengths": np.array([past], np.int64),
+             "logits_index": np.array([feeds["inputs_embeds"].shape[1] - 1], np.int64)}
+    if isinstance(io, HostIO):
+        logits = _host_prefill(io, slot, {**feeds, **steps})
+    elif isinstance(io, OrtBoundIO):
+        logits = _ort_prefill(io, slot, {**feeds, **steps}, past, last)
+    else:
+        logits = _trt_prefill(io, slot, {**feeds, **steps}, past, last)
+    return logits if last else None
+
+
+def _sets(io, past: int) -> tuple[dict, dict]:
+    """(set read as past_*, set written as present_*): the current set, or with ping-pong and an empty slot the
+    other set's slot as the (unread) past so that the prompt lands in the current set."""
+    cache = io.cache
+    write = cache.sets[cache.current]
+    read = write if past or len(cache.sets) == 1 else cache.sets[(cache.current + 1) % len(cache.sets)]
+    return read, write
+
+
+def _host_prefill(io: HostIO, slot: int, feeds: dict) -> np.ndarray:
+    buffers = io.cache.buffers
+    out = io.model.sessions["decoder"].run({**feeds, **{n: b[slot:slot + 1] for n, b in buffers.items()}})
+    for name, buf in buffers.items():
+        buf[slot] = _host(out[f"present{name[4:]}"])[0]
+    return _host(out["logits"])[0]
+
+
+def _ort_slot(value, slot: int) -> tuple:
+    """(device, onnx type, [1, Hkv, K, D], address) of row `slot` of an OrtValue [B, Hkv, K, D]."""
+    shape = list(value.shape())
+    onnx_type, itemsize = _ONNX_TYPE[value.data_type()]
+    per_slot = int(np.prod(shape[1:])) * itemsize
+    return value.device_name(), 0, onnx_type, [1, *shape[1:]], value.data_ptr() + slot * per_slot
+
+
+def _ort_prefill(io: OrtBoundIO, slot: int, feeds: dict, past: int, last: bool) -> np.ndarray | None:
+    dec = io.dec
+    read, write = _sets(io, past)
+    binding = dec.sess.io_binding()
+    for name, value in feeds.items():
+        binding.bind_ortvalue_input(name, dec._ortvalue(value))
+    for name, buf in read.items():
+        binding.bind_input(name, *_ort_slot(buf, slot))
+    for name in dec.output_names:  # bound in output order: get_outputs() follows it
+        if name == "logits":
+            binding.bind_output(name, "cpu" if last else dec.device)
+        else:
+            binding.bind_output(name, *_ort_slot(write[f"past{name[7:]}"], slot))
+    dec.sess.run_with_iobinding(binding, io.prefill_options)
+    return binding.get_outputs()[dec.output_names.index("logits")].numpy()[0] if last else None
+
+
+def _trt_prefill(io, slot: int, feeds: dict, past: int, last: bool) -> np.ndarray | None:
+    """TensorRT (not executed in CI: no GPU there). Mirrors TrtBoundIO.prefill with slot views."""
+    from .trt import DeviceView
+
+    dec = io.dec
+    read, write = _sets(io, past)
+
+    def view(v):
+        per_slot = v.nbytes // v.shape[0]
+        return DeviceView(v.ptr + slot * per_slot, (1, *v.shape[1:]), v.dtype, v.owner)
+
+    logits = dec.view("logits", (1, io.logits.shape[1]))
+    outputs = {"logits": logits, **{f"present{n[4:]}": view(v) for n, v in write.items()}}
+    dec.bind({**feeds, **{n: view(v) for n, v in read.items()}}, outputs)
+    dec.execute()
+    dec.zero(io.small["logits_index"])  # the decode binding reads row 0 of every sequence
+    if not last:
+        return None
+    host = np.empty((1, logits.shape[1]), np.float32)
+    dec.copy_out(host.ctypes.data, logits, host.nbytes)
+    dec.sync()
+    return host[0]
