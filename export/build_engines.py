@@ -29,12 +29,32 @@ def profile_shapes(contract: GraphSpec, limits: Limits) -> dict[str, tuple[tuple
     return shapes
 
 
+# TensorRT's ONNX importer names the nodes of each inlined model-local function (our RMSNorm function node) after
+# the body's value names, so every call after the first logs this, once per node. The names only matter for
+# querying intermediate tensors, which no one does; every other message is printed.
+_INLINED_NAME_CLASH = "the output tensors of this new instance will not be queryable"
+
+
+def build_logger(trt):
+    """A TensorRT logger at WARNING level, less the inlined-function name clash warning (one line per node)."""
+
+    class BuildLogger(trt.ILogger):
+        def __init__(self):
+            trt.ILogger.__init__(self)
+
+        def log(self, severity, msg):
+            if int(severity) <= int(trt.ILogger.Severity.WARNING) and _INLINED_NAME_CLASH not in msg:
+                print(f"[TRT] [{str(severity).rsplit('.', 1)[-1][0]}] {msg}", file=sys.stderr, flush=True)
+
+    return BuildLogger()
+
+
 def build_engine(trt, onnx_path: Path, engine_path: Path, contract: GraphSpec, limits: Limits,
                  compute_capabilities=(), plugin_lib: str | None = None, timing_cache: Path | None = None,
                  log=print) -> Path:
     from qwen_vl_trt.model.trt_compat import load_plugin_library
 
-    logger = trt.Logger(trt.Logger.WARNING)
+    logger = build_logger(trt)
     builder = trt.Builder(logger)
     if plugin_lib:  # the qwen_vl nodes become PLUGIN_V3 layers; without it TensorRT inlines their ONNX bodies
         try:

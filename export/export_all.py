@@ -58,7 +58,7 @@ def export_all(ckpt, out, dtype: str | None = None, limits: Limits = Limits(), *
 
 
 def _checkpoint(ckpt, out: Path, dtype: str | None, log) -> tuple[Path, str]:
-    if ckpt is None:
+    if ckpt is None or str(ckpt) == "":  # `export_all.sh "" OUT`: the demo checkpoint into OUT
         ckpt, dtype = out / "demo_checkpoint", dtype or "fp32"
         log(f"[1/5] no checkpoint given: making the tiny random-weight Qwen3-VL demo checkpoint in {ckpt} "
             f"(dtype {dtype}: ONNX Runtime CPU cannot run bf16 MatMul)")
@@ -98,7 +98,7 @@ def _engines(out: Path, dtype: str, limits: Limits, compute_capabilities, log) -
 
 def parser() -> argparse.ArgumentParser:
     ap = argparse.ArgumentParser(prog="export_all.sh", description=__doc__.splitlines()[0])
-    ap.add_argument("checkpoint", nargs="?", help="Hugging Face checkpoint directory (default: the demo checkpoint)")
+    ap.add_argument("checkpoint", nargs="?", help="Hugging Face checkpoint directory (default, or \"\": the demo checkpoint)")
     ap.add_argument("artifacts", nargs="?", default="artifacts", help="artifact directory (default: artifacts)")
     ap.add_argument("--dtype", help="fp32, fp16 or bf16 (default: bf16; the demo checkpoint: fp32)")
     ap.add_argument("--no-engines", action="store_true", help="no TensorRT engines even when TensorRT is there")

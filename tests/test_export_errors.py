@@ -50,3 +50,16 @@ def test_missing_shard(tmp_path):
     assert r.returncode == 2 and "Traceback" not in r.stderr
     assert r.stderr.strip().splitlines() == [
         f"error: {ckpt}: shard(s) listed in model.safetensors.index.json are missing: {victim}"]
+
+
+def test_empty_checkpoint_argument_means_the_demo(tmp_path):
+    """`export_all.sh "" OUT` (the form README/docs use to name OUT without a checkpoint) makes the demo
+    checkpoint in OUT and exports it fp32, as no argument does; it is not read as the current directory."""
+    from qwen_vl_trt.export.export_all import export_all
+
+    lines = []
+    manifest = export_all("", tmp_path / "out", log=lines.append)
+    assert lines[0].startswith(f"[1/5] no checkpoint given: making the tiny random-weight Qwen3-VL demo checkpoint in "
+                               f"{tmp_path / 'out' / 'demo_checkpoint'} (dtype fp32")
+    assert json.loads(manifest.read_text())["dtype"] == "float32"
+    assert (tmp_path / "out" / "demo_checkpoint" / "config.json").is_file()
