@@ -13,6 +13,8 @@ import numpy as np
 import onnx
 from onnx import TensorProto, helper, numpy_helper
 
+from qwen_vl_trt.model.weight_formats import WeightFormats
+
 OPSET = 21
 FUNCTION_DOMAIN = "qwen_vl_trt"  # model-local composite ops that no plugin replaces (export/layers.py RMSNorm)
 
@@ -27,6 +29,7 @@ class GraphBuilder:
         self.name = name
         self.dtype = dtype  # compute dtype of activations and weights ("float32" | "float16" | "bfloat16")
         self.int4_block: int | None = None  # set: decoder linears stored as INT4 blocks of this size (export/int4.py)
+        self.formats = WeightFormats()  # weight format per group of decoder weights (model/weight_formats.py)
         self.nodes: list[onnx.NodeProto] = []
         self.inputs: list[onnx.ValueInfoProto] = []
         self.outputs: list[onnx.ValueInfoProto] = []
