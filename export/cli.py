@@ -1,9 +1,12 @@
-"""`qwen-vl-export CHECKPOINT OUT_DIR [--dtype bf16|fp16|fp32] [--graphs vision,embed,decoder] [--weights dense|int4]`.
+"""`qwen-vl-export CHECKPOINT OUT_DIR [--dtype bf16|fp16|fp32] [--graphs vision,embed,decoder] [--weights dense|int4]
+[--tp 1|2|4|8]`.
 
 Writes OUT_DIR/{vision,embed,decoder}.onnx with their weights in `<graph>.onnx.data` (external data,
 streamed one tensor at a time), and vision.ort.onnx / decoder.ort.onnx: the same graphs for ONNX Runtime with
-its fused contrib ops, reading the same .onnx.data files (export/ort_fused.py). A bad checkpoint ends with one
-line on stderr and exit code 2.
+its fused contrib ops, reading the same .onnx.data files (export/ort_fused.py). With `--tp N` > 1 the decoder is
+written as N rank graphs `decoder.rank{r}.onnx` (+ .onnx.data; export/tp.py) instead of decoder.onnx, without
+a fused flavour (ONNX Runtime runs the rank graphs themselves: runtime/backends/tp.py). A bad checkpoint ends with
+one line on stderr and exit code 2.
 """
 from __future__ import annotations
 
@@ -20,15 +23,18 @@ from .weights import CheckpointWeights
 
 
 def export_graphs(ckpt_dir, out_dir, dtype: str = "bfloat16", graphs=("vision", "embed", "decoder"),
-                  progress=None, int4_block: int | None = None) -> dict:
+                  progress=None, int4_block: int | None = None, tp: int = 1) -> dict:
     """Export the graphs of a checkpoint; returns {"spec": ModelSpec, "dtype": str, "graphs": {name: file}}.
-    `int4_block`: the decoder's projections as INT4 weight-only blocks of this size (export/int4.py)."""
+    `int4_block`: the decoder's projections as INT4 weight-only blocks of this size (export/int4.py). `tp` > 1: the
+    decoder as `tp` rank graphs, listed as graphs["decoder_ranks"] (export/tp.py)."""
     from .decoder import export_decoder
     from .embed import export_embed
     from .ort_fused import write_fused
+    from .tp import TensorParallel, check
 
     dtype = DTYPE_ALIASES[dtype]
     spec = ModelSpec.from_checkpoint(ckpt_dir)
+    check(spec, tp)
     weights = CheckpointWeights(ckpt_dir)
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
@@ -39,6 +45,12 @@ def export_graphs(ckpt_dir, out_dir, dtype: str = "bfloat16", graphs=("vision", 
     files = {}
     for name in graphs:
         t0 = time.perf_counter()
+        if name == "decoder" and tp > 1:  # one graph per rank, one rank at a time (memory: one tensor)
+            files["decoder_ranks"] = [export_decoder(spec, weights, out, dtype, int4_block=int4_block,
+                                                     tp=TensorParallel(r, tp)).name for r in range(tp)]
+            if progress:
+                progress(f"exported decoder.rank0..{tp - 1}.onnx in {time.perf_counter() - t0:.1f} s")
+            continue
         path = exporters[name](spec, weights, out, dtype)
         files[name] = path.name
         if name in ("vision", "decoder"):  # ONNX Runtime's flavour: same weights, fused contrib ops
@@ -59,11 +71,13 @@ def main(argv=None) -> int:
                     help="int4: the decoder's projections as INT4 weight-only blocks (round to nearest, no "
                          "calibration; lossy: see export/int4.py). Default: the checkpoint's values")
     ap.add_argument("--int4-block-size", type=int, default=128, choices=BLOCK_SIZES)
+    ap.add_argument("--tp", type=int, default=1, choices=(1, 2, 4, 8),
+                    help="tensor-parallel ranks: the decoder as N graphs decoder.rank{r}.onnx (export/tp.py)")
     args = ap.parse_args(argv)
     try:
         export_graphs(args.checkpoint, args.out_dir, args.dtype, tuple(args.graphs.split(",")),
                       progress=lambda msg: print(msg, file=sys.stderr, flush=True),
-                      int4_block=args.int4_block_size if args.weights == "int4" else None)
+                      int4_block=args.int4_block_size if args.weights == "int4" else None, tp=args.tp)
     except UserError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2

@@ -2,11 +2,12 @@
 
     python -m qwen_vl_trt.export.export_all [CHECKPOINT] [ARTIFACTS] [--dtype fp32|fp16|bf16] [--no-engines]
         [--max-patches N] [--max-frames N] [--max-batch B] [--max-seq S] [--max-cache-len K]
-        [--compute-capabilities "8.6 12.0"] [--weights dense|int4] [--int4-block-size 32|64|128]
+        [--compute-capabilities "8.6 12.0"] [--weights dense|int4] [--int4-block-size 32|64|128] [--tp 1|2|4|8]
 
   [1/5] the checkpoint (none given: the tiny random-weight Qwen3-VL demo checkpoint in ARTIFACTS/demo_checkpoint,
         fp32 by default since ONNX Runtime's CPU provider has no bf16 MatMul; a real checkpoint defaults to bf16)
-  [2/5] vision/embed/decoder.onnx (+ .onnx.data) and vision/decoder.ort.onnx (export/cli.py)
+  [2/5] vision/embed/decoder.onnx (+ .onnx.data) and vision/decoder.ort.onnx (export/cli.py); with --tp N > 1
+        decoder.rank{0..N-1}.onnx instead of the decoder (export/tp.py)
   [3/5] the tokenizer, chat template, processor and generation configs (export/artifacts.py)
   [4/5] TensorRT engines when a TensorRT module is importable (export/build_engines.py; with the plugin library
         when it is built: model/trt_compat.py plugin_library_path)
@@ -31,7 +32,7 @@ from .onnx_graph import DTYPE_ALIASES
 
 
 def export_all(ckpt, out, dtype: str | None = None, limits: Limits = Limits(), *, engines: bool = False,
-               compute_capabilities=(), int4_block: int | None = None, log=None) -> Path:
+               compute_capabilities=(), int4_block: int | None = None, tp: int = 1, log=None) -> Path:
     """All steps of the module docstring; returns out/manifest.json. `engines`: build them when a TensorRT module
     is importable (TensorRT-RTX with plugin nodes needs LD_LIBRARY_PATH from before the process started: `main`
     re-executes itself with it)."""
@@ -47,14 +48,17 @@ def export_all(ckpt, out, dtype: str | None = None, limits: Limits = Limits(), *
     log(f"[2/5] exporting vision/embed/decoder graphs to {out}")
     from .cli import export_graphs
 
-    export_graphs(ckpt, out, dtype, progress=log, int4_block=int4_block)
+    export_graphs(ckpt, out, dtype, progress=log, int4_block=int4_block, tp=tp)
     log("[3/5] copying tokenizer, chat template, processor and generation configs")
     copy_checkpoint_files(ckpt, out)
+    if engines and tp > 1:  # the TensorRT side of tensor parallelism is not wired here (docs/large-models.md)
+        log(f"[4/5] --tp {tp}: no engines (the runtime runs TP artifacts on ONNX Runtime; docs/large-models.md)")
+        engines = False
     plugins = _engines(out, dtype, limits, compute_capabilities, log) if engines else None
-    if not engines:
+    if not engines and tp == 1:
         log("[4/5] --no-engines: skipping engines")
     log(f"[5/5] writing {out}/manifest.json")
-    return write_manifest(ckpt, out, dtype, limits, engines=plugins is not None, plugins=plugins or None)
+    return write_manifest(ckpt, out, dtype, limits, engines=plugins is not None, plugins=plugins or None, tp=tp)
 
 
 def _checkpoint(ckpt, out: Path, dtype: str | None, log) -> tuple[Path, str]:
@@ -108,6 +112,8 @@ def parser() -> argparse.ArgumentParser:
     ap.add_argument("--weights", default="dense", choices=("dense", "int4"),
                     help="int4: the decoder's projections as INT4 weight-only blocks (export/int4.py)")
     ap.add_argument("--int4-block-size", type=int, default=128, choices=BLOCK_SIZES)
+    ap.add_argument("--tp", type=int, default=1, choices=(1, 2, 4, 8),
+                    help="tensor-parallel ranks of the decoder (export/tp.py); > 1: run on ONNX Runtime (CPU) only")
     return ap
 
 
@@ -121,7 +127,7 @@ def main(argv=None) -> int:
     try:
         manifest = export_all(args.checkpoint, args.artifacts, args.dtype, limits, engines=not args.no_engines,
                               compute_capabilities=args.compute_capabilities.split(),
-                              int4_block=args.int4_block_size if args.weights == "int4" else None,
+                              int4_block=args.int4_block_size if args.weights == "int4" else None, tp=args.tp,
                               log=lambda msg: print(msg, file=sys.stderr, flush=True))
     except UserError as e:
         print(f"error: {e}", file=sys.stderr)

@@ -29,6 +29,7 @@ class GraphBuilder:
         self.name = name
         self.dtype = dtype  # compute dtype of activations and weights ("float32" | "float16" | "bfloat16")
         self.int4_block: int | None = None  # set: decoder linears stored as INT4 blocks of this size (export/int4.py)
+        self.tp = None  # set: the TensorParallel rank this decoder graph is written for (export/tp.py)
         self.formats = WeightFormats()  # weight format per group of decoder weights (model/weight_formats.py)
         self.nodes: list[onnx.NodeProto] = []
         self.inputs: list[onnx.ValueInfoProto] = []

@@ -1,0 +1,203 @@
+"""Tensor parallelism of the decoder: what rank r of N holds, and the all-reduces that join the ranks.
+
+The decoder graph of rank r (`decoder.rank{r}.onnx`) is written by the unchanged graph writers of
+export/decoder.py, layers.py and moe.py, given two views:
+- `RankWeights(weights, tp, spec)`: `get(key)` returns rank r's slice of a checkpoint tensor (table below), so the
+  writers (and any weight format applied to what `get` returns) run unchanged on a rank;
+- `rank_spec(spec, tp)`: the ModelSpec with per-rank head counts and intermediate widths, so the writers'
+  reshapes and the rank's contract (model/contracts.py: KV cache [B, Hkv_r, K, D]) come out right.
+
+| tensor (HF layout) | rank r holds | joined by |
+|---|---|---|
+| q_proj [Hq*D, C] (+bias) | rows of q heads r*Hq/N .. (r+1)*Hq/N - 1 | - |
+| k_proj, v_proj [Hkv*D, C] (+bias) | rows of KV heads r*Hkv/N ..; when N > Hkv, the one head r*Hkv//N (replicated: the GQA group of the rank's q heads) | - |
+| o_proj [C, Hq*D] | columns of the rank's q heads | all-reduce after o_proj |
+| gate_proj, up_proj [I, C] / down_proj [C, I] | rows / columns r*I/N .. (r+1)*I/N - 1 | all-reduce after the MLP |
+| experts gate_up [E, C, 2I] / down [E, I, C] (either stored layout) | every expert's gate and up columns / down rows of r*I/N .. | all-reduce after the MoE block (the routing weights are linear in the partial sums) |
+| lm_head / tied embed_tokens [V, C] | rows r*ceil(V/N) .. (vocab-parallel) | logits padded to [B, V] at the rank's offset, all-reduce (exact: one non-zero term per element) |
+| norms, q_norm/k_norm, router gate, everything else | whole (replicated) | - |
+
+The all-reduce is an ONNX `DistCollective` node of domain `trt` (attributes `collective_operation="all_reduce"`,
+`reduce_op="sum"`, `root=-1`, `nb_rank=N`), which the TensorRT >= 10.16 / TensorRT-RTX 1.7 ONNX parser imports as an
+IDistCollectiveLayer (NCCL; `IExecutionContext::setCommunicator`). The graph carries its model-local function whose
+body is `Identity`: what one rank computes alone. ONNX Runtime runs that body unless a kernel of the same name is
+registered; runtime/backends/tp.py registers one that all-reduces over MPI between the rank processes.
+With N = 1 nothing is inserted and nothing is sliced: the graph is today's decoder.onnx, byte for byte.
+"""
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass
+
+import onnx
+from onnx import helper
+
+from qwen_vl_trt.model.errors import CheckpointError
+from qwen_vl_trt.model.spec import ModelSpec
+
+from .onnx_graph import OPSET, GraphBuilder
+
+COLLECTIVE_DOMAIN = "trt"  # the domain TensorRT's ONNX parser imports DistCollective from
+COLLECTIVE_OP = "DistCollective"
+TP_SIZES = (1, 2, 4, 8)
+
+
+@dataclass(frozen=True)
+class TensorParallel:
+    """Rank `rank` of `size` ranks; `heads`/`kv_heads`/`split` give the index ranges it holds."""
+
+    rank: int
+    size: int
+
+    @property
+    def active(self) -> bool:
+        return self.size > 1
+
+    def chunk(self, n: int) -> tuple[int, int]:
+        """[lo, hi) of an evenly split dim of size n (n % size == 0, checked by `check`)."""
+        step = n // self.size
+        return self.rank * step, (self.rank + 1) * step
+
+    def kv_heads(self, hkv: int) -> tuple[int, int]:
+        """[lo, hi) of the KV heads this rank holds: an even split, or the single head r*Hkv//N when N > Hkv."""
+        if self.size <= hkv:
+            return self.chunk(hkv)
+        head = self.rank * hkv // self.size
+        return head, head + 1
+
+    def vocab(self, v: int) -> tuple[int, int]:
+        """[lo, hi) of the vocabulary rows (ceil(V/N) per rank; the last rank may hold fewer)."""
+        step = -(-v // self.size)
+        return min(v, self.rank * step), min(v, (self.rank + 1) * step)
+
+
+def check(spec: ModelSpec, size: int) -> None:
+    """Whether `spec`'s decoder splits over `size` ranks; a CheckpointError line saying why not."""
+    t = spec.text
+    if size not in TP_SIZES:
+        raise CheckpointError(f"--tp {size}: use one of {', '.join(map(str, TP_SIZES))}")
+    problems = []
+    if t.num_attention_heads % size:
+        problems.append(f"{t.num_attention_heads} attention heads")
+    if t.num_key_value_heads % size and size % t.num_key_value_heads:
+        problems.append(f"{t.num_key_value_heads} KV heads (neither divides the other)")
+    dense = [i for i in range(t.num_hidden_layers) if t.moe is None or not t.moe.is_sparse(i)]
+    if dense and t.intermediate_size % size:
+        problems.append(f"intermediate_size {t.intermediate_size}")
+    if t.moe is not None and t.moe.moe_intermediate_size % size:
+        problems.append(f"moe_intermediate_size {t.moe.moe_intermediate_size}")
+    if problems:
+        raise CheckpointError(f"--tp {size}: {spec.model_type} cannot be split evenly over {size} ranks: "
+                              f"{', '.join(problems)} not divisible by {size}")
+
+
+def rank_spec(spec: ModelSpec, tp: TensorParallel) -> ModelSpec:
+    """`spec` as rank `tp.rank` sees it: heads, KV heads and intermediate widths per rank (vocab stays whole:
+    the logits are gathered)."""
+    if not tp.active:
+        return spec
+    t = spec.text
+    lo, hi = tp.kv_heads(t.num_key_value_heads)
+    moe = t.moe and dataclasses.replace(t.moe, moe_intermediate_size=t.moe.moe_intermediate_size // tp.size)
+    text = dataclasses.replace(t, num_attention_heads=t.num_attention_heads // tp.size, num_key_value_heads=hi - lo,
+                               intermediate_size=t.intermediate_size // tp.size, moe=moe)
+    return dataclasses.replace(spec, text=text)
+
+
+class RankWeights:
+    """A CheckpointWeights (export/weights.py) whose `get(key)` returns rank `tp.rank`'s slice (module table);
+    every other attribute is the checkpoint's. Reads the whole tensor, then slices: export memory stays one tensor."""
+
+    def __init__(self, weights, tp: TensorParallel, spec: ModelSpec):
+        self.base, self.tp, self.spec = weights, tp, spec
+
+    def __getattr__(self, name):
+        return getattr(self.base, name)
+
+    def get(self, key: str):
+        t = self.base.get(key)
+        return t if not self.tp.active else self.slice(key, t)
+
+    def slice(self, key: str, t):
+        """Rank `tp.rank`'s part of tensor `key` (a torch tensor in HF's layout)."""
+        s, tp = self.spec.text, self.tp
+        parts = key.split(".")
+        module, kind = (parts[-2], parts[-1]) if len(parts) >= 2 else ("", key)
+        if module == "q_proj":
+            lo, hi = tp.chunk(s.num_attention_heads)
+            return t[lo * s.head_dim:hi * s.head_dim]
+        if module in ("k_proj", "v_proj"):
+            lo, hi = tp.kv_heads(s.num_key_value_heads)
+            return t[lo * s.head_dim:hi * s.head_dim]
+        if module == "o_proj" and kind == "weight":
+            lo, hi = tp.chunk(s.num_attention_heads)
+            return t[:, lo * s.head_dim:hi * s.head_dim]
+        if module in ("gate_proj", "up_proj") and "experts" not in parts:
+            lo, hi = tp.chunk(s.intermediate_size)
+            return t[lo:hi]
+        if module == "down_proj" and "experts" not in parts and kind == "weight":
+            lo, hi = tp.chunk(s.intermediate_size)
+            return t[:, lo:hi]
+        if module == "experts":
+            return self._expert_slice(key, kind, t)
+        if key.endswith(("embed_tokens.weight", "lm_head.weight")):  # only lm_head reads them in the decoder
+            lo, hi = tp.vocab(s.vocab_size)
+            return t[lo:hi]
+        return t
+
+    def _expert_slice(self, key: str, name: str, t):
+        """gate_up [E, C, 2I] (release) / [E, 2I, C] (HF in memory): the gate and the up halves each cut to the
+        rank's I/N columns; down [E, I, C] / [E, C, I]: the rank's I/N rows. Returned in HF's in-memory layout
+        ([E, 2I/N, C], [E, C, I/N]), which export/moe.py `release_layout` tests first, so no shape coincidence
+        (2I/N == C) can make it transpose wrongly. The stored layout is told apart as HF's loader does."""
+        import torch
+
+        moe, c = self.spec.text.moe, self.spec.text.hidden_size
+        e, i = moe.num_experts, moe.moe_intermediate_size
+        lo, hi = self.tp.chunk(i)
+        shape = tuple(t.shape)
+        if name == "gate_up_proj":
+            if shape == (e, 2 * i, c):
+                t = t.transpose(1, 2)
+            elif shape != (e, c, 2 * i):
+                raise CheckpointError(f"{key}: shape {list(shape)}, expected [{e}, {c}, {2 * i}] or [{e}, {2 * i}, {c}]")
+            return torch.cat([t[..., lo:hi], t[..., i + lo:i + hi]], dim=-1).transpose(1, 2).contiguous()
+        if name == "down_proj":
+            if shape == (e, c, i):
+                t = t.transpose(1, 2)
+            elif shape != (e, i, c):
+                raise CheckpointError(f"{key}: shape {list(shape)}, expected [{e}, {i}, {c}] or [{e}, {c}, {i}]")
+            return t[:, lo:hi].transpose(1, 2).contiguous()
+        return t
+
+
+# ---- the collectives in the graph ----------------------------------------------------------------------------
+def dist_collective_function() -> onnx.FunctionProto:
+    """DistCollective(input) -> output as one rank alone computes it: Identity (the 1-rank reference body)."""
+    return helper.make_function(COLLECTIVE_DOMAIN, COLLECTIVE_OP, ["input"], ["output"],
+                                [helper.make_node("Identity", ["input"], ["output"])],
+                                [helper.make_opsetid("", OPSET)],
+                                attributes=["collective_operation", "reduce_op", "root", "nb_rank"],
+                                doc_string=dist_collective_function.__doc__)
+
+
+def all_reduce(g: GraphBuilder, x: str) -> str:
+    """Sum of `x` over the ranks (any shape; the graph's compute dtype); `x` itself without tensor parallelism."""
+    tp = getattr(g, "tp", None)
+    if tp is None or not tp.active:
+        return x
+    g.add_function(dist_collective_function())
+    return g.op(COLLECTIVE_OP, [x], domain=COLLECTIVE_DOMAIN, collective_operation="all_reduce", reduce_op="sum",
+                root=-1, nb_rank=tp.size)
+
+
+def gather_vocab(g: GraphBuilder, logits: str, vocab: int) -> str:
+    """logits [B, V_r] float32 of the rank's vocabulary rows -> [B, V] on every rank: padded with zeros to its
+    offset, then all-reduced (each element has exactly one non-zero term, so the sum is exact)."""
+    tp = getattr(g, "tp", None)
+    if tp is None or not tp.active:
+        return logits
+    lo, hi = tp.vocab(vocab)
+    with g.scope("gather"):
+        full = g.op("Pad", [logits, g.const([0, lo, 0, vocab - hi], "int64")])  # [B, V]
+        return all_reduce(g, full)
