@@ -4,7 +4,7 @@ The decoder graph of rank r (`decoder.rank{r}.onnx`) is written by the unchanged
 export/decoder.py, layers.py and moe.py, given two views:
 - `RankWeights(weights, tp, spec)`: `get(key)` returns rank r's slice of a checkpoint tensor (table below), so the
   writers (and any weight format applied to what `get` returns) run unchanged on a rank;
-- `rank_spec(spec, tp)`: the ModelSpec with per-rank head counts and intermediate widths, so the writers'
+- `rank_spec(spec, tp)` (model/tp.py, shared with the runtime): the ModelSpec with per-rank head counts and intermediate widths, so the writers'
   reshapes and the rank's contract (model/contracts.py: KV cache [B, Hkv_r, K, D]) come out right.
 
 | tensor (HF layout) | rank r holds | joined by |
@@ -26,82 +26,17 @@ With N = 1 nothing is inserted and nothing is sliced: the graph is today's decod
 """
 from __future__ import annotations
 
-import dataclasses
-from dataclasses import dataclass
-
 import onnx
 from onnx import helper
 
 from qwen_vl_trt.model.errors import CheckpointError
 from qwen_vl_trt.model.spec import ModelSpec
+from qwen_vl_trt.model.tp import TensorParallel, check, rank_spec  # noqa: F401 (the export's entry points)
 
 from .onnx_graph import OPSET, GraphBuilder
 
 COLLECTIVE_DOMAIN = "trt"  # the domain TensorRT's ONNX parser imports DistCollective from
 COLLECTIVE_OP = "DistCollective"
-TP_SIZES = (1, 2, 4, 8)
-
-
-@dataclass(frozen=True)
-class TensorParallel:
-    """Rank `rank` of `size` ranks; `heads`/`kv_heads`/`split` give the index ranges it holds."""
-
-    rank: int
-    size: int
-
-    @property
-    def active(self) -> bool:
-        return self.size > 1
-
-    def chunk(self, n: int) -> tuple[int, int]:
-        """[lo, hi) of an evenly split dim of size n (n % size == 0, checked by `check`)."""
-        step = n // self.size
-        return self.rank * step, (self.rank + 1) * step
-
-    def kv_heads(self, hkv: int) -> tuple[int, int]:
-        """[lo, hi) of the KV heads this rank holds: an even split, or the single head r*Hkv//N when N > Hkv."""
-        if self.size <= hkv:
-            return self.chunk(hkv)
-        head = self.rank * hkv // self.size
-        return head, head + 1
-
-    def vocab(self, v: int) -> tuple[int, int]:
-        """[lo, hi) of the vocabulary rows (ceil(V/N) per rank; the last rank may hold fewer)."""
-        step = -(-v // self.size)
-        return min(v, self.rank * step), min(v, (self.rank + 1) * step)
-
-
-def check(spec: ModelSpec, size: int) -> None:
-    """Whether `spec`'s decoder splits over `size` ranks; a CheckpointError line saying why not."""
-    t = spec.text
-    if size not in TP_SIZES:
-        raise CheckpointError(f"--tp {size}: use one of {', '.join(map(str, TP_SIZES))}")
-    problems = []
-    if t.num_attention_heads % size:
-        problems.append(f"{t.num_attention_heads} attention heads")
-    if t.num_key_value_heads % size and size % t.num_key_value_heads:
-        problems.append(f"{t.num_key_value_heads} KV heads (neither divides the other)")
-    dense = [i for i in range(t.num_hidden_layers) if t.moe is None or not t.moe.is_sparse(i)]
-    if dense and t.intermediate_size % size:
-        problems.append(f"intermediate_size {t.intermediate_size}")
-    if t.moe is not None and t.moe.moe_intermediate_size % size:
-        problems.append(f"moe_intermediate_size {t.moe.moe_intermediate_size}")
-    if problems:
-        raise CheckpointError(f"--tp {size}: {spec.model_type} cannot be split evenly over {size} ranks: "
-                              f"{', '.join(problems)} not divisible by {size}")
-
-
-def rank_spec(spec: ModelSpec, tp: TensorParallel) -> ModelSpec:
-    """`spec` as rank `tp.rank` sees it: heads, KV heads and intermediate widths per rank (vocab stays whole:
-    the logits are gathered)."""
-    if not tp.active:
-        return spec
-    t = spec.text
-    lo, hi = tp.kv_heads(t.num_key_value_heads)
-    moe = t.moe and dataclasses.replace(t.moe, moe_intermediate_size=t.moe.moe_intermediate_size // tp.size)
-    text = dataclasses.replace(t, num_attention_heads=t.num_attention_heads // tp.size, num_key_value_heads=hi - lo,
-                               intermediate_size=t.intermediate_size // tp.size, moe=moe)
-    return dataclasses.replace(spec, text=text)
 
 
 class RankWeights:

@@ -238,7 +238,8 @@ def open_ort(paths: dict, contracts: dict, *, io_binding: bool = True, threads: 
     sessions = {name: OrtSession(paths[name], contracts[name], providers=providers, io_binding=io_binding,
                                  resident=_cache_outputs(contracts[name]), threads=threads,
                                  graph_capture=cuda_graph and name == "decoder") for name in paths}
-    sessions["decoder"].kv_in_place = kv_in_place
+    if "decoder" in sessions:
+        sessions["decoder"].kv_in_place = kv_in_place
     return sessions
 
 
