@@ -1,0 +1,226 @@
+"""Tensor parallelism (export/tp.py, model/tp.py, runtime/backends/tp.py): rank graphs run as separate ranks on
+ONNX Runtime (CPU, MPI all-reduces between processes) give HF's tokens.
+
+Checkpoints: tiny Qwen3-VL shaped like the 32B (dense, 8 q heads / 4 KV heads: TP 2 and 4 split the KV heads as
+the 32B's 64/8 are) and like the 235B-A22B (MoE, 8 q heads / 4 KV heads: TP 8 replicates each KV head on two
+ranks, as the 235B's 64/4 at TP 8), intermediate sizes divisible by 8. References: HF `generate` greedy with EOS
+off on HF's processor inputs (tests/test_generate.py `hf_generate`), token ids compared exactly (as there: the tiny
+fp32 model's top logits are far apart, and the all-reduce only reorders fp32 sums, ~1e-7 relative); the 1-rank
+graph against today's decoder.onnx byte for byte; per-rank weight bytes against the checkpoint's tensor shapes
+read from the safetensors header (not from our export).
+"""
+from __future__ import annotations
+
+import json
+import struct
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import onnx
+import pytest
+
+import hf_processor as H
+from hf_reference import hf_model
+from test_generate import N_NEW, hf_generate, media  # noqa: F401 (fixture)
+from qwen_vl_trt.export.demo_checkpoint import QWEN3_VL_MOE_TINY, QWEN3_VL_TINY, make_checkpoint
+
+SHAPES = {  # name -> (family, text_config): 8 q heads, 4 KV heads, widths divisible by 8
+    "dense_32b": ("qwen3_vl", {**QWEN3_VL_TINY["text_config"], "num_attention_heads": 8, "num_key_value_heads": 4,
+                               "intermediate_size": 40}),
+    "moe_235b": ("qwen3_vl_moe", {**QWEN3_VL_MOE_TINY["text_config"], "num_attention_heads": 8,
+                                  "num_key_value_heads": 4, "intermediate_size": 40}),
+}
+LIMITS = dict(max_batch=2, max_seq=512, max_cache_len=1024)
+
+
+@pytest.fixture(scope="module")
+def ckpts(tmp_path_factory):
+    return {name: make_checkpoint(tmp_path_factory.mktemp(name), family, seed=5,
+                                  config_overrides={"text_config": text})
+            for name, (family, text) in SHAPES.items()}
+
+
+_exports: dict = {}
+
+
+@pytest.fixture(scope="module")
+def export(ckpts, tmp_path_factory):
+    """export(shape, tp) -> an fp32 artifact directory (export_all, no engines), made once per module."""
+    from qwen_vl_trt.export.export_all import export_all
+    from qwen_vl_trt.model.contracts import Limits
+
+    def make(shape: str, tp: int) -> Path:
+        if (shape, tp) not in _exports:
+            out = tmp_path_factory.mktemp(f"{shape}_tp{tp}")
+            export_all(ckpts[shape], out, "fp32", Limits(**LIMITS), tp=tp)
+            _exports[shape, tp] = out
+        return _exports[shape, tp]
+
+    return make
+
+
+def cases(media):  # noqa: F811
+    imgs, frames_dir = media["images"], str(media["frames_dir"])
+    return {"image": ("Describe this image.", (str(imgs[0]),), None),
+            "two_images": ("Compare them.", (str(imgs[0]), str(imgs[1])), None),
+            "video": ("What happens?", (), frames_dir),
+            "text": ("Write a haiku about GPUs.", (), None)}
+
+
+_hf_cache: dict = {}
+
+
+def hf_tokens(ckpt, media, names):  # noqa: F811
+    """name -> HF's N_NEW greedy tokens for that case alone (HF model and results cached per checkpoint)."""
+    key = str(ckpt)
+    if key not in _hf_cache:
+        _hf_cache[key] = {"model": hf_model(ckpt), "processor": H.qwen3_processor(ckpt), "tokens": {}}
+    entry = _hf_cache[key]
+    for name in names:
+        if name not in entry["tokens"]:
+            prompt, imgs, video = cases(media)[name]
+            entry["tokens"][name] = hf_generate(entry["model"], entry["processor"], prompt, list(imgs),
+                                                frames=media["frames"] if video else None)
+    return {name: entry["tokens"][name] for name in names}
+
+
+def ours(model, media, names):  # noqa: F811
+    """name -> our N_NEW greedy tokens (EOS ignored), each request alone through generate (trt-run's loop)."""
+    from qwen_vl_trt.runtime.generate import generate
+    from qwen_vl_trt.runtime.pipeline import Preprocessor
+    from qwen_vl_trt.runtime.request import Request
+    from qwen_vl_trt.runtime.sampling import Sampler, SamplingConfig
+
+    pre = Preprocessor(model.manifest)
+    out = {}
+    for name in names:
+        prompt, imgs, video = cases(media)[name]
+        req = pre.prepare(Request(prompt, imgs, video))
+        out[name] = generate(model, [req], Sampler(SamplingConfig(temperature=0)), N_NEW, ignore_eos=True)[0].token_ids
+    return out
+
+
+# ---- graphs ------------------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("shape", list(SHAPES))
+def test_one_rank_graph_is_todays_graph_byte_for_byte(ckpts, shape, tmp_path):
+    from qwen_vl_trt.export.decoder import export_decoder
+    from qwen_vl_trt.export.tp import TensorParallel
+    from qwen_vl_trt.export.weights import CheckpointWeights
+    from qwen_vl_trt.model.spec import ModelSpec
+
+    spec, w = ModelSpec.from_checkpoint(ckpts[shape]), CheckpointWeights(ckpts[shape])
+    (tmp_path / "a").mkdir(), (tmp_path / "b").mkdir()
+    a = export_decoder(spec, w, tmp_path / "a", "float32")
+    b = export_decoder(spec, w, tmp_path / "b", "float32", tp=TensorParallel(0, 1))
+    assert a.name == b.name == "decoder.onnx"
+    assert a.read_bytes() == b.read_bytes()
+    assert (tmp_path / "a/decoder.onnx.data").read_bytes() == (tmp_path / "b/decoder.onnx.data").read_bytes()
+
+
+def test_rank_graphs_carry_dist_collective_all_reduces(export):
+    """Per layer one all-reduce after o_proj and one after the MLP / MoE block, one for the logits; attributes as
+    TensorRT's parser reads them, and the Identity function body (the 1-rank reference)."""
+    d = export("moe_235b", 2)
+    for r in range(2):
+        m = onnx.load(str(d / f"decoder.rank{r}.onnx"), load_external_data=False)
+        nodes = [n for n in m.graph.node if n.op_type == "DistCollective"]
+        assert all(n.domain == "trt" for n in nodes)
+        assert len(nodes) == 2 * SHAPES["moe_235b"][1]["num_hidden_layers"] + 1
+        for n in nodes:
+            attrs = {a.name: onnx.helper.get_attribute_value(a) for a in n.attribute}
+            assert attrs == {"collective_operation": b"all_reduce", "reduce_op": b"sum", "root": -1, "nb_rank": 2}
+        (fn,) = [f for f in m.functions if f.name == "DistCollective"]
+        assert fn.domain == "trt" and [x.op_type for x in fn.node] == ["Identity"]
+        cache = [i for i in m.graph.input if i.name == "past_key.0"][0]
+        assert [d.dim_value or d.dim_param for d in cache.type.tensor_type.shape.dim] == ["batch", 2, "cache_len", 32]
+    manifest = json.loads((d / "manifest.json").read_text())
+    assert manifest["tp"] == 2 and [r["onnx"] for r in manifest["graphs"]["decoder"]["ranks"]] == \
+        ["decoder.rank0.onnx", "decoder.rank1.onnx"]
+    assert not (d / "decoder.onnx").exists()
+
+
+def _header(path: Path) -> dict:
+    with open(path, "rb") as f:
+        (n,) = struct.unpack("<Q", f.read(8))
+        header = json.loads(f.read(n))
+    header.pop("__metadata__", None)
+    return header
+
+
+def _expected_rank_bytes(ckpt: Path, tp: int) -> int:
+    """Decoder weight bytes of one rank from the checkpoint's tensor shapes (fp32): the split tensors / tp, the
+    k/v projections / min(tp, Hkv) (replicated beyond Hkv), everything else of the text model whole."""
+    cfg = json.loads((ckpt / "config.json").read_text())["text_config"]
+    total = 0
+    for key, info in _header(ckpt / "model.safetensors").items():
+        if not (key.startswith("model.language_model.") or key.startswith("lm_head.")):
+            continue
+        if key.endswith("embed_tokens.weight"):
+            continue  # embed.onnx's (untied checkpoints: lm_head.weight is separate)
+        n = int(np.prod(info["shape"])) * 4
+        if any(p in key for p in ("q_proj", "o_proj", "gate_proj", "up_proj", "down_proj", "experts.", "lm_head")):
+            total += n // tp
+        elif any(p in key for p in ("k_proj", "v_proj")):
+            total += n // min(tp, cfg["num_key_value_heads"])
+        else:
+            total += n
+    return total
+
+
+@pytest.mark.parametrize("shape,tp", [("dense_32b", 2), ("dense_32b", 4), ("moe_235b", 4), ("moe_235b", 8)])
+def test_per_rank_weight_bytes_are_one_nth_of_the_split_parts(export, ckpts, shape, tp):
+    d = export(shape, tp)
+    want = _expected_rank_bytes(ckpts[shape], tp)
+    for r in range(tp):
+        m = onnx.load(str(d / f"decoder.rank{r}.onnx"), load_external_data=False)
+        stored = sum(int({e.key: e.value for e in t.external_data}["length"]) for t in m.graph.initializer
+                     if t.data_location == onnx.TensorProto.EXTERNAL)
+        assert stored == want, (r, stored, want)
+
+
+# ---- runs vs HF ----------------------------------------------------------------------------------------------------
+@pytest.fixture(scope="module")
+def open_model(export):
+    """open_model(shape, tp) -> a loaded Model on the TP artifacts (rank processes started); closed at the end."""
+    from qwen_vl_trt.runtime.generate import load_model
+
+    opened = []
+
+    def load(shape, tp):
+        model = load_model(export(shape, tp), "onnxruntime")
+        opened.append(model)
+        return model
+
+    yield load
+    for model in opened:
+        model.sessions["decoder"].close()
+
+
+@pytest.mark.parametrize("shape,tp", [("dense_32b", 2), ("dense_32b", 4), ("moe_235b", 2), ("moe_235b", 4)])
+def test_tp_ranks_match_hf(open_model, ckpts, media, shape, tp):  # noqa: F811
+    """Image, two images, video and text through the TP ranks == HF greedy."""
+    model = open_model(shape, tp)
+    assert type(model.sessions["decoder"]).__name__ == "TpDecoderSession" and model.manifest.tp == tp
+    names = list(cases(media))
+    assert ours(model, media, names) == hf_tokens(ckpts[shape], media, names)
+    model.sessions["decoder"].close()
+
+
+def test_tp8_replicated_kv_heads_match_hf(open_model, ckpts, media):  # noqa: F811
+    """235B-shaped at TP 8: 4 KV heads on 8 ranks, each held by two (rank r holds head r*4//8)."""
+    model = open_model("moe_235b", 8)
+    assert model.sessions["decoder"].kv == [(0, 1), (0, 1), (1, 2), (1, 2), (2, 3), (2, 3), (3, 4), (3, 4)]
+    assert ours(model, media, ["image", "text"]) == hf_tokens(ckpts["moe_235b"], media, ["image", "text"])
+    model.sessions["decoder"].close()
+
+
+def test_trt_run_on_tp_artifacts_matches_hf(export, ckpts, media):  # noqa: F811
+    """`trt-run --model-dir <tp2 artifacts>` as a user runs it (a child process that spawns its ranks)."""
+    img = media["images"][0]
+    r = subprocess.run([sys.executable, "-m", "qwen_vl_trt.runtime.serve.cli", "--model-dir",
+                        str(export("dense_32b", 2)), "--image", str(img), "--json", "--temperature", "0",
+                        "--ignore-eos", "--max-new-tokens", str(N_NEW)], capture_output=True, text=True, timeout=600)
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert json.loads(r.stdout)["token_ids"] == hf_tokens(ckpts["dense_32b"], media, ["image"])["image"]
