@@ -275,3 +275,64 @@ def test_server_on_tp_artifacts_matches_hf(export, ckpts, media):  # noqa: F811
     assert status == 200, body
     _, want = hf_chat(hf, processor, messages, [media["images"][0]])
     assert body["choices"][0]["message"]["content"] == processor.tokenizer.decode(want[:N_TP], skip_special_tokens=True)
+
+
+def test_tensorrt_rtx_builds_each_rank_graph_with_dist_collective_layers(ckpts, tmp_path):
+    """CI's TensorRT check: bf16 rank graphs of a TP 2 export parse into DIST_COLLECTIVE layers (2 per layer + 1,
+    counted on the parsed network before the build) and build ahead of time (TensorRT-RTX, no GPU here: the engines
+    are not run)."""
+    import re
+
+    from qwen_vl_trt.export.cli import export_graphs
+    from qwen_vl_trt.model.trt_compat import rtx_env
+
+    export_graphs(ckpts["dense_32b"], tmp_path, "bf16", graphs=("decoder",), tp=2)
+    (tmp_path / "config.json").write_bytes((ckpts["dense_32b"] / "config.json").read_bytes())
+    r = subprocess.run([sys.executable, "-m", "qwen_vl_trt.export.build_engines", str(tmp_path), "--dtype", "bfloat16",
+                        "--max-batch", "2", "--max-seq", "256", "--max-cache-len", "512", "--compute-capabilities",
+                        "8.9", "--graphs", "decoder.rank0,decoder.rank1"],
+                       capture_output=True, text=True, env=rtx_env(), timeout=900)
+    assert r.returncode == 0, r.stderr[-3000:]
+    layers = 2 * SHAPES["dense_32b"][1]["num_hidden_layers"] + 1
+    for rank in range(2):
+        assert re.search(rf"decoder\.rank{rank}\.onnx: {layers} DIST_COLLECTIVE layers parsed", r.stderr), r.stderr[-2000:]
+        assert (tmp_path / f"decoder.rank{rank}.engine").read_bytes()[:4] in (b"vtrt", b"ftrt")
+
+
+# ---- refusals ------------------------------------------------------------------------------------------------------
+def test_a_split_that_does_not_divide_is_one_error_line(qwen3_vl_ckpt, tmp_path, capsys):
+    """The stock tiny Qwen3-VL has 4 query heads: --tp 8 cannot split them."""
+    from qwen_vl_trt.export.export_all import main
+
+    assert main([str(qwen3_vl_ckpt), str(tmp_path / "out"), "--dtype", "fp32", "--no-engines", "--tp", "8"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err[-1] == ("error: --tp 8: qwen3_vl cannot be split evenly over 8 ranks: 4 attention heads, "
+                       "2 KV heads (neither divides the other) not divisible by 8")
+    assert not (tmp_path / "out" / "manifest.json").exists()
+
+
+def test_manifests_old_and_inconsistent(export, tmp_path):
+    from qwen_vl_trt.model.errors import ArtifactError, BackendUnavailable
+    from qwen_vl_trt.model.manifest import load_manifest
+    from qwen_vl_trt.runtime.generate import load_model
+
+    one = export("dense_32b", 1)
+    raw = json.loads((one / "manifest.json").read_text())
+    assert raw["tp"] == 1 and "ranks" not in raw["graphs"]["decoder"]
+    del raw["tp"]  # a manifest written before tensor parallelism
+    (one / "manifest.json").write_text(json.dumps(raw))
+    assert load_manifest(one).tp == 1 and load_manifest(one).rank_paths() == []
+
+    two = export("dense_32b", 2)
+    with pytest.raises(BackendUnavailable, match="--tp 2 export, which runs on ONNX Runtime"):
+        load_model(two, "tensorrt")
+    bad = tmp_path / "bad"
+    bad.mkdir()
+    for f in two.iterdir():
+        (bad / f.name).symlink_to(f)
+    raw = json.loads((two / "manifest.json").read_text())
+    raw["tp"] = 4
+    (bad / "manifest.json").unlink()
+    (bad / "manifest.json").write_text(json.dumps(raw))
+    with pytest.raises(ArtifactError, match="tp 4 does not match its 2 decoder rank graphs"):
+        load_manifest(bad)

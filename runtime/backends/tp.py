@@ -53,7 +53,8 @@ _ORT_TYPES = {"tensor(float)": "float32", "tensor(float16)": "float16", "tensor(
 _STEP, _RESULT = 1, 2  # MPI tags: rank 0 -> rank r (a step's feeds, or stop), rank r -> rank 0 (its present_*)
 IDLE_POLL_S = 0.0002  # how often an idle rank looks for the next step (adds at most this to a step's latency)
 _CACHE = ("past_key.", "past_value.")  # [B, Hkv, K, D] inputs: split by KV head
-_comm = None  # the MPI intracommunicator of all ranks (rank 0 = the process that runs the scheduler)
+_comm = None  # the MPI intracommunicator of the ranks now running (rank 0 = the process that runs the scheduler;
+# a process may hold several TP sessions, which run one at a time: each sets it before it runs)
 
 
 def _mpi():
@@ -183,6 +184,8 @@ class TpDecoderSession:
         cache = [k for k in feeds if k.startswith(_CACHE)]
         common = {k: v for k, v in feeds.items() if k not in cache}
         per_rank = [{**common, **{k: np.ascontiguousarray(feeds[k][:, lo:hi]) for k in cache}} for lo, hi in self.kv]
+        global _comm
+        _comm = self.comm  # the all-reduce kernel reduces over the communicator of the session that runs
         self._send([("run", f) for f in per_rank[1:]])
         try:
             out = self.rank0.run(per_rank[0])
