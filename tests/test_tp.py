@@ -336,3 +336,19 @@ def test_manifests_old_and_inconsistent(export, tmp_path):
     (bad / "manifest.json").write_text(json.dumps(raw))
     with pytest.raises(ArtifactError, match="tp 4 does not match its 2 decoder rank graphs"):
         load_manifest(bad)
+
+
+def test_tp_generation_imports_no_torch(export):
+    """trt-run on TP artifacts with torch and transformers refused at import (tests/test_runtime_no_torch.py's
+    blocker): the rank sessions' custom-op library is loaded without onnxruntime-extensions' __init__, which would
+    import transformers."""
+    from test_runtime_no_torch import BLOCKER
+
+    r = subprocess.run([sys.executable, "-c", BLOCKER, "--model-dir", str(export("dense_32b", 2)), "--prompt", "Hi",
+                        "--json", "--temperature", "0", "--ignore-eos", "--max-new-tokens", "3"],
+                       capture_output=True, text=True, timeout=600)
+    assert r.returncode == 0, r.stderr[-3000:]
+    report = json.loads(r.stderr.strip().splitlines()[-1])
+    assert report["rc"] == 0 and report["attempts"] == []
+    assert "qwen_vl_trt.runtime.backends.tp" in report["modules"]
+    assert len(json.loads(r.stdout)["token_ids"]) == 3

@@ -78,10 +78,8 @@ def _mpi():
 def _register_all_reduce() -> str:
     """Register the DistCollective kernel (all-reduce sum over `_comm`) with onnxruntime-extensions -> the path
     of its custom-op library for SessionOptions.register_custom_ops_library."""
-    try:
-        from onnxruntime_extensions import PyCustomOpDef, get_library_path, onnx_op
-    except ImportError as e:
-        raise BackendUnavailable(f"tensor-parallel artifacts need onnxruntime-extensions ({e})") from None
+    ocos = _ortx_custom_ops()
+    PyCustomOpDef, get_library_path, onnx_op = ocos.PyCustomOpDef, ocos.get_library_path, ocos.Opdef.declare
     if not getattr(_register_all_reduce, "done", False):
         attrs = {"collective_operation": PyCustomOpDef.dt_string, "reduce_op": PyCustomOpDef.dt_string,
                  "root": PyCustomOpDef.dt_int64, "nb_rank": PyCustomOpDef.dt_int64}
@@ -93,6 +91,24 @@ def _register_all_reduce() -> str:
 
         _register_all_reduce.done = True
     return get_library_path()
+
+
+def _ortx_custom_ops():
+    """onnxruntime-extensions' custom-op core (`onnxruntime_extensions._ocos`: Opdef, PyCustomOpDef,
+    get_library_path) without running the package's __init__, which imports transformers (and with it torch) for
+    its tokenizer converters when they are installed and sets PROTOCOL_BUFFERS_PYTHON_IMPLEMENTATION=python (which
+    the rank processes would inherit). The package module is registered unexecuted; `_ocos` needs only its
+    compiled `_extensions_pydll` sibling."""
+    import importlib
+    import importlib.util
+
+    if "onnxruntime_extensions" not in sys.modules:
+        spec = importlib.util.find_spec("onnxruntime_extensions")
+        if spec is None:
+            raise BackendUnavailable("tensor-parallel artifacts need onnxruntime-extensions (pip install "
+                                     "onnxruntime-extensions)")
+        sys.modules["onnxruntime_extensions"] = importlib.util.module_from_spec(spec)  # __path__ set, not executed
+    return importlib.import_module("onnxruntime_extensions._ocos")
 
 
 def all_reduce(x: np.ndarray, collective_operation: str = "all_reduce", reduce_op: str = "sum", nb_rank: int = 0,
