@@ -301,13 +301,14 @@ def test_tensorrt_rtx_builds_each_rank_graph_with_dist_collective_layers(ckpts, 
 
 # ---- refusals ------------------------------------------------------------------------------------------------------
 def test_a_split_that_does_not_divide_is_one_error_line(qwen3_vl_ckpt, tmp_path, capsys):
-    """The stock tiny Qwen3-VL has 4 query heads: --tp 8 cannot split them."""
+    """The stock tiny Qwen3-VL has 4 query heads and an MLP of 37: --tp 8 cannot split them (its 2 KV heads could be
+    replicated)."""
     from qwen_vl_trt.export.export_all import main
 
     assert main([str(qwen3_vl_ckpt), str(tmp_path / "out"), "--dtype", "fp32", "--no-engines", "--tp", "8"]) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert err[-1] == ("error: --tp 8: qwen3_vl cannot be split evenly over 8 ranks: 4 attention heads, "
-                       "2 KV heads (neither divides the other) not divisible by 8")
+                       "intermediate_size 37 not divisible by 8")
     assert not (tmp_path / "out" / "manifest.json").exists()
 
 
