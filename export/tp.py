@@ -40,14 +40,21 @@ COLLECTIVE_OP = "DistCollective"
 
 
 class RankWeights:
-    """A CheckpointWeights (export/weights.py) whose `get(key)` returns rank `tp.rank`'s slice (module table);
-    every other attribute is the checkpoint's. Reads the whole tensor, then slices: export memory stays one tensor."""
+    """A CheckpointWeights (export/weights.py) whose `get(key)` returns rank `tp.rank`'s slice (module table).
+    Reads the whole tensor, then slices: export memory stays one tensor. Of the checkpoint's other attributes only
+    those that return no tensor pass through (`PASSED`); any other read would hand a rank the whole tensor, so it
+    is an AttributeError until it is sliced here."""
+
+    PASSED = frozenset({"dir", "quant", "has", "resolve", "keys"})
 
     def __init__(self, weights, tp: TensorParallel, spec: ModelSpec):
         self.base, self.tp, self.spec = weights, tp, spec
 
     def __getattr__(self, name):
-        return getattr(self.base, name)
+        if name in RankWeights.PASSED:
+            return getattr(self.base, name)
+        raise AttributeError(f"RankWeights has no {name!r}: a tensor read of a tensor-parallel rank must return the "
+                             "rank's slice (export/tp.py)")
 
     def get(self, key: str):
         t = self.base.get(key)

@@ -353,3 +353,74 @@ def test_tp_generation_imports_no_torch(export):
     assert report["rc"] == 0 and report["attempts"] == []
     assert "qwen_vl_trt.runtime.backends.tp" in report["modules"]
     assert len(json.loads(r.stdout)["token_ids"]) == 3
+
+
+def test_qwen2_5_vl_with_qkv_bias_at_tp2_matches_hf(media, tmp_path):  # noqa: F811
+    """Qwen2.5-VL's q/k/v biases are cut with their heads: an image and a text prompt at TP 2 (2 q heads and 1 KV
+    head per rank) == HF greedy."""
+    from test_generate import hf_generate as hf_greedy
+
+    from qwen_vl_trt.export.export_all import export_all
+    from qwen_vl_trt.model.contracts import Limits
+    from qwen_vl_trt.runtime.generate import load_model
+
+    ckpt = make_checkpoint(tmp_path / "ckpt", "qwen2_5_vl", seed=6, config_overrides={"intermediate_size": 40})
+    export_all(ckpt, tmp_path / "tp2", "fp32", Limits(**LIMITS), tp=2)
+    model = load_model(tmp_path / "tp2", "onnxruntime")
+    try:
+        got = ours(model, media, ["image", "text"])
+    finally:
+        model.sessions["decoder"].close()
+    hf, processor = hf_model(ckpt), H.qwen2_5_processor(ckpt)
+    for name in ("image", "text"):
+        prompt, imgs, _ = cases(media)[name]
+        assert got[name] == hf_greedy(hf, processor, prompt, list(imgs))[:N_TP], name
+
+
+# ---- TensorRT side: NCCL without torch (runtime/backends/nccl.py); engines with collectives need GPUs ------------
+def test_nccl_from_the_wheel_loads_and_reports_its_pinned_version():
+    from qwen_vl_trt.runtime.backends.nccl import Nccl
+
+    pinned = next(line.split("==")[1] for line in (Path(__file__).parents[1] / "scripts/constraints.txt").read_text()
+                  .splitlines() if line.startswith("nvidia-nccl-cu13=="))
+    assert Nccl().version() == pinned
+
+
+def test_nccl_communicators_without_a_gpu_are_one_error_line():
+    from qwen_vl_trt.model.errors import BackendUnavailable
+    from qwen_vl_trt.runtime.backends.nccl import Nccl
+
+    with pytest.raises(BackendUnavailable, match=r"^ncclCommInitAll over devices \[0\]: unhandled cuda error") as e:
+        Nccl().comm_init_all([0])  # this machine has no GPU (the GPU machines would return a communicator)
+    assert "\n" not in str(e.value)
+
+
+def test_set_communicator_is_called_on_every_rank_at_once():
+    """A fake context whose set_communicator waits for all ranks (as TensorRT's collective call does): called one
+    after another it would never return."""
+    import threading
+
+    from qwen_vl_trt.model.errors import BackendUnavailable
+    from qwen_vl_trt.runtime.backends.nccl import set_communicators
+
+    class Context:
+        barrier = threading.Barrier(4, timeout=10)
+
+        def __init__(self):
+            self.comm = None
+
+        def set_communicator(self, comm):
+            self.barrier.wait()
+            self.comm = comm
+            return True
+
+    contexts = [Context() for _ in range(4)]
+    set_communicators(contexts, [101, 102, 103, 104])
+    assert [c.comm for c in contexts] == [101, 102, 103, 104]
+
+    class Refusing(Context):
+        def set_communicator(self, comm):
+            return False
+
+    with pytest.raises(BackendUnavailable, match="setCommunicator failed on rank 0"):
+        set_communicators([Refusing()], [1])
