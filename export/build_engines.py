@@ -122,13 +122,19 @@ def build_all(artifacts: Path, limits: Limits, compute_capabilities=(), plugin_l
 
 def _contract(name: str, spec: ModelSpec, artifacts: Path) -> GraphSpec:
     """The contract of graph `name`; `decoder.rank{r}` (a --tp export, export/tp.py): the decoder's for rank r's
-    heads, the number of ranks counted from the rank graphs in `artifacts`."""
+    heads, the number of ranks read from the graph's DistCollective nodes (`nb_rank`)."""
     if not name.startswith("decoder.rank"):
         return CONTRACTS[name](spec)
+    import onnx
+
     from qwen_vl_trt.model.tp import TensorParallel, rank_spec
 
-    size = len(list(artifacts.glob("decoder.rank*.onnx")))
-    return CONTRACTS["decoder"](rank_spec(spec, TensorParallel(int(name[len("decoder.rank"):]), size)))
+    graph = onnx.load(str(artifacts / f"{name}.onnx"), load_external_data=False).graph
+    sizes = {a.i for n in graph.node if n.op_type == "DistCollective" for a in n.attribute if a.name == "nb_rank"}
+    if len(sizes) != 1:
+        raise CheckpointError(f"{artifacts / name}.onnx: not a tensor-parallel rank graph (DistCollective nb_rank "
+                              f"{sorted(sizes) or 'missing'}); export it with qwen-vl-export --tp N")
+    return CONTRACTS["decoder"](rank_spec(spec, TensorParallel(int(name[len("decoder.rank"):]), sizes.pop())))
 
 
 def main(argv=None) -> int:

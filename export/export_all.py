@@ -45,6 +45,8 @@ def export_all(ckpt, out, dtype: str | None = None, limits: Limits = Limits(), *
     out.mkdir(parents=True, exist_ok=True)
     for stale in ["manifest.json"] + [f"{name}.engine" for name in CONTRACTS]:
         (out / stale).unlink(missing_ok=True)
+    for stale in out.glob("decoder.rank*"):  # another --tp N's rank graphs (and engines)
+        stale.unlink()
     log(f"[2/5] exporting vision/embed/decoder graphs to {out}")
     from .cli import export_graphs
 

@@ -425,3 +425,18 @@ def test_set_communicator_is_called_on_every_rank_at_once():
 
     with pytest.raises(BackendUnavailable, match="setCommunicator failed on rank 0"):
         set_communicators([Refusing()], [1])
+
+
+def test_reexport_with_fewer_ranks_leaves_no_stale_rank_graphs(export, ckpts, tmp_path):
+    import shutil
+
+    from qwen_vl_trt.export.export_all import export_all
+    from qwen_vl_trt.model.contracts import Limits
+    from qwen_vl_trt.model.manifest import load_manifest
+
+    out = tmp_path / "art"
+    shutil.copytree(export("dense_32b", 4), out)
+    export_all(ckpts["dense_32b"], out, "fp32", Limits(**LIMITS), tp=2)
+    assert sorted(p.name for p in out.glob("decoder.rank*")) == [
+        "decoder.rank0.onnx", "decoder.rank0.onnx.data", "decoder.rank1.onnx", "decoder.rank1.onnx.data"]
+    assert load_manifest(out).tp == 2
