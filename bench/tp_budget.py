@@ -6,7 +6,7 @@ For every seed model (bench/make_random_checkpoint.py RELEASED) at TP 1/2/4/8: t
 holds, computed by applying the exporter's own split (export/tp.py `RankWeights.slice`) to torch `meta` tensors of
 the released shapes (`parameter_shapes`: the HF model built on the meta device), so the table is what
 `export_all --tp N` writes, not a hand formula. Weight formats: bf16 (2 bytes); FP8 e4m3 (1 byte + a bf16 scale
-per 128 input rows of each output column, the 1-D blocked DequantizeLinear of ../shared notes, +1.6 %); INT4 with
+per 128 input rows of each output column: a 1-D blocked DequantizeLinear, +1.6 %); INT4 with
 blocks of 128 (0.5 byte + a bf16 scale per 128: 0.516 bytes). Quantized formats apply to the decoder's linear
 projections and experts; norms, router, lm_head stay bf16. Rank 0 also holds vision + embed (bf16). KV cache per
 token per rank: 2 * L * Hkv_r * D * 2 bytes (bf16), Hkv_r = max(1, Hkv / TP). "fits H100" compares rank 0's
