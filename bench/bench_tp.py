@@ -35,7 +35,9 @@ def make(out: Path, hidden: int, layers: int, tp: int) -> dict:
     vision = {**QWEN3_VL_TINY["vision_config"], "out_hidden_size": hidden}
     ckpt = make_checkpoint(out / "ckpt", "qwen3_vl", config_overrides={"text_config": text, "vision_config": vision})
     limits = Limits(max_batch=1, max_seq=1024, max_cache_len=2048, max_patches=1024)
-    return {n: (export_all(ckpt, out / f"tp{n}", "fp32", limits, tp=n), out / f"tp{n}") [1] for n in (1, tp)}
+    for n in (1, tp):
+        export_all(ckpt, out / f"tp{n}", "fp32", limits, tp=n)
+    return {n: out / f"tp{n}" for n in (1, tp)}
 
 
 def feeds(spec, seq: int, past: int, cache_len: int, rng) -> dict:
