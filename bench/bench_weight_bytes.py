@@ -1,15 +1,19 @@
 """Decoder bytes per weight format: decoder.onnx.data and the TensorRT-RTX engine (a script; issue 20's targets:
 FP8 decoder engine <= 0.55x bf16, INT4 <= 0.30x, lm_head included).
 
-  python bench/bench_weight_bytes.py [--families qwen3_vl qwen2_5_vl] [--int4-block-size 32]
-                                     [--compute-capability 8.9] [--work DIR]
+  python bench/bench_weight_bytes.py [--models tiny wide] [--int4-block-size 32] [--compute-capability 8.9]
+                                     [--work DIR]
 
-For each tiny test model (export/demo_checkpoint.py, seed 0) and each `--weights` value: a bf16 decoder.onnx
-(export/cli.py), its weight bytes, and a TensorRT-RTX ahead-of-time engine for one compute capability (8.9: FP8
-needs Ada or later; no plugin library, so only the weights differ). The tiny models are dominated by lm_head
-(151936 x 64 of their ~10.6 M decoder weights), so formats that keep lm_head dense change little there; the
-down_proj's K = 37 is not a whole INT4 block (it stays dense in INT4; FP8 takes it as one partial block).
-The int4 block is 32 here because the tiny models' K = 64 is smaller than the default 128.
+For each model and each `--weights` value: a bf16 decoder.onnx (export/cli.py), its weight bytes, and a
+TensorRT-RTX ahead-of-time engine for one compute capability (8.9: FP8 needs Ada or later; no plugin library, so
+only the weights differ). Models (export/demo_checkpoint.py, random weights):
+- `tiny`: the test suite's Qwen3-VL (4 layers, C = 64, I = 37, V = 151936): lm_head is 9.7 M of its 10.4 M
+  decoder weights, so formats that keep lm_head dense change little; down_proj's K = 37 is not a whole INT4 block
+  (it stays dense in INT4; FP8 takes it as one partial block); its projections (127 K weights) are below the few
+  hundred KB by which engines vary with the kernels they carry;
+- `wide`: 2 layers, C = 512, I = 1024, 16 heads / 4 KV heads of 32, V = 4096: projections 4.5 M, lm_head 2.1 M
+  weights (32 %; Qwen3-VL-2B: 18 %, tied).
+The int4 block is 32 by default here because the tiny model's K = 64 is smaller than the export's default 128.
 """
 from __future__ import annotations
 
@@ -24,6 +28,16 @@ HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
 from benchlib import machine, utc_now  # noqa: E402
 
+def _wide() -> dict:
+    from qwen_vl_trt.export.demo_checkpoint import QWEN3_VL_TINY
+
+    text = {"hidden_size": 512, "intermediate_size": 1024, "num_hidden_layers": 2, "num_attention_heads": 16,
+            "num_key_value_heads": 4, "vocab_size": 4096}
+    return {"text_config": {**QWEN3_VL_TINY["text_config"], **text},
+            "vision_config": {**QWEN3_VL_TINY["vision_config"], "out_hidden_size": 512}}
+
+
+MODELS = {"tiny": lambda: None, "wide": _wide}
 FORMATS = ("dense", "fp8", "fp8,lm_head=fp8", "int4", "int4,lm_head=int8", "attention=fp8,mlp=int4,lm_head=int4")
 
 
@@ -44,15 +58,15 @@ def main(argv=None) -> int:
     from qwen_vl_trt.model.weight_formats import WeightFormats
 
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--families", nargs="+", default=["qwen3_vl", "qwen2_5_vl"])
+    ap.add_argument("--models", nargs="+", default=["tiny", "wide"], choices=sorted(MODELS))
     ap.add_argument("--int4-block-size", type=int, default=32)
     ap.add_argument("--compute-capability", default="8.9")
     ap.add_argument("--work", type=Path)
     args = ap.parse_args(argv)
     work = args.work or Path(tempfile.mkdtemp(prefix="qwen-vl-bytes-"))
     rows = []
-    for family in args.families:
-        ckpt = make_checkpoint(work / f"ckpt-{family}", family, seed=0)
+    for family in args.models:
+        ckpt = make_checkpoint(work / f"ckpt-{family}", "qwen3_vl", seed=0, config_overrides=MODELS[family]())
         for text in FORMATS:
             t0 = time.perf_counter()
             out = work / f"{family}-{text.replace(',', '_').replace('=', '-')}"
