@@ -210,3 +210,45 @@ def test_fp8_checkpoint_bf16_decoder_with_fp32_scales_builds_with_tensorrt(qwen3
     assert dq and all(inits[n.input[1]].data_type == onnx.TensorProto.FLOAT for n in dq)
     casts = {n.input[0] for n in model.graph.node if n.op_type == "Cast"}
     assert all(n.output[0] in casts for n in dq)
+
+
+class _StoredFp8:
+    """The part of CheckpointWeights that export/fp8.py reads, for one stored FP8 weight."""
+
+    def __init__(self, q, scale, quant):
+        self.q, self.scale, self.quant = q, scale, quant
+
+    def get_fp8(self, key):
+        return (self.q, *self.quant.block_grid(self.q, self.scale, key))
+
+
+@pytest.mark.parametrize("method,block,scale_shape,bm_bn", [
+    ("fp8", (16, 16), (2, 3), (16, 16)),   # 2-D blocks with partial last row and column of blocks ([20, 36])
+    ("fp8", None, (2, 3), (10, 12)),       # no weight_block_size: the block is ceil(shape / grid)
+    ("compressed-tensors", None, (20, 1), (1, 36)),  # per output channel
+    ("compressed-tensors", None, (), (20, 36)),      # per tensor
+])
+def test_fp8_graph_weight_is_the_definition(method, block, scale_shape, bm_bn, tmp_path):
+    """One MatMul whose weight is fp8_matmul_weight of a stored [20, 36] e4m3 weight, run by ONNX Runtime: its
+    [K, N] = [36, 20] value is W^T with W[i, j] = q[i, j] * scale[i // bm, j // bn], the definition by loops."""
+    import onnxruntime as ort
+
+    from qwen_vl_trt.export.fp8 import fp8_matmul_weight
+    from qwen_vl_trt.export.onnx_graph import GraphBuilder
+    from qwen_vl_trt.export.quantized import Fp8Weights
+
+    g = torch.Generator().manual_seed(0)
+    q = (torch.randn(20, 36, generator=g) * 50).to(torch.float8_e4m3fn)
+    scale = torch.rand(scale_shape, generator=g) + 0.5
+    quant = Fp8Weights(method, "_scale_inv" if method == "fp8" else "_scale", block)
+    b = GraphBuilder("t", None, "float32")
+    x = b.input("x", "float32", [36, 36])
+    b.output(b.op("MatMul", [x, fp8_matmul_weight(b, _StoredFp8(q, scale, quant), "w.weight", "w_t")]),
+             "y", "float32", [36, 20])
+    b.finish(tmp_path / "t.onnx")
+    got = ort.InferenceSession(str(tmp_path / "t.onnx"), providers=["CPUExecutionProvider"]).run(
+        None, {"x": np.eye(36, dtype=np.float32)})[0]  # identity input: y = the weight value [K, N]
+    qf, s = q.float().numpy(), scale.numpy().reshape(scale_shape or (1, 1))
+    bm, bn = bm_bn
+    want = np.array([[qf[i, j] * s[i // bm, j // bn] for j in range(36)] for i in range(20)], np.float32)
+    np.testing.assert_array_equal(got, want.T)
