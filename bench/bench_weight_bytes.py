@@ -34,7 +34,8 @@ def _wide() -> dict:
     text = {"hidden_size": 512, "intermediate_size": 1024, "num_hidden_layers": 2, "num_attention_heads": 16,
             "num_key_value_heads": 4, "vocab_size": 4096}
     return {"text_config": {**QWEN3_VL_TINY["text_config"], **text},
-            "vision_config": {**QWEN3_VL_TINY["vision_config"], "out_hidden_size": 512}}
+            "vision_config": {**QWEN3_VL_TINY["vision_config"], "out_hidden_size": 512,
+                              "deepstack_visual_indexes": [0, 1]}}
 
 
 MODELS = {"tiny": lambda: None, "wide": _wide}

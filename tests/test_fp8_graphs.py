@@ -165,7 +165,8 @@ def wide_ckpt(tmp_path_factory):
     from qwen_vl_trt.export.demo_checkpoint import QWEN3_VL_TINY, make_checkpoint
 
     text = {**QWEN3_VL_TINY["text_config"], **WIDE_TEXT}
-    vision = {**QWEN3_VL_TINY["vision_config"], "out_hidden_size": WIDE_TEXT["hidden_size"]}
+    vision = {**QWEN3_VL_TINY["vision_config"], "out_hidden_size": WIDE_TEXT["hidden_size"],
+              "deepstack_visual_indexes": [0, 1]}  # one DeepStack level per text layer at most
     return make_checkpoint(tmp_path_factory.mktemp("wide"), "qwen3_vl", seed=3,
                            config_overrides={"text_config": text, "vision_config": vision})
 
