@@ -173,3 +173,28 @@ def test_bad_weight_flags_are_one_error_line(module, flags, message, qwen3_vl_ck
     lines = r.stderr.strip().splitlines()
     assert len(lines) == 1 and lines[0].startswith(message), lines
     assert not (tmp_path / "out").exists()  # refused before anything is written
+
+
+def test_trt_run_int4_activations_flag_reaches_load_model(monkeypatch):
+    """trt-run --int4-activations int8 -> RunConfig -> load_model(int4_activations="int8"); absent: None (the
+    manifest's); another value: argparse refuses it (exit 2)."""
+    from qwen_vl_trt.runtime.serve import cli
+
+    seen = {}
+
+    class Stop(Exception):
+        pass
+
+    def fake_load_model(directory, backend, **kwargs):
+        seen.update(kwargs)
+        raise Stop
+
+    monkeypatch.setattr("qwen_vl_trt.runtime.generate.load_model", fake_load_model)
+    for flags, want in (([], None), (["--int4-activations", "int8"], "int8")):
+        cfg = cli.RunConfig.from_args(cli.parser().parse_args(["--prompt", "hi", *flags]))
+        with pytest.raises(Stop):
+            cli.run(cfg)
+        assert seen["int4_activations"] == want
+    with pytest.raises(SystemExit) as e:
+        cli.parser().parse_args(["--int4-activations", "int4"])
+    assert e.value.code == 2
