@@ -35,15 +35,18 @@ from .layers import cast, gated_mlp, linear, reshape, rms_norm
 from .onnx_graph import GraphBuilder
 from .rotary import text_tables
 from qwen_vl_trt.model.spec import ModelSpec
+from qwen_vl_trt.model.weight_formats import WeightFormats
 from .weights import CheckpointWeights
 
 
 def export_decoder(spec: ModelSpec, weights: CheckpointWeights, out_dir: Path, dtype: str,
-                   int4_block: int | None = None) -> Path:
-    """`int4_block`: store the layers' projections as INT4 blocks of this size (export/int4.py)."""
+                   int4_block: int | None = None, formats: WeightFormats | None = None) -> Path:
+    """`int4_block`: store the layers' projections as INT4 blocks of this size (export/int4.py); `formats`: the
+    weight format per group (model/weight_formats.py; so far the MoE experts', export/moe_quant.py)."""
     contract = decoder_contract(spec).resolve(dtype)
     g, x, path = GraphBuilder.for_contract(contract, out_dir, dtype)
     g.int4_block = int4_block
+    g.formats = formats or WeightFormats()
     t = spec.text
     pre = spec.weight_prefixes["text"]
     inv_freq, axis = text_tables(t.head_dim, t.rope_theta, t.mrope_section, t.mrope_interleaved)
