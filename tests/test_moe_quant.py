@@ -166,3 +166,35 @@ def test_int4_block_must_divide_the_input_features(qwen3_vl_moe_ckpt, tmp_path):
         _block_graph(qwen3_vl_moe_ckpt, tmp_path / "b.onnx", FORMATS["int4"])
     assert str(err.value) == (f"{LAYER0}.experts.down_proj: 24 input features are not a multiple of the INT4 block 16 "
                               "(TensorRT takes whole blocks); choose --int4-block-size dividing 24")
+
+
+# ---- a Qwen FP8 checkpoint: experts keep their bytes -------------------------------------------------------
+def test_fp8_checkpoint_keeps_expert_bytes_and_decodes_like_hf(qwen3_vl_moe_ckpt, tmp_path):
+    """Qwen's FP8 format in 8x8 blocks (every expert dim of the tiny model is a multiple of 8): the decoder's expert
+    initializers are the checkpoint's e4m3 bytes, its scales the checkpoint's block scales repeated along N; prefill
+    with an image + 8 greedy decode steps match HF (fp32) on the same checkpoint within FP32_ATOL at every step."""
+    from test_fp8_checkpoints import GRID, PATCH_DIM, _fp8_checkpoint
+
+    ckpt = _fp8_checkpoint(qwen3_vl_moe_ckpt, tmp_path / "fp8", block=8)
+    reference = _fp8_checkpoint(qwen3_vl_moe_ckpt, tmp_path / "ref", block=8, experts_dequantized_by_hf=True)
+    graphs = tmp_path / "graphs"
+    spec = export_graphs(ckpt, graphs, "fp32", graphs=("vision", "embed"))["spec"]
+    export_decoder(spec, CheckpointWeights(ckpt), graphs, "float32", formats=WeightFormats.parse("experts=fp8"))
+    model = onnx.load(str(graphs / "decoder.onnx"))
+    stored = load_file(ckpt / "model.safetensors")
+    sparse = [i for i in range(spec.text.num_hidden_layers) if spec.text.moe.is_sparse(i)]
+    assert sum(n.op_type == "MoEExperts" for n in model.graph.node) == len(sparse) == 3
+    for i in sparse:
+        for name in ("gate_up_proj", "down_proj"):
+            key = f"model.language_model.layers.{i}.mlp.experts.{name}"
+            q, grid = stored[key], stored[key + "_scale_inv"].numpy()  # [E, K, N] e4m3, [E, K/8, N/8]
+            assert q.dtype == torch.float8_e4m3fn
+            np.testing.assert_array_equal(_initializer(model, f"{key}.fp8").view(np.uint8), q.view(torch.uint8).numpy())
+            np.testing.assert_array_equal(_initializer(model, f"{key}.scale"), np.repeat(grid, 8, axis=2))
+    hf = hf_model(reference)
+    grid = torch.tensor(GRID["qwen3_vl_moe"])
+    torch.manual_seed(1)
+    pixels = torch.randn(int(grid.prod()), PATCH_DIM["qwen3_vl_moe"])
+    ids = prompt_with_pads(spec, [int(grid.prod()) // 4])
+    worst = assert_prefill_and_decode_match_hf(hf, graphs, spec, ids, grid, pixels, steps=8, atol=FP32_ATOL)
+    assert worst <= FP32_ATOL
