@@ -234,6 +234,21 @@ FUNCTIONS = {
 MODEL_FUNCTIONS = {"MoEExperts": moe_experts_function}  # bodies made per model: the exporter adds them
 
 
+def inlined_for_tensorrt(onnx_path) -> bytes | None:
+    """The graph at `onnx_path` with its MoEExperts calls replaced by their bodies (values and nodes renamed per
+    call, onnx.inliner), for TensorRT without libqwen_vl_plugins.so; None when the graph has none. TensorRT's
+    importer names each inlined DequantizeLinear layer after the body's node and refuses the second call of the
+    same body ("Failed attempt to rename a layer ... name is already in use", TensorRT-RTX 1.7), so it cannot
+    inline MoEExperts itself in a model with more than one MoE layer. External data stays where it is."""
+    import onnx.inliner
+
+    model = onnx.load(str(onnx_path), load_external_data=False)
+    ops = sorted({(n.domain, n.op_type) for n in _nodes(model.graph)} & {(DOMAIN, op) for op in MODEL_FUNCTIONS})
+    if not ops:
+        return None
+    return onnx.inliner.inline_selected_functions(model, ops).SerializeToString()
+
+
 def _nodes(graph: onnx.GraphProto):
     for node in graph.node:
         yield node
