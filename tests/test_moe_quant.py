@@ -198,3 +198,52 @@ def test_fp8_checkpoint_keeps_expert_bytes_and_decodes_like_hf(qwen3_vl_moe_ckpt
     ids = prompt_with_pads(spec, [int(grid.prod()) // 4])
     worst = assert_prefill_and_decode_match_hf(hf, graphs, spec, ids, grid, pixels, steps=8, atol=FP32_ATOL)
     assert worst <= FP32_ATOL
+
+
+# ---- the decoder, both ONNX Runtime flavours, vs HF on the dequantized weights -------------------------------
+@pytest.fixture(scope="module")
+def int4_graphs(moe48_ckpt, tmp_path_factory):
+    """fp32 vision/embed + decoder.onnx with INT4 experts (block 16) + decoder.ort.onnx (QMoE) of moe48."""
+    from qwen_vl_trt.export.ort_fused import write_fused
+
+    out = tmp_path_factory.mktemp("moe48_int4_graphs")
+    spec = export_graphs(moe48_ckpt, out, "fp32", graphs=("vision", "embed"))["spec"]
+    write_fused(export_decoder(spec, CheckpointWeights(moe48_ckpt), out, "float32", formats=FORMATS["int4"]), spec)
+    return out
+
+
+def test_ort_fused_decoder_runs_int4_experts_as_qmoe(int4_graphs):
+    model = onnx.load(str(int4_graphs / "decoder.ort.onnx"), load_external_data=False)
+    ops = [(n.domain, n.op_type) for n in model.graph.node]
+    assert ops.count(("com.microsoft", "QMoE")) == 3 and ("qwen_vl", "MoEExperts") not in ops
+    assert not any(n.op_type == "Loop" for n in model.graph.node)
+    assert "MoEExperts" not in [f.name for f in model.functions]
+    qmoe = next(n for n in model.graph.node if n.op_type == "QMoE")
+    attrs = {a.name: onnx.helper.get_attribute_value(a) for a in qmoe.attribute}
+    assert (attrs["k"], attrs["block_size"], attrs["swiglu_fusion"], attrs["normalize_routing_weights"]) == (2, 16, 1, 1)
+
+
+@pytest.mark.parametrize("decoder", ["decoder.onnx", "decoder.ort.onnx"], ids=["reference_body", "qmoe"])
+def test_int4_experts_decoder_matches_hf_on_dequantized_weights(decoder, int4_graphs, moe48_ckpt):
+    """Prefill with an image + 8 greedy decode steps: HF with every sparse layer's experts set to the numpy
+    dequantization of their INT4 blocks vs our decoder (the MoEExperts body, or ONNX Runtime's QMoE)."""
+    from test_fp8_checkpoints import GRID, PATCH_DIM
+
+    spec = ModelSpec.from_checkpoint(moe48_ckpt)
+    hf = hf_model(moe48_ckpt)
+    tensors = load_file(moe48_ckpt / "model.safetensors")
+    for i, layer in enumerate(hf.model.language_model.layers):
+        if not spec.text.moe.is_sparse(i):
+            continue
+        key = f"model.language_model.layers.{i}.mlp.experts"
+        with torch.no_grad():
+            for name in ("gate_up_proj", "down_proj"):
+                deq = ref_int4(tensors[f"{key}.{name}"].float().numpy())[2]
+                getattr(layer.mlp.experts, name).copy_(torch.from_numpy(deq).transpose(1, 2))
+    grid = torch.tensor(GRID["qwen3_vl_moe"])
+    torch.manual_seed(1)
+    pixels = torch.randn(int(grid.prod()), PATCH_DIM["qwen3_vl_moe"])
+    ids = prompt_with_pads(spec, [int(grid.prod()) // 4])
+    worst = assert_prefill_and_decode_match_hf(hf, int4_graphs, spec, ids, grid, pixels, steps=8, atol=FP32_ATOL,
+                                               decoder=decoder)
+    assert worst <= FP32_ATOL
