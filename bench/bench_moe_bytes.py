@@ -16,11 +16,12 @@ outputs of the Gather nodes whose data input is an expert initializer (gate_up_p
 weight slices the step reads. Printed per decode token next to k * 3 * C * I * 4 bytes * layers (the selected
 experts, fp32) and per prefill step next to one read of every expert and to per-token copies.
 
-Part 3 (`--expert-formats`, instead of 1-2), quantized experts (export/moe_quant.py): a random
-Qwen3-VL-MoE (the tiny test model widened: C 512, I 256, 32 experts, top-8, 4 text layers of which 3 sparse), its bf16
-decoder.onnx with the experts dense / FP8 / INT4 (block 128), the experts' bytes in decoder.onnx.data, and the
-TensorRT-RTX engine (AOT, SM89 + SM120) built with the plugin library when given (MoEExperts reads the quantized
-tensors) or from the inlined reference bodies: total engine bytes and the difference to the dense engine.
+Part 3 (`--expert-formats`, instead of 1-2), quantized experts (export/moe_quant.py): a random Qwen3-VL-MoE (the
+tiny test model widened: C 512, I 192 (2I != C: HF tells the expert layouts apart by shape), 32 experts, top-8,
+4 text layers of which 3 sparse), its bf16 decoder.onnx with the experts dense / FP8 (block 128) / INT4 (block 64,
+dividing I), the experts' bytes in decoder.onnx.data, and the TensorRT-RTX engine (AOT, SM89 + SM120) built with
+the plugin library when given (MoEExperts reads the quantized tensors) or from the inlined reference bodies: total
+engine bytes and the difference to the dense engine.
 """
 from __future__ import annotations
 
@@ -218,7 +219,7 @@ def expert_formats(work: Path, plugins: str | None) -> list[str]:
     from qwen_vl_trt.model.trt_compat import rtx_env
     from qwen_vl_trt.model.weight_formats import WeightFormats
 
-    text = {**QWEN3_VL_MOE_TINY["text_config"], "hidden_size": 512, "moe_intermediate_size": 256, "num_experts": 32,
+    text = {**QWEN3_VL_MOE_TINY["text_config"], "hidden_size": 512, "moe_intermediate_size": 192, "num_experts": 32,
             "num_experts_per_tok": 8}
     vision = {**QWEN3_VL_MOE_TINY["vision_config"], "out_hidden_size": 512}
     ckpt = make_checkpoint(work / "ckpt-expert-formats", "qwen3_vl_moe", seed=7,
@@ -232,7 +233,7 @@ def expert_formats(work: Path, plugins: str | None) -> list[str]:
         out.mkdir(parents=True, exist_ok=True)
         (out / "config.json").write_bytes((ckpt / "config.json").read_bytes())
         export_decoder(spec, CheckpointWeights(ckpt), out, "bfloat16",
-                       formats=WeightFormats.parse(f"experts={fmt}", int4_block=128))
+                       formats=WeightFormats.parse(f"experts={fmt}", int4_block=64))
         model = onnx.load(str(out / "decoder.onnx"), load_external_data=False)
         experts = sum(int({e.key: e.value for e in t.external_data}["length"]) for t in model.graph.initializer
                       if ".experts." in t.name)
