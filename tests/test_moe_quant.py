@@ -16,7 +16,6 @@ summation order differs.
 """
 from __future__ import annotations
 
-import json
 
 import ml_dtypes
 import numpy as np
@@ -220,7 +219,9 @@ def test_ort_fused_decoder_runs_int4_experts_as_qmoe(int4_graphs):
     assert "MoEExperts" not in [f.name for f in model.functions]
     qmoe = next(n for n in model.graph.node if n.op_type == "QMoE")
     attrs = {a.name: onnx.helper.get_attribute_value(a) for a in qmoe.attribute}
-    assert (attrs["k"], attrs["block_size"], attrs["swiglu_fusion"], attrs["normalize_routing_weights"]) == (2, 16, 1, 1)
+    assert (attrs["k"], attrs["block_size"], attrs["swiglu_fusion"], attrs["normalize_routing_weights"],
+            attrs["activation_type"], attrs["activation_alpha"], attrs["activation_beta"]) == \
+        (2, 16, 1, 1, b"swiglu", 1, 0)
 
 
 @pytest.mark.parametrize("decoder", ["decoder.onnx", "decoder.ort.onnx"], ids=["reference_body", "qmoe"])
