@@ -248,3 +248,32 @@ def test_int4_experts_decoder_matches_hf_on_dequantized_weights(decoder, int4_gr
     worst = assert_prefill_and_decode_match_hf(hf, int4_graphs, spec, ids, grid, pixels, steps=8, atol=FP32_ATOL,
                                                decoder=decoder)
     assert worst <= FP32_ATOL
+
+
+def test_fp8_checkpoint_in_hf_memory_layout_keeps_the_same_bytes(qwen3_vl_moe_ckpt, tmp_path):
+    """The same FP8 experts stored in HF's in-memory layout ([E, N, K] and a [E, N/b, K/b] grid, as save_pretrained
+    writes them) export to the same expert initializers as the release layout (the block axes swap with them)."""
+    from test_fp8_checkpoints import _fp8_checkpoint
+
+    release = _fp8_checkpoint(qwen3_vl_moe_ckpt, tmp_path / "release", block=8)
+    in_memory = tmp_path / "in_memory"
+    in_memory.mkdir()
+    for f in release.iterdir():
+        if f.is_file():
+            (in_memory / f.name).write_bytes(f.read_bytes())
+    tensors = load_file(in_memory / "model.safetensors")
+    for k in [k for k in tensors if ".experts." in k]:
+        tensors[k] = tensors[k].transpose(1, 2).contiguous()  # q [E, K, N] -> [E, N, K]; grid likewise
+    save_file(tensors, in_memory / "model.safetensors", metadata={"format": "pt"})
+    spec = ModelSpec.from_checkpoint(release)
+    fmt = WeightFormats.parse("experts=fp8")
+    models = {}
+    for name, ckpt in (("release", release), ("in_memory", in_memory)):
+        export_decoder(spec, CheckpointWeights(ckpt), tmp_path / name, "float32", formats=fmt)
+        models[name] = onnx.load(str(tmp_path / name / "decoder.onnx"))
+    experts = [t.name for t in models["release"].graph.initializer if ".experts." in t.name]
+    assert len(experts) == 3 * 2 * 2  # 3 sparse layers x (gate_up, down) x (values, scale)
+    for name in experts:
+        a, b = (_initializer(models[m], name) for m in ("release", "in_memory"))
+        np.testing.assert_array_equal(a.view(np.uint8) if a.dtype == ml_dtypes.float8_e4m3fn else a,
+                                      b.view(np.uint8) if b.dtype == ml_dtypes.float8_e4m3fn else b)
