@@ -149,10 +149,13 @@ class GraphBuilder:
 
 class ExternalData:
     """One external-data file that tensors are appended to, 64-byte aligned (for mmap / page-wise loading):
-    `tensor(name, raw, data_type, dims)` writes `raw` and returns the TensorProto that points at it."""
+    `tensor(name, raw, data_type, dims)` writes `raw` and returns the TensorProto that points at it.
+    `append`: continue an existing file (a second writer of decoder.ort.onnx.data) instead of starting it anew."""
 
-    def __init__(self, path: Path):
-        self.path, self._file, self._offset = Path(path), open(path, "wb"), 0
+    def __init__(self, path: Path, append: bool = False):
+        self.path = Path(path)
+        self._offset = self.path.stat().st_size if append and self.path.is_file() else 0
+        self._file = open(path, "ab" if append else "wb")
 
     def tensor(self, name: str, raw, data_type: int, dims) -> onnx.TensorProto:
         proto = TensorProto()
