@@ -349,7 +349,9 @@ print(json.dumps({{"gemv": gemv, "sum": sum_}}))
 
 def step_bytes(system: System, art: Path) -> int:
     """Bytes of weights one decode step reads: every initializer of the decoder (lm_head included; the embedding
-    table's one-row gather excluded where it is its own graph), from the model files of each system."""
+    table's one-row gather excluded where it is its own graph, and onnxruntime-genai's rotary cos/sin tables, of
+    which a step gathers one row), from the model files of each system. OpenVINO: the language model's .bin;
+    llama.cpp: the text GGUF (its tied token_embd is the lm_head)."""
     if system.runner == "run_ours.py":
         return _onnx_weight_bytes(art / "decoder.ort.onnx")
     if system.runner == "run_ortgenai.py":
@@ -367,6 +369,8 @@ def _onnx_weight_bytes(path: Path) -> int:
     model = onnx.load(str(path), load_external_data=False)
     total = 0
     for t in model.graph.initializer:
+        if "cos_cache" in t.name or "sin_cache" in t.name:  # rotary tables: a step gathers its one row
+            continue
         ext = {e.key: e.value for e in t.external_data}
         if "length" in ext:
             total += int(ext["length"])

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 from pathlib import Path
 
 import numpy as np
@@ -45,8 +46,13 @@ def write_vision(ours_dir: Path, out_dir: Path, grid: tuple[int, int, int]) -> P
     g.output[0].name = "image_features"
     out_dir.mkdir(parents=True, exist_ok=True)
     data = out_dir / "vision.onnx.data"
+    if data.is_symlink():  # ONNX Runtime refuses external data that resolves outside the model's folder
+        data.unlink()
     if not data.exists():
-        os.symlink((ours_dir / "vision.onnx.data").resolve(), data)
+        try:  # a hard link: no second copy on disk
+            os.link(ours_dir / "vision.onnx.data", data)
+        except OSError:
+            shutil.copyfile(ours_dir / "vision.onnx.data", data)
     onnx.save_model(model, str(out_dir / "vision.onnx"))
     return out_dir / "vision.onnx"
 
