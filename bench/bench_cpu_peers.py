@@ -61,6 +61,10 @@ PEERS = {
                  "openvino-tokenizers==2026.4.1", "nncf==3.4.0", "transformers==5.0.0", "numpy", "pillow"],
     "llama": ["llama-cpp-python==0.3.36", TORCH, "transformers==4.57.6", "sentencepiece", "protobuf<5", "numpy"],
 }
+# Removed after the install: the PyPI torchvision 0.28.0 that a dependency pulls in is built against the CUDA torch;
+# with torch 2.13.0+cpu its ops do not load ("operator torchvision::nms does not exist") and transformers' import
+# of PreTrainedModel fails inside optimum-cli. Without it the export runs (slow image processors, not used there).
+PEERS_REMOVE = {"openvino": ["torchvision"]}
 LLAMA_SDIST = "llama_cpp_python-0.3.36"
 
 
@@ -155,6 +159,8 @@ class Builder:
             pins_list = [str(src) if p.startswith("llama-cpp-python") else p for p in pins_list]
             env = {"CMAKE_ARGS": "-DGGML_NATIVE=ON", "CMAKE_BUILD_PARALLEL_LEVEL": str(os.cpu_count() or 2)}
         sh([py, "-m", "pip", "install", *pins_list], env=env)
+        if PEERS_REMOVE.get(name):
+            sh([py, "-m", "pip", "uninstall", "-y", *PEERS_REMOVE[name]])
         stamp.write_text(pins)
         return d
 
