@@ -85,7 +85,7 @@ SYSTEMS = [
     System("ours-fp32-prepack", "ours fp32, ONNX Runtime's prepacking (before issue 24)", None, "run_ours.py",
            "ours-dense", {"prepack": "1"}),
     System("ours-int4", "ours `--weights int4`, fp32 activations", None, "run_ours.py", "ours-int4", exact=False),
-    System("ours-int4-a8", "ours `--weights int4`, int8 activations", None, "run_ours.py", "ours-int4-a8",
+    System("ours-int4-a8", "ours `--weights int4`, int8 activations", None, "run_ours.py", "ours-int4",
            {"int4_activations": "int8"}, exact=False),
     System("ours-fp32-cached", "ours fp32, mapped weights, warm `--ort-cache`", None, "run_ours.py", "ours-dense",
            CACHE),
@@ -177,10 +177,8 @@ class Builder:
         names = {s.name for s in systems}
         if names & {"ours-fp32", "ours-fp32-prepack", "ours-fp32-cached", "ortgenai-fp32", "ortgenai-int4"}:
             self.ours("dense")
-        if names & {"ours-int4", "ours-int4-cached"}:
+        if names & {"ours-int4", "ours-int4-a8", "ours-int4-cached"}:
             self.ours("int4")
-        if "ours-int4-a8" in names:
-            self.ours_int8_activations()
         for p in ("fp32", "int4"):
             if f"ortgenai-{p}" in names:
                 self.ortgenai(p)
@@ -191,27 +189,16 @@ class Builder:
 
     def ours(self, weights: str) -> Path:
         out = self.dir / f"ours-{weights}"
+        stamp = out / "bench-export-code.txt"  # the export code it was made with: a change re-exports
+        if out.exists() and (not stamp.exists() or stamp.read_text() != export_code_hash()):
+            if self.skip:
+                raise MissingBuild(f"--skip-build: {out} was exported by other export code; run without --skip-build")
+            shutil.rmtree(out)
         if self.need(f"ours {weights}", out / "manifest.json"):
             sh([sys.executable, "-m", "qwen_vl_trt.export.export_all", self.ckpt, out, "--dtype", "fp32",
                 "--no-engines", "--weights", weights, "--max-patches", "1024", "--max-batch", "1", "--max-seq",
                 "512", "--max-cache-len", "512"], cwd=ROOT)
-        return out
-
-    def ours_int8_activations(self) -> Path:
-        """INT4 with int8 activations: an export with `--int4-activations int8` where export_all has that option
-        (issue 20: recorded in the manifest); before it, the int4 export itself, run with
-        QWEN_VL_INT4_ACCURACY_LEVEL=4 (run_ours.py's `int4_activations=int8`)."""
-        out = self.dir / "ours-int4-a8"
-        helptext = subprocess.run([sys.executable, "-m", "qwen_vl_trt.export.export_all", "--help"], cwd=ROOT,
-                                  capture_output=True, text=True).stdout
-        if "--int4-activations" not in helptext:
-            if not out.exists():
-                out.symlink_to(self.ours("int4").name)
-            return out
-        if self.need("ours int4, int8 activations", out / "manifest.json"):
-            sh([sys.executable, "-m", "qwen_vl_trt.export.export_all", self.ckpt, out, "--dtype", "fp32",
-                "--no-engines", "--weights", "int4", "--int4-activations", "int8", "--max-patches", "1024",
-                "--max-batch", "1", "--max-seq", "512", "--max-cache-len", "512"], cwd=ROOT)
+            stamp.write_text(export_code_hash())
         return out
 
     def ortgenai(self, precision: str) -> Path:
@@ -257,6 +244,14 @@ class Builder:
             sh([sys.executable, RUNNERS / "hf_reference.py", self.ckpt, "--image", image, "--prompt", PROMPT,
                 "--tokens", str(tokens), "--out", path], cwd=ROOT)
         return json.loads(path.read_text())["tokens"]
+
+
+def export_code_hash() -> str:
+    """sha256 of the source files of export/ and model/ (what decides our artifacts)."""
+    h = hashlib.sha256()
+    for p in sorted([*ROOT.glob("export/*.py"), *ROOT.glob("model/*.py")]):
+        h.update(p.name.encode() + p.read_bytes())
+    return h.hexdigest()[:16]
 
 
 def _base_python() -> str:

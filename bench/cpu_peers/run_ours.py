@@ -19,15 +19,14 @@ clock = RunClock()
 
 def main() -> None:
     args = common_args()
-    if args.options.get("int4_activations") == "int8":  # MatMulNBits accuracy level 4 (runtime/backends/ort.py)
-        os.environ["QWEN_VL_INT4_ACCURACY_LEVEL"] = "4"
     from qwen_vl_trt.runtime.generate import generate, load_model
     from qwen_vl_trt.runtime.pipeline import Preprocessor
     from qwen_vl_trt.runtime.request import Request
     from qwen_vl_trt.runtime.sampling import Sampler, SamplingConfig
 
     model = load_model(args.artifacts, "onnxruntime", threads=args.threads, ort_cache=args.options.get("ort_cache"),
-                       ort_prepack=args.options.get("prepack") == "1")
+                       ort_prepack=args.options.get("prepack") == "1",
+                       int4_activations=args.options.get("int4_activations"))  # trt-run --int4-activations
     pre = Preprocessor(model.manifest)
     clock.ready()
     clock.request()
