@@ -39,14 +39,14 @@ def parse_completion_request(body, media: MediaPolicy = MediaPolicy()):
         raise ProtocolError("prompt: one prompt per request (a string, or a list of content parts)", "prompt")
     if not isinstance(prompt, (str, list)) or not prompt:
         raise ProtocolError("prompt: must be a non-empty string or a non-empty list of content parts", "prompt")
+    if isinstance(prompt, list) and any(isinstance(p, dict) and p.get("type") in ("video_url", "video") for p in prompt):
+        raise ProtocolError("prompt: video parts are accepted by /v1/chat/completions only", "prompt")
     chat_body = {k: v for k, v in body.items() if k not in _CHAT_ONLY}
     chat_body["messages"] = [{"role": "user", "content": prompt}]
     try:
         chat = parse_chat_request(chat_body, media)
     except ProtocolError as e:
         raise _renamed(e) from None
-    if any(item.get("type") == "video" for item in _content(chat.request.prompt)):
-        raise ProtocolError("prompt: video parts are accepted by /v1/chat/completions only", "prompt")
     raw = RawPrompt(tuple(_content(chat.request.prompt)))
     return dataclasses.replace(chat, request=dataclasses.replace(chat.request, prompt=raw))
 
