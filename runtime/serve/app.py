@@ -128,9 +128,11 @@ class Handlers:
         return self._host(request) or JSONResponse(api.models_list(self.server.name, self.server.created))
 
     async def model(self, request: Request) -> Response:
-        if request.path_params["name"] != self.server.name:
-            return error_response(ProtocolError(f"no route GET {request.url.path}", status=404, code="not_found"))
-        return self._host(request) or JSONResponse(api.models_list(self.server.name, self.server.created)["data"][0])
+        refused = self._host(request)
+        if refused or request.path_params["name"] != self.server.name:
+            return refused or error_response(ProtocolError(f"no route GET {loggable(request.url.path, 100)}",
+                                                           status=404, code="not_found"))
+        return JSONResponse(api.models_list(self.server.name, self.server.created)["data"][0])
 
     async def metrics(self, request: Request) -> Response:
         refused = self._host(request)
