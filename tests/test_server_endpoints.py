@@ -204,7 +204,7 @@ def test_metrics_and_models_refuse_a_foreign_host(server):
 
     from raw_http import read_response
 
-    for path in ("/metrics", "/v1/models"):
+    for path in ("/metrics", "/v1/models", f"/v1/models/{NAME}"):
         with socket.create_connection(("127.0.0.1", server.server_address[1]), timeout=10) as s:
             s.sendall(f"GET {path} HTTP/1.1\r\nHost: evil.example\r\n\r\n".encode())
             assert read_response(s)[0] == 421
@@ -228,7 +228,7 @@ def test_openai_client_chat(client, media, hf_qwen3_vl, processor):  # noqa: F81
                                        extra_body={"ignore_eos": True})
     assert r.choices[0].message.content == want and r.choices[0].finish_reason == "length"
     assert (r.usage.prompt_tokens, r.usage.completion_tokens) == (n_prompt, N_NEW)
-    assert [m.id for m in client.models.list().data] == [NAME]
+    assert [m.id for m in client.models.list().data] == [NAME] and client.models.retrieve(NAME).id == NAME
     stream = client.chat.completions.create(model=NAME, messages=messages, max_tokens=N_NEW, temperature=0,
                                             stream=True, stream_options={"include_usage": True},
                                             extra_body={"ignore_eos": True})
