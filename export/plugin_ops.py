@@ -21,8 +21,17 @@ Op contracts (N... = any leading token dims; all int inputs are int32):
                    past_value [B, Hkv, C, D], past_lengths [B]) -> o [B, S, Hq, D], present_key, present_value
       attr scale: float. present = past with rows past_lengths[b] + s set to the new k/v (s < S);
       o[b, s] = softmax_{j <= past_lengths[b] + s}(q . k_j * scale) v_j (causal, GQA, fp32 softmax).
+  MoEExperts(x [N, C], ids [A] int32, weights [A], gate_up [E, C, 2I] fp8|int4, gate_up_scale [E, ceil(C/Bg), 2I],
+             down [E, I, C] fp8|int4, down_scale [E, ceil(I/Bd), C]) -> y [N, C]
+      attrs top_k: int (A = N * top_k; assignment a is token a // top_k), gate_up_block_size Bg, down_block_size Bd.
+      W_e = q_e * s_e per block of B input features (DequantizeLinear axis 1); h = x_t @ Gu_e;
+      y[t] = sum_a weights[a] * (silu(h[:I]) * h[I:]) @ D_e over t's assignments a (e = ids[a]), in the x dtype.
+      The body is generated per model (export/moe.py: shapes, dtype and activation are the model's): DQ of the
+      stacked tensors, then the expert-tile Loop of the dense MoE block.
 """
 from __future__ import annotations
+
+import contextlib
 
 import numpy as np
 import onnx
@@ -42,6 +51,7 @@ OP_ATTRIBUTES = {  # op -> its own attributes (the plugin fields), in addition t
     "MRoPE": ("inv_freq", "axis"),
     "VarlenAttention": ("scale", "causal"),
     "KVCacheAttention": ("scale",),
+    "MoEExperts": ("top_k", "gate_up_block_size", "down_block_size"),
 }
 
 
@@ -76,6 +86,14 @@ def make_kv_cache_attention_node(q: str, k: str, v: str, past_key: str, past_val
                                  name: str | None = None) -> onnx.NodeProto:
     return _plugin_node("KVCacheAttention", [q, k, v, past_key, past_value, past_lengths],
                         [out, present_key, present_value], name, scale=float(scale))
+
+
+def make_moe_experts_node(x: str, ids: str, weights: str, gate_up: str, gate_up_scale: str, down: str,
+                          down_scale: str, y: str, top_k: int, gate_up_block_size: int, down_block_size: int,
+                          name: str | None = None) -> onnx.NodeProto:
+    return _plugin_node("MoEExperts", [x, ids, weights, gate_up, gate_up_scale, down, down_scale], [y], name,
+                        top_k=int(top_k), gate_up_block_size=int(gate_up_block_size),
+                        down_block_size=int(down_block_size))
 
 
 # ---- function bodies ---------------------------------------------------------------------------------
@@ -167,11 +185,68 @@ def kv_cache_attention_function() -> onnx.FunctionProto:
                      "One decoder step: in-place cache write + causal GQA attention (plugins/README.md)")
 
 
+class _ModelBody(FunctionBody):
+    """A function body that export/moe.py's graph helpers can write into (they take a GraphBuilder): the graph
+    dtype, `const(value, dtype)` as Constant nodes, no name scopes."""
+
+    def __init__(self, dtype: str):
+        super().__init__()
+        self.dtype = dtype
+
+    def scope(self, name: str):
+        return contextlib.nullcontext()
+
+
+def _block_dequantize(b: FunctionBody, q: str, scale: str, block_attr: str) -> str:
+    """DequantizeLinear(q, scale, axis=1) with block_size = the function attribute `block_attr`."""
+    out = f"_{q}_dequantized"
+    node = helper.make_node("DequantizeLinear", [q, scale], [out], axis=1)
+    node.attribute.append(helper.make_attribute_ref("block_size", AttributeProto.INT, ref_attr_name=block_attr))
+    b.nodes.append(node)
+    return out
+
+
+def moe_experts_function(spec, dtype: str) -> onnx.FunctionProto:
+    """MoEExperts' reference body for this model (its E, k, C, I, activation and graph dtype): DequantizeLinear of
+    the stacked experts ([E, K, N], axis 1, block sizes from the node's attributes), then the dense MoE block's
+    tiling and expert Loop (export/moe.py)."""
+    from .moe import TILES_PER_ITERATION, _expert_loop, _tiles
+
+    b = _ModelBody(dtype)
+    moe, c = spec.text.moe, spec.text.hidden_size
+    gate_up, down = (_block_dequantize(b, q, f"{q}_scale", f"{q}_block_size") for q in ("gate_up", "down"))
+    table, experts, n_iter = _tiles(b, b.op("Cast", ["ids"], to=TensorProto.INT64), moe.num_experts,
+                                    TILES_PER_ITERATION)
+    y = _expert_loop(b, "x", "weights", table, experts, n_iter, gate_up, down, spec)  # [A, C]
+    y = b.op("Reshape", [y, b.const([-1, moe.num_experts_per_tok, c])])  # [N, k, C]
+    b.nodes.append(helper.make_node("ReduceSum", [y, b.const([1])], ["y"], keepdims=0))  # [N, C]
+    return _function("MoEExperts", ["x", "ids", "weights", "gate_up", "gate_up_scale", "down", "down_scale"], ["y"],
+                     b, "Routed experts on stacked FP8/INT4 weights (plugins/README.md)")
+
+
 FUNCTIONS = {
     "MRoPE": mrope_function,
     "VarlenAttention": varlen_attention_function,
     "KVCacheAttention": kv_cache_attention_function,
 }
+
+
+MODEL_FUNCTIONS = {"MoEExperts": moe_experts_function}  # bodies made per model: the exporter adds them
+
+
+def inlined_for_tensorrt(onnx_path) -> bytes | None:
+    """The graph at `onnx_path` with its MoEExperts calls replaced by their bodies (values and nodes renamed per
+    call, onnx.inliner), for TensorRT without libqwen_vl_plugins.so; None when the graph has none. TensorRT's
+    importer names each inlined DequantizeLinear layer after the body's node and refuses the second call of the
+    same body ("Failed attempt to rename a layer ... name is already in use", TensorRT-RTX 1.7), so it cannot
+    inline MoEExperts itself in a model with more than one MoE layer. External data stays where it is."""
+    import onnx.inliner
+
+    model = onnx.load(str(onnx_path), load_external_data=False)
+    ops = sorted({(n.domain, n.op_type) for n in _nodes(model.graph)} & {(DOMAIN, op) for op in MODEL_FUNCTIONS})
+    if not ops:
+        return None
+    return onnx.inliner.inline_selected_functions(model, ops).SerializeToString()
 
 
 def _nodes(graph: onnx.GraphProto):
@@ -184,7 +259,7 @@ def _nodes(graph: onnx.GraphProto):
 
 def functions_for(model: onnx.ModelProto) -> list[onnx.FunctionProto]:
     """The reference FunctionProtos of the qwen_vl ops that `model`'s graph uses (each once, sorted by name)."""
-    used = {n.op_type for n in _nodes(model.graph) if n.domain == DOMAIN}
+    used = {n.op_type for n in _nodes(model.graph) if n.domain == DOMAIN} - set(MODEL_FUNCTIONS)
     unknown = used - set(FUNCTIONS)
     if unknown:
         raise ValueError(f"unknown {DOMAIN} ops {sorted(unknown)}; known: {sorted(FUNCTIONS)}")

@@ -11,7 +11,6 @@ without I/O binding).
 """
 from __future__ import annotations
 
-import os
 from pathlib import Path
 import numpy as np
 
@@ -37,13 +36,13 @@ class OrtSession:
     """
 
     def __init__(self, path: Path, contract, *, providers=("CPUExecutionProvider",), io_binding: bool = True,
-                 resident=(), threads: int = 0, graph_capture: bool = False):
+                 resident=(), threads: int = 0, graph_capture: bool = False, int4_accuracy_level: int = 1):
         import onnxruntime as ort
 
         self.ort = ort
         opts = ort.SessionOptions()
         opts.log_severity_level = 3
-        exact_int4_matmul(opts)
+        int4_accuracy(opts, int4_accuracy_level)
         if threads:
             opts.intra_op_num_threads = threads
         self.graph_capture, self.graph_capture_error, self._graph_ids = False, None, 0
@@ -179,15 +178,21 @@ class OrtSession:
 _ONNX_BF16 = 16  # onnx.TensorProto.BFLOAT16
 
 
-def exact_int4_matmul(opts) -> None:
+def int4_accuracy(opts, level: int = 1) -> None:
     """INT4 weight-only graphs (export/int4.py): ONNX Runtime fuses DequantizeLinear + MatMul into MatMulNBits, by
     default at accuracy level 4 (activations rounded to int8, ~1e-2 relative error on these models); level 1
-    keeps them fp32, so the product is exactly x @ (q * s) up to summation order. No effect on other graphs.
-    `QWEN_VL_INT4_ACCURACY_LEVEL=4` opts into int8 activations (faster on CPUs, not the HF-exact product)."""
-    level = os.environ.get("QWEN_VL_INT4_ACCURACY_LEVEL", "1")
-    if level not in ("0", "1", "2", "3", "4"):
-        raise UserError(f"QWEN_VL_INT4_ACCURACY_LEVEL={level!r}: use 0-4 (ONNX Runtime's MatMulNBits accuracy level)")
-    opts.add_session_config_entry("session.qdq_matmulnbits_accuracy_level", level)
+    keeps them fp32, so the product is exactly x @ (q * s) up to summation order. The level comes from manifest.json
+    (`graphs.decoder.weights.int4_activations`: fp32 -> 1, int8 -> 4; model/weight_formats.py), or trt-run's
+    `--int4-activations`. No effect on other graphs. (It replaces the QWEN_VL_INT4_ACCURACY_LEVEL variable, which is
+    no longer read.)"""
+    if level not in (0, 1, 2, 3, 4):
+        raise UserError(f"MatMulNBits accuracy level {level!r}: use 0-4")
+    opts.add_session_config_entry("session.qdq_matmulnbits_accuracy_level", str(level))
+
+
+def exact_int4_matmul(opts) -> None:
+    """Accuracy level 1 (`int4_accuracy`): the reference sessions of the tests and the parity tool."""
+    int4_accuracy(opts, 1)
 
 
 def cuda_provider_options(graph_capture: bool) -> dict:
@@ -230,14 +235,16 @@ def ort_providers() -> tuple[str, ...]:
 
 
 def open_ort(paths: dict, contracts: dict, *, io_binding: bool = True, threads: int = 0,
-             cuda_graph: bool = True, kv_in_place: bool = False) -> dict:
-    """The three ORT sessions; with `cuda_graph` the decoder captures its decode step (CUDA EP only).
+             cuda_graph: bool = True, kv_in_place: bool = False, int4_accuracy_level: int = 1) -> dict:
+    """The three ORT sessions; with `cuda_graph` the decoder captures its decode step (CUDA EP only);
+    `int4_accuracy_level`: MatMulNBits accuracy level of ONNX Runtime's INT4 fusion (`int4_accuracy`).
     `kv_in_place`: the decoder writes its cache into the past buffers when present is bound to them
     (decoder.ort.onnx's GroupQueryAttention), so one KV set is enough (runtime/backends/ort_io.py)."""
     providers = ort_providers()
     sessions = {name: OrtSession(paths[name], contracts[name], providers=providers, io_binding=io_binding,
                                  resident=_cache_outputs(contracts[name]), threads=threads,
-                                 graph_capture=cuda_graph and name == "decoder") for name in paths}
+                                 graph_capture=cuda_graph and name == "decoder",
+                                 int4_accuracy_level=int4_accuracy_level) for name in paths}
     sessions["decoder"].kv_in_place = kv_in_place
     return sessions
 
