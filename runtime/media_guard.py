@@ -9,12 +9,16 @@ stayed up after. So the parent never parses untrusted image bytes itself:
    milliseconds (segment, scan and chunk counts; file size against pixel count).
 2. `probe` (the header size, for runtime/media_limits.py) and `decode` (the RGB pixels, `image_file.load_image`
    exactly) run in a pool of `POOL_SIZE` worker processes (runtime/decode_worker.py: PIL only, no numpy or
-   torch). A job may take `BASE_SECONDS` until the header is read, then `BASE_SECONDS + SECONDS_PER_PIXEL` per
-   pixel of the header size in all (the time an honest image of that size takes on a loaded 2-core machine,
-   ~55 ns a pixel for a 64 Mpx JPEG, with slack), and `BYTES_PER_PIXEL` bytes a pixel + `MEMORY_SLACK` of
-   address space (RLIMIT_AS; PIL holds the decoded image, a transposed and an RGB copy and the bytes sent back).
-   A worker over its time is killed (SIGKILL) and replaced; one over its memory exits; either way the request
-   gets an ImageError (400 in the server, one `error:` line in trt-run, INVALID_ARG in Triton).
+   torch). A job may use `BASE_SECONDS` of CPU until the header is read, then `BASE_SECONDS + SECONDS_PER_PIXEL`
+   per pixel of the header size in all (an honest JPEG or PNG decodes, converts and is sent back in 40-55 ns a
+   pixel measured on a loaded 2-core machine: 0.76 s for 16 Mpx, 3.4 s for 64 Mpx), and `WALL_PER_CPU_SECOND`
+   times that in wall-clock time. CPU time, read from /proc every `POLL_SECONDS`, is the main measure: a busy
+   machine slows an honest image down but does not make it use more CPU, so it is not refused for the load;
+   the wall-clock bound still ends a job that waits on the machine for too long. Address space is limited to
+   `BYTES_PER_PIXEL` bytes a pixel + `MEMORY_SLACK` (RLIMIT_AS; PIL may hold the decoded image in a 4-byte
+   layout, a transposed and an RGB copy and the 3-byte-a-pixel bytes sent back). A worker over its time is
+   killed (SIGKILL) and replaced; one over its memory exits; either way the request gets an ImageError (400 in
+   the server, one `error:` line in trt-run, INVALID_ARG in Triton).
 3. The pixels come back as raw RGB bytes, never a pickle, and a worker whose resident set stays above
    `RECYCLE_RSS` after a job is replaced, so the memory a big decode took goes back to the system.
 
@@ -47,8 +51,10 @@ from .image_file import is_bytes
 from .media_prechecks import precheck
 
 POOL_SIZE = 2
-BASE_SECONDS = 1.0
-SECONDS_PER_PIXEL = 60e-9
+BASE_SECONDS = 0.5  # CPU seconds
+SECONDS_PER_PIXEL = 80e-9  # CPU seconds
+WALL_PER_CPU_SECOND = 2  # wall-clock seconds a job may take per CPU second of its budget (a loaded machine)
+POLL_SECONDS = 0.02
 BYTES_PER_PIXEL = 20
 MEMORY_SLACK = 64 << 20
 START_SECONDS = 30.0  # interpreter + PIL start on a busy machine
@@ -63,34 +69,64 @@ class _Timeout(Exception):
     pass
 
 
+class _Budget:
+    """What a job may take: `cpu` seconds of the worker's CPU time (read from /proc/PID/stat) and
+    `WALL_PER_CPU_SECOND` times that of wall-clock time, counted from the job's start."""
+
+    def __init__(self, pid: int, cpu: float):
+        self.pid, self.cpu, self.size = pid, cpu, None
+        self.t0, self.cpu0 = time.monotonic(), _cpu_seconds(pid)
+
+    def grow_to(self, size: list) -> None:
+        """The header says `size` (w, h): the budget of an image of that many pixels."""
+        self.size, self.cpu = size, BASE_SECONDS + SECONDS_PER_PIXEL * size[0] * size[1]
+
+    def exceeded(self) -> bool:
+        return (time.monotonic() - self.t0 > WALL_PER_CPU_SECOND * self.cpu
+                or _cpu_seconds(self.pid) - self.cpu0 > self.cpu)
+
+
+def _cpu_seconds(pid: int) -> float:
+    """User + system CPU time of a process (Linux /proc; 0 once it is gone)."""
+    try:
+        with open(f"/proc/{pid}/stat", "rb") as f:
+            fields = f.read().rpartition(b")")[2].split()
+    except OSError:
+        return 0.0
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")  # utime, stime (fields 14, 15)
+
+
 class _Worker:
     """One decode_worker process and the bytes read from it so far."""
 
     def __init__(self):
-        env = {**os.environ, "PYTHONPATH": os.pathsep.join(p for p in sys.path if p and os.path.isdir(p))}
+        env = {**os.environ, "PYTHONPATH": os.pathsep.join(p for p in sys.path if p and os.path.isdir(p)),
+               # glibc: blocks over 256 KiB (image buffers) always come from mmap and go back to the system when
+               # freed (by default the threshold grows with each large free, and the heap keeps them)
+               "MALLOC_MMAP_THRESHOLD_": str(256 << 10)}
         self.proc = subprocess.Popen([_python(), "-m", "qwen_vl_trt.runtime.decode_worker"], stdin=subprocess.PIPE,
                                      stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, env=env, close_fds=True)
         self.fd, self.buf, self.ready = self.proc.stdout.fileno(), bytearray(), False
 
-    def _fill(self, deadline: float) -> None:
-        wait = deadline - time.monotonic()
-        if wait <= 0 or not select.select([self.fd], [], [], wait)[0]:
-            raise _Timeout
+    def _fill(self, budget: _Budget) -> None:
+        while not select.select([self.fd], [], [], POLL_SECONDS)[0]:
+            if budget.exceeded():
+                raise _Timeout
         chunk = os.read(self.fd, 1 << 20)
         if not chunk:
             raise EOFError
         self.buf += chunk
 
-    def read_line(self, deadline: float) -> dict:
+    def read_line(self, budget: _Budget) -> dict:
         while b"\n" not in self.buf:
-            self._fill(deadline)
+            self._fill(budget)
         line, _, rest = bytes(self.buf).partition(b"\n")
         self.buf = bytearray(rest)
         return json.loads(line)
 
-    def read_bytes(self, n: int, deadline: float) -> bytearray:
+    def read_bytes(self, n: int, budget: _Budget) -> bytearray:
         while len(self.buf) < n:
-            self._fill(deadline)
+            self._fill(budget)
         data, self.buf = self.buf[:n], self.buf[n:]
         return data
 
@@ -148,27 +184,22 @@ class DecodePool:
                "seconds": BASE_SECONDS, "seconds_per_pixel": SECONDS_PER_PIXEL, "bytes_per_pixel": BYTES_PER_PIXEL,
                "memory_slack": MEMORY_SLACK}
         worker = self._acquire()
-        size, budget = None, BASE_SECONDS
+        budget = _Budget(worker.proc.pid, BASE_SECONDS)
         try:
-            t0 = time.monotonic()
             worker.send(job, source if is_bytes(source) else None)
-            while True:
-                result = worker.read_line(t0 + budget)
-                if "header" not in result:
-                    break
-                size = result["header"]
-                budget = BASE_SECONDS + SECONDS_PER_PIXEL * size[0] * size[1]
-            data = worker.read_bytes(result.get("nbytes", 0), t0 + budget)
+            while "header" in (result := worker.read_line(budget)):
+                budget.grow_to(result["header"])
+            data = worker.read_bytes(result.get("nbytes", 0), budget)
         except _Timeout:
             self._discard(worker)
-            raise ImageError(f"image {shown} did not decode within {budget:.1f} s (the limit for {_pixels(size)}); "
-                             "re-encode it as a plain PNG or JPEG") from None
+            raise ImageError(f"image {shown} did not decode within its limit ({budget.cpu:.1f} s of CPU time for "
+                             f"{_pixels(budget.size)}); re-encode it as a plain PNG or JPEG") from None
         except (EOFError, OSError, ValueError):  # the worker died (CPU limit, a crash) or wrote garbage
             self._discard(worker)
-            raise _over_limits(shown, size) from None
+            raise _over_limits(shown, budget.size) from None
         self._release(worker, result)
         if not result["ok"] and result["kind"] != "pixels":
-            raise _over_limits(shown, size) if result["kind"] == "memory" else ImageError(result["message"])
+            raise _over_limits(shown, budget.size) if result["kind"] == "memory" else ImageError(result["message"])
         return result, data
 
     def _acquire(self) -> _Worker:
@@ -178,13 +209,17 @@ class DecodePool:
             if self._idle:
                 return self._idle.pop()
             self._started += 1
-        return self._start()
+            spare = self._started < self.size
+        worker = self._start()
+        if spare:  # so that a worker killed over its time leaves another one ready
+            threading.Thread(target=self._start_spare, name="decode-pool-spare", daemon=True).start()
+        return worker
 
     def _start(self) -> _Worker:
         """A new worker, ready for a job (the caller has counted it in `_started`)."""
         try:
             worker = _Worker()
-            if worker.read_line(time.monotonic() + START_SECONDS) != {"ready": True}:
+            if worker.read_line(_Budget(worker.proc.pid, START_SECONDS)) != {"ready": True}:
                 raise EOFError
         except (OSError, EOFError, ValueError, _Timeout) as e:
             self._forget()
