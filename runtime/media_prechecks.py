@@ -4,7 +4,7 @@ PIL parses a JPEG's marker segments and a PNG's chunks in Python, one at a time:
 (12 MB) took 13.5 s in `Image.open`, 1 million empty private PNG chunks (12 MB) 6.5 s, and libjpeg decodes a
 2016x2016 progressive JPEG padded with 60,000 repeated scans (0.9 MB) in 40 s. runtime/media_guard.py bounds
 every decode in time and memory whatever the bytes; these checks answer the known floods at once, with a message
-that says what is wrong, and cost microseconds to milliseconds (a bounded walk, and C-speed `find`).
+that says what is wrong, and cost microseconds to milliseconds (a bounded walk, and a C-speed search).
 Each rule is exact (it counts what the format defines) and far above what encoders write:
 
 - JPEG (ITU T.81 B.1): at most `MAX_JPEG_SEGMENTS` marker segments before the first scan (libjpeg, Pillow and
@@ -21,6 +21,8 @@ Other formats (GIF, WebP, BMP, TIFF) rely on the decode guard's bounds alone.
 """
 from __future__ import annotations
 
+import itertools
+import re
 import struct
 
 from qwen_vl_trt.model.errors import ImageError
@@ -34,6 +36,7 @@ METADATA_BYTES = 4 << 20
 
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 _JPEG_SOF = {0xC0, 0xC1, 0xC2, 0xC3, 0xC5, 0xC6, 0xC7, 0xC9, 0xCA, 0xCB, 0xCD, 0xCE, 0xCF}
+_JPEG_SOS = re.compile(rb"\xff\xda")
 _JPEG_STANDALONE = {0x01, *range(0xD0, 0xD9)}  # TEM, RST0-7, SOI: no length field
 
 
@@ -47,9 +50,6 @@ def precheck(data, name: str) -> None:
 
 
 def _check_jpeg(data, name: str) -> None:
-    if _count(data, b"\xff\xda", MAX_JPEG_SCANS + 1) > MAX_JPEG_SCANS:
-        raise ImageError(f"image {name} is a JPEG with more than {MAX_JPEG_SCANS} scans (encoders write about 10); "
-                         "re-encode it")
     pos, segments, size = 2, 0, None
     while pos + 4 <= len(data) and segments <= MAX_JPEG_SEGMENTS:
         if data[pos] != 0xFF:
@@ -72,16 +72,17 @@ def _check_jpeg(data, name: str) -> None:
     if segments > MAX_JPEG_SEGMENTS:
         raise ImageError(f"image {name} is a JPEG with more than {MAX_JPEG_SEGMENTS} marker segments before its "
                          "image data (encoders write under 30); re-encode it")
+    if _count(data, _JPEG_SOS, MAX_JPEG_SCANS + 1) > MAX_JPEG_SCANS:
+        raise ImageError(f"image {name} is a JPEG with more than {MAX_JPEG_SCANS} scans (encoders write about 10); "
+                         "re-encode it")
     if size is not None:
         _check_bytes_per_pixel(len(data), size, name)
 
 
-def _count(data, needle: bytes, most: int) -> int:
-    """Occurrences of `needle` in `data` (bytes or mmap, which has `find` but no `count`), counted up to `most`."""
-    n, pos = 0, data.find(needle)
-    while pos >= 0 and n < most:
-        n, pos = n + 1, data.find(needle, pos + len(needle))
-    return n
+def _count(data, pattern: re.Pattern, most: int) -> int:
+    """Matches of `pattern` in `data` (bytes or an mmap, which has no `count`), counted up to `most` (the
+    search runs in C; the 2-byte `bytes.find` is twice as slow on 0xFF-dense floods)."""
+    return sum(1 for _ in itertools.islice(pattern.finditer(data), most))
 
 
 def _check_png(data, name: str) -> None:

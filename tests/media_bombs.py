@@ -14,8 +14,8 @@ with Pillow 13 on the 2-core test machine while it was loaded, so noisy):
   its bytes per pixel are ordinary, so only the chunk count gives it away;
 - `gif_comment_flood(3_000_000)`: 64x64 GIF after 3 million empty comment extensions, 9 MB (1.8 s here; PIL reads
   each block in Python before the first frame);
-- `bmp_rle_flood(2000, 2000)`: 2000x2000 8-bit RLE BMP of one-pixel runs, 8 MB (3-11 s here: PIL's RLE
-  decoder is Python, two bytes at a time).
+- `bmp_rle_flood(4_000_000)`: 64x64 8-bit RLE BMP whose data starts with 4 million end-of-line escapes that
+  move nothing, 8 MB (PIL's RLE decoder is Python, two bytes at a time: ~2.5 s here).
 """
 from __future__ import annotations
 
@@ -78,11 +78,12 @@ def gif_comment_flood(comments: int) -> bytes:
     return gif[:after_palette] + b"\x21\xfe\x00" * comments + gif[after_palette:]
 
 
-def bmp_rle_flood(width: int, height: int) -> bytes:
-    """A width x height 8-bit RLE BMP (BI_RLE8) where every pixel is its own run of length 1."""
-    data = (b"\x01\x05" * width + b"\x00\x00") * height + b"\x00\x01"  # runs, end of line; end of bitmap
+def bmp_rle_flood(escapes: int, side: int = 64) -> bytes:
+    """A side x side 8-bit RLE BMP (BI_RLE8) whose pixel data starts with `escapes` end-of-line escapes (00 00)
+    that end no line (at the start of a row they move nothing), then one run of 1 per pixel."""
+    data = b"\x00\x00" * escapes + (b"\x01\x05" * side + b"\x00\x00") * side + b"\x00\x01"  # end of bitmap
     palette = bytes(4 * 256)
     offset = 14 + 40 + len(palette)
     file_header = b"BM" + struct.pack("<IHHI", offset + len(data), 0, 0, offset)
-    info_header = struct.pack("<IiiHHIIiiII", 40, width, height, 1, 8, 1, len(data), 2835, 2835, 256, 0)
+    info_header = struct.pack("<IiiHHIIiiII", 40, side, side, 1, 8, 1, len(data), 2835, 2835, 256, 0)
     return file_header + info_header + palette + data
