@@ -1,5 +1,5 @@
-"""Every image decode in a worker process with a wall-clock, CPU and memory bound (issue 21: images that pass the
-header check but are slow or heavy to parse).
+"""Every image decode in a worker process with a CPU-time, wall-clock and memory bound (issue 21: images that pass
+the header check but are slow or heavy to parse).
 
 PIL parses headers and metadata in Python while holding the interpreter lock, and its C decoders run as long as
 the bytes ask: a 12 MB JPEG of 3 million empty APP1 segments took 13.5 s and +430 MiB in the server, and RSS
@@ -11,16 +11,18 @@ stayed up after. So the parent never parses untrusted image bytes itself:
    exactly) run in a pool of `POOL_SIZE` worker processes (runtime/decode_worker.py: PIL only, no numpy or
    torch). A job may use `BASE_SECONDS` of CPU until the header is read, then `BASE_SECONDS + SECONDS_PER_PIXEL`
    per pixel of the header size in all (an honest JPEG or PNG decodes, converts and is sent back in 40-55 ns a
-   pixel measured on a loaded 2-core machine: 0.76 s for 16 Mpx, 3.4 s for 64 Mpx), and `WALL_PER_CPU_SECOND`
-   times that in wall-clock time. CPU time, read from /proc every `POLL_SECONDS`, is the main measure: a busy
-   machine slows an honest image down but does not make it use more CPU, so it is not refused for the load;
-   the wall-clock bound still ends a job that waits on the machine for too long. Address space is limited to
-   `BYTES_PER_PIXEL` bytes a pixel + `MEMORY_SLACK` (RLIMIT_AS; PIL may hold the decoded image in a 4-byte
-   layout, a transposed and an RGB copy and the 3-byte-a-pixel bytes sent back). A worker over its time is
-   killed (SIGKILL) and replaced; one over its memory exits; either way the request gets an ImageError (400 in
-   the server, one `error:` line in trt-run, INVALID_ARG in Triton).
-3. The pixels come back as raw RGB bytes, never a pickle, and a worker whose resident set stays above
-   `RECYCLE_RSS` after a job is replaced, so the memory a big decode took goes back to the system.
+   pixel measured in wall time on a loaded 2-core machine: 0.76 s for 16 Mpx, 3.4 s for 64 Mpx). CPU time, read
+   from /proc every `POLL_SECONDS`, is the measure: a busy machine slows an honest image down but does not make
+   it use more CPU, so it is not refused for the load (a tight wall-clock bound would refuse it); a flood spins
+   and is stopped after its CPU seconds. A wall-clock bound, `WALL_SECONDS + WALL_PER_CPU_SECOND` x the CPU
+   budget, still ends a job that waits too long. Address space is limited to `BYTES_PER_PIXEL` bytes a pixel +
+   `MEMORY_SLACK` (RLIMIT_AS; PIL may hold the decoded image in a 4-byte layout, a transposed and an RGB copy and
+   the 3-byte-a-pixel bytes sent back). A worker over its time is killed (SIGKILL) and replaced; one over its
+   memory exits; either way the request gets an ImageError (400 in the server, one `error:` line in trt-run,
+   INVALID_ARG in Triton).
+3. The pixels come back as raw RGB bytes, never a pickle. Workers allocate image buffers with mmap
+   (`MALLOC_MMAP_THRESHOLD_`), so freed pixels go back to the system at once, and a worker whose resident set
+   is still above `RECYCLE_RSS` after a job is replaced.
 
 Why processes and not threads: a thread cannot be stopped, and PIL holds the interpreter lock while it parses;
 only a process can be killed on time and have its memory returned. The pool starts lazily, on the first image of
@@ -53,7 +55,8 @@ from .media_prechecks import precheck
 POOL_SIZE = 2
 BASE_SECONDS = 0.5  # CPU seconds
 SECONDS_PER_PIXEL = 80e-9  # CPU seconds
-WALL_PER_CPU_SECOND = 2  # wall-clock seconds a job may take per CPU second of its budget (a loaded machine)
+WALL_SECONDS = 5.0  # wall-clock seconds a job may take beyond WALL_PER_CPU_SECOND x its CPU budget
+WALL_PER_CPU_SECOND = 2
 POLL_SECONDS = 0.02
 BYTES_PER_PIXEL = 20
 MEMORY_SLACK = 64 << 20
@@ -71,7 +74,7 @@ class _Timeout(Exception):
 
 class _Budget:
     """What a job may take: `cpu` seconds of the worker's CPU time (read from /proc/PID/stat) and
-    `WALL_PER_CPU_SECOND` times that of wall-clock time, counted from the job's start."""
+    `WALL_SECONDS + WALL_PER_CPU_SECOND * cpu` of wall-clock time, counted from the job's start."""
 
     def __init__(self, pid: int, cpu: float):
         self.pid, self.cpu, self.size = pid, cpu, None
@@ -82,7 +85,7 @@ class _Budget:
         self.size, self.cpu = size, BASE_SECONDS + SECONDS_PER_PIXEL * size[0] * size[1]
 
     def exceeded(self) -> bool:
-        return (time.monotonic() - self.t0 > WALL_PER_CPU_SECOND * self.cpu
+        return (time.monotonic() - self.t0 > WALL_SECONDS + WALL_PER_CPU_SECOND * self.cpu
                 or _cpu_seconds(self.pid) - self.cpu0 > self.cpu)
 
 
