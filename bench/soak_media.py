@@ -6,16 +6,19 @@ One `qwen-vl-serve` (inflight batching, ONNX Runtime) is started as a child proc
 After one warm-up request, the RSS of the server's process tree (the server and its decode workers, psutil) is
 read, then two phases of `--seconds` each run back to back on the same server:
 
-1. normal only: `--clients` client threads, each sending normal requests one after another (a 448 px PNG as a
-   data URL + a prompt, greedy, `--max-tokens` tokens, ignore_eos, not streamed);
-2. mixed: `--clients - --hostile` of the same normal clients and `--hostile` clients cycling through the parser
+1. normal only: `--clients - --hostile` client threads, each sending normal requests one after another (a 448 px
+   PNG as a data URL + a prompt, greedy, `--max-tokens` tokens, ignore_eos, not streamed);
+2. mixed: the same normal clients and `--hostile` clients beside them, cycling through the parser
    floods of tests/media_bombs.py (JPEG of 3 M / 11 M empty APP1 segments: 16 / 58.7 MB bodies, progressive JPEG
    with 60,000 repeated scans, PNG with 1 M empty chunks, GIF with 3 M empty comments, BMP with 4 M no-op RLE
    escapes).
 
 Reported: normal end-to-end latency p50 / p99 per phase and their ratio (target: mixed p99 <= 1.5 x normal-only),
-the hostile answers by status with their slowest time, failed normal requests, and the tree's RSS before, at its
-peak in the mixed phase (sampled every 50 ms) and 5 s after it (target: back within 100 MiB of before).
+the hostile answers by status with their slowest time (which includes waiting for one of the server's
+`--max-concurrent-requests` slots behind normal requests), failed normal requests, and the tree's RSS after the
+warm-up request, after the normal-only phase (the server warmed up to full batches: the "before" of the
+target), at its peak in the mixed phase (sampled every 50 ms) and 5 s after it (target: back within 100 MiB of
+the normal-only level).
 Prints a markdown row with the command, machine and date.
 """
 from __future__ import annotations
@@ -138,7 +141,7 @@ def main() -> int:
     try:
         assert post(base, normal_body)[0] == 200, "the warm-up request failed"
         rss_before = tree_rss(proc.pid)
-        only = run_phase(base, args.seconds, args.clients, 0, [], normal_body, proc.pid)
+        only = run_phase(base, args.seconds, args.clients - args.hostile, 0, [], normal_body, proc.pid)
         rss_between = tree_rss(proc.pid)
         mixed = run_phase(base, args.seconds, args.clients - args.hostile, args.hostile, hostile_bodies, normal_body,
                           proc.pid)
@@ -159,16 +162,16 @@ def report(args, only: dict, mixed: dict, rss_before: int, rss_between: int, rss
     hostile = {status: {"n": len(xs), "max_s": round(max(xs), 2)} for status, xs in sorted(by_status.items())}
     mib = lambda n: round(n / 2**20)  # noqa: E731
     summary = {"normal_only": a, "mixed": b, "p99_ratio": b["p99_s"] / a["p99_s"], "hostile_by_status": hostile,
-               "rss_mib": {"before": mib(rss_before), "after_normal_only": mib(rss_between),
+               "rss_mib": {"after_warm_up": mib(rss_before), "after_normal_only": mib(rss_between),
                            "peak_mixed": mib(mixed["peak_rss"]), "5s_after_mixed": mib(rss_after)}}
     print(json.dumps(summary, indent=1))
     print(f"\ncommand: python bench/soak_media.py {' '.join(sys.argv[1:])}\nmachine: {machine()}\ndate: {utc_now()}")
     answers = ", ".join(f"{status}: {v['n']} (max {v['max_s']} s)" for status, v in hostile.items())
     print("| phase s | clients (hostile) | normal p99 only / mixed (s) | ratio | normal failed | hostile answers "
-          "| RSS before / peak / after (MiB) |")
+          "| RSS warm-up / normal-only / mixed peak / after (MiB) |")
     print(f"| {args.seconds:g} | {args.clients} ({args.hostile}) | {a['p99_s']:.2f} / {b['p99_s']:.2f} | "
           f"{summary['p99_ratio']:.2f} | {a['failed']} + {b['failed']} | {answers} | "
-          f"{mib(rss_before)} / {mib(mixed['peak_rss'])} / {mib(rss_after)} |")
+          f"{mib(rss_before)} / {mib(rss_between)} / {mib(mixed['peak_rss'])} / {mib(rss_after)} |")
 
 
 if __name__ == "__main__":
