@@ -38,7 +38,8 @@ def header_size(source, name: str) -> tuple[int, int]:
     except UnidentifiedImageError:
         raise ImageError(f"cannot read image {name}: not a supported image format; convert it to PNG or JPEG") from None
     except (OSError, ValueError, SyntaxError):
-        raise ImageError(f"cannot read image {name}: file is corrupt or truncated; re-export it as PNG or JPEG") from None
+        raise ImageError(f"cannot read image {name}: file is corrupt or truncated; re-export it as PNG or "
+                         "JPEG") from None
 
 
 def load_image(path: str | Path | bytes, name: str | None = None,

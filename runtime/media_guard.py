@@ -9,14 +9,14 @@ stayed up after. So the parent never parses untrusted image bytes itself:
    milliseconds (segment, scan and chunk counts; file size against pixel count).
 2. `probe` (the header size, for runtime/media_limits.py) and `decode` (the RGB pixels, `image_file.load_image`
    exactly) run in a pool of `POOL_SIZE` worker processes (runtime/decode_worker.py: PIL only, no numpy or
-   torch). A job may use `BASE_SECONDS` of CPU until the header is read, then `BASE_SECONDS + SECONDS_PER_PIXEL`
-   per pixel of the header size in all (an honest JPEG or PNG decodes, converts and is sent back in 40-55 ns a
-   pixel measured in wall time on a loaded 2-core machine: 0.76 s for 16 Mpx, 3.4 s for 64 Mpx). CPU time, read
-   from /proc every `POLL_SECONDS`, is the measure: a busy machine slows an honest image down but does not make
-   it use more CPU, so it is not refused for the load (a tight wall-clock bound would refuse it); a flood spins
-   and is stopped after its CPU seconds. A wall-clock bound, `WALL_SECONDS + WALL_PER_CPU_SECOND` x the CPU
-   budget, still ends a job that waits too long. Address space is limited to `BYTES_PER_PIXEL` bytes a pixel +
-   `MEMORY_SLACK` (RLIMIT_AS; PIL may hold the decoded image in a 4-byte layout, a transposed and an RGB copy and
+   torch). A job may use `BASE_SECONDS` of CPU time and `WALL_SECONDS` of wall-clock time until the header is
+   read (an honest header parses in milliseconds), then `SECONDS_PER_PIXEL` more CPU time per pixel of the header
+   size, and `WALL_PER_CPU_SECOND` times that more wall-clock time (an honest JPEG or PNG decodes, converts and
+   is sent back in 40-55 ns a pixel measured in wall time on a loaded 2-core machine: 0.76 s for 16 Mpx, 3.4 s
+   for 64 Mpx). CPU time is read from /proc every `POLL_SECONDS`. The pixels' budget is mostly CPU time, so
+   that a busy machine, which slows an honest big image down but does not make it use more CPU, does not get it
+   refused; a flood in a small image is stopped after 1.5 s at most. Address space is limited to
+   `BYTES_PER_PIXEL` bytes a pixel + `MEMORY_SLACK` (RLIMIT_AS; PIL may hold the decoded image in a 4-byte layout, a transposed and an RGB copy and
    the 3-byte-a-pixel bytes sent back). A worker over its time is killed (SIGKILL) and replaced; one over its
    memory exits; either way the request gets an ImageError (400 in the server, one `error:` line in trt-run,
    INVALID_ARG in Triton).
@@ -55,8 +55,8 @@ from .media_prechecks import precheck
 POOL_SIZE = 2
 BASE_SECONDS = 0.5  # CPU seconds
 SECONDS_PER_PIXEL = 80e-9  # CPU seconds
-WALL_SECONDS = 5.0  # wall-clock seconds a job may take beyond WALL_PER_CPU_SECOND x its CPU budget
-WALL_PER_CPU_SECOND = 2
+WALL_SECONDS = 1.5  # wall-clock seconds to read a header (its CPU budget is BASE_SECONDS)
+WALL_PER_CPU_SECOND = 4  # wall-clock seconds per CPU second of the pixels' budget, beyond WALL_SECONDS
 POLL_SECONDS = 0.02
 BYTES_PER_PIXEL = 20
 MEMORY_SLACK = 64 << 20
@@ -73,20 +73,21 @@ class _Timeout(Exception):
 
 
 class _Budget:
-    """What a job may take: `cpu` seconds of the worker's CPU time (read from /proc/PID/stat) and
-    `WALL_SECONDS + WALL_PER_CPU_SECOND * cpu` of wall-clock time, counted from the job's start."""
+    """What a job may take, counted from its start: `cpu` seconds of the worker's CPU time (read from
+    /proc/PID/stat) and `wall` seconds of wall-clock time."""
 
-    def __init__(self, pid: int, cpu: float):
-        self.pid, self.cpu, self.size = pid, cpu, None
+    def __init__(self, pid: int, cpu: float = BASE_SECONDS, wall: float = WALL_SECONDS):
+        self.pid, self.cpu, self.wall, self.size = pid, cpu, wall, None
         self.t0, self.cpu0 = time.monotonic(), _cpu_seconds(pid)
 
     def grow_to(self, size: list) -> None:
         """The header says `size` (w, h): the budget of an image of that many pixels."""
-        self.size, self.cpu = size, BASE_SECONDS + SECONDS_PER_PIXEL * size[0] * size[1]
+        pixels_cpu = SECONDS_PER_PIXEL * size[0] * size[1]
+        self.size, self.cpu = size, BASE_SECONDS + pixels_cpu
+        self.wall = WALL_SECONDS + WALL_PER_CPU_SECOND * pixels_cpu
 
     def exceeded(self) -> bool:
-        return (time.monotonic() - self.t0 > WALL_SECONDS + WALL_PER_CPU_SECOND * self.cpu
-                or _cpu_seconds(self.pid) - self.cpu0 > self.cpu)
+        return time.monotonic() - self.t0 > self.wall or _cpu_seconds(self.pid) - self.cpu0 > self.cpu
 
 
 def _cpu_seconds(pid: int) -> float:
@@ -109,29 +110,39 @@ class _Worker:
                "MALLOC_MMAP_THRESHOLD_": str(256 << 10)}
         self.proc = subprocess.Popen([_python(), "-m", "qwen_vl_trt.runtime.decode_worker"], stdin=subprocess.PIPE,
                                      stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, env=env, close_fds=True)
-        self.fd, self.buf, self.ready = self.proc.stdout.fileno(), bytearray(), False
+        self.fd, self.buf = self.proc.stdout.fileno(), bytearray()
 
-    def _fill(self, budget: _Budget) -> None:
+    def _wait(self, budget: _Budget) -> None:
+        """Until the worker has written something; _Timeout when the job is over its budget first."""
         while not select.select([self.fd], [], [], POLL_SECONDS)[0]:
             if budget.exceeded():
                 raise _Timeout
-        chunk = os.read(self.fd, 1 << 20)
-        if not chunk:
-            raise EOFError
-        self.buf += chunk
 
     def read_line(self, budget: _Budget) -> dict:
-        while b"\n" not in self.buf:
-            self._fill(budget)
-        line, _, rest = bytes(self.buf).partition(b"\n")
-        self.buf = bytearray(rest)
+        while (end := self.buf.find(b"\n")) < 0:
+            self._wait(budget)
+            chunk = os.read(self.fd, 1 << 16)
+            if not chunk:
+                raise EOFError
+            self.buf += chunk
+        line = bytes(self.buf[:end])
+        del self.buf[:end + 1]
         return json.loads(line)
 
     def read_bytes(self, n: int, budget: _Budget) -> bytearray:
-        while len(self.buf) < n:
-            self._fill(budget)
-        data, self.buf = self.buf[:n], self.buf[n:]
-        return data
+        """The next `n` bytes, read straight into one buffer (the pixels of a big image are copied once)."""
+        out = bytearray(n)
+        got = min(n, len(self.buf))
+        out[:got] = self.buf[:got]
+        del self.buf[:got]
+        view = memoryview(out)
+        while got < n:
+            self._wait(budget)
+            k = os.readv(self.fd, [view[got:]])
+            if not k:
+                raise EOFError
+            got += k
+        return out
 
     def send(self, job: dict, payload) -> None:
         self.proc.stdin.write(json.dumps(job).encode() + b"\n")
@@ -175,7 +186,7 @@ class DecodePool:
         """`image_file.load_image(source, name)`, the same RGB pixels, decoded within the bounds of the module
         docstring; ImageError when the file is bad or over them."""
         result, data = self._job("decode", source, name or "<image bytes>")
-        return Image.frombytes("RGB", tuple(result["size"]), bytes(data))
+        return Image.frombytes("RGB", tuple(result["size"]), data)
 
     def _job(self, op: str, source, name: str) -> tuple[dict, bytearray]:
         shown = name if is_bytes(source) else str(source)
@@ -187,16 +198,17 @@ class DecodePool:
                "seconds": BASE_SECONDS, "seconds_per_pixel": SECONDS_PER_PIXEL, "bytes_per_pixel": BYTES_PER_PIXEL,
                "memory_slack": MEMORY_SLACK}
         worker = self._acquire()
-        budget = _Budget(worker.proc.pid, BASE_SECONDS)
+        budget = _Budget(worker.proc.pid)
         try:
             worker.send(job, source if is_bytes(source) else None)
             while "header" in (result := worker.read_line(budget)):
                 budget.grow_to(result["header"])
-            data = worker.read_bytes(result.get("nbytes", 0), budget)
+            data = worker.read_bytes(_checked_nbytes(result, budget.size), budget)
         except _Timeout:
             self._discard(worker)
-            raise ImageError(f"image {shown} did not decode within its limit ({budget.cpu:.1f} s of CPU time for "
-                             f"{_pixels(budget.size)}); re-encode it as a plain PNG or JPEG") from None
+            raise ImageError(f"image {shown} did not decode within its limit ({budget.cpu:.1f} s of CPU time, "
+                             f"{budget.wall:.1f} s in all, for {_pixels(budget.size)}); re-encode it as a plain PNG "
+                             "or JPEG") from None
         except (EOFError, OSError, ValueError):  # the worker died (CPU limit, a crash) or wrote garbage
             self._discard(worker)
             raise _over_limits(shown, budget.size) from None
@@ -222,7 +234,7 @@ class DecodePool:
         """A new worker, ready for a job (the caller has counted it in `_started`)."""
         try:
             worker = _Worker()
-            if worker.read_line(_Budget(worker.proc.pid, START_SECONDS)) != {"ready": True}:
+            if worker.read_line(_Budget(worker.proc.pid, START_SECONDS, START_SECONDS)) != {"ready": True}:
                 raise EOFError
         except (OSError, EOFError, ValueError, _Timeout) as e:
             self._forget()
@@ -289,6 +301,16 @@ class _readable:
     def __exit__(self, *exc):
         if self.map is not None:
             self.map.close()
+
+
+def _checked_nbytes(result: dict, size) -> int:
+    """The pixel bytes a final answer announces: 3 x the header's w x h for a decoded image, else 0 (ValueError
+    otherwise: a worker that says something else is not trusted with the parent's memory)."""
+    nbytes = result.get("nbytes", 0)
+    if result.get("ok") and nbytes and (size is None or nbytes != 3 * size[0] * size[1]
+                                        or list(result["size"]) not in (list(size), list(size)[::-1])):
+        raise ValueError(f"the worker announced {nbytes} bytes for {size}")
+    return nbytes
 
 
 def _pixels(size) -> str:

@@ -70,7 +70,8 @@ class Preprocessor:
         names = [_media_name(p, i) for i, p in enumerate(request.images)]
         media_limits.check_images(request.images, names, self.image_cfg, self.manifest.limits)  # before decoding
         decode = media_guard.pool().decode  # in a worker process, bounded in time and memory
-        images = [preprocess.preprocess_image(decode(p, name), self.image_cfg) for p, name in zip(request.images, names)]
+        images = [preprocess.preprocess_image(decode(p, name), self.image_cfg)
+                  for p, name in zip(request.images, names)]
         vid = self.load_video(request.video) if request.video is not None else None
         media = [Media(pv, tuple(grid)) for pv, grid in images]
         if vid is not None:

@@ -431,18 +431,18 @@ FLOOD_MESSAGES = {
     "jpeg_scans": "image <image 0> is a JPEG with more than 256 scans (encoders write about 10); re-encode it",
     "png_chunks": "image <image 0> is a PNG with more than 3186 chunks (at most 256 + one per 4096 bytes of file); "
                   "re-encode it",  # 256 + 12,010,xxx // 4096
-    "gif_comments": "image <image 0> did not decode within its limit (0.5 s of CPU time for reading its header); "
-                    "re-encode it as a plain PNG or JPEG",
-    "bmp_rle": "image <image 0> did not decode within its limit (0.5 s of CPU time for 64x64 pixels); re-encode "
-               "it as a plain PNG or JPEG",
+    "gif_comments": "image <image 0> did not decode within its limit (0.5 s of CPU time, 1.5 s in all, for reading "
+                    "its header); re-encode it as a plain PNG or JPEG",
+    "bmp_rle": "image <image 0> did not decode within its limit (0.5 s of CPU time, 1.5 s in all, for 64x64 pixels); "
+               "re-encode it as a plain PNG or JPEG",
 }
 
 
 def flood(name: str) -> bytes:
     import media_bombs as B
 
-    return {"jpeg_app1_12MB": lambda: B.jpeg_app1_flood(3_000_000), "jpeg_app1_44MB": lambda: B.jpeg_app1_flood(11_000_000),
-            "jpeg_scans": lambda: B.jpeg_scan_flood(60_000), "png_chunks": lambda: B.png_chunk_flood(1_000_000),
+    return {"jpeg_app1_12MB": lambda: B.jpeg_app1_flood(3_000_000),
+            "jpeg_app1_44MB": lambda: B.jpeg_app1_flood(11_000_000), "jpeg_scans": lambda: B.jpeg_scan_flood(60_000), "png_chunks": lambda: B.png_chunk_flood(1_000_000),
             "gif_comments": lambda: B.gif_comment_flood(3_000_000),
             "bmp_rle": lambda: B.bmp_rle_flood(4_000_000)}[name]()
 
