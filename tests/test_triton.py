@@ -227,3 +227,23 @@ def test_custom_metrics_count_what_was_sent(load_model, media, processor):  # no
     assert metric("num_requests_running").value() == metric("num_requests_waiting").value() == 0
     assert metric("kv_cache_usage_perc").value() == 0
     model.finalize()
+
+
+def test_parser_floods_fail_their_request(load_model):
+    """Issue 21: the Triton model decodes through the same guard (runtime/media_guard.py). A JPEG of 3 million
+    empty APP1 segments (refused from its structure) and a GIF of 3 million empty comments (stopped at its CPU
+    budget) each fail their request with INVALID_ARG within 2 s (a loaded 2-core machine: ~0.1 and ~1.1 s here)."""
+    import media_bombs
+    import triton_python_backend_utils as pb
+
+    model = load_model("qwen_vl_whole")
+    for flood, message in [
+            (media_bombs.jpeg_app1_flood(3_000_000), "image <image 0> is a JPEG with more than 1000 marker segments "
+             "before its image data (encoders write under 30); re-encode it"),
+            (media_bombs.gif_comment_flood(3_000_000), "image <image 0> did not decode within its limit (0.5 s of CPU "
+             "time, 1.5 s in all, for reading its header); re-encode it as a plain PNG or JPEG")]:
+        t0 = time.monotonic()
+        (response,) = model.execute([request("Describe this image.", [flood])])
+        assert time.monotonic() - t0 < 2.0
+        assert response.has_error() and response.error.code() == pb.TritonError.INVALID_ARG
+        assert response.error.message() == message
