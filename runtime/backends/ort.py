@@ -225,10 +225,11 @@ def weights_mapped(opts) -> None:
     """Run on the weights as ONNX Runtime memory-maps them from the `.onnx.data` file: no prepacking. ONNX Runtime
     maps external initializers and, by default, then copies each MatMul / Gemm weight into MLAS's packed layout
     (all weights read and copied at start-up, a second copy's worth of anonymous memory at its peak). Without
-    prepacking a session opens in a fraction of a second on untouched pages, the weights stay in the page cache
-    (shared between processes, never copied), and a decode step (M = 1) reads them in place through MLAS's
-    matrix-vector kernels. Only for dense fp32/fp16 graphs on the CPU provider: MatMulNBits (INT4) needs its
-    prepacked blocks (open_ort decides)."""
+    prepacking a session opens on untouched pages (the 2.86 GB decoder of docs/benchmarks.md: 0.3 s against 17.6 s,
+    busy machine), the weights stay in the page cache (shared between processes, never copied) and the steps read
+    them in place; whether decode is as fast as on the packed layout is what bench/bench_cpu_peers.py's
+    `ours-fp32` vs `ours-fp32-prepack` measures. Only for dense graphs on the CPU provider: MatMulNBits (INT4)
+    is ~10x slower without its prepacked blocks (loader.open_sessions decides)."""
     opts.add_session_config_entry("session.disable_prepacking", "1")
 
 
