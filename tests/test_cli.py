@@ -166,7 +166,7 @@ def test_backend_tensorrt_without_engines_or_gpu(artifacts):
     ([], "nothing to do: pass --prompt TEXT, --image PATH or --video PATH"),
     (["--prompt", "x", "--temperature", "-1"], "--temperature -1.0: must be >= 0 (0 = greedy)"),
     (["--prompt", "x", "--top-p", "0"], "--top-p 0.0: must be in (0, 1]"),
-    (["--prompt", "x", "--repetition-penalty", "0"], "--repetition-penalty 0.0: must be > 0 (1 = off)"),
+    (["--prompt", "x", "--repetition-penalty", "0"], "--repetition-penalty 0.0: must be in [0.01, 100] (1 = off)"),
     (["--prompt", "x", "--max-new-tokens", "0"], "--max-new-tokens 0: must be >= 1"),
 ])
 def test_bad_options(artifacts, args, message):
