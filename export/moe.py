@@ -34,8 +34,10 @@ a // k); gate_up [E, C, 2I], down [E, I, C]; the loop's tables [n_iter, G, T] (a
 """
 from __future__ import annotations
 
+import onnx
 from onnx import TensorProto, helper
 
+from . import plugin_ops
 from .layers import activation, cast, linear, reshape, to_compute
 from .onnx_graph import ELEM, GraphBuilder
 from qwen_vl_trt.model.errors import CheckpointError
@@ -71,11 +73,12 @@ def quantized_experts(g: GraphBuilder, w: CheckpointWeights, x: str, ids: str, w
     model-local function is DequantizeLinear + the Loop below (export/plugin_ops.py): x [N, C] -> [N, C].
     TensorRT with libqwen_vl_plugins.so runs the plugin (reads only the selected experts' quantized bytes);
     ONNX Runtime and TensorRT without it run the body (dequantizes every expert, then reads the selected)."""
-    from . import moe_quant, plugin_ops
+    from . import moe_quant
 
     if spec.text.hidden_act != "silu":
         raise CheckpointError(f"quantized MoE experts support hidden_act silu, not {spec.text.hidden_act!r}")
-    gate_up, down = moe_quant.quantized_experts(w, key, spec, g.formats, g.dtype)
+    gate_up, down = moe_quant.quantized_experts(w, key, spec, g.formats, g.dtype,
+                                                lambda: release_layout(w, key, spec))
     gu_q, gu_s = moe_quant.store(g, f"{key}.experts.gate_up_proj", gate_up)
     dn_q, dn_s = moe_quant.store(g, f"{key}.experts.down_proj", down)
     if ("int32", ids) not in g.memo:
@@ -86,8 +89,25 @@ def quantized_experts(g: GraphBuilder, w: CheckpointWeights, x: str, ids: str, w
         x, g.memo[("int32", ids)], weights, gu_q, gu_s, dn_q, dn_s, y, spec.text.moe.num_experts_per_tok,
         gate_up.block, down.block, name=name))
     if (plugin_ops.DOMAIN, "MoEExperts") not in g.functions:
-        g.add_function(plugin_ops.moe_experts_function(spec, g.dtype))
+        g.add_function(moe_experts_function(spec, g.dtype))
     return y
+
+
+def moe_experts_function(spec, dtype: str) -> onnx.FunctionProto:
+    """MoEExperts' reference body for this model (its E, k, C, I, activation and graph dtype): DequantizeLinear of
+    the stacked experts ([E, K, N], axis 1, block sizes from the node's attributes), then the dense MoE block's
+    tiling and expert Loop (export/moe.py)."""
+    b = plugin_ops.ModelBody(dtype)
+    moe, c = spec.text.moe, spec.text.hidden_size
+    gate_up, down = (plugin_ops.block_dequantize(b, q, f"{q}_scale", f"{q}_block_size")
+                     for q in ("gate_up", "down"))
+    table, experts, n_iter = _tiles(b, b.op("Cast", ["ids"], to=TensorProto.INT64), moe.num_experts,
+                                    TILES_PER_ITERATION)
+    y = _expert_loop(b, "x", "weights", table, experts, n_iter, gate_up, down, spec)  # [A, C]
+    y = b.op("Reshape", [y, b.const([-1, moe.num_experts_per_tok, c])])  # [N, k, C]
+    b.nodes.append(helper.make_node("ReduceSum", [y, b.const([1])], ["y"], keepdims=0))  # [N, C]
+    return plugin_ops.function("MoEExperts", ["x", "ids", "weights", "gate_up", "gate_up_scale", "down", "down_scale"],
+                               ["y"], b, "Routed experts on stacked FP8/INT4 weights (plugins/README.md)")
 
 
 def router(g: GraphBuilder, w: CheckpointWeights, x: str, key: str, k: int):

@@ -36,7 +36,8 @@ ORT_DOMAIN = "com.microsoft"
 
 def to_qmoe(model: onnx.ModelProto, graph_dir: Path, data_path: Path) -> int:
     """In place: every top-level INT4 MoEExperts node of `model` -> one QMoE whose weights are appended to
-    `data_path`; returns how many were rewritten."""
+    `data_path`; returns how many were rewritten. The router nodes and initializers left unread are the caller's to
+    drop (export/ort_fused.py)."""
     g = model.graph
     inits = {t.name: t for t in g.initializer}
     producer = {o: n for n in g.node for o in n.output}
@@ -71,17 +72,6 @@ def to_qmoe(model: onnx.ModelProto, graph_dir: Path, data_path: Path) -> int:
     nodes = [replaced.get(n.name, n) if n.domain == DOMAIN else n for n in g.node]
     del g.node[:]
     g.node.extend(nodes)
-    from .ort_fused import _prune_dead_nodes
-
-    _prune_dead_nodes(g)
-    read = {i for n in g.node for i in n.input}
-    kept = [t for t in g.initializer if t.name in read]
-    del g.initializer[:]
-    g.initializer.extend(kept)
-    used = {(n.domain, n.op_type) for n in g.node}
-    kept_fns = [f for f in model.functions if (f.domain, f.name) in used]
-    del model.functions[:]
-    model.functions.extend(kept_fns)
     if not any(o.domain == ORT_DOMAIN for o in model.opset_import):
         model.opset_import.append(helper.make_opsetid(ORT_DOMAIN, 1))
     return len(todo)

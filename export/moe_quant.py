@@ -61,17 +61,16 @@ class StackedExperts:
         return q * self.scale.to(torch.float32).repeat_interleave(self.block, dim=1)[:, :k]
 
 
-def quantized_experts(w: CheckpointWeights, key: str, spec: ModelSpec, formats: WeightFormats,
-                      dtype: str) -> tuple[StackedExperts, StackedExperts]:
-    """(gate_up, down) of the MoE block `key` (e.g. model.language_model.layers.0.mlp) in `formats.experts`."""
-    from .moe import release_layout
-
+def quantized_experts(w: CheckpointWeights, key: str, spec: ModelSpec, formats: WeightFormats, dtype: str,
+                      read_dense) -> tuple[StackedExperts, StackedExperts]:
+    """(gate_up, down) of the MoE block `key` (e.g. model.language_model.layers.0.mlp) in `formats.experts`;
+    `read_dense()` -> the two dense tensors in release layout (export/moe.py `release_layout`)."""
     fmt = formats.experts
     if fmt not in ("fp8", "int4"):
         raise ValueError(f"experts format {fmt!r} is not quantized")
     kept = {name: _kept_fp8(w, f"{key}.experts.{name}", spec, dtype) if fmt == "fp8" else None
             for name in PROJECTIONS}
-    dense = release_layout(w, key, spec) if not all(kept.values()) else (None, None)
+    dense = read_dense() if not all(kept.values()) else (None, None)
     out = []
     for name, wt in zip(PROJECTIONS, dense):
         if kept[name] is not None:
@@ -146,7 +145,7 @@ def _kept_fp8(w: CheckpointWeights, key: str, spec: ModelSpec, dtype: str) -> St
     elif r == release_k:
         bk = bm
     else:
-        return None  # release_layout() reports the shape error
+        return None  # release_layout() (export/moe.py) reports the shape error
     n = q.shape[2]
     scale = grid.to(torch.float32).repeat_interleave(bn, dim=2)[:, :, :n].to(getattr(torch, dtype))
     return StackedExperts("fp8", q.contiguous(), scale.contiguous(), bk, kept=True)

@@ -69,7 +69,9 @@ def write_fused(graph_onnx: Path, spec: ModelSpec) -> Path:
     if kind == "decoder":  # INT4 MoE experts (export/moe_quant.py) -> QMoE, weights appended to the same file
         from .moe_ort import to_qmoe
 
-        to_qmoe(model, graph_onnx.parent, nbits_data_path(out))
+        if to_qmoe(model, graph_onnx.parent, nbits_data_path(out)):
+            _prune_dead_nodes(model.graph)  # the routers' softmax / top-k, now inside QMoE
+            _drop_unread(model)
     onnx.save_model(model, str(out))
     return out
 
@@ -439,6 +441,19 @@ def _prune_dead_nodes(g: onnx.GraphProto) -> None:
             return
         for i in reversed(dead):
             del g.node[i]
+
+
+def _drop_unread(model: onnx.ModelProto) -> None:
+    """Drop the initializers no node reads (in any subgraph) and the functions no node calls."""
+    g = model.graph
+    read = _names_read(g) | {o.name for o in g.output}
+    kept = [t for t in g.initializer if t.name in read]
+    del g.initializer[:]
+    g.initializer.extend(kept)
+    used = {(n.domain, n.op_type) for n in g.node}
+    fns = [f for f in model.functions if (f.domain, f.name) in used]
+    del model.functions[:]
+    model.functions.extend(fns)
 
 
 def _names_read(g: onnx.GraphProto) -> set:

@@ -97,6 +97,11 @@ def make_moe_experts_node(x: str, ids: str, weights: str, gate_up: str, gate_up_
 
 
 # ---- function bodies ---------------------------------------------------------------------------------
+def function(op: str, inputs, outputs, body: FunctionBody, doc: str) -> onnx.FunctionProto:
+    """The model-local FunctionProto of qwen_vl op `op` with `body` (its attributes: OP_ATTRIBUTES + plugin ones)."""
+    return _function(op, inputs, outputs, body, doc)
+
+
 def _function(op: str, inputs, outputs, body: FunctionBody, doc: str) -> onnx.FunctionProto:
     return helper.make_function(DOMAIN, op, list(inputs), list(outputs), body.nodes,
                                 [helper.make_opsetid("", OPSET)],
@@ -185,7 +190,7 @@ def kv_cache_attention_function() -> onnx.FunctionProto:
                      "One decoder step: in-place cache write + causal GQA attention (plugins/README.md)")
 
 
-class _ModelBody(FunctionBody):
+class ModelBody(FunctionBody):
     """A function body that export/moe.py's graph helpers can write into (they take a GraphBuilder): the graph
     dtype, `const(value, dtype)` as Constant nodes, no name scopes."""
 
@@ -197,31 +202,13 @@ class _ModelBody(FunctionBody):
         return contextlib.nullcontext()
 
 
-def _block_dequantize(b: FunctionBody, q: str, scale: str, block_attr: str) -> str:
+def block_dequantize(b: FunctionBody, q: str, scale: str, block_attr: str) -> str:
     """DequantizeLinear(q, scale, axis=1) with block_size = the function attribute `block_attr`."""
     out = f"_{q}_dequantized"
     node = helper.make_node("DequantizeLinear", [q, scale], [out], axis=1)
     node.attribute.append(helper.make_attribute_ref("block_size", AttributeProto.INT, ref_attr_name=block_attr))
     b.nodes.append(node)
     return out
-
-
-def moe_experts_function(spec, dtype: str) -> onnx.FunctionProto:
-    """MoEExperts' reference body for this model (its E, k, C, I, activation and graph dtype): DequantizeLinear of
-    the stacked experts ([E, K, N], axis 1, block sizes from the node's attributes), then the dense MoE block's
-    tiling and expert Loop (export/moe.py)."""
-    from .moe import TILES_PER_ITERATION, _expert_loop, _tiles
-
-    b = _ModelBody(dtype)
-    moe, c = spec.text.moe, spec.text.hidden_size
-    gate_up, down = (_block_dequantize(b, q, f"{q}_scale", f"{q}_block_size") for q in ("gate_up", "down"))
-    table, experts, n_iter = _tiles(b, b.op("Cast", ["ids"], to=TensorProto.INT64), moe.num_experts,
-                                    TILES_PER_ITERATION)
-    y = _expert_loop(b, "x", "weights", table, experts, n_iter, gate_up, down, spec)  # [A, C]
-    y = b.op("Reshape", [y, b.const([-1, moe.num_experts_per_tok, c])])  # [N, k, C]
-    b.nodes.append(helper.make_node("ReduceSum", [y, b.const([1])], ["y"], keepdims=0))  # [N, C]
-    return _function("MoEExperts", ["x", "ids", "weights", "gate_up", "gate_up_scale", "down", "down_scale"], ["y"],
-                     b, "Routed experts on stacked FP8/INT4 weights (plugins/README.md)")
 
 
 FUNCTIONS = {
@@ -231,7 +218,8 @@ FUNCTIONS = {
 }
 
 
-MODEL_FUNCTIONS = {"MoEExperts": moe_experts_function}  # bodies made per model: the exporter adds them
+# ops whose bodies are made per model (export/moe.py `moe_experts_function`): the exporter adds them
+MODEL_FUNCTIONS = ("MoEExperts",)
 
 
 def inlined_for_tensorrt(onnx_path) -> bytes | None:

@@ -36,19 +36,23 @@ class OrtSession:
     """
 
     def __init__(self, path: Path, contract, *, providers=("CPUExecutionProvider",), io_binding: bool = True,
-                 resident=(), threads: int = 0, graph_capture: bool = False, int4_accuracy_level: int = 1):
+                 resident=(), threads: int = 0, graph_capture: bool = False, int4_accuracy_level: int = 1,
+                 mapped: bool = False, cache_dir: Path | None = None):
         import onnxruntime as ort
 
         self.ort = ort
         opts = ort.SessionOptions()
         opts.log_severity_level = 3
         int4_accuracy(opts, int4_accuracy_level)
+        if mapped and list(providers) == ["CPUExecutionProvider"]:
+            weights_mapped(opts)
         if threads:
             opts.intra_op_num_threads = threads
         self.graph_capture, self.graph_capture_error, self._graph_ids = False, None, 0
         self.kv_in_place = False  # set by open_ort for decoder.ort.onnx
+        self.cache_hit = None  # with a cache_dir: whether the optimized model came from the cache
         try:
-            self.sess = self._create(path, opts, providers, graph_capture)
+            self.sess = self._create_cached(Path(path), opts, providers, graph_capture, cache_dir)
         except Exception as e:  # onnxruntime raises its own exception types for unreadable models
             msg = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
             if "NOT_IMPLEMENTED" in msg and list(providers) == ["CPUExecutionProvider"]:
@@ -77,6 +81,28 @@ class OrtSession:
         from .ort_io import OrtBoundIO
 
         return OrtBoundIO(model, batch, cache_len)
+
+    def _create_cached(self, path: Path, opts, providers, graph_capture: bool, cache_dir: Path | None):
+        """`_create`, through the optimized-model cache of runtime/backends/ort_cache.py when `cache_dir` is set:
+        a hit loads the cached optimized model; a miss optimizes the graph and writes the entry as it loads."""
+        if cache_dir is None:
+            return self._create(path, opts, providers, graph_capture)
+        from . import ort_cache
+
+        config = session_config(opts)
+        load, tmp = ort_cache.cached_model(cache_dir, path, providers, config, self.ort.__version__)
+        if tmp is not None:
+            ort_cache.save_options(opts, tmp, self.ort)
+        try:
+            sess = self._create(load, opts, providers, graph_capture)
+        except Exception:
+            if tmp is not None:
+                ort_cache.discard(tmp)
+            raise
+        if tmp is not None:
+            ort_cache.commit(tmp, cache_dir, path, providers, config, self.ort.__version__)
+        self.cache_hit = tmp is None
+        return sess
 
     def _create(self, path, opts, providers, graph_capture: bool):
         cuda = "CUDAExecutionProvider" in providers
@@ -195,6 +221,34 @@ def exact_int4_matmul(opts) -> None:
     int4_accuracy(opts, 1)
 
 
+def weights_mapped(opts) -> None:
+    """Run on the weights as ONNX Runtime memory-maps them from the `.onnx.data` file: no prepacking. ONNX Runtime
+    maps external initializers and, by default, then copies each MatMul / Gemm weight into MLAS's packed layout
+    (all weights read and copied at start-up, a second copy's worth of anonymous memory at its peak). Without
+    prepacking a session opens on untouched pages (the 2.86 GB decoder of docs/benchmarks.md: 0.3 s against 17.6 s,
+    busy machine), the weights stay in the page cache (shared between processes, never copied) and the steps read
+    them in place; whether decode is as fast as on the packed layout is what bench/bench_cpu_peers.py's
+    `ours-fp32` vs `ours-fp32-prepack` measures. Only for dense graphs on the CPU provider: MatMulNBits (INT4)
+    is ~10x slower without its prepacked blocks (loader.open_sessions decides)."""
+    opts.add_session_config_entry("session.disable_prepacking", "1")
+
+
+_CACHE_KEYS = ("session.qdq_matmulnbits_accuracy_level", "session.disable_prepacking")
+
+
+def session_config(opts) -> dict:
+    """The session config entries that change what ONNX Runtime's optimizer writes (the cache key's part)."""
+    out = {}
+    for key in _CACHE_KEYS:
+        try:
+            value = opts.get_session_config_entry(key)
+        except Exception:  # onnxruntime raises when the entry is not set
+            continue
+        if value:
+            out[key] = value
+    return out
+
+
 def cuda_provider_options(graph_capture: bool) -> dict:
     """CUDA EP options (onnxruntime-gpu): the arena grows by what is asked (the default power-of-two growth can
     almost double the memory of multi-GB weights), cuDNN picks conv algorithms by heuristics (no exhaustive
@@ -235,17 +289,22 @@ def ort_providers() -> tuple[str, ...]:
 
 
 def open_ort(paths: dict, contracts: dict, *, io_binding: bool = True, threads: int = 0,
-             cuda_graph: bool = True, kv_in_place: bool = False, int4_accuracy_level: int = 1) -> dict:
+             cuda_graph: bool = True, kv_in_place: bool = False, int4_accuracy_level: int = 1, mapped=(),
+             cache_dir: Path | None = None) -> dict:
     """The three ORT sessions; with `cuda_graph` the decoder captures its decode step (CUDA EP only);
     `int4_accuracy_level`: MatMulNBits accuracy level of ONNX Runtime's INT4 fusion (`int4_accuracy`).
     `kv_in_place`: the decoder writes its cache into the past buffers when present is bound to them
-    (decoder.ort.onnx's GroupQueryAttention), so one KV set is enough (runtime/backends/ort_io.py)."""
+    (decoder.ort.onnx's GroupQueryAttention), so one KV set is enough (runtime/backends/ort_io.py).
+    `mapped`: the graphs (dense weights) that run on memory-mapped weights on the CPU provider (`weights_mapped`);
+    `cache_dir`: ONNX Runtime's optimized models cached there (runtime/backends/ort_cache.py)."""
     providers = ort_providers()
     sessions = {name: OrtSession(paths[name], contracts[name], providers=providers, io_binding=io_binding,
                                  resident=_cache_outputs(contracts[name]), threads=threads,
                                  graph_capture=cuda_graph and name == "decoder",
-                                 int4_accuracy_level=int4_accuracy_level) for name in paths}
-    sessions["decoder"].kv_in_place = kv_in_place
+                                 int4_accuracy_level=int4_accuracy_level, mapped=name in mapped,
+                                 cache_dir=cache_dir) for name in paths}
+    if "decoder" in sessions:
+        sessions["decoder"].kv_in_place = kv_in_place
     return sessions
 
 

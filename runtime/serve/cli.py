@@ -23,6 +23,7 @@ class RunConfig:
     ort_graphs: str = "fused"
     device: str = "auto"
     int4_activations: str | None = None  # None: manifest.json's (model/weight_formats.py)
+    ort_cache: str | None = None
 
     @classmethod
     def from_args(cls, args: argparse.Namespace) -> "RunConfig":
@@ -36,7 +37,7 @@ class RunConfig:
         except FieldError as e:  # the rule is the request's; the name is the flag's
             raise UserError(f"--{e.field.replace('_', '-')} {e.value}: must be {e.need}") from None
         return cls(args.model_dir, requests, args.backend, args.json, args.ort_graphs, args.device,
-                   args.int4_activations)
+                   args.int4_activations, getattr(args, "ort_cache", None))
 
 
 def parser() -> argparse.ArgumentParser:
@@ -68,6 +69,9 @@ def parser() -> argparse.ArgumentParser:
                     help="ONNX Runtime, INT4 weights: fp32 = MatMulNBits accuracy level 1 (the exact product), int8 = "
                          "level 4 (activations rounded to int8: faster on CPUs, lossy); default: what the export "
                          "recorded in manifest.json (--int4-activations of export_all.sh)")
+    ap.add_argument("--ort-cache", metavar="DIR",
+                    help="ONNX Runtime backend: keep ONNX Runtime's optimized graphs in DIR and load them from there "
+                         "on later starts (keyed on the graph files, ONNX Runtime's version, providers and options)")
     ap.add_argument("--json", action="store_true", help="print one JSON object instead of streaming text")
     return ap
 
@@ -83,7 +87,7 @@ def run(cfg: RunConfig, out=sys.stdout, err=sys.stderr) -> list:
     if cfg.device == "cuda" and cfg.backend == "onnxruntime":
         require_cuda_provider()  # seconds, before loading the graphs
     model = load_model(cfg.model_dir, cfg.backend, ort_fused=cfg.ort_graphs == "fused",
-                       int4_activations=cfg.int4_activations)
+                       int4_activations=cfg.int4_activations, ort_cache=cfg.ort_cache)
     if cfg.device == "cuda":
         require_on_gpu(model.sessions)
     pre = Preprocessor(model.manifest)
