@@ -1,5 +1,5 @@
 """`qwen-vl-export CHECKPOINT OUT_DIR [--dtype bf16|fp16|fp32] [--graphs vision,embed,decoder] [--weights FORMATS]
-[--int4-block-size 16|32|64|128] [--int4-activations fp32|int8] [--tp 1|2|4|8]`.
+[--int4-block-size 16|32|64|128] [--int4-activations fp32|int8] [--tp 1|2|4|8] [--budget-layers N]`.
 
 Writes OUT_DIR/{vision,embed,decoder}.onnx with their weights in `<graph>.onnx.data` (external data,
 streamed one tensor at a time), and vision.ort.onnx / decoder.ort.onnx: the same graphs for ONNX Runtime with
@@ -7,7 +7,8 @@ its fused contrib ops, reading the same .onnx.data files (export/ort_fused.py). 
 group of decoder weights (model/weight_formats.py: `dense`, `fp8`, `int4` or `GROUP=FORMAT,...`). With `--tp N` > 1
 the decoder is written as N rank graphs `decoder.rank{r}.onnx` (+ .onnx.data; export/tp.py) instead of
 decoder.onnx, without a fused flavour (ONNX Runtime runs the rank graphs themselves: runtime/backends/tp.py); dense
-weights only so far. A bad checkpoint or flag value ends with one line on stderr and exit code 2.
+weights only so far. The decoder's weight bytes per group and per layer are logged at the end of its export
+(export/weight_report.py; `--budget-layers N`: also extrapolated to N layers). A bad checkpoint or flag value ends with one line on stderr and exit code 2.
 """
 from __future__ import annotations
 
@@ -39,6 +40,8 @@ def export_graphs(ckpt_dir, out_dir, dtype: str = "bfloat16", graphs=("vision", 
     from .weight_report import report_lines, weight_bytes
 
     dtype = DTYPE_ALIASES[dtype]
+    if budget_layers is not None and budget_layers < 1:
+        raise UserError(f"--budget-layers {budget_layers}: use a number of layers >= 1")
     spec = ModelSpec.from_checkpoint(ckpt_dir)
     check(spec, tp)
     if tp > 1 and not formats.is_dense:
