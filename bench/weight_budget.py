@@ -54,7 +54,8 @@ def group_bytes(cfg: dict, formats, dtype_bytes: int = 2) -> dict[str, int]:
     text = cfg.get("text_config", cfg)
     tied = text.get("tie_word_embeddings", cfg.get("tie_word_embeddings", False))
     if tied:
-        shapes["lm_head.weight"] = next(s for k, s in shapes.items() if k.endswith("language_model.embed_tokens.weight"))
+        shapes["lm_head.weight"] = next(s for k, s in shapes.items()
+                                        if k.endswith("language_model.embed_tokens.weight"))
     out: dict[str, int] = {}
     for key, shape in shapes.items():
         if "language_model." not in key and not key.startswith("lm_head."):

@@ -8,7 +8,8 @@ group of decoder weights (model/weight_formats.py: `dense`, `fp8`, `int4` or `GR
 the decoder is written as N rank graphs `decoder.rank{r}.onnx` (+ .onnx.data; export/tp.py) instead of
 decoder.onnx, without a fused flavour (ONNX Runtime runs the rank graphs themselves: runtime/backends/tp.py); dense
 weights only so far. The decoder's weight bytes per group and per layer are logged at the end of its export
-(export/weight_report.py; `--budget-layers N`: also extrapolated to N layers). A bad checkpoint or flag value ends with one line on stderr and exit code 2.
+(export/weight_report.py; `--budget-layers N`: also extrapolated to N layers). A bad checkpoint or flag value
+ends with one line on stderr and exit code 2.
 """
 from __future__ import annotations
 

@@ -61,6 +61,7 @@ def report_lines(counts: dict, at_layers: int | None = None) -> list[str]:
         mean = sum(per) / len(per)
         n = at_layers or len(per)
         lines.append(f"decoder weights per layer: {min(per) / 1e9:.3f} / {mean / 1e9:.3f} / {max(per) / 1e9:.3f} GB "
-                     f"(min / mean / max over {len(per)} layers), outside the layers {counts['outside_layers'] / 1e9:.3f} GB")
+                     f"(min / mean / max over {len(per)} layers), outside the layers "
+                     f"{counts['outside_layers'] / 1e9:.3f} GB")
         lines.append(f"decoder weights at {n} layers: {(counts['outside_layers'] + n * mean) / 1e9:.2f} GB")
     return lines

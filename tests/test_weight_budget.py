@@ -5,8 +5,9 @@ shapes (transformers on the meta device) by the bytes per element of each format
 
 Checkpoints: the tiny Qwen3-VL-MoE of export/demo_checkpoint.py (moe_intermediate_size 48), once shaped like
 Qwen3-VL-235B-A22B (untied, every layer MoE, 3 layers, the fewest its 3 DeepStack taps allow: a depth-cut release
-with narrow widths) and once as the demo's mix of a dense-MLP layer (intermediate 37: not a multiple of the INT4 block, so it stays dense) and MoE
-layers. fp32 graphs: dense and scale elements are 4 bytes.
+with narrow widths) and once as the demo's mix of a dense-MLP layer (intermediate 37: not a multiple of the INT4
+block, so it stays dense) and MoE layers, untied and tied (the decoder reads the embedding table as lm_head). fp32
+graphs: dense and scale elements are 4 bytes.
 """
 from __future__ import annotations
 
@@ -80,3 +81,13 @@ def test_dense_mlp_layer_mixes_bytes_equal_the_formula(mix, moe_mixed, tmp_path)
     expected = group_bytes(_config(moe_mixed), formats, FP32)
     assert "mlp" in expected and "experts" in expected
     assert counts["groups"] == expected
+
+
+@pytest.mark.parametrize("mix", ["dense", "lm_head=int4", "lm_head=fp8"])
+def test_tied_lm_head_counts_the_embedding_table_as_lm_head(mix, tmp_path_factory, tmp_path):
+    ckpt = make_checkpoint(tmp_path_factory.mktemp("moe_tied"), "qwen3_vl_moe", tie_word_embeddings=True, seed=5)
+    formats = WeightFormats.parse(mix, int4_block=16)
+    counts, _ = _export(ckpt, tmp_path, formats)
+    expected = group_bytes(_config(ckpt), formats, FP32)
+    assert counts["groups"] == expected
+    assert expected["lm_head"] > 0.8 * counts["total"]  # the 151936 x 64 table dominates the decoder (89 % in int4)
