@@ -74,8 +74,8 @@ def chats(media, extra):  # noqa: F811
 
 
 @pytest.fixture(scope="module")
-def hf_tokens(media, extra_images, hf_qwen3_vl, processor):  # noqa: F811
-    """name -> HF's N_NEW greedy tokens for that request alone."""
+def hf_inputs(media, extra_images, processor):  # noqa: F811
+    """name -> HF processor outputs (torch tensors) of that request."""
     from transformers.video_utils import VideoMetadata
 
     out = {}
@@ -86,8 +86,14 @@ def hf_tokens(media, extra_images, hf_qwen3_vl, processor):  # noqa: F811
             frames = media["frames"]
             kwargs.update(videos=[frames], video_metadata=[VideoMetadata(total_num_frames=len(frames), fps=VIDEO_FPS)],
                           cap_pixels_per_frame=False)
-        out[name] = hf_greedy_new_tokens(hf_qwen3_vl, processor(text=[text], return_tensors="pt", **kwargs), N_NEW)
+        out[name] = processor(text=[text], return_tensors="pt", **kwargs)
     return out
+
+
+@pytest.fixture(scope="module")
+def hf_tokens(hf_inputs, hf_qwen3_vl):
+    """name -> HF's N_NEW greedy tokens for that request alone."""
+    return {name: hf_greedy_new_tokens(hf_qwen3_vl, inputs, N_NEW) for name, inputs in hf_inputs.items()}
 
 
 @pytest.fixture(scope="module", params=list(FLAVOURS))
@@ -225,15 +231,33 @@ def test_eviction_under_a_small_budget(model, prepared, hf_tokens):
     assert request.token_ids == hf_tokens["img_t2"]
 
 
-def test_chunked_prefill_after_a_cached_system_prompt(model, prepared, hf_tokens):
+def test_chunked_prefill_after_a_cached_system_prompt(model, prepared, hf_tokens, hf_inputs, hf_qwen3_vl,
+                                                      monkeypatch):
     """sys_text leaves the system prompt's rows; sys_img reuses them and writes the rest -- the image, DeepStack
     rows included -- from that offset in calls of at most PREFILL_BUDGET tokens (one token per call on
-    decoder.ort.onnx, one call with ping-pong sets): tokens == HF alone."""
+    decoder.ort.onnx, one call with ping-pong sets): tokens == HF alone, and the first token's logits == HF's
+    within FP32_ATOL (tests/tolerances.py; tokens alone miss a DeepStack row shifted by one: that was tried)."""
+    import torch
+
+    from qwen_vl_trt.runtime import scheduler
+    from tolerances import FP32_ATOL
+
     engine = engine_for(model)
     first = seq(prepared, "sys_text")
     run_alone(engine, first)
+    logits = []
+
+    class Recording(scheduler.Sampler):
+        def sample(self, rows):
+            logits.append(np.array(rows[0], np.float32))
+            return super().sample(rows)
+
+    monkeypatch.setattr(scheduler, "Sampler", Recording)
     request = seq(prepared, "sys_img")
     used = run_alone(engine, request)
+    with torch.no_grad():
+        want = hf_qwen3_vl(**hf_inputs["sys_img"]).logits[0, -1].float().numpy()
+    np.testing.assert_allclose(logits[0], want, rtol=0, atol=FP32_ATOL)
     a, b = prepared["sys_text"].input_ids, prepared["sys_img"].input_ids
     shared = int(np.flatnonzero(a[:len(b)] != b[:len(a)])[0])  # tokens up to "<|im_start|>user\n"
     assert used["prefix_cache_hits"] == shared and shared < first_pad(prepared["sys_img"], model)
