@@ -403,3 +403,25 @@ def test_startup_errors_are_one_line_exit_2(artifacts, tmp_path):  # noqa: F811
     r = run_server("--model-dir", artifacts, "--max-batch", 3)
     assert r.returncode == 2 and r.stderr.splitlines() == [
         "error: --max-batch 3: must be in [1, 2] (the artifacts' max batch); re-export with a larger --max-batch"]
+
+
+def test_cache_flags(server, artifacts, media):  # noqa: F811
+    """The in-flight engine reuses by default; --no-prefix-cache / --encoder-cache-mb 0 turn each cache off; a
+    negative size is one error line, exit 2. The worker's cache_stats() is the counters the metrics read."""
+    from qwen_vl_trt.runtime.scheduler import DEFAULT_ENCODER_CACHE_MB, DEFAULT_PREFIX_CACHE_MB
+    from qwen_vl_trt.runtime.serve.server import make_server, parser
+
+    engine = server.scheduler.engine
+    assert engine.prefix_cache.budget == DEFAULT_PREFIX_CACHE_MB << 20
+    assert engine.encoder_cache.budget == DEFAULT_ENCODER_CACHE_MB << 20
+    assert set(server.scheduler.cache_stats()) >= {"prefix_cache_queries", "prefix_cache_hits",
+                                                   "encoder_cache_hits", "encoder_cache_misses"}
+    off = make_server(parser().parse_args(["--model-dir", str(artifacts), "--port", "0", "--backend", "onnxruntime",
+                                           "--no-prefix-cache", "--encoder-cache-mb", "0"]))
+    try:
+        assert off.scheduler.engine.prefix_cache is None and off.scheduler.engine.encoder_cache is None
+    finally:
+        off.server_close()
+    r = run_server("--model-dir", artifacts, "--prefix-cache-mb", "-1")
+    assert r.returncode == 2 and r.stderr.splitlines() == [
+        "error: --prefix-cache-mb -1.0: must be >= 0 (0 turns the cache off)"]

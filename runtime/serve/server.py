@@ -28,7 +28,7 @@ from pathlib import Path
 
 from qwen_vl_trt.model.errors import ImageError, PromptTooLong, UserError, VideoError
 
-from . import http_guard, local_media
+from . import cache_flags, http_guard, local_media
 from . import openai_protocol as api
 from .http_guard import ServerLimits
 from .openai_protocol import MediaPolicy, ProtocolError
@@ -50,9 +50,10 @@ class OpenAIServer(ThreadingHTTPServer):
         self.deadlines = http_guard.ReadDeadlines(limits.read_timeout)
         super().__init__(address, Handler)
 
-    def attach(self, model, name: str, max_batch: int, batching: str = "inflight") -> None:
+    def attach(self, model, name: str, max_batch: int, batching: str = "inflight", caches: dict | None = None) -> None:
         """`batching`: "inflight" (runtime/serve/engine_worker.py: requests join the running batch at every step) or
-        "static" (runtime/serve/serving.py Scheduler: each batch of `generate` runs to its end)."""
+        "static" (runtime/serve/serving.py Scheduler: each batch of `generate` runs to its end). `caches`: the
+        in-flight engine's cache sizes (runtime/serve/cache_flags.py; default: on, default sizes)."""
         from ..pipeline import Preprocessor
 
         self.model, self.name, self.created = model, name, int(time.time())
@@ -64,7 +65,7 @@ class OpenAIServer(ThreadingHTTPServer):
         else:
             from .engine_worker import EngineWorker
 
-            self.scheduler = EngineWorker(model, self.pre.tokenizer, max_batch)
+            self.scheduler = EngineWorker(model, self.pre.tokenizer, max_batch, **(caches or {}))
 
     def server_close(self) -> None:
         super().server_close()
@@ -312,6 +313,7 @@ def parser() -> argparse.ArgumentParser:
                          "static: each batch runs to its end while new requests wait (the old behaviour)")
     ap.add_argument("--served-model-name", help="model id in /v1/models and requests (default: the artifacts "
                                                 "directory's name)")
+    cache_flags.add_arguments(ap)
     default = ServerLimits()
     ap.add_argument("--allowed-local-media-path", metavar="DIR",
                     help="let requests name file:// images and videos inside DIR (default: none; data URLs only)")
@@ -361,6 +363,7 @@ def make_server(args: argparse.Namespace) -> OpenAIServer:
         raise UserError(f"--max-batch {max_batch}: must be in [1, {limit}] (the artifacts' max batch); re-export "
                         "with a larger --max-batch")
     limits, media = limits_from_args(args, max_batch)
+    caches = cache_flags.sizes(args)
     try:  # the port first: a port in use is known before minutes of model loading
         server = OpenAIServer((args.host, args.port), limits, media)
     except OSError as e:
@@ -368,7 +371,7 @@ def make_server(args: argparse.Namespace) -> OpenAIServer:
     try:
         model = load_model(args.model_dir, args.backend, ort_fused=args.ort_graphs == "fused")
         server.attach(model, args.served_model_name or Path(args.model_dir).resolve().name, max_batch,
-                      getattr(args, "batching", "inflight"))  # a Namespace built by hand may lack it
+                      getattr(args, "batching", "inflight"), caches)  # a Namespace built by hand may lack it
     except BaseException:
         server.server_close()
         raise
