@@ -18,8 +18,9 @@ thread-safe; `step()` runs one scheduling step on the calling thread:
 Reuse across requests (on by default; `prefix_cache_mb` / `encoder_cache_mb` 0 turn each off): at admission the
 vision rows of media seen before come from the encoder cache (runtime/encoder_cache.py) and only new items go
 through vision.onnx; the prompt's longest cached prefix (runtime/prefix_cache.py: keys are token ids, media
-content digests and MRoPE positions; never a part of an image) is copied into the slot just before its first
-prompt call (runtime/backends/slots.py `write_rows`), and the prompt is written from there, `inputs_embeds`,
+content digests and MRoPE positions; never a part of an image) is looked up and copied into the slot just before
+its first prompt call (runtime/backends/slots.py `write_rows`; so the prompts of requests admitted with it and
+written before it count), and the prompt is written from there, `inputs_embeds`,
 `deepstack_embeds` and `position_ids` all sliced at the same offsets. A slot's rows go into the prefix cache when
 its prompt is written and again when it ends (prompt + generated rows: the next turn of a chat starts with them).
 `cache_stats()` gives the counters (a plain dict the server's metrics read).
@@ -98,7 +99,7 @@ class _Slot:
     written: int = 0  # rows of this sequence in the cache (prompt rows, then one per decode step)
     next_token: int | None = None  # sampled, not yet fed: the slot joins the next decode step
     keys: np.ndarray | None = None  # prefix-cache keys of the prompt [S, KEY_COLS] (None: no prefix cache)
-    reuse: dict | None = None  # cached rows [Hkv, written, D] per past_* name, copied in before the first call
+    cuts: np.ndarray | None = None  # bool [S + 1]: where a reused prefix may end (runtime/prefix_cache.py)
 
 
 class Engine:
@@ -194,9 +195,8 @@ class Engine:
         slot = _Slot(request, sampler, feeds, self.admitted)
         if self.prefix_cache is not None:
             spec = self.model.spec
-            slot.keys, cuts = prompt_keys(prep, spec.image_token_id, spec.video_token_id,
-                                          spec.vision.spatial_merge_size)
-            slot.written, slot.reuse = self.prefix_cache.lookup(slot.keys, cuts)
+            slot.keys, slot.cuts = prompt_keys(prep, spec.image_token_id, spec.video_token_id,
+                                               spec.vision.spatial_merge_size)
         return slot
 
     def _prefill(self) -> None:
@@ -208,9 +208,11 @@ class Engine:
                 break
             slot = self.slots[b]
             prep = slot.request.prepared
-            if slot.reuse is not None:  # the cached prefix goes in just before the prompt's first call
-                write_rows(self.io, b, slot.reuse)
-                slot.reuse = None
+            if slot.cuts is not None:  # looked up just before the first call: prompts written since count too
+                slot.written, rows = self.prefix_cache.lookup(slot.keys, slot.cuts)
+                slot.cuts = None
+                if rows is not None:
+                    write_rows(self.io, b, rows)
             while budget > 0 and slot.written < prep.num_tokens:
                 n = self._chunk(slot.written, prep.num_tokens - slot.written, budget)
                 start, end = slot.written, slot.written + n
