@@ -15,7 +15,8 @@ thread-safe; `step()` runs one scheduling step on the calling thread:
    (export/decoder.py: rows beyond past_lengths are never attended);
 4. retire finished slots (EOS, max_new_tokens, `on_token` says stop, e.g. a stop string).
 
-Reuse across requests (on by default; `prefix_cache_mb` / `encoder_cache_mb` 0 turn each off): at admission the
+Reuse across requests (on by default; `prefix_cache_mb` / `encoder_cache_mb` 0 turn each off; no prefix cache with
+decoder.ort.onnx, which cannot continue a slot's rows with S > 1: runtime/backends/slots.py): at admission the
 vision rows of media seen before come from the encoder cache (runtime/encoder_cache.py) and only new items go
 through vision.onnx; the prompt's longest cached prefix (runtime/prefix_cache.py: keys are token ids, media
 content digests and MRoPE positions; never a part of an image) is looked up and copied into the slot just before
@@ -116,7 +117,9 @@ class Engine:
         self.io.greedy = None  # set per decode step (see _decode)
         self.chunked = chunks_allowed(self.io)
         self.continuation = continuation(self.io)
-        self.prefix_cache = PrefixCache(int(prefix_cache_mb * (1 << 20))) if prefix_cache_mb > 0 else None
+        # no prefix cache where a prompt cannot continue a slot's rows (decoder.ort.onnx: runtime/backends/slots.py)
+        reuse = prefix_cache_mb > 0 and self.continuation is not None
+        self.prefix_cache = PrefixCache(int(prefix_cache_mb * (1 << 20))) if reuse else None
         self.encoder_cache = EncoderCache(int(encoder_cache_mb * (1 << 20))) if encoder_cache_mb > 0 else None
         self.pad, self.eos = model.manifest.pad_token_id, frozenset(model.manifest.eos_token_ids)
         self.vocab = model.spec.text.vocab_size
@@ -214,7 +217,7 @@ class Engine:
                 if rows is not None:
                     write_rows(self.io, b, rows)
             while budget > 0 and slot.written < prep.num_tokens:
-                n = self._chunk(slot.written, prep.num_tokens - slot.written, budget)
+                n = self._chunk(prep.num_tokens - slot.written, budget)
                 start, end = slot.written, slot.written + n
                 # one offset for all three: DeepStack rows stay aligned with inputs_embeds (docs/graphs.md)
                 feeds = {k: np.ascontiguousarray(v[..., start:end, :]) for k, v in slot.feeds.items()}
@@ -227,15 +230,11 @@ class Engine:
                 self._remember(b, slot.keys)
                 self._emit(b, int(slot.sampler.sample(logits[None])[0]))
 
-    def _chunk(self, written: int, left: int, budget: int) -> int:
+    def _chunk(self, left: int, budget: int) -> int:
         """Prompt tokens of the next call: a chunk within the budget where the decoder continues a cache with
-        S > 1; else the whole prompt from an empty slot, the whole rest after a reused prefix with ping-pong
-        sets, one token after it with decoder.ort.onnx (runtime/backends/slots.py `continuation`)."""
-        if self.chunked:
-            return min(left, budget)
-        if written == 0 or self.continuation == "one_call":
-            return left
-        return 1
+        S > 1; else all of them (the whole prompt from an empty slot, or the whole rest after a reused prefix
+        with ping-pong sets: runtime/backends/slots.py `continuation`)."""
+        return min(left, budget) if self.chunked else left
 
     def _remember(self, b: int, keys: np.ndarray | None) -> None:
         """Put rows [0, len(keys)) of slot b into the prefix cache (unless it holds them already)."""

@@ -8,10 +8,11 @@ carry fixed assistant answers, as a chat client resends them). Token ids are com
 tests/test_scheduler.py (fp32, far-apart top logits). The hit counters are checked against values derived by hand
 from the prompts' token ids (where the first pad token is, how long the shared turn is).
 
-The three graph flavours of tests/test_scheduler.py: decoder.ort.onnx (a prompt continues a reused prefix one
-token per call), decoder.onnx with ping-pong KV sets (the rest in one call, read from the other set) and
-decoder.onnx with numpy I/O (chunks of PREFILL_BUDGET tokens: chunked prefill after a cached prefix, DeepStack
-rows sliced at the chunk's offsets).
+Graph flavours of tests/test_scheduler.py: the prefix cache runs with decoder.onnx with ping-pong KV sets (the rest
+of a prompt in one call, read from the other set) and with numpy I/O (chunks of PREFILL_BUDGET tokens: chunked
+prefill after a cached prefix, DeepStack rows sliced at the chunk's offsets). decoder.ort.onnx cannot continue a
+slot's rows with S > 1 (runtime/backends/slots.py), so the engine keeps no prefix cache there; its encoder cache
+and the random-arrival case run on all three.
 """
 from __future__ import annotations
 
@@ -96,7 +97,17 @@ def hf_tokens(hf_inputs, hf_qwen3_vl):
     return {name: hf_greedy_new_tokens(hf_qwen3_vl, inputs, N_NEW) for name, inputs in hf_inputs.items()}
 
 
+PREFIX_FLAVOURS = [name for name in FLAVOURS if name != "fused"]  # where a prompt continues a slot's rows
+
+
 @pytest.fixture(scope="module", params=list(FLAVOURS))
+def any_model(request, artifacts):  # noqa: F811
+    from qwen_vl_trt.runtime.generate import load_model
+
+    return load_model(artifacts, "onnxruntime", **FLAVOURS[request.param])
+
+
+@pytest.fixture(scope="module", params=PREFIX_FLAVOURS)
 def model(request, artifacts):  # noqa: F811
     from qwen_vl_trt.runtime.generate import load_model
 
@@ -104,12 +115,13 @@ def model(request, artifacts):  # noqa: F811
 
 
 @pytest.fixture(scope="module")
-def prepared(model, media, extra_images):  # noqa: F811
+def prepared(artifacts, media, extra_images):  # noqa: F811
+    from qwen_vl_trt.model.manifest import load_manifest
     from qwen_vl_trt.runtime.pipeline import Preprocessor
     from qwen_vl_trt.runtime.prompt import Conversation
     from qwen_vl_trt.runtime.request import Request
 
-    pre = Preprocessor(model.manifest)
+    pre = Preprocessor(load_manifest(artifacts))
     return {name: pre.prepare(Request(Conversation(tuple(messages)), images, str(media["frames_dir"]) if video
                                       else None))
             for name, (messages, images, video) in chats(media, extra_images).items()}
@@ -142,20 +154,42 @@ def first_pad(prep, model) -> int:
 
 
 @pytest.mark.parametrize("order_seed", [0, 1, 2])
-def test_random_arrivals_with_caches_match_hf_alone(model, prepared, hf_tokens, order_seed):
+def test_random_arrivals_with_caches_match_hf_alone(any_model, prepared, hf_tokens, order_seed):
     """Every case at random steps in random order through one engine (2 slots, caches on): each request's tokens
-    == HF's for it alone, and the caches were used."""
+    == HF's for it alone, and the caches were used (no prefix cache with decoder.ort.onnx)."""
     from test_scheduler import drive
 
     rng = np.random.default_rng(order_seed)
     names = list(rng.permutation(list(hf_tokens)))
     reqs = {name: seq(prepared, name) for name in names}
-    engine = engine_for(model)
+    engine = engine_for(any_model)
     drive(engine, list(zip(np.sort(rng.integers(0, 60, len(names))), (reqs[n] for n in names))))
     for name in names:
         assert reqs[name].token_ids == hf_tokens[name], name
     stats = engine.cache_stats()
-    assert stats["prefix_cache_hits"] > 0 and stats["encoder_cache_hits"] > 0
+    assert stats["encoder_cache_hits"] > 0
+    assert (stats["prefix_cache_hits"] > 0) == (engine.continuation is not None)
+
+
+def test_no_prefix_cache_with_decoder_ort_onnx(prepared, hf_tokens, artifacts):  # noqa: F811
+    """decoder.ort.onnx cannot continue a slot's rows with S > 1 (GroupQueryAttention's total_sequence_length is
+    S for S > 1: runtime/backends/slots.py): the engine keeps no prefix cache there, a chat's second turn is
+    prefilled whole and == HF; the encoder cache still spares the vision encoder."""
+    from qwen_vl_trt.runtime.backends.slots import prefill_slot
+    from qwen_vl_trt.runtime.generate import load_model
+
+    model = load_model(artifacts, "onnxruntime", **FLAVOURS["fused"])
+    engine = engine_for(model)
+    assert engine.continuation is None and engine.prefix_cache is None
+    run_alone(engine, seq(prepared, "img_t1"))
+    request = seq(prepared, "img_t2")
+    used = run_alone(engine, request)
+    assert request.token_ids == hf_tokens["img_t2"]
+    assert used["prefix_cache_hits"] == 0 and used["encoder_cache_hits"] == 1
+    c = model.spec.text.hidden_size
+    feeds = {"inputs_embeds": np.zeros((1, 2, c), np.float32), "position_ids": np.zeros((3, 1, 2), np.int64)}
+    with pytest.raises(ValueError, match="one call from an empty slot"):
+        prefill_slot(engine.io, 0, feeds, past=5)
 
 
 @pytest.mark.parametrize("chat", [("img_t1", "img_t2", "img_t3"), ("two_t1", "two_t2"), ("vid_t1", "vid_t2")])
@@ -234,8 +268,8 @@ def test_eviction_under_a_small_budget(model, prepared, hf_tokens):
 def test_chunked_prefill_after_a_cached_system_prompt(model, prepared, hf_tokens, hf_inputs, hf_qwen3_vl,
                                                       monkeypatch):
     """sys_text leaves the system prompt's rows; sys_img reuses them and writes the rest -- the image, DeepStack
-    rows included -- from that offset in calls of at most PREFILL_BUDGET tokens (one token per call on
-    decoder.ort.onnx, one call with ping-pong sets): tokens == HF alone, and the first token's logits == HF's
+    rows included -- from that offset in calls of at most PREFILL_BUDGET tokens (one call with ping-pong sets):
+    tokens == HF alone, and the first token's logits == HF's
     within FP32_ATOL (tests/tolerances.py; tokens alone miss a DeepStack row shifted by one: that was tried)."""
     import torch
 

@@ -29,7 +29,7 @@ A reused prefix (runtime/prefix_cache.py) is rows [0, n) copied into the slot be
 |---|---|---|
 | "chunks" | `chunks_allowed` | any number of tokens per call |
 | "one_call" | ping-pong KV sets | one call: it reads the slot's rows from the other set (where `write_rows` put them) and writes the whole slot, prefix included, into the current set |
-| "one_token" | decoder.ort.onnx | one token per call: its GroupQueryAttention gets the right total length (cache_len) only for S = 1, so each call is a one-sequence decode step |
+| None | decoder.ort.onnx | cannot: its GroupQueryAttention gets the right total length only for S = 1 or an empty cache. One token per call would be right but was measured slower than no reuse (docs/benchmarks.md), so the engine keeps no prefix cache there |
 """
 from __future__ import annotations
 
@@ -55,11 +55,11 @@ def chunks_allowed(io) -> bool:
     return isinstance(io, HostIO) or len(io.cache.sets) == 1
 
 
-def continuation(io) -> str:
-    """"chunks", "one_call" or "one_token": how a prompt continues rows already in its slot (module table)."""
+def continuation(io) -> str | None:
+    """"chunks", "one_call" or None: how a prompt continues rows already in its slot (module table)."""
     if chunks_allowed(io):
         return "chunks"
-    return "one_token" if len(io.cache.sets) == 1 else "one_call"
+    return None if len(io.cache.sets) == 1 else "one_call"
 
 
 def prefill_slot(io, slot: int, feeds: dict, past: int, last: bool = True) -> np.ndarray | None:
@@ -69,8 +69,8 @@ def prefill_slot(io, slot: int, feeds: dict, past: int, last: bool = True) -> np
     `feeds`: `inputs_embeds` [1, S, C], `deepstack_embeds` [Ld, 1, S, C] (Qwen3-VL), `position_ids` int64
     [3, 1, S] (host arrays); `past`: rows of this sequence already in the slot (0 for the first chunk; with
     "one_call" continuation, the rows `write_rows` put in the other set)."""
-    if past and continuation(io) == "one_token" and feeds["inputs_embeds"].shape[1] > 1:
-        raise ValueError("decoder.ort.onnx continues a cache one token per call (runtime/backends/slots.py)")
+    if past and continuation(io) is None:
+        raise ValueError("decoder.ort.onnx takes a prompt in one call from an empty slot (runtime/backends/slots.py)")
     steps = {"past_lengths": np.array([past], np.int64),
              "logits_index": np.array([feeds["inputs_embeds"].shape[1] - 1], np.int64)}
     if isinstance(io, HostIO):
