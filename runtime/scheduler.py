@@ -216,25 +216,20 @@ class Engine:
                 slot.cuts = None
                 if rows is not None:
                     write_rows(self.io, b, rows)
-            while budget > 0 and slot.written < prep.num_tokens:
-                n = self._chunk(prep.num_tokens - slot.written, budget)
-                start, end = slot.written, slot.written + n
-                # one offset for all three: DeepStack rows stay aligned with inputs_embeds (docs/graphs.md)
-                feeds = {k: np.ascontiguousarray(v[..., start:end, :]) for k, v in slot.feeds.items()}
-                feeds["position_ids"] = np.ascontiguousarray(prep.position_ids[:, None, start:end])  # [3, 1, n]
-                logits = prefill_slot(self.io, b, feeds, start, last=end == prep.num_tokens)
-                slot.written, budget = end, budget - n
-            if slot.written == prep.num_tokens:  # the prompt's last chunk: its first token
+            # all the rest in one call where the decoder cannot continue a cache in chunks (after a reused prefix:
+            # ping-pong sets, runtime/backends/slots.py `continuation`)
+            n = min(prep.num_tokens - slot.written, budget) if self.chunked else prep.num_tokens - slot.written
+            start, end = slot.written, slot.written + n
+            # one offset for all three: DeepStack rows stay aligned with inputs_embeds (docs/graphs.md)
+            feeds = {k: np.ascontiguousarray(v[..., start:end, :]) for k, v in slot.feeds.items()}
+            feeds["position_ids"] = np.ascontiguousarray(prep.position_ids[:, None, start:end])  # [3, 1, n]
+            logits = prefill_slot(self.io, b, feeds, start, last=end == prep.num_tokens)
+            slot.written, budget = end, budget - n
+            if logits is not None:  # the prompt's last chunk: its first token
                 slot.feeds = {}
                 slot.request.timings["first_token"] = time.perf_counter()
                 self._remember(b, slot.keys)
                 self._emit(b, int(slot.sampler.sample(logits[None])[0]))
-
-    def _chunk(self, left: int, budget: int) -> int:
-        """Prompt tokens of the next call: a chunk within the budget where the decoder continues a cache with
-        S > 1; else all of them (the whole prompt from an empty slot, or the whole rest after a reused prefix
-        with ping-pong sets: runtime/backends/slots.py `continuation`)."""
-        return min(left, budget) if self.chunked else left
 
     def _remember(self, b: int, keys: np.ndarray | None) -> None:
         """Put rows [0, len(keys)) of slot b into the prefix cache (unless it holds them already)."""
