@@ -414,8 +414,12 @@ def test_cache_flags(server, artifacts, media):  # noqa: F811
     engine = server.scheduler.engine
     assert engine.prefix_cache.budget == DEFAULT_PREFIX_CACHE_MB << 20
     assert engine.encoder_cache.budget == DEFAULT_ENCODER_CACHE_MB << 20
-    assert set(server.scheduler.cache_stats()) >= {"prefix_cache_queries", "prefix_cache_hits",
-                                                   "encoder_cache_hits", "encoder_cache_misses"}
+    stats = server.scheduler.cache_stats()
+    assert set(stats) >= {"prefix_cache_queries", "prefix_cache_hits", "encoder_cache_hits", "encoder_cache_misses"}
+    body = server.metrics.exposition()[0].decode().splitlines()  # /metrics reads the same counters at scrape
+    for name in ("prefix_cache_queries", "prefix_cache_hits", "encoder_cache_hits", "encoder_cache_misses"):
+        (line,) = [ln for ln in body if ln.startswith(f"vllm:{name}_total{{")]
+        assert float(line.split()[-1]) == server.scheduler.cache_stats()[name]
     off = make_server(parser().parse_args(["--model-dir", str(artifacts), "--port", "0", "--backend", "onnxruntime",
                                            "--no-prefix-cache", "--encoder-cache-mb", "0"]))
     try:

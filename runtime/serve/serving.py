@@ -18,6 +18,7 @@ from __future__ import annotations
 import queue
 import sys
 import threading
+import time
 import traceback
 from dataclasses import dataclass, field
 
@@ -59,6 +60,7 @@ class Job:
     cancelled: threading.Event = field(default_factory=threading.Event)  # set by the handler: client gone
     n_tokens: int = 0
     finished: bool = False
+    token_times: list = field(default_factory=list)  # time.monotonic() of each generated token (the metrics)
 
     def batch_key(self) -> tuple:
         return self.request.batch_key(id(self))
@@ -70,6 +72,7 @@ class Job:
     def push(self, token: int) -> None:
         """One generated token: emit its text; end the job at a stop string, EOS or max_tokens."""
         self.n_tokens += 1
+        self.token_times.append(time.monotonic())
         text, stopped = self.filter.feed(self.decoder.push(token))
         at_eos = token in self.eos and not self.request.ignore_eos
         if not stopped and (at_eos or self.n_tokens >= self.max_new):
@@ -105,11 +108,17 @@ class Scheduler:
     def __init__(self, model, tokenizer, max_batch: int):
         self.model, self.tokenizer, self.max_batch = model, tokenizer, max_batch
         self.pending: queue.Queue = queue.Queue()
+        self.running = 0  # jobs of the batch being generated
         self.thread = threading.Thread(target=self._loop, name="qwen-vl-generate", daemon=True)
         self.thread.start()
 
     def submit(self, job: Job) -> None:
         self.pending.put(job)
+
+    def load(self) -> tuple[int, int, int, int]:
+        """(jobs generating, jobs waiting, batch slots in use, slots): the server's metrics."""
+        running = self.running
+        return running, self.pending.qsize(), running, self.max_batch
 
     def close(self) -> None:
         self.pending.put(None)
@@ -161,6 +170,7 @@ class Scheduler:
             if all(j.over for j in batch):
                 raise _BatchOver
 
+        self.running = len(batch)
         try:
             for job in batch:
                 job.start(self.tokenizer, manifest.eos_token_ids)
@@ -175,5 +185,6 @@ class Scheduler:
             traceback.print_exc(file=sys.stderr)
             for job in batch:
                 job.fail(500, f"internal error: {type(e).__name__}: {e}")
+        self.running = 0
         for job in batch:  # generate stops every sequence at its EOS or the batch's max: nothing is left open
             job.fail(500, "internal error: generation ended without finishing this request")
