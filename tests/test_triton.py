@@ -197,18 +197,18 @@ def test_cancelled_request_frees_its_slot(load_model):
 
 
 def test_reuse_caches_on_by_default_and_off_by_parameter(repo, load_model):
-    """config.pbtxt without cache parameters: the engine's prefix and encoder caches are on (runtime/scheduler.py
-    defaults); `prefix_cache_mb` / `encoder_cache_mb` "0" (qwen-vl-triton-repo --no-prefix-cache
+    """config.pbtxt without cache parameters: the engine's caches are on (runtime/scheduler.py defaults; the prefix
+    cache where the graphs allow it, not with the default decoder.ort.onnx); `prefix_cache_mb` / `encoder_cache_mb` "0" (qwen-vl-triton-repo --no-prefix-cache
     --encoder-cache-mb 0) turn them off."""
-    from qwen_vl_trt.runtime.scheduler import DEFAULT_PREFIX_CACHE_MB
+    from qwen_vl_trt.runtime.scheduler import DEFAULT_ENCODER_CACHE_MB
 
     params = model_config(repo, "qwen_vl_no_reuse").parameters
     assert params["prefix_cache_mb"].string_value == "0" and params["encoder_cache_mb"].string_value == "0"
     assert "prefix_cache_mb" not in model_config(repo, "qwen_vl").parameters
     on, off = load_model("qwen_vl"), load_model("qwen_vl_no_reuse")
-    try:
-        assert on.worker.engine.prefix_cache.budget == DEFAULT_PREFIX_CACHE_MB << 20
-        assert on.worker.engine.encoder_cache is not None
+    try:  # the default ONNX Runtime graphs (decoder.ort.onnx) take no prefix cache: runtime/backends/slots.py
+        assert on.worker.engine.prefix_cache is None and on.worker.engine.continuation is None
+        assert on.worker.engine.encoder_cache.budget == DEFAULT_ENCODER_CACHE_MB << 20
         assert off.worker.engine.prefix_cache is None and off.worker.engine.encoder_cache is None
     finally:
         on.finalize()
