@@ -182,7 +182,7 @@ def _timings(request, result, t0, t_vision, t_first, t_end, backend) -> dict:
 
 def load_model(directory, backend: str = "auto", *, io_binding: bool = True, threads: int = 0,
                cuda_graph: bool = True, ort_fused: bool = True, int4_activations: str | None = None,
-               ort_cache=None, ort_prepack: bool = False) -> Model:
+               ort_cache=None, ort_prepack: bool = True) -> Model:
     """Read and verify ARTIFACTS/manifest.json, then open the three sessions of `backend` (auto picks
     TensorRT when the engines exist and a TensorRT runtime and a GPU can run them, else ONNX Runtime).
     `io_binding` False: ONNX Runtime with plain numpy feeds (runtime/backends/decode_io.py HostIO); `cuda_graph` False:

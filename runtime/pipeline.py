@@ -11,8 +11,10 @@ Media order is the order of their placeholders: the images, then the video (`pro
 """
 from __future__ import annotations
 
+import hashlib
 import time
 from dataclasses import dataclass, field
+from functools import cached_property
 
 import numpy as np
 
@@ -26,6 +28,16 @@ from .request import Request
 class Media:
     pixel_values: np.ndarray  # float32 [T, patch_dim]
     grid_thw: tuple  # (t, h, w) in patches
+
+    @cached_property
+    def digest(self) -> bytes:
+        """16 bytes naming this item's content: BLAKE2b over the grid, the pixels' shape and dtype, and their
+        bytes. The key of the encoder and prefix caches (runtime/encoder_cache.py, runtime/prefix_cache.py)."""
+        h = hashlib.blake2b(digest_size=16)
+        pixels = np.ascontiguousarray(self.pixel_values)
+        h.update(repr((tuple(int(v) for v in self.grid_thw), pixels.shape, pixels.dtype.str)).encode())
+        h.update(memoryview(pixels).cast("B"))
+        return h.digest()
 
 
 @dataclass(frozen=True)

@@ -15,6 +15,17 @@ thread-safe; `step()` runs one scheduling step on the calling thread:
    (export/decoder.py: rows beyond past_lengths are never attended);
 4. retire finished slots (EOS, max_new_tokens, `on_token` says stop, e.g. a stop string).
 
+Reuse across requests (on by default; `prefix_cache_mb` / `encoder_cache_mb` 0 turn each off; no prefix cache with
+decoder.ort.onnx, which cannot continue a slot's rows with S > 1: runtime/backends/slots.py): at admission the
+vision rows of media seen before come from the encoder cache (runtime/encoder_cache.py) and only new items go
+through vision.onnx; the prompt's longest cached prefix (runtime/prefix_cache.py: keys are token ids, media
+content digests and MRoPE positions; never a part of an image) is looked up and copied into the slot just before
+its first prompt call (runtime/backends/slots.py `write_rows`; so the prompts of requests admitted with it and
+written before it count), and the prompt is written from there, `inputs_embeds`,
+`deepstack_embeds` and `position_ids` all sliced at the same offsets. A slot's rows go into the prefix cache when
+its prompt is written and again when it ends (prompt + generated rows: the next turn of a chat starts with them).
+`cache_stats()` gives the counters (a plain dict the server's metrics read).
+
 Per-request sampling: every slot has its own `Sampler` (runtime/sampling.py) over its own logits row, with its
 own seeded `numpy.random.Generator` and repetition-penalty state, so a request's tokens do not depend on what else
 is in the batch: a seeded request gives the text it gives alone. Those choices are made on the host; a step whose
@@ -37,13 +48,17 @@ import numpy as np
 from qwen_vl_trt.model.errors import PromptTooLong, UserError
 
 from .backends.decode_io import decode_io
-from .backends.slots import chunks_allowed, prefill_slot
-from .generate import embed, encode_vision
+from .backends.slots import chunks_allowed, continuation, prefill_slot, read_rows, write_rows
+from .encoder_cache import EncoderCache, encode_media
+from .generate import embed
 from .pipeline import PreparedRequest
 from .positions import decode_position_ids
+from .prefix_cache import PrefixCache, generated_keys, prompt_keys
 from .sampling import Sampler, SamplingConfig
 
 DEFAULT_PREFILL_BUDGET = 256  # prompt tokens written per scheduling step (one chunk of a long prompt)
+DEFAULT_PREFIX_CACHE_MB = 1024  # host memory for reusable KV rows (Qwen3-VL-2B bf16: 112 KiB a token)
+DEFAULT_ENCODER_CACHE_MB = 256  # host memory for vision rows (a 448x448 image on Qwen3-VL-2B: 3 MiB with DeepStack)
 
 
 @dataclass(eq=False)
@@ -84,12 +99,15 @@ class _Slot:
     admitted: int = 0  # admission order: prompts are written oldest first
     written: int = 0  # rows of this sequence in the cache (prompt rows, then one per decode step)
     next_token: int | None = None  # sampled, not yet fed: the slot joins the next decode step
+    keys: np.ndarray | None = None  # prefix-cache keys of the prompt [S, KEY_COLS] (None: no prefix cache)
+    cuts: np.ndarray | None = None  # bool [S + 1]: where a reused prefix may end (runtime/prefix_cache.py)
 
 
 class Engine:
     """The scheduler (see the module docstring). Not thread-safe except `submit`/`cancel`; one thread steps it."""
 
-    def __init__(self, model, max_batch: int | None = None, prefill_budget: int = DEFAULT_PREFILL_BUDGET):
+    def __init__(self, model, max_batch: int | None = None, prefill_budget: int = DEFAULT_PREFILL_BUDGET,
+                 prefix_cache_mb: float = DEFAULT_PREFIX_CACHE_MB, encoder_cache_mb: float = DEFAULT_ENCODER_CACHE_MB):
         lim = model.manifest.limits
         self.model, self.max_batch = model, max_batch or lim.max_batch
         if not 1 <= self.max_batch <= lim.max_batch:
@@ -98,6 +116,11 @@ class Engine:
         self.io = decode_io(model, self.max_batch, self.cache_len)
         self.io.greedy = None  # set per decode step (see _decode)
         self.chunked = chunks_allowed(self.io)
+        self.continuation = continuation(self.io)
+        # no prefix cache where a prompt cannot continue a slot's rows (decoder.ort.onnx: runtime/backends/slots.py)
+        reuse = prefix_cache_mb > 0 and self.continuation is not None
+        self.prefix_cache = PrefixCache(int(prefix_cache_mb * (1 << 20))) if reuse else None
+        self.encoder_cache = EncoderCache(int(encoder_cache_mb * (1 << 20))) if encoder_cache_mb > 0 else None
         self.pad, self.eos = model.manifest.pad_token_id, frozenset(model.manifest.eos_token_ids)
         self.vocab = model.spec.text.vocab_size
         self.slots: list[_Slot | None] = [None] * self.max_batch
@@ -110,6 +133,13 @@ class Engine:
         request.timings["submitted"] = time.perf_counter()
         self.waiting.put(request)
         return request
+
+    def cache_stats(self) -> dict:
+        """Counters of the prefix cache (tokens queried / reused) and the encoder cache (media items); zeros for a
+        cache that is off."""
+        prefix = self.prefix_cache or PrefixCache(0)
+        encoder = self.encoder_cache or EncoderCache(0)
+        return {**prefix.stats(), **encoder.stats()}
 
     @property
     def busy(self) -> bool:
@@ -159,13 +189,18 @@ class Engine:
                                 f"{request.max_new_tokens}: together they exceed the {self.cache_len}-token cache "
                                 "of the artifacts")
         request.timings["admitted"] = time.perf_counter()
-        features, deepstack = encode_vision(self.model, [prep], on_device=False)
+        features, deepstack = encode_media(self.model, prep.media, self.encoder_cache)
         feeds = embed(self.model, prep.input_ids[None], features, deepstack)  # numpy [1, L, C] (+ [Ld, 1, L, C])
         request.timings["vision_done"] = time.perf_counter()
         sampler = Sampler(request.sampling)
         sampler.start([prep.input_ids], self.vocab)
         self.admitted += 1
-        return _Slot(request, sampler, feeds, self.admitted)
+        slot = _Slot(request, sampler, feeds, self.admitted)
+        if self.prefix_cache is not None:
+            spec = self.model.spec
+            slot.keys, slot.cuts = prompt_keys(prep, spec.image_token_id, spec.video_token_id,
+                                               spec.vision.spatial_merge_size)
+        return slot
 
     def _prefill(self) -> None:
         """Write prompt chunks of admitted slots, oldest first, within the step's budget of prompt tokens."""
@@ -176,8 +211,16 @@ class Engine:
                 break
             slot = self.slots[b]
             prep = slot.request.prepared
-            n = min(prep.num_tokens - slot.written, budget) if self.chunked else prep.num_tokens
+            if slot.cuts is not None:  # looked up just before the first call: prompts written since count too
+                slot.written, rows = self.prefix_cache.lookup(slot.keys, slot.cuts)
+                slot.cuts = None
+                if rows is not None:
+                    write_rows(self.io, b, rows)
+            # all the rest in one call where the decoder cannot continue a cache in chunks (after a reused prefix:
+            # ping-pong sets, runtime/backends/slots.py `continuation`)
+            n = min(prep.num_tokens - slot.written, budget) if self.chunked else prep.num_tokens - slot.written
             start, end = slot.written, slot.written + n
+            # one offset for all three: DeepStack rows stay aligned with inputs_embeds (docs/graphs.md)
             feeds = {k: np.ascontiguousarray(v[..., start:end, :]) for k, v in slot.feeds.items()}
             feeds["position_ids"] = np.ascontiguousarray(prep.position_ids[:, None, start:end])  # [3, 1, n]
             logits = prefill_slot(self.io, b, feeds, start, last=end == prep.num_tokens)
@@ -185,7 +228,13 @@ class Engine:
             if logits is not None:  # the prompt's last chunk: its first token
                 slot.feeds = {}
                 slot.request.timings["first_token"] = time.perf_counter()
+                self._remember(b, slot.keys)
                 self._emit(b, int(slot.sampler.sample(logits[None])[0]))
+
+    def _remember(self, b: int, keys: np.ndarray | None) -> None:
+        """Put rows [0, len(keys)) of slot b into the prefix cache (unless it holds them already)."""
+        if keys is not None and len(keys) and not self.prefix_cache.holds(keys):
+            self.prefix_cache.insert(keys, read_rows(self.io, b, len(keys)))
 
     def _decode(self) -> None:
         """One decoder step over all slots with a token to feed; each gets its next token."""
@@ -219,7 +268,12 @@ class Engine:
             slot.next_token = token
 
     def _retire(self, b: int, reason: str) -> None:
-        request, self.slots[b] = self.slots[b].request, None
+        slot = self.slots[b]
+        request, prep = slot.request, slot.request.prepared
+        if slot.keys is not None and request.token_ids and slot.written > prep.num_tokens:
+            fed = request.token_ids[:slot.written - prep.num_tokens]  # the generated tokens with a row
+            self._remember(b, np.concatenate([slot.keys, generated_keys(fed, prep.num_tokens, prep.rope_delta)]))
+        self.slots[b] = None
         _end(request, reason)
 
 

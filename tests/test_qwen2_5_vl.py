@@ -258,3 +258,53 @@ def test_parity_tool_passes_layer_by_layer(qwen2_5_vl_ckpt, artifacts, media):
     assert list(out["rows"]) == [f"visual/blocks.{i}" for i in range(4)] + ["visual/merged"] + \
         [f"text/layers.{i}" for i in range(4)] + ["logits[last]"]
     assert set(out["rows"].values()) == {"yes"} and "greedy tokens (32): first divergence: none  yes" in out["text"]
+
+
+@pytest.mark.parametrize("item", ["image", "video"])
+def test_engine_with_caches_reuses_a_chat_turn_as_hf(item, artifacts, media, hf_qwen2_5_vl, processor):
+    """Qwen2.5-VL through the in-flight engine with its prefix and encoder caches (runtime/prefix_cache.py,
+    runtime/encoder_cache.py): no DeepStack; a video's temporal positions scale with second_per_grid_ts. A
+    two-turn chat about an image or a video: turn 2 reuses at least all of turn 1's prompt rows and the item does
+    not go through the vision encoder again; each turn's greedy tokens == HF `generate` for it alone. decoder.onnx
+    with numpy I/O (chunks of 16 tokens after the reused prefix)."""
+    from PIL import Image
+    from transformers.video_utils import VideoMetadata
+
+    from hf_reference import hf_greedy_new_tokens
+    from test_generate import VIDEO_FPS
+    from qwen_vl_trt.runtime.generate import load_model
+    from qwen_vl_trt.runtime.pipeline import Preprocessor
+    from qwen_vl_trt.runtime.prompt import Conversation
+    from qwen_vl_trt.runtime.request import Request, Sampling
+    from qwen_vl_trt.runtime.scheduler import Engine, SeqRequest
+
+    model = load_model(artifacts, "onnxruntime", ort_fused=False, io_binding=False)
+    pre = Preprocessor(model.manifest)
+    engine = Engine(model, prefill_budget=16)
+    # HF's greedy applies the checkpoint's generation_config (this one has a repetition penalty of 1.05)
+    greedy = Sampling(temperature=0).config(model.manifest.generation_config)
+    img, frames = str(media["images"][0]), media["frames"]
+    t1 = [{"role": "user", "content": [{"type": item}, {"type": "text", "text": "What do you see?"}]}]
+    t2 = t1 + [{"role": "assistant", "content": "Coloured noise."},
+               {"role": "user", "content": [{"type": "text", "text": "Which colour is most common?"}]}]
+    if item == "image":
+        hf_media, ours = {"images": [Image.open(img).convert("RGB")]}, ((img,), None)
+    else:
+        hf_media = {"videos": [frames], "cap_pixels_per_frame": False,
+                    "video_metadata": [VideoMetadata(total_num_frames=len(frames), fps=VIDEO_FPS)]}
+        ours = ((), str(media["frames_dir"]))
+    previous = 0
+    for turn, messages in enumerate((t1, t2)):
+        text = processor.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+        inputs = processor(text=[text], return_tensors="pt", **hf_media)
+        want = hf_greedy_new_tokens(hf_qwen2_5_vl, inputs, N_NEW)
+        prep = pre.prepare(Request(Conversation(tuple(messages)), *ours))
+        before = engine.cache_stats()
+        request = engine.submit(SeqRequest(prep, N_NEW, greedy, ignore_eos=True))
+        engine.run_until_idle()
+        used = {k: v - before[k] for k, v in engine.cache_stats().items()}
+        assert request.token_ids == want, f"turn {turn + 1}"
+        if turn:
+            assert previous <= used["prefix_cache_hits"] < prep.num_tokens
+            assert used["encoder_cache_hits"] == 1 and used["encoder_cache_misses"] == 0
+        previous = prep.num_tokens

@@ -45,3 +45,31 @@ def test_engine_through_static_buffers(spec, tmp_path, in_place, device_greedy, 
     logits_out = [n for k, n in cuda.log if k == "D2H" and n >= vocab_bytes]
     steps = engine.steps  # decode steps; each prompt's last call also brings its one logits row to the host
     assert len(logits_out) == len(PROMPTS) + (0 if device_greedy else steps)
+
+
+@pytest.mark.parametrize("in_place", [True, False])
+def test_prefix_rows_through_static_buffers(spec, tmp_path, in_place, monkeypatch):  # noqa: F811
+    """The prefix cache over TensorRT's static buffers: rows copied out of a slot per head on the stream, copied
+    into another slot (the in-place set; with ping-pong sets the one the next call reads), the rest of the prompt
+    from there. A second prompt shares 6 tokens of the first; a third continues the first's prompt and 3 of its
+    generated tokens (a chat's next turn). The fake decoder's tokens depend on every row of the slot: == the
+    reference, and the hits are the shared lengths."""
+    from qwen_vl_trt.runtime.backends import trt_io
+
+    model, cuda = make_model(spec, tmp_path, in_place=in_place)
+    monkeypatch.setattr(trt_io, "_ort_device_greedy", lambda *_: None)
+    model.manifest.eos_token_ids = ()
+    engine = Engine(model, prefill_budget=4)
+    first = [5, 17, 3, 250, 9, 41, 7, 12]
+    n = 9
+    generated = reference(first, n)
+    prompts = [first, first[:6] + [99, 3, 8], first + generated[:3] + [4, 4]]
+    seqs = [SeqRequest(request(p), n, SamplingConfig(temperature=0)) for p in prompts]
+    engine.submit(seqs[0])
+    engine.run_until_idle()
+    hits = engine.cache_stats()["prefix_cache_hits"]
+    engine.submit(seqs[1])
+    engine.submit(seqs[2])
+    engine.run_until_idle()
+    assert [s.token_ids for s in seqs] == [reference(p, n) for p in prompts]
+    assert hits == 0 and engine.cache_stats()["prefix_cache_hits"] == 6 + len(first) + 3

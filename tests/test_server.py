@@ -403,3 +403,36 @@ def test_startup_errors_are_one_line_exit_2(artifacts, tmp_path):  # noqa: F811
     r = run_server("--model-dir", artifacts, "--max-batch", 3)
     assert r.returncode == 2 and r.stderr.splitlines() == [
         "error: --max-batch 3: must be in [1, 2] (the artifacts' max batch); re-export with a larger --max-batch"]
+
+
+def test_cache_flags(server, artifacts, media):  # noqa: F811
+    """The in-flight engine reuses by default (the prefix cache where the graphs allow it: not decoder.ort.onnx);
+    --no-prefix-cache / --encoder-cache-mb 0 turn each cache off; a
+    negative size is one error line, exit 2. The worker's cache_stats() is the counters the metrics read."""
+    from qwen_vl_trt.runtime.scheduler import DEFAULT_ENCODER_CACHE_MB, DEFAULT_PREFIX_CACHE_MB
+    from qwen_vl_trt.runtime.serve.server import make_server, parser
+
+    engine = server.scheduler.engine  # decoder.ort.onnx (the default graphs): no prefix cache there
+    assert engine.continuation is None and engine.prefix_cache is None
+    assert engine.encoder_cache.budget == DEFAULT_ENCODER_CACHE_MB << 20
+    plugin = make_server(parser().parse_args(["--model-dir", str(artifacts), "--port", "0", "--backend", "onnxruntime",
+                                              "--ort-graphs", "plugin"]))
+    try:
+        assert plugin.scheduler.engine.prefix_cache.budget == DEFAULT_PREFIX_CACHE_MB << 20
+    finally:
+        plugin.server_close()
+    stats = server.scheduler.cache_stats()
+    assert set(stats) >= {"prefix_cache_queries", "prefix_cache_hits", "encoder_cache_hits", "encoder_cache_misses"}
+    body = server.metrics.exposition()[0].decode().splitlines()  # /metrics reads the same counters at scrape
+    for name in ("prefix_cache_queries", "prefix_cache_hits", "encoder_cache_hits", "encoder_cache_misses"):
+        (line,) = [ln for ln in body if ln.startswith(f"vllm:{name}_total{{")]
+        assert float(line.split()[-1]) == server.scheduler.cache_stats()[name]
+    off = make_server(parser().parse_args(["--model-dir", str(artifacts), "--port", "0", "--backend", "onnxruntime",
+                                           "--no-prefix-cache", "--encoder-cache-mb", "0"]))
+    try:
+        assert off.scheduler.engine.prefix_cache is None and off.scheduler.engine.encoder_cache is None
+    finally:
+        off.server_close()
+    r = run_server("--model-dir", artifacts, "--prefix-cache-mb", "-1")
+    assert r.returncode == 2 and r.stderr.splitlines() == [
+        "error: --prefix-cache-mb -1.0: must be >= 0 (0 turns the cache off)"]

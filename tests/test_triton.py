@@ -36,6 +36,8 @@ def repo(artifacts, tmp_path_factory):  # noqa: F811
     out = tmp_path_factory.mktemp("triton_repo")
     write_model_repository(artifacts, out, decoupled=True)
     write_model_repository(artifacts, out, name="qwen_vl_whole", decoupled=False)
+    write_model_repository(artifacts, out, name="qwen_vl_no_reuse", caches={"prefix_cache_mb": 0,
+                                                                             "encoder_cache_mb": 0})
     return out
 
 
@@ -192,6 +194,34 @@ def test_cancelled_request_frees_its_slot(load_model):
     while any(s is not None for s in engine.slots):
         assert time.monotonic() < deadline
         time.sleep(0.01)
+
+
+def test_reuse_caches_on_by_default_and_off_by_parameter(repo, load_model):
+    """config.pbtxt without cache parameters: the engine's caches are on (runtime/scheduler.py defaults; the prefix
+    cache where the graphs allow it, not with the default decoder.ort.onnx); `prefix_cache_mb` / `encoder_cache_mb` "0" (qwen-vl-triton-repo --no-prefix-cache
+    --encoder-cache-mb 0) turn them off."""
+    from qwen_vl_trt.runtime.scheduler import DEFAULT_ENCODER_CACHE_MB
+
+    params = model_config(repo, "qwen_vl_no_reuse").parameters
+    assert params["prefix_cache_mb"].string_value == "0" and params["encoder_cache_mb"].string_value == "0"
+    assert "prefix_cache_mb" not in model_config(repo, "qwen_vl").parameters
+    on, off = load_model("qwen_vl"), load_model("qwen_vl_no_reuse")
+    try:  # the default ONNX Runtime graphs (decoder.ort.onnx) take no prefix cache: runtime/backends/slots.py
+        assert on.worker.engine.prefix_cache is None and on.worker.engine.continuation is None
+        assert on.worker.engine.encoder_cache.budget == DEFAULT_ENCODER_CACHE_MB << 20
+        assert off.worker.engine.prefix_cache is None and off.worker.engine.encoder_cache is None
+    finally:
+        on.finalize()
+        off.finalize()
+
+
+def test_triton_repo_cache_flags(artifacts, tmp_path):  # noqa: F811
+    from qwen_vl_trt.runtime.serve.triton_repo import main
+
+    assert main([str(artifacts), str(tmp_path), "--no-prefix-cache", "--encoder-cache-mb", "64"]) == 0
+    params = model_config(tmp_path, "qwen_vl").parameters
+    assert params["prefix_cache_mb"].string_value == "0" and params["encoder_cache_mb"].string_value == "64"
+    assert main([str(artifacts), str(tmp_path), "--encoder-cache-mb", "-2"]) == 2
 
 
 def test_custom_metrics_count_what_was_sent(load_model, media, processor):  # noqa: F811

@@ -4,7 +4,7 @@
          [--option int4_activations=int8] [--option ort_cache=DIR] [--option prepack=1]
 
 `ort_cache`: ONNX Runtime's optimized models cached in DIR (runtime/backends/ort_cache.py; warm after the first
-run); `prepack=1`: ONNX Runtime's default prepacking instead of memory-mapped dense weights (for comparison).
+run); `prepack=0`: memory-mapped dense weights (load_model(ort_prepack=False)) instead of ONNX Runtime's prepacking.
 """
 from __future__ import annotations
 
@@ -25,7 +25,7 @@ def main() -> None:
     from qwen_vl_trt.runtime.sampling import Sampler, SamplingConfig
 
     model = load_model(args.artifacts, "onnxruntime", threads=args.threads, ort_cache=args.options.get("ort_cache"),
-                       ort_prepack=args.options.get("prepack") == "1",
+                       ort_prepack=args.options.get("prepack", "1") == "1",
                        int4_activations=args.options.get("int4_activations"))  # trt-run --int4-activations
     pre = Preprocessor(model.manifest)
     clock.ready()

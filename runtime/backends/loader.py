@@ -33,7 +33,7 @@ def tensorrt_available() -> tuple[bool, str]:
 
 def open_sessions(manifest, backend: str = "auto", *, io_binding: bool = True, threads: int = 0,
                   cuda_graph: bool = True, ort_fused: bool = True, int4_activations: str | None = None,
-                  ort_cache=None, ort_prepack: bool = False) -> tuple[str, dict]:
+                  ort_cache=None, ort_prepack: bool = True) -> tuple[str, dict]:
     """-> (backend used, {"vision"|"embed"|"decoder": Session}). `backend`: auto | tensorrt | onnxruntime.
     `io_binding` False: ONNX Runtime with plain numpy feeds (the simple reference path); `cuda_graph` False: no
     CUDA graph capture of the decode step (ONNX Runtime's CUDA EP, TensorRT); `ort_fused` False: ONNX Runtime
@@ -41,8 +41,9 @@ def open_sessions(manifest, backend: str = "auto", *, io_binding: bool = True, t
     `int4_activations` (fp32 | int8): overrides the manifest's for ONNX Runtime's INT4 MatMulNBits fusion
     (accuracy level 1 | 4; model/weight_formats.py). The explicit MatMulNBits nodes of a bf16 decoder.ort.onnx keep
     the level the export wrote into them.
-    ONNX Runtime on the CPU: vision, embed and a dense decoder run on their memory-mapped weights
-    (ort.weights_mapped) unless `ort_prepack`; a quantized decoder (MatMulNBits) keeps ONNX Runtime's
+    ONNX Runtime on the CPU with `ort_prepack` False (opt-in: start-up without the weight copy, but decode steps
+    measured slower on a busy machine, docs/benchmarks.md): vision, embed and a dense decoder run on their
+    memory-mapped weights (ort.weights_mapped); a quantized decoder (MatMulNBits) keeps ONNX Runtime's
     prepacking. `ort_cache`: a folder for ONNX Runtime's optimized models (runtime/backends/ort_cache.py)."""
     formats = manifest.weight_formats()
     if int4_activations is not None:

@@ -20,13 +20,25 @@ cache read and written in the same buffers: with two ping-pong KV sets (decoder.
 without the plugin library) a step reads one set and writes the other. Elsewhere a prompt is written in ONE call
 from an empty cache (with ping-pong: past read from the other set's slot, never attended, present into the
 current set). `chunks_allowed(io)` says which.
+
+A reused prefix (runtime/prefix_cache.py) is rows [0, n) copied into the slot before its prompt's first call
+(`write_rows`; `read_rows` copies a slot's rows out), and the prompt then continues from past = n.
+`continuation(io)` says how a prompt continues rows already in its slot:
+
+| mode | IO | the rest of the prompt |
+|---|---|---|
+| "chunks" | `chunks_allowed` | any number of tokens per call |
+| "one_call" | ping-pong KV sets | one call: it reads the slot's rows from the other set (where `write_rows` put them) and writes the whole slot, prefix included, into the current set |
+| None | decoder.ort.onnx | cannot: its GroupQueryAttention gets the right total length only for S = 1 or an empty cache. One token per call would be right but was measured slower than no reuse (docs/benchmarks.md), so the engine keeps no prefix cache there |
 """
 from __future__ import annotations
 
 import numpy as np
 
+from .cuda import DeviceView
 from .decode_io import HostIO, _host
-from .ort import OrtSession
+from .kv_cache import numpy_dtype
+from .ort import _ORT_TYPES, OrtSession
 from .ort_io import OrtBoundIO
 
 _ONNX_TYPE = {"tensor(float)": (1, 4), "tensor(float16)": (10, 2), "tensor(bfloat16)": (16, 2)}  # (onnx code, bytes)
@@ -43,14 +55,22 @@ def chunks_allowed(io) -> bool:
     return isinstance(io, HostIO) or len(io.cache.sets) == 1
 
 
+def continuation(io) -> str | None:
+    """"chunks", "one_call" or None: how a prompt continues rows already in its slot (module table)."""
+    if chunks_allowed(io):
+        return "chunks"
+    return None if len(io.cache.sets) == 1 else "one_call"
+
+
 def prefill_slot(io, slot: int, feeds: dict, past: int, last: bool = True) -> np.ndarray | None:
     """Write one prompt chunk of a sequence into `slot` of `io`'s cache -> logits float32 [V] of its last row, on
     the host; None when not `last` (a chunk before the prompt's last one: its logits stay on the device).
 
     `feeds`: `inputs_embeds` [1, S, C], `deepstack_embeds` [Ld, 1, S, C] (Qwen3-VL), `position_ids` int64
-    [3, 1, S] (host arrays); `past`: rows of this sequence already in the slot (0 for the first chunk)."""
-    if past and not chunks_allowed(io):
-        raise ValueError("a ping-pong KV cache takes a prompt in one call (runtime/backends/slots.py)")
+    [3, 1, S] (host arrays); `past`: rows of this sequence already in the slot (0 for the first chunk; with
+    "one_call" continuation, the rows `write_rows` put in the other set)."""
+    if past and continuation(io) is None:
+        raise ValueError("decoder.ort.onnx takes a prompt in one call from an empty slot (runtime/backends/slots.py)")
     steps = {"past_lengths": np.array([past], np.int64),
              "logits_index": np.array([feeds["inputs_embeds"].shape[1] - 1], np.int64)}
     if isinstance(io, HostIO):
@@ -62,13 +82,84 @@ def prefill_slot(io, slot: int, feeds: dict, past: int, last: bool = True) -> np
     return logits if last else None
 
 
-def _sets(io, past: int) -> tuple[dict, dict]:
-    """(set read as past_*, set written as present_*): the current set, or with ping-pong and an empty slot the
-    other set's slot as the (unread) past so that the prompt lands in the current set."""
+def _sets(io) -> tuple[dict, dict]:
+    """(set read as past_*, set written as present_*): the current set, or with ping-pong the other set's slot as
+    the past (unread for an empty slot, else the rows `write_rows` put there) so that the prompt lands in the
+    current set."""
     cache = io.cache
     write = cache.sets[cache.current]
-    read = write if past or len(cache.sets) == 1 else cache.sets[(cache.current + 1) % len(cache.sets)]
+    read = write if len(cache.sets) == 1 else cache.sets[(cache.current + 1) % len(cache.sets)]
     return read, write
+
+
+def read_rows(io, slot: int, n: int) -> dict:
+    """Host copies of rows [0, n) of `slot` in the set that holds the cache: past_* name -> [Hkv, n, D]."""
+    rows = {name: _copy_rows(io, buf, slot, n, None) for name, buf in io.cache.buffers.items()}
+    _sync(io)
+    return rows
+
+
+def write_rows(io, slot: int, rows: dict) -> None:
+    """Copy `rows` (past_* name -> [Hkv, n, D] host arrays) into rows [0, n) of `slot` in the set the slot's next
+    prefill call reads as its past."""
+    for name, buf in _sets(io)[0].items():
+        _copy_rows(io, buf, slot, rows[name].shape[1], rows[name])
+    _sync(io)
+
+
+def _copy_rows(io, buf, slot: int, n: int, host: np.ndarray | None) -> np.ndarray:
+    """Rows [0, n) of buf[slot] ([B, Hkv, K, D]) -> a new host array [Hkv, n, D], or `host` -> those rows."""
+    if isinstance(buf, np.ndarray):
+        if host is None:
+            return np.array(buf[slot, :, :n])
+        buf[slot, :, :n] = host
+        return host
+    if isinstance(buf, DeviceView):  # TensorRT: one copy per head on the session's stream
+        _, heads, k, d = buf.shape
+        itemsize = numpy_dtype(buf.dtype).itemsize
+        out = np.empty((heads, n, d), numpy_dtype(buf.dtype)) if host is None else np.ascontiguousarray(host)
+        for h in range(heads):
+            view = DeviceView(buf.ptr + (slot * heads + h) * k * d * itemsize, (n, d), buf.dtype, buf.owner)
+            if host is None:
+                io.dec.copy_out(out[h].ctypes.data, view, view.nbytes)
+            else:
+                io.dec.copy_in(view, out[h].ctypes.data, view.nbytes)
+        io.keep_rows = [*getattr(io, "keep_rows", []), out]  # the copies read it until _sync
+        return out
+    return _ort_rows(buf, slot, n, host)
+
+
+def _ort_rows(value, slot: int, n: int, host: np.ndarray | None) -> np.ndarray:
+    """_copy_rows for an OrtValue: a numpy view of its memory on the CPU EP, one 2-D copy on the CUDA EP."""
+    import ctypes
+
+    _, heads, k, d = value.shape()
+    dtype = numpy_dtype(_ORT_TYPES[value.data_type()])
+    if value.device_name().lower() == "cpu":
+        nbytes = heads * k * d * dtype.itemsize * value.shape()[0]
+        raw = (ctypes.c_byte * nbytes).from_address(value.data_ptr())
+        whole = np.frombuffer(raw, np.uint8).view(dtype).reshape(value.shape())
+        return _copy_rows(None, whole, slot, n, host)
+    from .cuda import check, cudart  # CUDA EP: needs cuda-python (not run here: no GPU in CI)
+
+    rt = cudart()
+    out = np.empty((heads, n, d), dtype) if host is None else np.ascontiguousarray(host)
+    row, pitch = n * d * dtype.itemsize, k * d * dtype.itemsize
+    slot_ptr = value.data_ptr() + slot * heads * pitch
+    if host is None:
+        check(rt.cudaMemcpy2D(out.ctypes.data, row, slot_ptr, pitch, row, heads,
+                              rt.cudaMemcpyKind.cudaMemcpyDeviceToHost))
+    else:
+        check(rt.cudaMemcpy2D(slot_ptr, pitch, out.ctypes.data, row, row, heads,
+                              rt.cudaMemcpyKind.cudaMemcpyHostToDevice))
+    return out
+
+
+def _sync(io) -> None:
+    """TensorRT: wait for the copies on the session's stream (the others copy synchronously)."""
+    if not isinstance(io, (HostIO, OrtBoundIO)):
+        io.dec.sync()
+        io.keep_rows = []
 
 
 def _host_prefill(io: HostIO, slot: int, feeds: dict) -> np.ndarray:
@@ -89,7 +180,7 @@ def _ort_slot(value, slot: int) -> tuple:
 
 def _ort_prefill(io: OrtBoundIO, slot: int, feeds: dict, past: int, last: bool) -> np.ndarray | None:
     dec = io.dec
-    read, write = _sets(io, past)
+    read, write = _sets(io)
     binding = dec.sess.io_binding()
     for name, value in feeds.items():
         binding.bind_ortvalue_input(name, dec._ortvalue(value))
@@ -109,7 +200,7 @@ def _trt_prefill(io, slot: int, feeds: dict, past: int, last: bool) -> np.ndarra
     from .trt import DeviceView
 
     dec = io.dec
-    read, write = _sets(io, past)
+    read, write = _sets(io)
 
     def view(v):
         per_slot = v.nbytes // v.shape[0]

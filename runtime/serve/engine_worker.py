@@ -18,9 +18,10 @@ from ..scheduler import DEFAULT_PREFILL_BUDGET, Engine, SeqRequest
 
 
 class EngineWorker:
-    def __init__(self, model, tokenizer, max_batch: int, prefill_budget: int = DEFAULT_PREFILL_BUDGET):
+    def __init__(self, model, tokenizer, max_batch: int, prefill_budget: int = DEFAULT_PREFILL_BUDGET, **caches):
+        """`caches`: the Engine's prefix_cache_mb / encoder_cache_mb (runtime/serve/cache_flags.py)."""
         self.model, self.tokenizer = model, tokenizer
-        self.engine = Engine(model, max_batch, prefill_budget)
+        self.engine = Engine(model, max_batch, prefill_budget, **caches)
         self.pending: queue.Queue = queue.Queue()
         self.thread = threading.Thread(target=self._loop, name="qwen-vl-engine", daemon=True)
         self.thread.start()
@@ -37,6 +38,10 @@ class EngineWorker:
 
     def submit_request(self, request: SeqRequest) -> None:
         self.pending.put(request)
+
+    def cache_stats(self) -> dict:
+        """The engine's prefix / encoder cache counters (runtime/scheduler.py Engine.cache_stats), for metrics."""
+        return self.engine.cache_stats()
 
     def close(self) -> None:
         self.pending.put(None)

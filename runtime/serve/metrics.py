@@ -13,6 +13,10 @@ them unchanged.
 | `vllm:inter_token_latency_seconds` | histogram | between consecutive generated tokens of a request |
 | `vllm:e2e_request_latency_seconds` | histogram | arrival to the last token of a finished request |
 | `vllm:request_success_total` | counter | finished requests, label `finished_reason`: `stop` or `length` |
+| `vllm:prefix_cache_queries_total` | counter | prompt tokens looked up in the in-flight engine's prefix cache (runtime/prefix_cache.py), read at scrape |
+| `vllm:prefix_cache_hits_total` | counter | prompt tokens whose KV rows came from the prefix cache |
+| `vllm:encoder_cache_hits_total` | counter | images / videos whose vision features came from the encoder cache (runtime/encoder_cache.py; this server's name) |
+| `vllm:encoder_cache_misses_total` | counter | images / videos that went through the vision encoder |
 | `vllm:request_failure_total` | counter | requests that got an error or were cancelled, label `reason` (this server's; vLLM has no such counter): `invalid_request` (4xx), `too_large` (413), `busy` (503), `timeout` (408), `client_gone`, `server_error` (500) |
 
 Each server has its own `CollectorRegistry` (several servers may share a process: the tests). A new metric is
@@ -21,6 +25,7 @@ one line in `ServerMetrics.__init__`.
 from __future__ import annotations
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
+from prometheus_client.core import CounterMetricFamily
 from prometheus_client.exposition import CONTENT_TYPE_LATEST
 
 PREFIX = "vllm:"
@@ -44,7 +49,9 @@ class ServerMetrics:
     """The registry and every metric of one server; `load` () -> (running, waiting, slots in use, slots) is read
     at each scrape (the worker's `load`, runtime/serve/engine_worker.py / serving.py)."""
 
-    def __init__(self, model_name: str, load):
+    def __init__(self, model_name: str, load, cache_stats=None):
+        """`cache_stats` () -> dict: the engine's cache counters (runtime/scheduler.py Engine.cache_stats), read at
+        each scrape; None (the static worker): the cache counters stay 0."""
         self.registry = registry = CollectorRegistry()
         labels = {"model_name": model_name}
 
@@ -68,6 +75,7 @@ class ServerMetrics:
         self.ttft = histogram("time_to_first_token_seconds", "Time to first token, seconds.", TTFT_BUCKETS)
         self.itl = histogram("inter_token_latency_seconds", "Time between generated tokens, seconds.", ITL_BUCKETS)
         self.e2e = histogram("e2e_request_latency_seconds", "Arrival to last token, seconds.", E2E_BUCKETS)
+        registry.register(_CacheCounters(labels, cache_stats or dict))
 
     def finished(self, arrived: float, token_times: list, prompt_tokens: int, completion_tokens: int,
                  reason: str) -> None:
@@ -101,3 +109,22 @@ class _Bound:
 
 def _fraction(load: tuple) -> float:
     return load[2] / load[3] if load[3] else 0.0
+
+
+class _CacheCounters:
+    """The engine's cache counters as Prometheus counters, read from `cache_stats()` at each scrape."""
+
+    NAMES = (("prefix_cache_queries", "Prompt tokens looked up in the prefix cache."),
+             ("prefix_cache_hits", "Prompt tokens whose KV rows came from the prefix cache."),
+             ("encoder_cache_hits", "Media items whose vision features came from the encoder cache."),
+             ("encoder_cache_misses", "Media items that went through the vision encoder."))
+
+    def __init__(self, labels: dict, read):
+        self.labels, self.read = labels, read
+
+    def collect(self):
+        stats = self.read()
+        for name, doc in self.NAMES:
+            family = CounterMetricFamily(PREFIX + name, doc, labels=list(self.labels))
+            family.add_metric(list(self.labels.values()), stats.get(name, 0))
+            yield family

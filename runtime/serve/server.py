@@ -28,7 +28,7 @@ from pathlib import Path
 
 from qwen_vl_trt.model.errors import PromptTooLong, UserError
 
-from . import http_guard, local_media
+from . import cache_flags, http_guard, local_media
 from . import openai_protocol as api
 from .http_guard import ServerLimits
 from .openai_protocol import MediaPolicy
@@ -55,9 +55,10 @@ class OpenAIServer:
             raise
         self.server_address = self.socket.getsockname()
 
-    def attach(self, model, name: str, max_batch: int, batching: str = "inflight") -> None:
+    def attach(self, model, name: str, max_batch: int, batching: str = "inflight", caches: dict | None = None) -> None:
         """`batching`: "inflight" (runtime/serve/engine_worker.py: requests join the running batch at every step) or
-        "static" (runtime/serve/serving.py Scheduler: each batch of `generate` runs to its end)."""
+        "static" (runtime/serve/serving.py Scheduler: each batch of `generate` runs to its end). `caches`: the
+        in-flight engine's cache sizes (runtime/serve/cache_flags.py; default: on, default sizes)."""
         from ..pipeline import Preprocessor
         from .metrics import ServerMetrics
 
@@ -70,8 +71,8 @@ class OpenAIServer:
         else:
             from .engine_worker import EngineWorker
 
-            self.scheduler = EngineWorker(model, self.pre.tokenizer, max_batch)
-        self.metrics = ServerMetrics(name, self.scheduler.load)
+            self.scheduler = EngineWorker(model, self.pre.tokenizer, max_batch, **(caches or {}))
+        self.metrics = ServerMetrics(name, self.scheduler.load, getattr(self.scheduler, "cache_stats", None))
 
     def serve_forever(self) -> None:
         """Serve on the bound socket until `shutdown` (or, on the main thread, SIGINT / SIGTERM)."""
@@ -134,6 +135,7 @@ def parser() -> argparse.ArgumentParser:
                          "static: each batch runs to its end while new requests wait (the old behaviour)")
     ap.add_argument("--served-model-name", help="model id in /v1/models and requests (default: the artifacts "
                                                 "directory's name)")
+    cache_flags.add_arguments(ap)
     default = ServerLimits()
     ap.add_argument("--allowed-local-media-path", metavar="DIR",
                     help="let requests name file:// images and videos inside DIR (default: none; data URLs only)")
@@ -183,6 +185,7 @@ def make_server(args: argparse.Namespace) -> OpenAIServer:
         raise UserError(f"--max-batch {max_batch}: must be in [1, {limit}] (the artifacts' max batch); re-export "
                         "with a larger --max-batch")
     limits, media = limits_from_args(args, max_batch)
+    caches = cache_flags.sizes(args)
     try:  # the port first: a port in use is known before minutes of model loading
         server = OpenAIServer((args.host, args.port), limits, media)
     except OSError as e:
@@ -190,7 +193,7 @@ def make_server(args: argparse.Namespace) -> OpenAIServer:
     try:
         model = load_model(args.model_dir, args.backend, ort_fused=args.ort_graphs == "fused")
         server.attach(model, args.served_model_name or Path(args.model_dir).resolve().name, max_batch,
-                      getattr(args, "batching", "inflight"))  # a Namespace built by hand may lack it
+                      getattr(args, "batching", "inflight"), caches)  # a Namespace built by hand may lack it
     except BaseException:
         server.server_close()
         raise

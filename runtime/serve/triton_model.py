@@ -101,6 +101,22 @@ def parse_request(request) -> Request:
                    sampling, ignore_eos=bool(_scalar(request, "ignore_eos", bool)))
 
 
+def cache_sizes(params: dict) -> dict:
+    """The engine's cache sizes from config.pbtxt's `prefix_cache_mb` / `encoder_cache_mb` parameters (written by
+    runtime/serve/triton_repo.py; absent: the defaults, both on; "0": off)."""
+    from ..scheduler import DEFAULT_ENCODER_CACHE_MB, DEFAULT_PREFIX_CACHE_MB
+
+    out = {}
+    for key, default in (("prefix_cache_mb", DEFAULT_PREFIX_CACHE_MB), ("encoder_cache_mb", DEFAULT_ENCODER_CACHE_MB)):
+        try:
+            out[key] = float(params.get(key, default))
+        except ValueError:
+            out[key] = -1.0
+        if not out[key] >= 0:
+            raise UserError(f"config.pbtxt parameter {key} {params.get(key)!r}: must be a number >= 0 (0 = off)")
+    return out
+
+
 class TritonPythonModel:
     def initialize(self, args: dict) -> None:
         from ..generate import load_model
@@ -113,7 +129,7 @@ class TritonPythonModel:
         self.pre = Preprocessor(self.model.manifest)
         self.decoupled = pb_utils.using_decoupled_model_transaction_policy(config)
         self.max_batch = max(1, int(self.model.manifest.limits.max_batch))
-        self.worker = EngineWorker(self.model, self.pre.tokenizer, self.max_batch)
+        self.worker = EngineWorker(self.model, self.pre.tokenizer, self.max_batch, **cache_sizes(params))
         from .triton_metrics import TritonMetrics
 
         labels = {"model": args.get("model_name", config.get("name", "qwen_vl")),

@@ -1,7 +1,8 @@
 """`qwen-vl-triton-repo ARTIFACTS REPO`: a Triton Inference Server model repository for exported artifacts.
 
 Writes REPO/<name>/config.pbtxt (Python backend, decoupled streaming by default, dynamic batching up to the
-artifacts' max_batch, parameters `artifacts_dir` and `backend`) and REPO/<name>/1/model.py, a one-line shim
+artifacts' max_batch, parameters `artifacts_dir`, `backend`, `prefix_cache_mb` and `encoder_cache_mb`: the
+in-flight engine's reuse caches, on by default, runtime/serve/cache_flags.py) and REPO/<name>/1/model.py, a one-line shim
 over runtime/serve/triton_model.py. Serve with `tritonserver --model-repository REPO` in a container that has
 this package (and onnxruntime-gpu or TensorRT) installed; the request/response tensors are documented in
 runtime/serve/triton_model.py. A missing or mismatched artifact directory is one `error:` line and exit 2.
@@ -18,6 +19,8 @@ import sys
 from pathlib import Path
 
 from qwen_vl_trt.model.errors import UserError
+
+from . import cache_flags
 
 # (name, data_type, dims, optional) of the request tensors; dims exclude the batch dim.
 INPUTS = (
@@ -39,7 +42,7 @@ from qwen_vl_trt.runtime.serve.triton_model import TritonPythonModel  # noqa: F4
 
 
 def config_pbtxt(name: str, artifacts: Path, max_batch: int, backend: str = "auto", decoupled: bool = True,
-                 queue_delay_us: int = 2000, execution_env: Path | None = None) -> str:
+                 queue_delay_us: int = 2000, execution_env: Path | None = None, caches: dict | None = None) -> str:
     """The model's config.pbtxt (protobuf text format of Triton's ModelConfig)."""
     def tensor(n, dtype, dims, optional=None):
         opt = "" if optional is None else f", optional: {str(optional).lower()}"
@@ -49,6 +52,8 @@ def config_pbtxt(name: str, artifacts: Path, max_batch: int, backend: str = "aut
     outputs = ",\n".join(tensor(*t) for t in OUTPUTS)
     env = ("" if execution_env is None else
            f'parameters {{ key: "EXECUTION_ENV_PATH", value: {{ string_value: "{Path(execution_env).resolve()}" }} }}\n')
+    cache_params = "".join(f'parameters {{ key: "{k}", value: {{ string_value: "{v:g}" }} }}\n'
+                           for k, v in (caches or {}).items())
     return f'''name: "{name}"
 backend: "python"
 max_batch_size: {max_batch}
@@ -63,11 +68,12 @@ output [
 instance_group [ {{ count: 1, kind: KIND_MODEL }} ]
 parameters {{ key: "artifacts_dir", value: {{ string_value: "{artifacts.resolve()}" }} }}
 parameters {{ key: "backend", value: {{ string_value: "{backend}" }} }}
-{env}'''
+{cache_params}{env}'''
 
 
 def write_model_repository(artifacts, repo, name: str = "qwen_vl", backend: str = "auto",
-                           decoupled: bool = True, execution_env=None, queue_delay_us: int = 2000) -> Path:
+                           decoupled: bool = True, execution_env=None, queue_delay_us: int = 2000,
+                           caches: dict | None = None) -> Path:
     """Check the artifacts (manifest), then write REPO/NAME/{config.pbtxt, 1/model.py}; returns the model dir."""
     from qwen_vl_trt.model.manifest import load_manifest
 
@@ -78,7 +84,7 @@ def write_model_repository(artifacts, repo, name: str = "qwen_vl", backend: str 
     (model_dir / "1").mkdir(parents=True, exist_ok=True)
     (model_dir / "config.pbtxt").write_text(
         config_pbtxt(name, Path(artifacts), int(manifest.limits.max_batch), backend, decoupled,
-                     queue_delay_us, execution_env))
+                     queue_delay_us, execution_env, caches))
     (model_dir / "1" / "model.py").write_text(MODEL_PY)
     return model_dir
 
@@ -95,13 +101,14 @@ def main(argv=None) -> int:
                     help="Python environment (venv) the model runs in: the backend's EXECUTION_ENV_PATH")
     ap.add_argument("--max-queue-delay-us", type=int, default=2000, metavar="US",
                     help="how long Triton's dynamic batcher waits to fill a batch (default 2000)")
+    cache_flags.add_arguments(ap)
     args = ap.parse_args(argv)
     if args.max_queue_delay_us < 0:
         print(f"error: --max-queue-delay-us {args.max_queue_delay_us}: must be >= 0", file=sys.stderr)
         return 2
     try:
         path = write_model_repository(args.artifacts, args.repo, args.name, args.backend, not args.no_streaming,
-                                      args.execution_env, args.max_queue_delay_us)
+                                      args.execution_env, args.max_queue_delay_us, cache_flags.sizes(args))
     except UserError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
