@@ -1,5 +1,5 @@
 """`qwen-vl-export CHECKPOINT OUT_DIR [--dtype bf16|fp16|fp32] [--graphs vision,embed,decoder] [--weights FORMATS]
-[--int4-block-size 16|32|64|128] [--int4-activations fp32|int8] [--tp 1|2|4|8]`.
+[--int4-block-size 16|32|64|128] [--int4-activations fp32|int8] [--tp 1|2|4|8] [--budget-layers N]`.
 
 Writes OUT_DIR/{vision,embed,decoder}.onnx with their weights in `<graph>.onnx.data` (external data,
 streamed one tensor at a time), and vision.ort.onnx / decoder.ort.onnx: the same graphs for ONNX Runtime with
@@ -7,7 +7,9 @@ its fused contrib ops, reading the same .onnx.data files (export/ort_fused.py). 
 group of decoder weights (model/weight_formats.py: `dense`, `fp8`, `int4` or `GROUP=FORMAT,...`). With `--tp N` > 1
 the decoder is written as N rank graphs `decoder.rank{r}.onnx` (+ .onnx.data; export/tp.py) instead of
 decoder.onnx, without a fused flavour (ONNX Runtime runs the rank graphs themselves: runtime/backends/tp.py); dense
-weights only so far. A bad checkpoint or flag value ends with one line on stderr and exit code 2.
+weights only so far. The decoder's weight bytes per group and per layer are logged at the end of its export
+(export/weight_report.py; `--budget-layers N`: also extrapolated to N layers). A bad checkpoint or flag value
+ends with one line on stderr and exit code 2.
 """
 from __future__ import annotations
 
@@ -24,17 +26,23 @@ from .weights import CheckpointWeights
 
 
 def export_graphs(ckpt_dir, out_dir, dtype: str = "bfloat16", graphs=("vision", "embed", "decoder"),
-                  progress=None, formats: WeightFormats = WeightFormats(), tp: int = 1) -> dict:
+                  progress=None, formats: WeightFormats = WeightFormats(), tp: int = 1,
+                  budget_layers: int | None = None) -> dict:
     """Export the graphs of a checkpoint; returns {"spec": ModelSpec, "dtype": str, "graphs": {name: file}}.
     `formats`: the format of each group of decoder weights (model/weight_formats.py; export/int4.py, fp8.py,
     int8.py; the experts group is export/moe.py's), recorded in decoder.onnx's and embed.onnx's metadata. `tp` > 1:
-    the decoder as `tp` rank graphs, listed as graphs["decoder_ranks"] (export/tp.py; dense weights only)."""
+    the decoder as `tp` rank graphs, listed as graphs["decoder_ranks"] (export/tp.py; dense weights only).
+    At the end of the decoder export `progress` gets its weight bytes per group and per layer (export/weight_report.py),
+    extrapolated to `budget_layers` layers (default: the checkpoint's depth)."""
     from .decoder import export_decoder
     from .embed import export_embed
     from .ort_fused import write_fused
     from .tp import TensorParallel, check
+    from .weight_report import report_lines, weight_bytes
 
     dtype = DTYPE_ALIASES[dtype]
+    if budget_layers is not None and budget_layers < 1:
+        raise UserError(f"--budget-layers {budget_layers}: use a number of layers >= 1")
     spec = ModelSpec.from_checkpoint(ckpt_dir)
     check(spec, tp)
     if tp > 1 and not formats.is_dense:
@@ -60,6 +68,8 @@ def export_graphs(ckpt_dir, out_dir, dtype: str = "bfloat16", graphs=("vision", 
                                       for r in range(tp)]
             if progress:
                 progress(f"exported decoder.rank0..{tp - 1}.onnx in {time.perf_counter() - t0:.1f} s")
+                for line in report_lines(weight_bytes(out / files["decoder_ranks"][0], formats), budget_layers):
+                    progress(f"rank 0: {line}")
             continue
         path = exporters[name](spec, weights, out, dtype)
         files[name] = path.name
@@ -67,6 +77,9 @@ def export_graphs(ckpt_dir, out_dir, dtype: str = "bfloat16", graphs=("vision", 
             files[f"{name}_ort"] = write_fused(path, spec).name
         if progress:
             progress(f"exported {name}.onnx in {time.perf_counter() - t0:.1f} s")
+            if name == "decoder":
+                for line in report_lines(weight_bytes(path, formats), budget_layers):
+                    progress(line)
     return {"spec": spec, "dtype": dtype, "graphs": files}
 
 
@@ -101,12 +114,15 @@ def main(argv=None) -> int:
     ap.add_argument("--dtype", default="bf16", choices=sorted(DTYPE_ALIASES),
                     help="graph dtype (default bf16, the released checkpoints' dtype; fp16 drifts on Qwen3-VL)")
     ap.add_argument("--graphs", default="vision,embed,decoder")
+    ap.add_argument("--budget-layers", type=int, default=None,
+                    help="report the decoder's weight bytes extrapolated to N layers (e.g. the released depth of a "
+                         "depth-cut checkpoint; export/weight_report.py); default: the checkpoint's depth")
     add_weight_arguments(ap)
     args = ap.parse_args(argv)
     try:
         export_graphs(args.checkpoint, args.out_dir, args.dtype, tuple(args.graphs.split(",")),
                       progress=lambda msg: print(msg, file=sys.stderr, flush=True), formats=weight_formats(args),
-                      tp=args.tp)
+                      tp=args.tp, budget_layers=args.budget_layers)
     except UserError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
