@@ -13,7 +13,7 @@ request is admitted or ends), `qwen_vl_prompt_tokens_total`, `qwen_vl_generation
 """
 from __future__ import annotations
 
-from .metrics import E2E_BUCKETS, ITL_BUCKETS, TTFT_BUCKETS
+from .latency_buckets import E2E_BUCKETS, ITL_BUCKETS, TTFT_BUCKETS
 
 PREFIX = "qwen_vl_"
 
