@@ -54,19 +54,20 @@ class EngineWorker:
 
     def _request(self, job) -> SeqRequest:
         manifest = self.model.manifest
-        cfg = job.request.sampling.config(manifest.generation_config)
+        cfg = job.sampling.config(manifest.generation_config)
         job.start(self.tokenizer, manifest.eos_token_ids)
 
         def on_token(token: int) -> bool:
-            job.push(token)
+            job.push(token, seq.logprobs[-1] if seq.logprobs else None)
             return job.finished
 
         def on_end(reason: str) -> None:
             if reason != "cancelled":
                 job.finish(reason)
 
-        return SeqRequest(job.prepared, job.max_new, cfg, job.request.ignore_eos, job.cancelled, on_token, on_end,
-                          job.fail)
+        seq = SeqRequest(job.prepared, job.max_new, cfg, job.request.ignore_eos, job.cancelled, on_token, on_end,
+                         job.fail, job.constraint)
+        return seq
 
     def _shut_down(self, requests: list) -> None:
         for request in requests:

@@ -54,9 +54,11 @@ class OpenAIServer(ThreadingHTTPServer):
         """`batching`: "inflight" (runtime/serve/engine_worker.py: requests join the running batch at every step) or
         "static" (runtime/serve/serving.py Scheduler: each batch of `generate` runs to its end)."""
         from ..pipeline import Preprocessor
+        from ..structured import Grammars
 
         self.model, self.name, self.created = model, name, int(time.time())
         self.pre = Preprocessor(model.manifest)
+        self.grammars = Grammars(self.pre.tokenizer, model.spec.text.vocab_size, model.manifest.eos_token_ids)
         if batching == "static":
             from .serving import Scheduler
 
@@ -171,7 +173,7 @@ class Handler(BaseHTTPRequestHandler):
 
     # ---- chat completions ------------------------------------------------------------------------------
     def _chat(self) -> None:
-        from .serving import Job
+        from . import choices
 
         body = self._body()
         model = body.get("model") if isinstance(body, dict) else None
@@ -180,9 +182,12 @@ class Handler(BaseHTTPRequestHandler):
                                 "model", status=404, code="model_not_found")
         req = api.parse_chat_request(body, self.server.media)
         prepared = self._prepare(req.request)
-        job = Job(prepared, self.server.max_new_tokens(req.request, prepared.num_tokens), req.request)
-        self.server.scheduler.submit(job)
-        (self._stream if req.stream else self._whole)(job, req, prepared.num_tokens)
+        jobs = choices.jobs(prepared, self.server.max_new_tokens(req.request, prepared.num_tokens), req.request,
+                            self.server.grammars)
+        for job in jobs:  # n choices: one sequence each, one event queue and cancel flag for all
+            self.server.scheduler.submit(job)
+        out = choices.Choices(req.n, self.server.pre.tokenizer, api.completion_id(), self.server.name)
+        (self._stream if req.stream else self._whole)(jobs[0], req, prepared.num_tokens, out)
 
     def _prepare(self, request):
         """The pipeline's preprocessing; local media that does not decode gets local_media's one message (a video
@@ -211,24 +216,20 @@ class Handler(BaseHTTPRequestHandler):
             except queue.Empty:
                 pass
 
-    def _whole(self, job, req, prompt_tokens: int) -> None:
-        pieces = []
-        while True:
+    def _whole(self, job, req, prompt_tokens: int, out) -> None:
+        while not out.done:
             event = self._next_event(job)
-            if event[0] == "delta":
-                pieces.append(event[1])
-            elif event[0] == "error":
+            if event[0] == "error":
+                job.cancelled.set()  # the other choices
                 raise ProtocolError(event[2], status=event[1], kind=_error_kind(event[1]))
-            else:
-                use = api.usage(prompt_tokens, event[2])
-                self._json(200, api.completion(api.completion_id(), self.server.name, "".join(pieces), event[1], use))
-                return
+            out.add(event)
+        self._json(200, out.response(prompt_tokens))
 
-    def _stream(self, job, req, prompt_tokens: int) -> None:
+    def _stream(self, job, req, prompt_tokens: int, out) -> None:
         event = self._next_event(job)
         if event[0] == "error":  # nothing sent yet: a plain error response
+            job.cancelled.set()
             raise ProtocolError(event[2], status=event[1], kind=_error_kind(event[1]))
-        cid, name = api.completion_id(), self.server.name
         self.send_response(200)
         self.send_header("Content-Type", "text/event-stream")
         self.send_header("Cache-Control", "no-cache")
@@ -236,17 +237,18 @@ class Handler(BaseHTTPRequestHandler):
         self.end_headers()
         self.close_connection = True  # the stream ends when the connection does
         try:
-            self._event(api.chunk(cid, name, {"role": "assistant", "content": ""}))
+            for c in out.first_chunks():
+                self._event(c)
             while True:
-                if event[0] == "delta":
-                    self._event(api.chunk(cid, name, {"content": event[1]}))
-                elif event[0] == "error":
+                if event[0] == "error":
+                    job.cancelled.set()
                     self._event(api.error_body(event[2], _error_kind(event[1])))
                     break
-                else:
-                    self._event(api.chunk(cid, name, {}, event[1]))
+                for c in out.chunks(event):
+                    self._event(c)
+                if out.done:
                     if req.include_usage:
-                        self._event(api.chunk(cid, name, None, use=api.usage(prompt_tokens, event[2])))
+                        self._event(api.chunk(out.cid, out.model, None, use=out.usage(prompt_tokens)))
                     break
                 event = job.events.get()
             self.wfile.write(b"data: [DONE]\n\n")
