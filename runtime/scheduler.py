@@ -272,10 +272,12 @@ def _fail(request: SeqRequest, status: int, message: str) -> None:
 
 
 def generate_inflight(model, requests: list[PreparedRequest], sampling: SamplingConfig, max_new_tokens: int, *,
-                      ignore_eos: bool = False, on_token=None, max_batch: int | None = None) -> list:
+                      ignore_eos: bool = False, on_token=None, max_batch: int | None = None,
+                      constraints: list | None = None) -> list:
     """`generate` (runtime/generate.py) for many prompts through the engine: up to max_batch at a time, each
     taking a free slot as soon as one ends. `on_token(i, token_id)` as tokens of prompt i are chosen; a seeded
-    `sampling` seeds every prompt alike. -> generate.Result per prompt, in order."""
+    `sampling` seeds every prompt alike; `constraints`: one runtime/structured.py TokenConstraint per prompt.
+    -> generate.Result per prompt, in order."""
     from .generate import Result, cache_len_for
 
     if max_new_tokens < 1:
@@ -286,9 +288,11 @@ def generate_inflight(model, requests: list[PreparedRequest], sampling: Sampling
     seqs = []
     for i, prep in enumerate(requests):
         emit = (lambda tok, i=i: on_token(i, tok)) if on_token is not None else None
-        seqs.append(engine.submit(SeqRequest(prep, max_new_tokens, sampling, ignore_eos, on_token=emit)))
+        constraint = constraints[i] if constraints is not None else None
+        seqs.append(engine.submit(SeqRequest(prep, max_new_tokens, sampling, ignore_eos, on_token=emit,
+                                             constraint=constraint)))
     engine.run_until_idle()
-    return [Result(s.token_ids, s.prepared.num_tokens, _timings(s, model.backend)) for s in seqs]
+    return [Result(s.token_ids, s.prepared.num_tokens, _timings(s, model.backend), s.logprobs) for s in seqs]
 
 
 def _timings(seq: SeqRequest, backend: str) -> dict:
