@@ -101,6 +101,10 @@ class TokenConstraint:
         self.eos_only[[i for i in eos_ids if i < vocab_size]] = True
         self.error: str | None = None  # set when the matcher fails (a resource limit): the sequence then ends
 
+    def copy(self) -> "TokenConstraint":
+        """Another sequence's matcher in this one's state (the grammar is not compiled again)."""
+        return TokenConstraint(self.matcher.deep_copy(), self.vocab_size, np.flatnonzero(self.eos_only))
+
     def allowed(self) -> np.ndarray:
         """bool [V]: the tokens the grammar allows next."""
         import llguidance.numpy as llnp

@@ -26,7 +26,8 @@ import numpy as np
 import pytest
 
 from test_generate import N_NEW, artifacts, media, processor  # noqa: F401 (fixtures)
-from test_server import greedy, hf_chat, hf_text, image_chat, post, server, stream  # noqa: F401 (fixtures)
+from test_server import (greedy, hf_chat, hf_text, image_chat, post, server, static_server,  # noqa: F401 (fixtures)
+                         stream)
 from tolerances import FP32_ATOL
 
 HAIKU = [{"role": "user", "content": "Write a haiku about the sea."}]
@@ -229,6 +230,26 @@ def test_constrained_and_unconstrained_share_the_batch(server, media, hf_qwen3_v
     jsonschema.validate(json.loads("".join(c["choices"][0]["delta"].get("content", "") for c in chunks)), SCHEMA)
     n_prompt, tokens = hf_chat(hf_qwen3_vl, processor, image_chat(img), [img])
     assert out["plain"][0] == 200 and content(out["plain"][1]) == hf_text(processor, tokens)
+
+
+def test_static_batching_worker_takes_the_same_fields(static_server, hf_haiku, processor):  # noqa: F811
+    """`--batching static` (runtime/serve/serving.py): n choices of a schema-constrained request (each run alone:
+    one grammar per Sampler) validate; greedy n = 2 with logprobs == HF's tokens, both choices the same entries."""
+    import torch
+
+    body = {"messages": [{"role": "user", "content": "Describe a person as JSON."}], "max_tokens": 120,
+            "temperature": 1.0, "seed": 3, "n": 2, "structured_outputs": {"json": SCHEMA}}
+    status, r = post(static_server, body)
+    assert status == 200 and len(r["choices"]) == 2
+    for i in range(2):
+        jsonschema.validate(json.loads(content(r, i)), SCHEMA)
+    status, r = post(static_server, greedy(HAIKU, n=2, logprobs=True))
+    tokens, logits = hf_haiku
+    assert [content(r, i) for i in range(2)] == [hf_text(processor, tokens)] * 2
+    first = [e["logprob"] for e in r["choices"][0]["logprobs"]["content"]]
+    ref = [float(torch.log_softmax(step, dim=-1)[t]) for t, step in zip(tokens, logits)]
+    np.testing.assert_allclose(first, ref, atol=2 * FP32_ATOL)
+    assert r["choices"][1]["logprobs"] == r["choices"][0]["logprobs"]
 
 
 HI = [{"role": "user", "content": "hi"}]

@@ -18,12 +18,13 @@ from .serving import Job
 
 def jobs(prepared, max_new: int, request, grammars) -> list[Job]:
     """The Jobs of `request` (runtime/request.py) over its PreparedRequest; `grammars` (runtime/structured.py
-    Grammars) compiles its grammar once per choice (a GrammarError, a UserError, for a grammar that does not
-    compile)."""
+    Grammars) compiles its grammar once (a GrammarError, a UserError, for a grammar that does not compile); each
+    further choice gets a copy of the fresh matcher."""
     events, cancelled = queue.Queue(), threading.Event()
+    first = grammars.constraint(request.grammar) if request.grammar is not None else None
     out = []
     for index in range(request.n):
-        constraint = grammars.constraint(request.grammar) if request.grammar is not None else None
+        constraint = first if index == 0 or first is None else first.copy()
         out.append(Job(prepared, max_new, request, events, cancelled, index, constraint))
     return out
 

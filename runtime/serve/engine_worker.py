@@ -58,7 +58,9 @@ class EngineWorker:
         job.start(self.tokenizer, manifest.eos_token_ids)
 
         def on_token(token: int) -> bool:
-            job.push(token, seq.logprobs[-1] if seq.logprobs else None)
+            if seq.logprobs:
+                job.note_logprobs(seq.logprobs[-1])
+            job.push(token)
             return job.finished
 
         def on_end(reason: str) -> None:

@@ -83,13 +83,16 @@ class Job:
         self.eos, self.stop_ids = set(eos_ids), set(self.request.sampling.stop_token_ids)
         self.logprobs = [] if self.request.sampling.logprobs is not None else None
 
-    def push(self, token: int, logprobs=None) -> None:
-        """One generated token (and its sampling.TokenLogprobs): emit its text; end the job at a stop string, EOS,
-        a stop token or max_tokens. The EOS / stop token's own text is not part of the output unless
-        include_stop_str_in_output (vLLM); stop strings are looked for from min_tokens on (vLLM)."""
+    def note_logprobs(self, entry) -> None:
+        """The sampling.TokenLogprobs of the token `push` gets next (sent with the text it makes)."""
+        if self.logprobs is not None and entry is not None:
+            self.logprobs.append(entry)
+
+    def push(self, token: int) -> None:
+        """One generated token: emit its text; end the job at a stop string, EOS, a stop token or max_tokens. The
+        EOS / stop token's own text is not part of the output unless include_stop_str_in_output (vLLM); stop
+        strings are looked for from min_tokens on (vLLM)."""
         self.n_tokens += 1
-        if self.logprobs is not None and logprobs is not None:
-            self.logprobs.append(logprobs)
         at_eos = (token in self.eos and not self.request.ignore_eos) or token in self.stop_ids
         piece = "" if at_eos and not self.request.include_stop_str_in_output else self.decoder.push(token)
         armed = self.n_tokens >= (self.request.sampling.min_tokens or 0)
@@ -186,7 +189,9 @@ class Scheduler:
 
         def on_token(b: int, token: int) -> None:
             if not batch[b].over:
-                batch[b].push(token, sampler.last_logprobs[b] if sampler.last_logprobs is not None else None)
+                if sampler.last_logprobs is not None:
+                    batch[b].note_logprobs(sampler.last_logprobs[b])
+                batch[b].push(token)
             if all(j.over for j in batch):
                 raise _BatchOver
 
