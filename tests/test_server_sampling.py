@@ -203,7 +203,8 @@ def test_regex_choice_and_json_object_outputs(server):  # noqa: F811
     assert r["choices"][0]["finish_reason"] == "length" and content(r).startswith('{"')
 
 
-def test_constrained_and_unconstrained_share_the_batch(server, media, hf_qwen3_vl, processor, monkeypatch):  # noqa: F811
+def test_constrained_and_unconstrained_share_the_batch(server, media, hf_qwen3_vl, processor,  # noqa: F811
+                                                      monkeypatch):
     """A json_schema stream and an unconstrained image request run in the same decode steps (the engine is
     watched); the schema holds and the unconstrained text is HF's."""
     engine = server.scheduler.engine
