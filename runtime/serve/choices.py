@@ -16,11 +16,12 @@ from . import openai_protocol as api
 from .serving import Job
 
 
-def jobs(prepared, max_new: int, request, grammars) -> list[Job]:
-    """The Jobs of `request` (runtime/request.py) over its PreparedRequest; `grammars` (runtime/structured.py
+def jobs(prepared, max_new: int, request, grammars, events: queue.Queue | None = None) -> list[Job]:
+    """The Jobs of `request` (runtime/request.py) over its PreparedRequest, on `events` (a new queue.Queue when
+    None; a front-end may pass its own Queue subclass) and one cancel flag; `grammars` (runtime/structured.py
     Grammars) compiles its grammar once (a GrammarError, a UserError, for a grammar that does not compile); each
     further choice gets a copy of the fresh matcher."""
-    events, cancelled = queue.Queue(), threading.Event()
+    events, cancelled = events if events is not None else queue.Queue(), threading.Event()
     first = grammars.constraint(request.grammar) if request.grammar is not None else None
     out = []
     for index in range(request.n):
