@@ -11,6 +11,12 @@ package requires torch, which the runtime must not import), its bitmask API is n
 int32 [B, ceil(V / 32)], one bit per token, little-endian), it builds grammars with the GIL released, and each
 `LLMatcher` is one sequence's state, which is what a slot of runtime/scheduler.py needs.
 
+Cost: a grammar is compiled, and its first mask computed (the expensive part: lexer states built on first use;
+measured 3-6 s for the regex `a{1000}{1000}` with llguidance's default limits), by `Grammars.constraint` on the
+caller's thread (a request handler) with the GIL released, so the engine thread that steps every slot only pays
+the per-step masks, which llguidance bounds by its step fuel (measured <= 10 ms on the cases tried). A grammar's
+source is at most MAX_GRAMMAR_CHARS characters (a 3000-property schema, about 80 KB, took 4.5 s to compile).
+
 JSON is compact: no whitespace between tokens (llguidance's `whitespace_flexible` off, as vLLM's
 `disable_any_whitespace`). With flexible whitespace a weak model can emit blanks until max_tokens and never close
 the object; compact JSON is also what OpenAI's structured outputs return.
@@ -26,6 +32,7 @@ import numpy as np
 from qwen_vl_trt.model.errors import UserError
 
 KINDS = ("json_schema", "json_object", "regex", "choice")
+MAX_GRAMMAR_CHARS = 64 * 1024
 _JSON_OPTIONS = {"whitespace_flexible": False}
 
 
@@ -41,6 +48,9 @@ class Grammar:
     def __post_init__(self):
         if self.kind not in KINDS:
             raise ValueError(f"grammar kind {self.kind!r}: must be one of {', '.join(KINDS)}")
+        if len(self.source) > MAX_GRAMMAR_CHARS:
+            raise GrammarError(f"the {self.kind} grammar has {len(self.source)} characters: at most "
+                               f"{MAX_GRAMMAR_CHARS} are allowed")
 
     def llguidance(self) -> str:
         """The grammar in llguidance's own form (a JSON text LLMatcher takes)."""
@@ -86,7 +96,11 @@ class Grammars:
         matcher = llguidance.LLMatcher(self._ll_tokenizer(), text, log_level=0)
         if matcher.is_error():
             raise GrammarError(_one_line(matcher.get_error()))
-        return TokenConstraint(matcher, self.vocab_size, self.eos_ids)
+        constraint = TokenConstraint(matcher, self.vocab_size, self.eos_ids)
+        constraint.allowed()  # the first mask, here rather than on the engine's thread
+        if constraint.error is not None:
+            raise GrammarError(_one_line(constraint.error))
+        return constraint
 
 
 class TokenConstraint:
@@ -100,25 +114,35 @@ class TokenConstraint:
         self.eos_only = np.zeros(vocab_size, bool)
         self.eos_only[[i for i in eos_ids if i < vocab_size]] = True
         self.error: str | None = None  # set when the matcher fails (a resource limit): the sequence then ends
+        self.mask: np.ndarray | None = None  # bool [V] of the current state, until a token is accepted
 
     def copy(self) -> "TokenConstraint":
         """Another sequence's matcher in this one's state (the grammar is not compiled again)."""
-        return TokenConstraint(self.matcher.deep_copy(), self.vocab_size, np.flatnonzero(self.eos_only))
+        other = TokenConstraint(self.matcher.deep_copy(), self.vocab_size, np.flatnonzero(self.eos_only))
+        other.error, other.mask = self.error, self.mask
+        return other
 
     def allowed(self) -> np.ndarray:
-        """bool [V]: the tokens the grammar allows next."""
+        """bool [V]: the tokens the grammar allows next (do not modify it)."""
         import llguidance.numpy as llnp
 
+        if self.mask is not None:
+            return self.mask
         if self.error is None and self.matcher.is_error():
             self.error = self.matcher.get_error()
         if self.error is not None:
             return self.eos_only
         llnp.fill_next_token_bitmask(self.matcher, self.bitmask, 0)
+        if self.matcher.is_error():  # a limit reached while computing it
+            self.error = self.matcher.get_error()
+            return self.eos_only
         bits = np.unpackbits(self.bitmask.view(np.uint8), bitorder="little")[:self.vocab_size]
-        return bits.astype(bool)
+        self.mask = bits.astype(bool)
+        return self.mask
 
     def accept(self, token: int) -> None:
         """Advance by the chosen token (one `allowed()` gave; after the grammar stopped, nothing changes)."""
+        self.mask = None
         if self.error is None and not self.matcher.is_stopped():
             self.matcher.consume_token(int(token))
 

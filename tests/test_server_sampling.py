@@ -281,6 +281,8 @@ HI = [{"role": "user", "content": "hi"}]
      "response_format.type: 'xml' is not supported (text, json_object, json_schema)"),
     ({"response_format": {"type": "json_object"}, "guided_regex": "a+"}, "guided_regex",
      "guided_regex: only one structured output per request (also response_format)"),
+    ({"guided_regex": "a" * 70000}, "guided_regex",
+     "guided_regex: the regex grammar has 70000 characters: at most 65536 are allowed"),
     ({"guided_regex": "a+", "ignore_eos": True}, "ignore_eos",
      "ignore_eos: must be false with a structured output (the grammar ends the text), got True"),
 ])

@@ -40,7 +40,7 @@ import json
 
 from .. import prompt
 from ..request import FieldError, Request, Sampling, check_field
-from ..structured import Grammar
+from ..structured import Grammar, GrammarError
 from .local_media import LocalMediaPolicy, MediaRefused
 
 MAX_STOP = 4
@@ -208,14 +208,14 @@ def parse_grammar(body: dict) -> Grammar | None:
     if fmt is not None:
         kind = fmt.get("type")
         if kind == "json_object":
-            found.append(("response_format", Grammar("json_object", "")))
+            found.append(("response_format", _grammar("json_object", "", "response_format")))
         elif kind == "json_schema":
             spec = _typed(fmt, "json_schema", dict, "response_format.json_schema") or {}
             schema = spec.get("schema", spec.get("json_schema"))
             if not isinstance(schema, dict):
                 raise ProtocolError("response_format.json_schema.schema: must be a JSON schema object",
                                     "response_format")
-            found.append(("response_format", Grammar("json_schema", json.dumps(schema))))
+            found.append(("response_format", _grammar("json_schema", json.dumps(schema), "response_format")))
         elif kind != "text":
             raise ProtocolError(f"response_format.type: {kind!r} is not supported (text, json_object, json_schema)",
                                 "response_format")
@@ -229,6 +229,13 @@ def parse_grammar(body: dict) -> Grammar | None:
         raise ProtocolError(f"{found[1][0]}: only one structured output per request (also {found[0][0]})",
                             found[1][0])
     return found[0][1] if found else None
+
+
+def _grammar(kind: str, source: str, param: str) -> Grammar:
+    try:
+        return Grammar(kind, source)
+    except GrammarError as e:  # too large
+        raise ProtocolError(f"{param}: {e}", param) from None
 
 
 def _structured(spec: dict, where: str) -> dict:
@@ -245,13 +252,13 @@ def _structured(spec: dict, where: str) -> dict:
             except ValueError:
                 raise ProtocolError(f"{param}: not a JSON schema (invalid JSON)", param) from None
         if key == "json" and isinstance(value, dict):
-            out[key] = Grammar("json_schema", json.dumps(value))
+            out[key] = _grammar("json_schema", json.dumps(value), param)
         elif key == "regex" and isinstance(value, str):
-            out[key] = Grammar("regex", _valid_text(value, param))
+            out[key] = _grammar("regex", _valid_text(value, param), param)
         elif key == "choice" and isinstance(value, list) and value and all(isinstance(c, str) for c in value):
-            out[key] = Grammar("choice", json.dumps([_valid_text(c, param) for c in value]))
+            out[key] = _grammar("choice", json.dumps([_valid_text(c, param) for c in value]), param)
         elif key == "json_object" and value is True:
-            out[key] = Grammar("json_object", "")
+            out[key] = _grammar("json_object", "", param)
         elif key in _STRUCTURED:
             need = {"json": "a JSON schema", "regex": "a string", "choice": "a non-empty list of strings",
                     "json_object": "a boolean"}[key]
