@@ -110,7 +110,7 @@ class Sampler:
     """`sample(logits [B, V]) -> int64 [B]`; holds the random generator so a seed fixes the whole run, and the
     tokens of each sequence so far when a repetition penalty is set (`start()` with the prompts).
     `eos_ids`: the EOS ids `min_tokens` holds back (with cfg.stop_token_ids). `constraint` (one sequence, B = 1):
-    an object with `allowed() -> bool [V] | None` and `accept(token)` (runtime/structured.py). After each
+    an object with `allowed() -> bool [V]` and `accept(token)` (runtime/structured.py). After each
     `sample`, `last_logprobs` holds a TokenLogprobs per row when cfg.logprobs is set."""
 
     def __init__(self, cfg: SamplingConfig, eos_ids=(), constraint=None):

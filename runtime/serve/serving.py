@@ -44,7 +44,8 @@ class StopFilter:
         it with `include`). Not `armed` (before min_tokens, as vLLM): no match is looked for in this piece."""
         start = max(0, len(self.text) - self.hold)  # a new match must use a character of `piece`
         self.text += piece
-        hits = sorted((i, -len(s)) for s in self.stops if armed for i in [self.text.find(s, start)] if i >= 0)
+        found = [(self.text.find(s, start), -len(s)) for s in self.stops] if armed else []
+        hits = sorted(hit for hit in found if hit[0] >= 0)  # the first match; the longest stop string there
         if hits:
             end = hits[0][0] - (hits[0][1] if self.include else 0)
         else:
