@@ -150,6 +150,20 @@ def test_skip_special_tokens_false_keeps_special_token_text(processor, server): 
         assert events[-1][:2] == ("done", "stop")
 
 
+def test_stop_filter_include_and_min_tokens_arming():
+    """Hand-checked: with include the text ends after the stop string; a stop string wholly inside pieces fed
+    before min_tokens (not armed) is not a match (vLLM looks from min_tokens on), one completed after is."""
+    from qwen_vl_trt.runtime.serve.serving import StopFilter
+
+    f = StopFilter(("END", "ENDING"), include=True)  # holds back 5 characters (len("ENDING") - 1)
+    assert f.feed("abc EN") == ("a", False)
+    assert f.feed("DING more") == ("bc ENDING", True)  # the first match, the longer stop string there
+    f = StopFilter(("STOP",))  # holds back 3
+    assert f.feed("a STOP b", armed=False) == ("a STO", False)
+    assert f.feed(" c ST", armed=True) == ("P b c", False)  # the STOP fed unarmed is past
+    assert f.feed("OP d", armed=True) == (" ", True)
+
+
 def test_n_choices_are_seeded_requests_alone(server, hf_haiku, processor):  # noqa: F811
     body = {"messages": HAIKU, "max_tokens": 8, "temperature": 0.9, "seed": 11, "ignore_eos": True}
     status, r = post(server, {**body, "n": 3})
