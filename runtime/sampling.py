@@ -101,7 +101,11 @@ def top_logprobs(logprobs: np.ndarray, tokens: np.ndarray, k: int) -> list[Token
     """float32 [B, V] log-probabilities and the chosen int64 [B] -> one TokenLogprobs per row."""
     out = []
     for row, token in zip(logprobs, tokens):
-        top = np.argsort(-row, kind="stable")[:k] if k > 0 else np.zeros(0, np.int64)
+        top = np.zeros(0, np.int64)
+        if k > 0:  # the k-th largest value, every id at or above it (ties kept), then sorted: no full sort
+            kth = np.partition(row, -min(k, row.size))[-min(k, row.size)]
+            candidates = np.flatnonzero(row >= kth)
+            top = candidates[np.lexsort((candidates, -row[candidates]))][:k]
         out.append(TokenLogprobs(int(token), float(row[token]), tuple((int(i), float(row[i])) for i in top)))
     return out
 

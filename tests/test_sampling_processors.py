@@ -17,7 +17,7 @@ import numpy as np
 import pytest
 import torch
 
-from qwen_vl_trt.runtime.sampling import Sampler, SamplingConfig, log_softmax, logits_to_probs
+from qwen_vl_trt.runtime.sampling import Sampler, SamplingConfig, log_softmax, logits_to_probs, top_logprobs
 
 VOCAB = 151936  # the demo model's logits (spec.text.vocab_size)
 EOS = (151645, 151643)  # <|im_end|>, <|endoftext|>
@@ -77,6 +77,13 @@ def test_raw_logprobs_are_torch_log_softmax_of_the_logits():
         top = np.argsort(-row)[:5]
         assert [t for t, _ in got.top] == top.tolist()
         np.testing.assert_allclose([lp for _, lp in got.top], row[top], atol=1e-5)
+    # ties at and across the k-th place: most likely first, then the lower id (Python's sort as the reference)
+    tied = np.zeros((1, 300), np.float32)
+    tied[0, [250, 7, 99, 3]] = 2.0
+    tied[0, [120, 5]] = 1.0
+    got = top_logprobs(log_softmax(tied), np.array([0]), 5)[0]
+    ref_row = log_softmax(tied)[0]
+    assert [t for t, _ in got.top] == sorted(range(300), key=lambda i: (-ref_row[i], i))[:5] == [3, 7, 99, 250, 5]
 
 
 @pytest.fixture(scope="module")
