@@ -9,8 +9,8 @@ run twice, with the default fp32 accumulation (HF-exact) and with `QWEN_VL_INT4_
 rounded to int8 inside MatMulNBits, ONNX Runtime's fast CPU path). For each:
 decoder weight bytes, prefill ms of a text prompt, decode tok/s per batch (greedy, `--tokens` new tokens),
 on ONNX Runtime's fused graphs (`*.ort.onnx`); HF transformers (fp32, dense) decodes the same prompt in the same
-process for the ratios. lm_head (tied to the 151936-row embedding table) stays dense in both, so the fewer the
-layers, the more it dominates a decode step: at 2B's 28 layers the projections are ~80 % of the weights.
+process for the ratios. lm_head (tied to the 151936-row embedding table) is INT4 in the int4 graphs (embed.onnx keeps
+the dense table, which a decode step only gathers a row of).
 Random weights say nothing about INT4's accuracy; only speed and bytes are measured.
 """
 from __future__ import annotations
@@ -48,6 +48,7 @@ def run(args, work: Path, argv) -> int:
     from qwen_vl_trt.export.export_all import export_all
     from qwen_vl_trt.model.contracts import Limits
     from qwen_vl_trt.model.manifest import load_manifest
+    from qwen_vl_trt.model.weight_formats import WeightFormats
     from qwen_vl_trt.runtime.pipeline import Preprocessor
     from qwen_vl_trt.runtime.request import Request
 
@@ -55,14 +56,14 @@ def run(args, work: Path, argv) -> int:
     ckpt = make_checkpoint(work, args.text_layers, 1)
     limits = Limits(max_patches=1024, max_batch=max(args.batch), max_seq=args.prompt + 64,
                     max_cache_len=args.prompt + 64 + args.tokens + 16)
+    int4 = WeightFormats.parse("int4", int4_block=args.block)
     arts = {"dense": export_all(ckpt, work / "dense", "fp32", limits).parent,
-            "int4": export_all(ckpt, work / "int4", "fp32", limits, int4_block=args.block).parent}
+            "int4": export_all(ckpt, work / "int4", "fp32", limits, formats=int4).parent}
     print(f"checkpoint + two fp32 exports: {time.perf_counter() - t0:.0f} s ({work})", file=sys.stderr)
     prompt = text_prompt(args.prompt)
     runs = {k: ours(a, True, {}, prompt, args.tokens, args.batch, args.threads) for k, a in arts.items()}
-    os.environ["QWEN_VL_INT4_ACCURACY_LEVEL"] = "4"  # int8 activations: ONNX Runtime's fast CPU path, not HF-exact
-    runs["int4 a8"] = ours(arts["int4"], True, {}, prompt, args.tokens, args.batch, args.threads)
-    del os.environ["QWEN_VL_INT4_ACCURACY_LEVEL"]
+    # int8 activations: ONNX Runtime's fast CPU path, not HF-exact
+    runs["int4 a8"] = ours(arts["int4"], True, {}, prompt, args.tokens, args.batch, args.threads, "int8")
     ids = Preprocessor(load_manifest(arts["dense"])).prepare(Request(prompt)).input_ids.tolist()
     ref = hf(ckpt, {}, ids, args.tokens, args.batch, args.threads)
 

@@ -2,6 +2,7 @@
 
   python bench/bench_moe_bytes.py [--config 30B-A3B] [--layers 3] [--batch 1 4 16] [--prompt 128] [--steps 3]
                                   [--work /tmp/qwen-vl-moe-bench] [--keep] [--analytic-only]
+  python bench/bench_moe_bytes.py --expert-formats [--plugins build/plugins/libqwen_vl_plugins.so]
 
 Part 1, analytic, for the full released 30B-A3B and 235B-A22B configs (bf16 weights): parameters per token
 (attention, router, the k selected experts, lm_head, one embedding row) vs the experts' share, the bytes a
@@ -14,6 +15,13 @@ profiler gives each node's output bytes, also inside the experts' Loop body; the
 outputs of the Gather nodes whose data input is an expert initializer (gate_up_proj / down_proj): exactly the
 weight slices the step reads. Printed per decode token next to k * 3 * C * I * 4 bytes * layers (the selected
 experts, fp32) and per prefill step next to one read of every expert and to per-token copies.
+
+Part 3 (`--expert-formats`, instead of 1-2), quantized experts (export/moe_quant.py): a random Qwen3-VL-MoE (the
+tiny test model widened: C 512, I 192 (2I != C: HF tells the expert layouts apart by shape), 32 experts, top-8,
+4 text layers of which 3 sparse), its bf16 decoder.onnx with the experts dense / FP8 (block 128) / INT4 (block 64,
+dividing I), the experts' bytes in decoder.onnx.data, and the TensorRT-RTX engine (AOT, SM89 + SM120) built with
+the plugin library when given (MoEExperts reads the quantized tensors) or from the inlined reference bodies: total
+engine bytes and the difference to the dense engine.
 """
 from __future__ import annotations
 
@@ -169,7 +177,15 @@ def main(argv=None) -> int:
     ap.add_argument("--work", default="/tmp/qwen-vl-moe-bench")
     ap.add_argument("--keep", action="store_true", help="keep the checkpoint and the graph")
     ap.add_argument("--analytic-only", action="store_true")
+    ap.add_argument("--expert-formats", action="store_true", help="part 3 only: quantized experts' graph/engine bytes")
+    ap.add_argument("--plugins", default=None, help="plugin library for part 3's engines (default: reference bodies)")
     args = ap.parse_args(argv)
+    if args.expert_formats:
+        print("\n".join(expert_formats(Path(args.work), args.plugins)))
+        print(f"\nbench: python bench/bench_moe_bytes.py {' '.join(argv if argv is not None else sys.argv[1:])}")
+        print(f"machine: {machine()}")
+        print(f"date: {dt.datetime.now(dt.timezone.utc).strftime('%Y-%m-%d %H:%M UTC')}")
+        return 0
 
     print("| model | total params | active params / token | of which experts | k experts per layer (bf16) "
           "| expert bytes / decode token (bf16) | all weight bytes / decode token (bf16) | H100 HBM bound "
@@ -188,6 +204,54 @@ def main(argv=None) -> int:
     print(f"machine: {machine()}")
     print(f"date: {dt.datetime.now(dt.timezone.utc).strftime('%Y-%m-%d %H:%M UTC')}")
     return 0
+
+
+def expert_formats(work: Path, plugins: str | None) -> list[str]:
+    """Part 3: per experts format, bf16 decoder expert bytes (ONNX) and TensorRT-RTX engine bytes."""
+    import subprocess
+
+    import onnx
+
+    from qwen_vl_trt.export.decoder import export_decoder
+    from qwen_vl_trt.export.demo_checkpoint import QWEN3_VL_MOE_TINY, make_checkpoint
+    from qwen_vl_trt.export.weights import CheckpointWeights
+    from qwen_vl_trt.model.spec import ModelSpec
+    from qwen_vl_trt.model.trt_compat import rtx_env
+    from qwen_vl_trt.model.weight_formats import WeightFormats
+
+    text = {**QWEN3_VL_MOE_TINY["text_config"], "hidden_size": 512, "moe_intermediate_size": 192, "num_experts": 32,
+            "num_experts_per_tok": 8}
+    vision = {**QWEN3_VL_MOE_TINY["vision_config"], "out_hidden_size": 512}
+    ckpt = make_checkpoint(work / "ckpt-expert-formats", "qwen3_vl_moe", seed=7,
+                           config_overrides={"text_config": text, "vision_config": vision})
+    spec = ModelSpec.from_checkpoint(ckpt)
+    rows = ["| experts | expert bytes in decoder.onnx.data | vs dense | decoder.onnx.data | engine (SM89+SM120, "
+            f"{'plugin' if plugins else 'reference bodies'}) | engine vs dense |", "|---|---|---|---|---|---|"]
+    dense = {}
+    for fmt in ("dense", "fp8", "int4"):
+        out = work / f"decoder-{fmt}"
+        out.mkdir(parents=True, exist_ok=True)
+        (out / "config.json").write_bytes((ckpt / "config.json").read_bytes())
+        export_decoder(spec, CheckpointWeights(ckpt), out, "bfloat16",
+                       formats=WeightFormats.parse(f"experts={fmt}", int4_block=64))
+        model = onnx.load(str(out / "decoder.onnx"), load_external_data=False)
+        experts = sum(int({e.key: e.value for e in t.external_data}["length"]) for t in model.graph.initializer
+                      if ".experts." in t.name)
+        flags = ["--plugins", plugins] if plugins else []
+        r = subprocess.run([sys.executable, "-m", "qwen_vl_trt.export.build_engines", str(out), "--graphs", "decoder",
+                            "--dtype", "bfloat16", "--max-batch", "2", "--max-seq", "256", "--max-cache-len", "512",
+                            "--compute-capabilities", "8.9", "12.0", *flags],
+                           capture_output=True, text=True, env=rtx_env(), timeout=1800)
+        if r.returncode != 0:
+            raise SystemExit(f"engine build failed for experts={fmt}: {r.stderr[-2000:]}")
+        engine = (out / "decoder.engine").stat().st_size
+        dense.setdefault("experts", experts)
+        dense.setdefault("engine", engine)
+        rows.append(f"| {fmt} | {experts / 1e6:.2f} MB | {experts / dense['experts']:.3f}x | "
+                    f"{(out / 'decoder.onnx.data').stat().st_size / 1e6:.1f} MB | {engine / 1e6:.1f} MB | "
+                    f"{(engine - dense['engine']) / 1e6:+.1f} MB |")
+        print(f"  experts={fmt}: built", file=sys.stderr, flush=True)
+    return rows
 
 
 def run_measurement(cfg: dict, args) -> list[dict]:

@@ -52,13 +52,14 @@ def text_prompt(n: int) -> str:
     return " ".join(words[i % len(words)] for i in range(n))
 
 
-def ours(art: Path, fused: bool, images: dict, prompt: str, tokens: int, batches, threads: int) -> dict:
+def ours(art: Path, fused: bool, images: dict, prompt: str, tokens: int, batches, threads: int,
+         int4_activations: str | None = None) -> dict:
     from qwen_vl_trt.runtime.generate import generate, load_model
     from qwen_vl_trt.runtime.pipeline import Preprocessor, vision_feeds
     from qwen_vl_trt.runtime.request import Request
     from qwen_vl_trt.runtime.sampling import Sampler, SamplingConfig
 
-    model = load_model(art, "onnxruntime", threads=threads, ort_fused=fused)
+    model = load_model(art, "onnxruntime", threads=threads, ort_fused=fused, int4_activations=int4_activations)
     pre = Preprocessor(model.manifest)
     out = {"provider": model.sessions["decoder"].sess.get_providers()[0], "vision_ms": {}, "tok_s": {}}
     for size, path in images.items():

@@ -92,13 +92,13 @@ def requests(art: Path, work: Path, sizes) -> tuple[dict, object, int]:
 # ---- roofline ------------------------------------------------------------------------------------------------
 def decode_bytes(ckpt: Path, spec, batch: int, context: float, kv_itemsize: int, int4_block: int | None = None) -> float:
     """Bytes a decode step must read: every text-decoder weight once (the embedding table only as lm_head when
-    tied: its rows are gathered, not read), plus each sequence's KV rows. With `int4_block`, the projections
-    export/int4.py quantizes count half a byte per weight plus one scale per block."""
+    tied: its rows are gathered, not read), plus each sequence's KV rows. With `int4_block` (`--weights int4`), the
+    projections export/int4.py quantizes and lm_head count half a byte per weight plus one scale per block."""
     from qwen_vl_trt.export.int4 import QUANTIZED
 
     import struct
 
-    text, embed, head = 0, 0, 0
+    text, embed, head, head_elem = 0, 0, 0, 0
     for shard in sorted(ckpt.glob("*.safetensors")):
         with open(shard, "rb") as f:
             (n,) = struct.unpack("<Q", f.read(8))
@@ -106,10 +106,12 @@ def decode_bytes(ckpt: Path, spec, batch: int, context: float, kv_itemsize: int,
         header.pop("__metadata__", None)
         for key, v in header.items():
             size = v["data_offsets"][1] - v["data_offsets"][0]
-            if key == "lm_head.weight":
-                head += size
-            elif "embed_tokens" in key:
-                embed += size
+            if key == "lm_head.weight" or "embed_tokens" in key:
+                n_elem = size // 2 if v["dtype"] in ("BF16", "F16") else size // 4
+                if key == "lm_head.weight":
+                    head, head_elem = head + size, n_elem
+                else:
+                    embed, head_elem = embed + size, head_elem or n_elem
             elif "language_model" in key:
                 n_elem = size // 2 if v["dtype"] in ("BF16", "F16") else size // 4
                 layer = key.rsplit(".", 2)[-2] if key.endswith(".weight") else ""
@@ -117,6 +119,8 @@ def decode_bytes(ckpt: Path, spec, batch: int, context: float, kv_itemsize: int,
                     size = n_elem // 2 + (n_elem // int4_block) * kv_itemsize  # int4 values + scales (graph dtype)
                 text += size
     t = spec.text
+    if int4_block and t.hidden_size % int4_block == 0:  # --weights int4 quantizes lm_head (the tied table's copy)
+        head, embed = head_elem // 2 + (head_elem // int4_block) * kv_itemsize, 0
     kv_per_token = t.num_hidden_layers * 2 * t.num_key_value_heads * t.head_dim * kv_itemsize
     return text + (head or embed) + batch * context * kv_per_token
 

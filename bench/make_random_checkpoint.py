@@ -1,6 +1,7 @@
 """Random-weight checkpoint with the real config.json of a released Qwen3-VL model, written without the model in RAM.
 
   python bench/make_random_checkpoint.py 8B /tmp/qwen3vl-8b-random [--dtype bf16] [--shard-gb 2]
+  python bench/make_random_checkpoint.py 2B /tmp/qwen3vl-2b-8L --text-layers 8 --vision-depth 8   # cut in depth
   python bench/make_random_checkpoint.py --check-keys      # key names/shapes == save_pretrained (tiny model)
 
 Parameter names and shapes come from the HF model instantiated on the `meta` device (no storage), so the
@@ -42,9 +43,19 @@ CHUNK = 32 << 20  # elements per write (64 MiB in bf16)
 POOL = 32 << 20  # elements of N(0, 1) reused at random offsets
 
 
-def released_config(name: str, dtype: str = "bf16") -> dict:
+def released_config(name: str, dtype: str = "bf16", text_layers: int | None = None,
+                    vision_depth: int | None = None) -> dict:
+    """The released config of `name`; `text_layers` / `vision_depth` cut the depth (same per-layer shapes).
+    A cut vision tower keeps its DeepStack taps at the same fraction of the depth (floor(i * depth / full)),
+    e.g. 2B's [5, 11, 17] of 24 -> [1, 3, 5] of 8."""
     r = RELEASED[name]
     cfg = _dense_config(r, dtype)
+    if text_layers:
+        cfg["text_config"]["num_hidden_layers"] = text_layers
+    if vision_depth:
+        full = cfg["vision_config"]["depth"]
+        taps = sorted({i * vision_depth // full for i in cfg["vision_config"]["deepstack_visual_indexes"]})
+        cfg["vision_config"].update(depth=vision_depth, deepstack_visual_indexes=taps)
     if "moe" in r:
         experts, top_k, moe_inter = r["moe"]
         cfg.update(architectures=["Qwen3VLMoeForConditionalGeneration"], model_type="qwen3_vl_moe")
@@ -268,6 +279,8 @@ def main(argv=None) -> int:
     ap.add_argument("--dtype", default="bf16", choices=sorted(ST_DTYPES))
     ap.add_argument("--shard-gb", type=float, default=2.0)
     ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--text-layers", type=int, default=None, help="keep the first N text layers (default: all)")
+    ap.add_argument("--vision-depth", type=int, default=None, help="keep N vision blocks (default: all)")
     ap.add_argument("--check-keys", action="store_true", help="compare key names with save_pretrained and exit")
     args = ap.parse_args(argv)
     if args.check_keys:
@@ -275,7 +288,8 @@ def main(argv=None) -> int:
     if not args.config or not args.out_dir:
         ap.error("CONFIG_NAME and OUT_DIR are required")
     t0 = time.perf_counter()
-    out = write_checkpoint(released_config(args.config, args.dtype), args.out_dir, args.dtype, args.shard_gb, args.seed)
+    cfg = released_config(args.config, args.dtype, args.text_layers, args.vision_depth)
+    out = write_checkpoint(cfg, args.out_dir, args.dtype, args.shard_gb, args.seed)
     print(f"wrote random Qwen3-VL-{args.config} checkpoint to {out} in {time.perf_counter() - t0:.0f} s")
     return 0
 

@@ -91,12 +91,13 @@ def prepare_smoke(work: Path, checkpoint: Path | None, weights: str = "dense") -
     from qwen_vl_trt.export.export_all import export_all
     from qwen_vl_trt.model.contracts import Limits
     from qwen_vl_trt.export.demo_checkpoint import make_checkpoint
+    from qwen_vl_trt.model.weight_formats import WeightFormats
 
     ckpt = checkpoint or make_checkpoint(work / "ckpt-tiny", "qwen3_vl", seed=0)
     art = work / ("art-tiny" if weights == "dense" else f"art-tiny-{weights}")
     if not (art / "manifest.json").is_file():
         export_all(ckpt, art, "fp32", Limits(max_batch=2, max_seq=1024, max_cache_len=2048),
-                   int4_block=INT4_BLOCK if weights == "int4" else None)
+                   formats=WeightFormats.parse(weights, int4_block=INT4_BLOCK))
     return Path(ckpt), art
 
 

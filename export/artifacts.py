@@ -7,6 +7,7 @@ every backend so a request that an engine would refuse fails the same way on ONN
 from __future__ import annotations
 
 import importlib.metadata
+import json
 import shutil
 import sys
 from pathlib import Path
@@ -16,7 +17,8 @@ from qwen_vl_trt.model.errors import CheckpointError
 from qwen_vl_trt.model.manifest import COPIED_FILES, GRAPHS, REQUIRED_FILES, save_manifest, sha256_file
 from qwen_vl_trt.model.spec import ModelSpec
 
-from .int4 import WEIGHTS_METADATA
+from qwen_vl_trt.model.weight_formats import METADATA_KEY, WeightFormats
+
 from .onnx_graph import DTYPE_ALIASES
 from .ort_fused import fused_path, nbits_data_path
 
@@ -75,7 +77,7 @@ def write_manifest(ckpt: Path, out: Path, dtype: str, limits: Limits, engines: b
             raise CheckpointError(f"{engine} missing: the engine build did not finish")
         graphs[name] = {"onnx": onnx_file.name, "onnx_data": data.name if data.is_file() else None,
                         "engine": engine.name if engines else None}
-        graphs[name]["weights"] = graph_metadata(onnx_file).get(WEIGHTS_METADATA, "dense")
+        graphs[name]["weights"] = graph_weights(onnx_file)
         ort_file = fused_path(onnx_file)
         if ort_file.is_file():  # ONNX Runtime's fused flavour (export/ort_fused.py)
             graphs[name]["onnx_ort"] = ort_file.name
@@ -83,6 +85,18 @@ def write_manifest(ckpt: Path, out: Path, dtype: str, limits: Limits, engines: b
                 graphs[name]["onnx_ort_data"] = nbits_data_path(ort_file).name
     return save_manifest(out, spec, dtype, limits, graphs, plugins=plugins, tools=tool_versions(),
                           checkpoint={"name": ckpt.resolve().name, "sha256": checkpoint_hashes(ckpt)})
+
+
+def graph_weights(onnx_file: Path):
+    """manifest.json's `weights` of a graph: its metadata's WeightFormats JSON (decoder, embed), "dense" for a graph
+    without one (vision: always dense)."""
+    meta = graph_metadata(onnx_file).get(METADATA_KEY)
+    if meta is None:
+        return "dense"
+    try:
+        return WeightFormats.from_json(json.loads(meta)).to_json()
+    except ValueError:
+        raise CheckpointError(f"{onnx_file}: metadata {METADATA_KEY} is not valid JSON: {meta[:80]!r}") from None
 
 
 def graph_metadata(onnx_file: Path) -> dict:

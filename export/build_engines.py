@@ -54,6 +54,8 @@ def build_engine(trt, onnx_path: Path, engine_path: Path, contract: GraphSpec, l
                  log=print) -> Path:
     from qwen_vl_trt.model.trt_compat import load_plugin_library
 
+    from .plugin_ops import inlined_for_tensorrt
+
     logger = build_logger(trt)
     builder = trt.Builder(logger)
     if plugin_lib:  # the qwen_vl nodes become PLUGIN_V3 layers; without it TensorRT inlines their ONNX bodies
@@ -66,7 +68,8 @@ def build_engine(trt, onnx_path: Path, engine_path: Path, contract: GraphSpec, l
     flag = getattr(trt.NetworkDefinitionCreationFlag, "STRONGLY_TYPED", None)
     network = builder.create_network(0 if flag is None else 1 << int(flag))
     parser = trt.OnnxParser(network, logger)
-    if not parser.parse_from_file(str(onnx_path)):
+    inlined = None if plugin_lib else inlined_for_tensorrt(onnx_path)  # MoEExperts bodies, renamed per layer
+    if not (parser.parse(inlined, str(onnx_path)) if inlined else parser.parse_from_file(str(onnx_path))):
         errors = "; ".join(parser.get_error(i).desc() for i in range(parser.num_errors))
         raise CheckpointError(f"{onnx_path}: TensorRT cannot parse the graph: {errors}")
     n_plugins = sum(network.get_layer(i).type == trt.LayerType.PLUGIN_V3 for i in range(network.num_layers))

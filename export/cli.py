@@ -1,9 +1,11 @@
-"""`qwen-vl-export CHECKPOINT OUT_DIR [--dtype bf16|fp16|fp32] [--graphs vision,embed,decoder] [--weights dense|int4]`.
+"""`qwen-vl-export CHECKPOINT OUT_DIR [--dtype bf16|fp16|fp32] [--graphs vision,embed,decoder] [--weights FORMATS]
+[--int4-block-size 16|32|64|128] [--int4-activations fp32|int8]`.
 
 Writes OUT_DIR/{vision,embed,decoder}.onnx with their weights in `<graph>.onnx.data` (external data,
 streamed one tensor at a time), and vision.ort.onnx / decoder.ort.onnx: the same graphs for ONNX Runtime with
-its fused contrib ops, reading the same .onnx.data files (export/ort_fused.py). A bad checkpoint ends with one
-line on stderr and exit code 2.
+its fused contrib ops, reading the same .onnx.data files (export/ort_fused.py). `--weights`: the format of each
+group of decoder weights (model/weight_formats.py: `dense`, `fp8`, `int4` or `GROUP=FORMAT,...`). A bad checkpoint
+or flag value ends with one line on stderr and exit code 2.
 """
 from __future__ import annotations
 
@@ -12,17 +14,18 @@ import sys
 import time
 from pathlib import Path
 
-from .int4 import BLOCK_SIZES
 from .onnx_graph import DTYPE_ALIASES
 from qwen_vl_trt.model.errors import UserError
 from qwen_vl_trt.model.spec import ModelSpec
+from qwen_vl_trt.model.weight_formats import INT4_BLOCK_SIZES, WeightFormats
 from .weights import CheckpointWeights
 
 
 def export_graphs(ckpt_dir, out_dir, dtype: str = "bfloat16", graphs=("vision", "embed", "decoder"),
-                  progress=None, int4_block: int | None = None) -> dict:
+                  progress=None, formats: WeightFormats = WeightFormats()) -> dict:
     """Export the graphs of a checkpoint; returns {"spec": ModelSpec, "dtype": str, "graphs": {name: file}}.
-    `int4_block`: the decoder's projections as INT4 weight-only blocks of this size (export/int4.py)."""
+    `formats`: the format of each group of decoder weights (model/weight_formats.py; export/int4.py, fp8.py,
+    int8.py; the experts group is export/moe.py's), recorded in decoder.onnx's and embed.onnx's metadata."""
     from .decoder import export_decoder
     from .embed import export_embed
     from .ort_fused import write_fused
@@ -32,10 +35,14 @@ def export_graphs(ckpt_dir, out_dir, dtype: str = "bfloat16", graphs=("vision", 
     weights = CheckpointWeights(ckpt_dir)
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    exporters = {"vision": spec.family.load("vision_exporter"), "embed": export_embed,
-                 "decoder": lambda *a: export_decoder(*a, int4_block=int4_block)}
-    if weights.quant and progress:
-        progress(f"{weights.quant.describe()}: dequantized to {dtype} as they are read")
+    formats.check()
+    exporters = {"vision": spec.family.load("vision_exporter"), "embed": lambda *a: export_embed(*a, formats),
+                 "decoder": lambda *a: export_decoder(*a, formats)}
+    if progress:
+        progress(f"weights: {formats.describe()}")
+        if weights.quant:
+            kept = " (FP8 groups keep the checkpoint's e4m3 bytes and scales)" if "fp8" in formats.describe() else ""
+            progress(f"{weights.quant.describe()}: dense groups dequantized to {dtype} as they are read{kept}")
     files = {}
     for name in graphs:
         t0 = time.perf_counter()
@@ -48,6 +55,27 @@ def export_graphs(ckpt_dir, out_dir, dtype: str = "bfloat16", graphs=("vision", 
     return {"spec": spec, "dtype": dtype, "graphs": files}
 
 
+def add_weight_arguments(ap: argparse.ArgumentParser) -> None:
+    """--weights, --int4-block-size, --int4-activations (qwen-vl-export and export_all.sh alike)."""
+    ap.add_argument("--weights", default="dense",
+                    help="format per group of decoder weights (model/weight_formats.py): dense (the checkpoint's "
+                         "values), fp8 (every projection as e4m3 blocks of 128 along K; an FP8 checkpoint keeps its "
+                         "bytes, exact), int4 (projections, experts and lm_head as INT4 blocks; round to nearest, "
+                         "lossy), or GROUP=FORMAT,... with GROUP attention|mlp|experts|lm_head, e.g. "
+                         "attention=fp8,experts=int4 or int4,lm_head=int8")
+    ap.add_argument("--int4-block-size", type=int, default=128,
+                    help=f"INT4 block along K, one of {INT4_BLOCK_SIZES} (default 128)")
+    ap.add_argument("--int4-activations", default="fp32",
+                    help="fp32 (default: ONNX Runtime's MatMulNBits at accuracy level 1, the exact product) or int8 "
+                         "(level 4: activations rounded to int8, faster on CPUs, lossy); recorded in manifest.json, "
+                         "trt-run --int4-activations overrides it")
+
+
+def weight_formats(args) -> WeightFormats:
+    """The WeightFormats of parsed `add_weight_arguments` flags (a UserError names a bad value)."""
+    return WeightFormats.parse(args.weights, args.int4_block_size, args.int4_activations)
+
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(prog="qwen-vl-export", description=__doc__.splitlines()[0])
     ap.add_argument("checkpoint", help="Hugging Face checkpoint directory (config.json, *.safetensors)")
@@ -55,15 +83,11 @@ def main(argv=None) -> int:
     ap.add_argument("--dtype", default="bf16", choices=sorted(DTYPE_ALIASES),
                     help="graph dtype (default bf16, the released checkpoints' dtype; fp16 drifts on Qwen3-VL)")
     ap.add_argument("--graphs", default="vision,embed,decoder")
-    ap.add_argument("--weights", default="dense", choices=("dense", "int4"),
-                    help="int4: the decoder's projections as INT4 weight-only blocks (round to nearest, no "
-                         "calibration; lossy: see export/int4.py). Default: the checkpoint's values")
-    ap.add_argument("--int4-block-size", type=int, default=128, choices=BLOCK_SIZES)
+    add_weight_arguments(ap)
     args = ap.parse_args(argv)
     try:
         export_graphs(args.checkpoint, args.out_dir, args.dtype, tuple(args.graphs.split(",")),
-                      progress=lambda msg: print(msg, file=sys.stderr, flush=True),
-                      int4_block=args.int4_block_size if args.weights == "int4" else None)
+                      progress=lambda msg: print(msg, file=sys.stderr, flush=True), formats=weight_formats(args))
     except UserError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2

@@ -26,24 +26,27 @@ beyond their own row, so they do not disturb valid tokens. The runtime keeps pas
 """
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 from . import ops
 from qwen_vl_trt.model.contracts import decoder_contract
-from .int4 import WEIGHTS_METADATA, int4_format
+from . import fp8, int4, int8
 from .layers import cast, gated_mlp, linear, reshape, rms_norm
 from .onnx_graph import GraphBuilder
 from .rotary import text_tables
 from qwen_vl_trt.model.spec import ModelSpec
+from qwen_vl_trt.model.weight_formats import METADATA_KEY, WeightFormats
 from .weights import CheckpointWeights
 
 
 def export_decoder(spec: ModelSpec, weights: CheckpointWeights, out_dir: Path, dtype: str,
-                   int4_block: int | None = None) -> Path:
-    """`int4_block`: store the layers' projections as INT4 blocks of this size (export/int4.py)."""
+                   formats: WeightFormats = WeightFormats()) -> Path:
+    """`formats`: the format of each group of weights (model/weight_formats.py), recorded as JSON in the graph's
+    metadata under `qwen_vl.weights`."""
     contract = decoder_contract(spec).resolve(dtype)
     g, x, path = GraphBuilder.for_contract(contract, out_dir, dtype)
-    g.int4_block = int4_block
+    g.formats = formats
     t = spec.text
     pre = spec.weight_prefixes["text"]
     inv_freq, axis = text_tables(t.head_dim, t.rope_theta, t.mrope_section, t.mrope_interleaved)
@@ -64,7 +67,7 @@ def export_decoder(spec: ModelSpec, weights: CheckpointWeights, out_dir: Path, d
             g.output(lm_head(g, weights, h, x["logits_index"], spec), "logits", "float32",
                      contract.output("logits").dims)
     g.finish(path, doc=__doc__, output_order=[t.name for t in contract.outputs],
-             metadata={WEIGHTS_METADATA: int4_format(int4_block)} if int4_block else None)
+             metadata={METADATA_KEY: json.dumps(formats.to_json())})
     return path
 
 
@@ -100,7 +103,10 @@ def mlp(g, w, n, key, spec: ModelSpec, layer: int) -> str:
 
 
 def lm_head(g, w, h, logits_index, spec: ModelSpec) -> str:
-    """Select row logits_index[b] of each sequence, then logits = h @ E^T in the compute dtype, cast to fp32."""
+    """Select row logits_index[b] of each sequence, then logits = h @ E^T in the compute dtype, cast to fp32.
+    E [V, C] is lm_head's weight, or the embedding table when tied. `g.formats.lm_head`: dense (Gemm transB, no
+    transposed copy), or E^T [C, V] as DequantizeLinear of INT4 blocks along C (export/int4.py; ONNX Runtime
+    fuses it into MatMulNBits), INT8 per vocabulary row (export/int8.py) or FP8 blocks (export/fp8.py) -> MatMul."""
     c = spec.text.hidden_size
     idx = g.op("Expand", [reshape(g, logits_index, [-1, 1, 1]), g.op("Concat", [
         g.op("Shape", [logits_index]), g.const([1, c], "int64")], axis=0)])  # [B, 1, C]
@@ -109,6 +115,17 @@ def lm_head(g, w, h, logits_index, spec: ModelSpec) -> str:
         key = f"{spec.weight_prefixes['text']}embed_tokens.weight"
     else:
         key = w.resolve(f"{spec.weight_prefixes['lm_head']}weight", "lm_head.weight")
-    table = g.weight(f"{key}", w.get(key))  # [V, C]; Gemm transB avoids a transposed copy
-    logits = g.op("Gemm", [last, table], transB=1)  # [B, V]
+    fmt = g.formats.lm_head
+    et = fp8.fp8_matmul_weight(g, w, key, f"{key}_t") if fmt == "fp8" else None  # [C, V]
+    if et is None and fmt in ("int4", "int8"):
+        table_t = w.get(key).t()  # [C, V]
+        if fmt == "int8":
+            et = int8.int8_matmul_weight(g, f"{key}_t", table_t)
+        elif c % g.formats.int4_block == 0:
+            et = int4.int4_matmul_weight(g, f"{key}_t", table_t, g.formats.int4_block)
+    if et is not None:
+        logits = g.op("MatMul", [last, et])  # [B, V]
+    else:
+        table = g.weight(f"{key}", w.get(key))  # [V, C]; Gemm transB avoids a transposed copy
+        logits = g.op("Gemm", [last, table], transB=1)  # [B, V]
     return cast(g, logits, "float32") if g.dtype != "float32" else logits

@@ -18,6 +18,7 @@ The runtime must pass exactly one vision row per pad token (it checks the count 
 """
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 from onnx import helper
@@ -26,10 +27,14 @@ from qwen_vl_trt.model.contracts import embed_contract
 from .layers import cast, reshape
 from .onnx_graph import ELEM, GraphBuilder
 from qwen_vl_trt.model.spec import ModelSpec
+from qwen_vl_trt.model.weight_formats import METADATA_KEY, WeightFormats
 from .weights import CheckpointWeights
 
 
-def export_embed(spec: ModelSpec, weights: CheckpointWeights, out_dir: Path, dtype: str) -> Path:
+def export_embed(spec: ModelSpec, weights: CheckpointWeights, out_dir: Path, dtype: str,
+                 formats: WeightFormats = WeightFormats()) -> Path:
+    """The table stays dense in every format (`formats.embedding` is always dense; docs/graphs.md says why);
+    `formats` is recorded in the graph's metadata as decoder.onnx records it."""
     contract = embed_contract(spec).resolve(dtype)
     g, x, path = GraphBuilder.for_contract(contract, out_dir, dtype)
     key = f"{spec.weight_prefixes['text']}embed_tokens.weight"
@@ -53,7 +58,8 @@ def export_embed(spec: ModelSpec, weights: CheckpointWeights, out_dir: Path, dty
             ds_table = g.op("Concat", [ds, ds_zero], axis=1)  # [Ld, M+1, C]
             g.output(g.op("Gather", [ds_table, rows], axis=1), "deepstack_embeds", dtype,
                      contract.output("deepstack_embeds").dims)  # [Ld, B, S, C]
-    g.finish(path, doc=__doc__, output_order=[t.name for t in contract.outputs])
+    g.finish(path, doc=__doc__, output_order=[t.name for t in contract.outputs],
+             metadata={METADATA_KEY: json.dumps(formats.to_json())})
     return path
 
 

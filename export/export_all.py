@@ -2,7 +2,8 @@
 
     python -m qwen_vl_trt.export.export_all [CHECKPOINT] [ARTIFACTS] [--dtype fp32|fp16|bf16] [--no-engines]
         [--max-patches N] [--max-frames N] [--max-batch B] [--max-seq S] [--max-cache-len K]
-        [--compute-capabilities "8.6 12.0"] [--weights dense|int4] [--int4-block-size 32|64|128]
+        [--compute-capabilities "8.6 12.0"] [--weights FORMATS] [--int4-block-size 16|32|64|128]
+        [--int4-activations fp32|int8]
 
   [1/5] the checkpoint (none given: the tiny random-weight Qwen3-VL demo checkpoint in ARTIFACTS/demo_checkpoint,
         fp32 by default since ONNX Runtime's CPU provider has no bf16 MatMul; a real checkpoint defaults to bf16)
@@ -26,13 +27,15 @@ from qwen_vl_trt.model.contracts import CONTRACTS, Limits
 from qwen_vl_trt.model.errors import CheckpointError, UserError
 
 from .artifacts import copy_checkpoint_files, write_manifest
-from .int4 import BLOCK_SIZES
+from qwen_vl_trt.model.weight_formats import WeightFormats
+
 from .onnx_graph import DTYPE_ALIASES
 
 
 def export_all(ckpt, out, dtype: str | None = None, limits: Limits = Limits(), *, engines: bool = False,
-               compute_capabilities=(), int4_block: int | None = None, log=None) -> Path:
-    """All steps of the module docstring; returns out/manifest.json. `engines`: build them when a TensorRT module
+               compute_capabilities=(), formats: WeightFormats = WeightFormats(), log=None) -> Path:
+    """All steps of the module docstring; returns out/manifest.json. `formats`: the weight format per group
+    (model/weight_formats.py, `--weights`). `engines`: build them when a TensorRT module
     is importable (TensorRT-RTX with plugin nodes needs LD_LIBRARY_PATH from before the process started: `main`
     re-executes itself with it)."""
     log = log or (lambda msg: None)
@@ -47,7 +50,7 @@ def export_all(ckpt, out, dtype: str | None = None, limits: Limits = Limits(), *
     log(f"[2/5] exporting vision/embed/decoder graphs to {out}")
     from .cli import export_graphs
 
-    export_graphs(ckpt, out, dtype, progress=log, int4_block=int4_block)
+    export_graphs(ckpt, out, dtype, progress=log, formats=formats)
     log("[3/5] copying tokenizer, chat template, processor and generation configs")
     copy_checkpoint_files(ckpt, out)
     plugins = _engines(out, dtype, limits, compute_capabilities, log) if engines else None
@@ -105,14 +108,21 @@ def parser() -> argparse.ArgumentParser:
     for key, default in asdict(Limits()).items():
         ap.add_argument("--" + key.replace("_", "-"), type=int, default=default)
     ap.add_argument("--compute-capabilities", default="", help='TensorRT-RTX AOT targets, e.g. "8.6 12.0"')
-    ap.add_argument("--weights", default="dense", choices=("dense", "int4"),
-                    help="int4: the decoder's projections as INT4 weight-only blocks (export/int4.py)")
-    ap.add_argument("--int4-block-size", type=int, default=128, choices=BLOCK_SIZES)
+    from .cli import add_weight_arguments
+
+    add_weight_arguments(ap)
     return ap
 
 
 def main(argv=None) -> int:
+    from .cli import weight_formats
+
     args = parser().parse_args(argv)
+    try:
+        formats = weight_formats(args)  # a bad --weights fails before anything else
+    except UserError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
     if not args.no_engines:
         from qwen_vl_trt.model.trt_compat import reexec_with_rtx_env
 
@@ -120,8 +130,7 @@ def main(argv=None) -> int:
     limits = Limits(**{k: getattr(args, k) for k in asdict(Limits())})
     try:
         manifest = export_all(args.checkpoint, args.artifacts, args.dtype, limits, engines=not args.no_engines,
-                              compute_capabilities=args.compute_capabilities.split(),
-                              int4_block=args.int4_block_size if args.weights == "int4" else None,
+                              compute_capabilities=args.compute_capabilities.split(), formats=formats,
                               log=lambda msg: print(msg, file=sys.stderr, flush=True))
     except UserError as e:
         print(f"error: {e}", file=sys.stderr)

@@ -1,10 +1,11 @@
-"""INT4 weight-only decoder linears (opt-in: `qwen-vl-export --weights int4`).
+"""INT4 weight-only decoder linears (opt-in: `qwen-vl-export --weights int4`, or per group: `attention=int4`,
+`mlp=int4`, `lm_head=int4`; model/weight_formats.py).
 
 Decode reads every weight once per step, so its speed is bytes per step: INT4 weights are a quarter of bf16's.
-Which weights: the text decoder's q/k/v/o and gate/up/down projections whose input width is a multiple of the
-block (all of them in the released models; TensorRT accepts only whole blocks). Kept as they are: the vision encoder
-(quantizing it is the usual source of accuracy complaints), the embedding table, lm_head, the MoE router and the
-MoE experts (a batched MatMul inside the expert Loop, see docs/graphs.md).
+Which weights: the text decoder's q/k/v/o and gate/up/down projections and lm_head (the embedding table when tied;
+export/decoder.py) whose input width is a multiple of the block (all of them in the released models; TensorRT
+accepts only whole blocks). Kept as they are: the vision encoder (quantizing it is the usual source of accuracy
+complaints), the embedding table of embed.onnx and the MoE router; the MoE experts are export/moe.py's.
 
 Scheme: round-to-nearest, symmetric, one scale per block of `block` consecutive input features of each output
 feature. For the stored transposed weight Wt [K, N] (K = in features) and block b = 0..K/B-1:
@@ -14,7 +15,7 @@ feature. For the stored transposed weight Wt [K, N] (K = in features) and block 
 
 Graph: `DequantizeLinear(q, s, axis=0, block_size=B)` [K, N] in the graph dtype -> MatMul, the ONNX form of
 weight-only block quantization. ONNX Runtime fuses the pair into its `MatMulNBits` kernel (runtime/backends/ort.py asks
-for fp32 accumulation, accuracy level 1), TensorRT reads it as INT4 weight-only quantization, and every other
+for accuracy level 1, fp32 activations, unless the manifest says `int4_activations: int8`), TensorRT reads it as INT4 weight-only quantization, and every other
 runtime still computes x @ (q * s) exactly. No calibration: this is RTN, so expect some accuracy loss against the
 bf16 model on real weights (not measured here: no real checkpoint on these machines).
 """
@@ -24,15 +25,12 @@ import numpy as np
 
 from .onnx_graph import ExternalData, GraphBuilder
 
-BLOCK_SIZES = (16, 32, 64, 128)
-WEIGHTS_METADATA = "qwen_vl.weights"  # ONNX metadata key of decoder.onnx naming its weight format
+from qwen_vl_trt.model.weight_formats import INT4_BLOCK_SIZES as BLOCK_SIZES
+from qwen_vl_trt.model.weight_formats import METADATA_KEY as WEIGHTS_METADATA
+from qwen_vl_trt.model.weight_formats import WeightFormats
+
 QUANTIZED = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 INT4_MIN, INT4_MAX = -8, 7
-
-
-def int4_format(block: int) -> str:
-    """The decoder's weight format as recorded in its metadata and manifest.json."""
-    return f"int4-rtn-sym-b{block}"
 
 
 def quantizes(key: str, in_features: int, block: int) -> bool:
@@ -69,9 +67,14 @@ def to_matmul_nbits(model, graph_dir, data_path) -> int:
 
     MatMulNBits layout: B uint8 [N, K/B, B/2] (column n's K values, block by block, two per byte, low nibble
     first, stored as q + 8 since the kernel's default zero point for 4 bits is 8), scales [N * K/B] (graph
-    dtype), accuracy_level 1 (fp32 accumulation where the EP lets it choose)."""
+    dtype), accuracy_level from the graph's metadata (`int4_activations`: fp32 -> 1, int8 -> 4; the same level
+    runtime/backends/ort.py asks ONNX Runtime's own fusion for)."""
+    import json
+
     from onnx import TensorProto, helper, numpy_helper
 
+    meta = {p.key: p.value for p in model.metadata_props}.get(WEIGHTS_METADATA)
+    level = WeightFormats.from_json(json.loads(meta) if meta else None).accuracy_level
     g = model.graph
     inits = {t.name: t for t in g.initializer}
     dq = {n.output[0]: n for n in g.node if n.op_type == "DequantizeLinear" and n.input[0] in inits
@@ -102,7 +105,7 @@ def to_matmul_nbits(model, graph_dir, data_path) -> int:
             added.append(data.tensor(name, t.raw_data, t.data_type, t.dims))
         out_nodes.append(helper.make_node("MatMulNBits", [node.input[0], *names], list(node.output),
                                           name=node.name, domain="com.microsoft", K=k, N=n, bits=4,
-                                          block_size=block, accuracy_level=1))
+                                          block_size=block, accuracy_level=level))
         dropped.update(src.input[:2])
     data.close()
     del g.node[:]

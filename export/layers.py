@@ -11,7 +11,7 @@ from __future__ import annotations
 import onnx
 from onnx import AttributeProto, helper
 
-from . import int4
+from . import fp8, int4
 from .onnx_graph import ELEM, FUNCTION_DOMAIN, OPSET, FunctionBody, GraphBuilder
 from .weights import CheckpointWeights
 
@@ -25,14 +25,19 @@ def to_compute(g: GraphBuilder, x: str) -> str:
 
 
 def linear(g: GraphBuilder, w: CheckpointWeights, x: str, key: str, bias: bool, weight=None) -> str:
-    """y = x @ W^T + b for HF Linear `key` (weight [out, in] stored as [in, out]; INT4 blocks when the builder
-    asks for them and `key` is a decoder projection, export/int4.py)."""
+    """y = x @ W^T + b for HF Linear `key` (weight [out, in] stored as [in, out]). A decoder projection is stored
+    in the format `g.formats` gives its group (model/weight_formats.py): INT4 blocks (export/int4.py; a K that is
+    not a whole number of blocks stays dense) or FP8 blocks (export/fp8.py)."""
+    fmt = g.formats.format_of(key) if weight is None else "dense"
     with g.scope(key.split(".")[-1]):
-        wt = (weight if weight is not None else w.get(f"{key}.weight")).t()
-        if g.int4_block and int4.quantizes(key, wt.shape[0], g.int4_block):
-            y = g.op("MatMul", [x, int4.int4_matmul_weight(g, f"{key}.weight_t", wt, g.int4_block)])
-        else:
-            y = g.op("MatMul", [x, g.weight(f"{key}.weight_t", wt)])
+        wt_value = fp8.fp8_matmul_weight(g, w, f"{key}.weight", f"{key}.weight_t") if fmt == "fp8" else None
+        if wt_value is None:
+            wt = (weight if weight is not None else w.get(f"{key}.weight")).t()
+            if fmt == "int4" and int4.quantizes(key, wt.shape[0], g.formats.int4_block):
+                wt_value = int4.int4_matmul_weight(g, f"{key}.weight_t", wt, g.formats.int4_block)
+            else:
+                wt_value = g.weight(f"{key}.weight_t", wt)
+        y = g.op("MatMul", [x, wt_value])
         if bias:
             y = g.op("Add", [y, g.weight(f"{key}.bias", w.get(f"{key}.bias"))])
     return y

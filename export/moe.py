@@ -34,8 +34,10 @@ a // k); gate_up [E, C, 2I], down [E, I, C]; the loop's tables [n_iter, G, T] (a
 """
 from __future__ import annotations
 
+import onnx
 from onnx import TensorProto, helper
 
+from . import plugin_ops
 from .layers import activation, cast, linear, reshape, to_compute
 from .onnx_graph import ELEM, GraphBuilder
 from qwen_vl_trt.model.errors import CheckpointError
@@ -51,6 +53,10 @@ def sparse_moe_block(g: GraphBuilder, w: CheckpointWeights, n: str, key: str, sp
     moe, c = spec.text.moe, spec.text.hidden_size
     x = reshape(g, n, [-1, c])  # [N, C]
     ids, weights = router(g, w, x, key, moe.num_experts_per_tok)
+    if g.formats.experts != "dense":
+        with g.scope("experts"):
+            y = quantized_experts(g, w, x, ids, weights, key, spec)  # [N, C]
+        return g.op("Reshape", [y, g.op("Shape", [n])])  # [B, S, C]
     gate_up, down = (g.weight(f"{key}.experts.{name}", t) for name, t in
                      zip(("gate_up_proj", "down_proj"), release_layout(w, key, spec)))
     with g.scope("experts"):
@@ -59,6 +65,49 @@ def sparse_moe_block(g: GraphBuilder, w: CheckpointWeights, n: str, key: str, sp
         y = reshape(g, y, [-1, moe.num_experts_per_tok, c])  # [N, k, C]
         y = g.op("ReduceSum", [y, g.const([1], "int64")], keepdims=0)  # [N, C], HF grouped_mm: view + sum(dim=1)
     return g.op("Reshape", [y, g.op("Shape", [n])])  # [B, S, C]
+
+
+def quantized_experts(g: GraphBuilder, w: CheckpointWeights, x: str, ids: str, weights: str, key: str,
+                      spec: ModelSpec) -> str:
+    """The experts on FP8/INT4 stacked weights (export/moe_quant.py) as one `qwen_vl::MoEExperts` node whose
+    model-local function is DequantizeLinear + the Loop below (export/plugin_ops.py): x [N, C] -> [N, C].
+    TensorRT with libqwen_vl_plugins.so runs the plugin (reads only the selected experts' quantized bytes);
+    ONNX Runtime and TensorRT without it run the body (dequantizes every expert, then reads the selected)."""
+    from . import moe_quant
+
+    if spec.text.hidden_act != "silu":
+        raise CheckpointError(f"quantized MoE experts support hidden_act silu, not {spec.text.hidden_act!r}")
+    gate_up, down = moe_quant.quantized_experts(w, key, spec, g.formats, g.dtype,
+                                                lambda: release_layout(w, key, spec))
+    gu_q, gu_s = moe_quant.store(g, f"{key}.experts.gate_up_proj", gate_up)
+    dn_q, dn_s = moe_quant.store(g, f"{key}.experts.down_proj", down)
+    if ("int32", ids) not in g.memo:
+        g.memo[("int32", ids)] = g.op("Cast", [ids], to=TensorProto.INT32)
+    name = g._node_name("MoEExperts")
+    y = f"{name}/output_0"
+    g.nodes.append(plugin_ops.make_moe_experts_node(
+        x, g.memo[("int32", ids)], weights, gu_q, gu_s, dn_q, dn_s, y, spec.text.moe.num_experts_per_tok,
+        gate_up.block, down.block, name=name))
+    if (plugin_ops.DOMAIN, "MoEExperts") not in g.functions:
+        g.add_function(moe_experts_function(spec, g.dtype))
+    return y
+
+
+def moe_experts_function(spec, dtype: str) -> onnx.FunctionProto:
+    """MoEExperts' reference body for this model (its E, k, C, I, activation and graph dtype): DequantizeLinear of
+    the stacked experts ([E, K, N], axis 1, block sizes from the node's attributes), then the dense MoE block's
+    tiling and expert Loop (export/moe.py)."""
+    b = plugin_ops.ModelBody(dtype)
+    moe, c = spec.text.moe, spec.text.hidden_size
+    gate_up, down = (plugin_ops.block_dequantize(b, q, f"{q}_scale", f"{q}_block_size")
+                     for q in ("gate_up", "down"))
+    table, experts, n_iter = _tiles(b, b.op("Cast", ["ids"], to=TensorProto.INT64), moe.num_experts,
+                                    TILES_PER_ITERATION)
+    y = _expert_loop(b, "x", "weights", table, experts, n_iter, gate_up, down, spec)  # [A, C]
+    y = b.op("Reshape", [y, b.const([-1, moe.num_experts_per_tok, c])])  # [N, k, C]
+    b.nodes.append(helper.make_node("ReduceSum", [y, b.const([1])], ["y"], keepdims=0))  # [N, C]
+    return plugin_ops.function("MoEExperts", ["x", "ids", "weights", "gate_up", "gate_up_scale", "down", "down_scale"],
+                               ["y"], b, "Routed experts on stacked FP8/INT4 weights (plugins/README.md)")
 
 
 def router(g: GraphBuilder, w: CheckpointWeights, x: str, key: str, k: int):

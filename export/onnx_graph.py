@@ -19,7 +19,7 @@ OPSET = 21
 FUNCTION_DOMAIN = "qwen_vl_trt"  # model-local composite ops that no plugin replaces (export/layers.py RMSNorm)
 
 ELEM = {"float32": TensorProto.FLOAT, "float16": TensorProto.FLOAT16, "bfloat16": TensorProto.BFLOAT16,
-        "int64": TensorProto.INT64, "int32": TensorProto.INT32, "bool": TensorProto.BOOL}
+        "int64": TensorProto.INT64, "int32": TensorProto.INT32, "int8": TensorProto.INT8, "bool": TensorProto.BOOL}
 DTYPE_ALIASES = {"fp32": "float32", "fp16": "float16", "bf16": "bfloat16",
                  "float32": "float32", "float16": "float16", "bfloat16": "bfloat16"}
 
@@ -28,7 +28,6 @@ class GraphBuilder:
     def __init__(self, name: str, data_path: Path | None, dtype: str):
         self.name = name
         self.dtype = dtype  # compute dtype of activations and weights ("float32" | "float16" | "bfloat16")
-        self.int4_block: int | None = None  # set: decoder linears stored as INT4 blocks of this size (export/int4.py)
         self.formats = WeightFormats()  # weight format per group of decoder weights (model/weight_formats.py)
         self.nodes: list[onnx.NodeProto] = []
         self.inputs: list[onnx.ValueInfoProto] = []
@@ -110,6 +109,13 @@ class GraphBuilder:
         packed = numpy_helper.from_array(np.ascontiguousarray(values).astype(ml_dtypes.int4), name)
         return self._store(name, np.frombuffer(packed.raw_data, np.uint8), TensorProto.INT4, values.shape)
 
+    def fp8_weight(self, name: str, tensor) -> str:
+        """A float8 e4m3fn initializer holding the bytes of torch float8_e4m3fn `tensor` unchanged (export/fp8.py)."""
+        import torch
+
+        t = tensor.contiguous()
+        return self._store(name, t.reshape(-1).view(torch.uint8).numpy(), TensorProto.FLOAT8E4M3FN, t.shape)
+
     def _store(self, name: str, raw: np.ndarray, data_type: int, dims) -> str:
         if self._data is None:
             proto = TensorProto()
@@ -143,10 +149,13 @@ class GraphBuilder:
 
 class ExternalData:
     """One external-data file that tensors are appended to, 64-byte aligned (for mmap / page-wise loading):
-    `tensor(name, raw, data_type, dims)` writes `raw` and returns the TensorProto that points at it."""
+    `tensor(name, raw, data_type, dims)` writes `raw` and returns the TensorProto that points at it.
+    `append`: continue an existing file (a second writer of decoder.ort.onnx.data) instead of starting it anew."""
 
-    def __init__(self, path: Path):
-        self.path, self._file, self._offset = Path(path), open(path, "wb"), 0
+    def __init__(self, path: Path, append: bool = False):
+        self.path = Path(path)
+        self._offset = self.path.stat().st_size if append and self.path.is_file() else 0
+        self._file = open(path, "ab" if append else "wb")
 
     def tensor(self, name: str, raw, data_type: int, dims) -> onnx.TensorProto:
         proto = TensorProto()

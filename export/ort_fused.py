@@ -14,6 +14,7 @@ has fused CPU and CUDA kernels for:
 | `VarlenAttention(q, k, v, cu_seqlens)` (vision) | segments gathered into a right-padded batch, `com.microsoft.MultiHeadAttention` (key_padding_mask only when the lengths differ), rows gathered back |
 | `qwen_vl_trt.RMSNorm(x, weight)` (export/layers.py) | `SimplifiedLayerNormalization` (fp32 statistics); in the decoder, with the residual Add before it, `com.microsoft.SkipSimplifiedLayerNormalization` |
 | `DequantizeLinear(int4) -> MatMul` (`--weights int4`, bf16 decoder only) | `com.microsoft.MatMulNBits` with its weights in `decoder.ort.onnx.data` (export/int4.py; for fp32/fp16 ONNX Runtime fuses the pair itself) |
+| `qwen_vl::MoEExperts` on INT4 experts (`--weights experts=int4`) | `com.microsoft.QMoE` fed the router logits, its weights in `decoder.ort.onnx.data` (export/moe_ort.py; FP8 experts keep the node's reference body) |
 
 Same file contract (model/contracts.py) and same weights: the initializers still point into `<graph>.onnx.data`,
 so the rewrite writes only a small graph file. TensorRT engines are built from the plugin graphs.
@@ -65,12 +66,19 @@ def write_fused(graph_onnx: Path, spec: ModelSpec) -> Path:
         from .int4 import to_matmul_nbits
 
         to_matmul_nbits(model, graph_onnx.parent, nbits_data_path(out))
+    if kind == "decoder":  # INT4 MoE experts (export/moe_quant.py) -> QMoE, weights appended to the same file
+        from .moe_ort import to_qmoe
+
+        if to_qmoe(model, graph_onnx.parent, nbits_data_path(out)):
+            _prune_dead_nodes(model.graph)  # the routers' softmax / top-k, now inside QMoE
+            _drop_unread(model)
     onnx.save_model(model, str(out))
     return out
 
 
 def nbits_data_path(ort_onnx: Path) -> Path:
-    """decoder.ort.onnx -> decoder.ort.onnx.data: the MatMulNBits weights of a bf16 INT4 decoder (only then)."""
+    """decoder.ort.onnx -> decoder.ort.onnx.data: the MatMulNBits weights of a bf16 INT4 decoder and the QMoE weights
+    of INT4 MoE experts (export/moe_ort.py); absent otherwise."""
     return ort_onnx.with_name(ort_onnx.name + ".data")
 
 
@@ -433,6 +441,19 @@ def _prune_dead_nodes(g: onnx.GraphProto) -> None:
             return
         for i in reversed(dead):
             del g.node[i]
+
+
+def _drop_unread(model: onnx.ModelProto) -> None:
+    """Drop the initializers no node reads (in any subgraph) and the functions no node calls."""
+    g = model.graph
+    read = _names_read(g) | {o.name for o in g.output}
+    kept = [t for t in g.initializer if t.name in read]
+    del g.initializer[:]
+    g.initializer.extend(kept)
+    used = {(n.domain, n.op_type) for n in g.node}
+    fns = [f for f in model.functions if (f.domain, f.name) in used]
+    del model.functions[:]
+    model.functions.extend(fns)
 
 
 def _names_read(g: onnx.GraphProto) -> set:

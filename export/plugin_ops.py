@@ -21,8 +21,17 @@ Op contracts (N... = any leading token dims; all int inputs are int32):
                    past_value [B, Hkv, C, D], past_lengths [B]) -> o [B, S, Hq, D], present_key, present_value
       attr scale: float. present = past with rows past_lengths[b] + s set to the new k/v (s < S);
       o[b, s] = softmax_{j <= past_lengths[b] + s}(q . k_j * scale) v_j (causal, GQA, fp32 softmax).
+  MoEExperts(x [N, C], ids [A] int32, weights [A], gate_up [E, C, 2I] fp8|int4, gate_up_scale [E, ceil(C/Bg), 2I],
+             down [E, I, C] fp8|int4, down_scale [E, ceil(I/Bd), C]) -> y [N, C]
+      attrs top_k: int (A = N * top_k; assignment a is token a // top_k), gate_up_block_size Bg, down_block_size Bd.
+      W_e = q_e * s_e per block of B input features (DequantizeLinear axis 1); h = x_t @ Gu_e;
+      y[t] = sum_a weights[a] * (silu(h[:I]) * h[I:]) @ D_e over t's assignments a (e = ids[a]), in the x dtype.
+      The body is generated per model (export/moe.py: shapes, dtype and activation are the model's): DQ of the
+      stacked tensors, then the expert-tile Loop of the dense MoE block.
 """
 from __future__ import annotations
+
+import contextlib
 
 import numpy as np
 import onnx
@@ -42,6 +51,7 @@ OP_ATTRIBUTES = {  # op -> its own attributes (the plugin fields), in addition t
     "MRoPE": ("inv_freq", "axis"),
     "VarlenAttention": ("scale", "causal"),
     "KVCacheAttention": ("scale",),
+    "MoEExperts": ("top_k", "gate_up_block_size", "down_block_size"),
 }
 
 
@@ -78,7 +88,20 @@ def make_kv_cache_attention_node(q: str, k: str, v: str, past_key: str, past_val
                         [out, present_key, present_value], name, scale=float(scale))
 
 
+def make_moe_experts_node(x: str, ids: str, weights: str, gate_up: str, gate_up_scale: str, down: str,
+                          down_scale: str, y: str, top_k: int, gate_up_block_size: int, down_block_size: int,
+                          name: str | None = None) -> onnx.NodeProto:
+    return _plugin_node("MoEExperts", [x, ids, weights, gate_up, gate_up_scale, down, down_scale], [y], name,
+                        top_k=int(top_k), gate_up_block_size=int(gate_up_block_size),
+                        down_block_size=int(down_block_size))
+
+
 # ---- function bodies ---------------------------------------------------------------------------------
+def function(op: str, inputs, outputs, body: FunctionBody, doc: str) -> onnx.FunctionProto:
+    """The model-local FunctionProto of qwen_vl op `op` with `body` (its attributes: OP_ATTRIBUTES + plugin ones)."""
+    return _function(op, inputs, outputs, body, doc)
+
+
 def _function(op: str, inputs, outputs, body: FunctionBody, doc: str) -> onnx.FunctionProto:
     return helper.make_function(DOMAIN, op, list(inputs), list(outputs), body.nodes,
                                 [helper.make_opsetid("", OPSET)],
@@ -167,11 +190,51 @@ def kv_cache_attention_function() -> onnx.FunctionProto:
                      "One decoder step: in-place cache write + causal GQA attention (plugins/README.md)")
 
 
+class ModelBody(FunctionBody):
+    """A function body that export/moe.py's graph helpers can write into (they take a GraphBuilder): the graph
+    dtype, `const(value, dtype)` as Constant nodes, no name scopes."""
+
+    def __init__(self, dtype: str):
+        super().__init__()
+        self.dtype = dtype
+
+    def scope(self, name: str):
+        return contextlib.nullcontext()
+
+
+def block_dequantize(b: FunctionBody, q: str, scale: str, block_attr: str) -> str:
+    """DequantizeLinear(q, scale, axis=1) with block_size = the function attribute `block_attr`."""
+    out = f"_{q}_dequantized"
+    node = helper.make_node("DequantizeLinear", [q, scale], [out], axis=1)
+    node.attribute.append(helper.make_attribute_ref("block_size", AttributeProto.INT, ref_attr_name=block_attr))
+    b.nodes.append(node)
+    return out
+
+
 FUNCTIONS = {
     "MRoPE": mrope_function,
     "VarlenAttention": varlen_attention_function,
     "KVCacheAttention": kv_cache_attention_function,
 }
+
+
+# ops whose bodies are made per model (export/moe.py `moe_experts_function`): the exporter adds them
+MODEL_FUNCTIONS = ("MoEExperts",)
+
+
+def inlined_for_tensorrt(onnx_path) -> bytes | None:
+    """The graph at `onnx_path` with its MoEExperts calls replaced by their bodies (values and nodes renamed per
+    call, onnx.inliner), for TensorRT without libqwen_vl_plugins.so; None when the graph has none. TensorRT's
+    importer names each inlined DequantizeLinear layer after the body's node and refuses the second call of the
+    same body ("Failed attempt to rename a layer ... name is already in use", TensorRT-RTX 1.7), so it cannot
+    inline MoEExperts itself in a model with more than one MoE layer. External data stays where it is."""
+    import onnx.inliner
+
+    model = onnx.load(str(onnx_path), load_external_data=False)
+    ops = sorted({(n.domain, n.op_type) for n in _nodes(model.graph)} & {(DOMAIN, op) for op in MODEL_FUNCTIONS})
+    if not ops:
+        return None
+    return onnx.inliner.inline_selected_functions(model, ops).SerializeToString()
 
 
 def _nodes(graph: onnx.GraphProto):
@@ -184,7 +247,7 @@ def _nodes(graph: onnx.GraphProto):
 
 def functions_for(model: onnx.ModelProto) -> list[onnx.FunctionProto]:
     """The reference FunctionProtos of the qwen_vl ops that `model`'s graph uses (each once, sorted by name)."""
-    used = {n.op_type for n in _nodes(model.graph) if n.domain == DOMAIN}
+    used = {n.op_type for n in _nodes(model.graph) if n.domain == DOMAIN} - set(MODEL_FUNCTIONS)
     unknown = used - set(FUNCTIONS)
     if unknown:
         raise ValueError(f"unknown {DOMAIN} ops {sorted(unknown)}; known: {sorted(FUNCTIONS)}")

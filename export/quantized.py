@@ -112,6 +112,14 @@ class Fp8Weights:
             torch.mul(flat_q[e].to(torch.float32), s, out=flat_out[e])
         return out
 
+    def block_grid(self, q, scale, key: str):
+        """(scale [sr, sc] in its stored dtype, (bm, bn)) of a 2-D FP8 weight q [R, C]: the same reading of the
+        scale as `dequantize` (per tensor: one block of R x C; per channel [R] or [R, 1]: blocks of 1 x C)."""
+        rows, cols = q.shape
+        grid = self._grid(scale, (), rows, cols, key)[0]  # fp32 [sr, sc]
+        bm, bn = self._block(grid.shape, rows, cols, key)
+        return scale.reshape(grid.shape), (bm, bn)
+
     def _grid(self, scale, lead: tuple, rows: int, cols: int, key: str):
         import torch
 

@@ -102,6 +102,23 @@ class CheckpointWeights:
             return t
         return self.quant.dequantize(t, self._read(self.quant.scale_key(key)), key)  # scale checked at open
 
+    def get_fp8(self, key: str):
+        """A weight as the checkpoint stores it, not dequantized: (q float8_e4m3fn [R, C], scale [sr, sc] in its
+        stored dtype, (bm, bn)) with W[i, j] = q[i, j] * scale[i // bm, j // bn] (export/quantized.py); None when
+        `key` is not stored as 2-D e4m3 with a block scale this checkpoint describes (dense, AWQ, stacked experts,
+        e5m2). For `--weights fp8` (export/fp8.py), which keeps these bytes and scales exactly."""
+        import torch
+
+        if key in self._awq or not isinstance(self.quant, Fp8Weights) or key not in self._key_to_file:
+            return None
+        if self._dtypes.get(self._stored_key[key]) != "F8_E4M3":
+            return None
+        q = self._read(key)
+        if q.ndim != 2 or q.dtype != torch.float8_e4m3fn:
+            return None
+        scale = self._read(self.quant.scale_key(key))  # present: checked at open
+        return (q, *self.quant.block_grid(q, scale, key))
+
     def _read(self, key: str):
         from safetensors import safe_open
 

@@ -7,7 +7,7 @@ Written by `save_manifest` (called by export/artifacts.py). Fields (format versi
 | `format`, `format_version` | "qwen-vl-trt-artifacts", 1 |
 | `model_type`, `model_spec` | `ModelSpec.to_json()` of the checkpoint (must equal the spec of the copied config.json) |
 | `dtype` | export dtype of the graphs: float32 / float16 / bfloat16 (logits always float32) |
-| `graphs` | name -> {"onnx", "onnx_data", "engine" (null without TensorRT), "weights" ("dense", or "int4-rtn-sym-b128" for a decoder exported with `--weights int4`, export/int4.py)}; vision and decoder also "onnx_ort" (`<graph>.ort.onnx`, ONNX Runtime's fused flavour reading the same `.onnx.data`) when the export wrote it, and a bf16 INT4 decoder "onnx_ort_data" (`decoder.ort.onnx.data`: its MatMulNBits weights) |
+| `graphs` | name -> {"onnx", "onnx_data", "engine" (null without TensorRT), "weights" (decoder, embed: `WeightFormats.to_json()` of the export's `--weights`, model/weight_formats.py: {"attention", "mlp", "experts", "lm_head", "embedding": dense/fp8/int4/int8, "int4_block", "int4_activations": fp32/int8}; vision: "dense"; manifests of older exports: a string, read by `WeightFormats.from_json`)}; vision and decoder also "onnx_ort" (`<graph>.ort.onnx`, ONNX Runtime's fused flavour reading the same `.onnx.data`) when the export wrote it, and a bf16 INT4 decoder "onnx_ort_data" (`decoder.ort.onnx.data`: its MatMulNBits weights) |
 | `contracts` | name -> {"inputs"/"outputs": [[name, dtype, dims], ...]}, model/contracts.py resolved to `dtype` |
 | `limits` | max_patches, max_frames (per vision call), max_batch, max_seq, max_cache_len |
 | `files` | copied tokenizer/processor/config files -> sha256 |
@@ -26,8 +26,9 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 from .contracts import CONTRACTS, GraphSpec, Limits, TensorSpec
-from .errors import ArtifactError, CheckpointError
+from .errors import ArtifactError, CheckpointError, UserError
 from .spec import ModelSpec
+from .weight_formats import WeightFormats
 
 FORMAT = "qwen-vl-trt-artifacts"
 FORMAT_VERSION = 1
@@ -81,6 +82,13 @@ class Manifest:
         Runtime's contrib ops: export/ort_fused.py)."""
         key = lambda name: "onnx_ort" if fused and self.graphs[name].get("onnx_ort") else "onnx"  # noqa: E731
         return {name: self.directory / self.graphs[name][key(name)] for name in GRAPHS}
+
+    def weight_formats(self) -> WeightFormats:
+        """The decoder's weight formats (`graphs.decoder.weights`); an unreadable entry is an ArtifactError."""
+        try:
+            return WeightFormats.from_json(self.graphs["decoder"].get("weights"))
+        except (UserError, TypeError) as e:
+            raise ArtifactError(f"{self.directory}/manifest.json: graphs.decoder.weights: {e}") from None
 
     def engine_paths(self) -> dict:
         """name -> engine path when all three engines were built, else {}."""

@@ -7,7 +7,7 @@
 | `mlp` | the dense MLP's `mlp.{gate,up,down}_proj` | dense, fp8, int4 |
 | `experts` | the MoE experts (stacked `gate_up_proj` [E, C, 2I], `down_proj` [E, I, C]) | dense, fp8, int4 |
 | `lm_head` | `lm_head` (or the embedding table when tied) | dense, fp8, int4, int8 |
-| `embedding` | `embed_tokens` in embed.onnx | dense, int4, int8 |
+| `embedding` | `embed_tokens` in embed.onnx | dense (docs/graphs.md, "Quantized weights": why the table stays dense) |
 
 Formats (weight-only: activations stay in the graph dtype unless `int4_activations` says int8):
 - `dense`: the export dtype (a quantized checkpoint is dequantized as it is read, export/quantized.py);
@@ -35,12 +35,14 @@ from .errors import UserError
 GROUPS = ("attention", "mlp", "experts", "lm_head", "embedding")
 FORMATS = {"attention": ("dense", "fp8", "int4"), "mlp": ("dense", "fp8", "int4"),
            "experts": ("dense", "fp8", "int4"), "lm_head": ("dense", "fp8", "int4", "int8"),
-           "embedding": ("dense", "int4", "int8")}
+           "embedding": ("dense",)}
 SHORTHANDS = {"dense": {}, "fp8": {"attention": "fp8", "mlp": "fp8", "experts": "fp8"},
               "int4": {"attention": "int4", "mlp": "int4", "experts": "int4", "lm_head": "int4"}}
 INT4_BLOCK_SIZES = (16, 32, 64, 128)
 FP8_BLOCK = 128
 INT4_ACTIVATIONS = ("fp32", "int8")  # ONNX Runtime MatMulNBits accuracy level 1 (exact product) / 4 (int8)
+ACCURACY_LEVEL = {"fp32": 1, "int8": 4}  # int4_activations -> MatMulNBits `accuracy_level`
+METADATA_KEY = "qwen_vl.weights"  # ONNX metadata key of decoder.onnx / embed.onnx: json.dumps(to_json())
 _ATTENTION = ("q_proj", "k_proj", "v_proj", "o_proj")
 _MLP = ("gate_proj", "up_proj", "down_proj")
 
@@ -122,6 +124,12 @@ class WeightFormats:
 
     def _tag(self, fmt: str) -> str:
         return {"fp8": f"fp8-e4m3-b{FP8_BLOCK}", "int4": f"int4-sym-b{self.int4_block}", "int8": "int8-sym-channel"}[fmt]
+
+    @property
+    def accuracy_level(self) -> int:
+        """ONNX Runtime MatMulNBits accuracy level for `int4_activations`: 1 = fp32 activations (the product is
+        x @ (q * s) up to summation order), 4 = activations rounded to int8 per block (faster on CPUs, lossy)."""
+        return ACCURACY_LEVEL[self.int4_activations]
 
     def to_json(self) -> dict:
         return asdict(self)

@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# Builds build/plugins/libqwen_vl_plugins.so (MRoPE, VarlenAttention, KVCacheAttention; namespace qwen_vl).
+# Builds build/plugins/libqwen_vl_plugins.so (MRoPE, VarlenAttention, KVCacheAttention, MoEExperts; namespace qwen_vl).
 #
 #   bash plugins/build.sh            # incremental: rebuilds only when a source is newer than the library
 #   bash plugins/build.sh --force    # always rebuild

@@ -2,8 +2,9 @@
 
 PIL's `Image.open` reads only the header (width, height, mode) and decodes on `load()`
 (https://pillow.readthedocs.io/en/stable/reference/Image.html#PIL.Image.open), so a 99 KB PNG of 9000x9000
-pixels costs microseconds here instead of a 243 MB buffer and seconds of resizing. `check_images` runs on
-every image of a request, before runtime/preprocess.py decodes any of them:
+pixels costs a millisecond here instead of a 243 MB buffer and seconds of resizing. The header is read in a
+decode worker (runtime/media_guard.py), as the pixels are later: a header can be slow to parse too.
+`check_images` runs on every image of a request, before any of them is decoded:
 
 - a source image may hold at most `source_pixel_limit(cfg)` pixels: `SOURCE_PIXELS_PER_MAX_PIXELS` times the
   image processor's `max_pixels` (what `smart_resize` shrinks it to), never less than `MIN_SOURCE_PIXEL_LIMIT`
@@ -18,15 +19,14 @@ decoded without going through here (video frames).
 """
 from __future__ import annotations
 
-import io
 import warnings
-from pathlib import Path
 
-from PIL import Image, UnidentifiedImageError
+from PIL import Image
 
 from qwen_vl_trt.model.errors import ImageError, PromptTooLong
 
-from .preprocess import IMAGE_FORMATS, ImageProcessorConfig, smart_resize
+from . import media_guard
+from .preprocess import ImageProcessorConfig, smart_resize
 
 SOURCE_PIXELS_PER_MAX_PIXELS = 4  # at most a 2x downscale per side is thrown away
 MIN_SOURCE_PIXEL_LIMIT = 4096 * 4096  # = Qwen3-VL's released max_pixels (preprocessor_config.json)
@@ -46,21 +46,13 @@ def set_decompression_bomb_limit(cfg: ImageProcessorConfig) -> None:
 
 
 def header_size(source, name: str, limit: int) -> tuple[int, int]:
-    """(width, height) of an image file path or encoded bytes, from its header only. ImageError if the header
-    is not one of the accepted formats; file errors are left to `preprocess.load_image`'s messages."""
-    if isinstance(source, (bytes, bytearray, memoryview)):
-        source = io.BytesIO(bytes(source))
-    elif not Path(source).is_file() or Path(source).stat().st_size == 0:
-        return 0, 0  # missing / directory / empty: load_image says which, checked before decoding too
+    """(width, height) of an image file path or encoded bytes, from its header only, read in a decode worker
+    (runtime/media_guard.py: bounded in time and memory). ImageError if the header is not one of the accepted
+    formats; (0, 0) for a missing / directory / empty path (`load_image`'s messages say which)."""
     try:
-        with Image.open(source, formats=IMAGE_FORMATS) as img:
-            return img.size
-    except Image.DecompressionBombError:  # PIL's check at open: over twice `set_decompression_bomb_limit`'s number
+        return media_guard.pool().probe(source, name)
+    except media_guard.OverPixelLimit:  # PIL's check at open: over twice `set_decompression_bomb_limit`'s number
         raise too_many_pixels(name, limit) from None
-    except UnidentifiedImageError:
-        raise ImageError(f"cannot read image {name}: not a supported image format; convert it to PNG or JPEG") from None
-    except (OSError, ValueError, SyntaxError):
-        raise ImageError(f"cannot read image {name}: file is corrupt or truncated; re-export it as PNG or JPEG") from None
 
 
 def image_patches(size: tuple[int, int], name: str, cfg: ImageProcessorConfig, limits) -> int:

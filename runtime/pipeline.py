@@ -2,7 +2,8 @@
 prompt order.
 
 `Preprocessor(manifest).prepare(Request)`: check the image sizes from their headers (runtime/media_limits.py),
-load and patchify the media (runtime/preprocess.py, video.py),
+decode the images in a bounded worker process (runtime/media_guard.py), patchify the media (runtime/preprocess.py,
+video.py),
 render the chat template and expand the vision placeholders (runtime/prompt.py), compute the MRoPE
 positions and rope delta of the prompt (runtime/positions.py), and check it against the artifact limits.
 `vision_feeds(spec, pixel_values, grids)` builds the vision graph's host inputs (runtime/vision_inputs.py).
@@ -17,7 +18,7 @@ import numpy as np
 
 from qwen_vl_trt.model.errors import PromptTooLong
 
-from . import media_limits, preprocess, prompt, video, vision_inputs
+from . import media_guard, media_limits, preprocess, prompt, video, vision_inputs
 from .request import Request
 
 
@@ -68,7 +69,8 @@ class Preprocessor:
         t0 = time.perf_counter()
         names = [_media_name(p, i) for i, p in enumerate(request.images)]
         media_limits.check_images(request.images, names, self.image_cfg, self.manifest.limits)  # before decoding
-        images = [preprocess.preprocess_image(preprocess.load_image(p, name), self.image_cfg)
+        decode = media_guard.pool().decode  # in a worker process, bounded in time and memory
+        images = [preprocess.preprocess_image(decode(p, name), self.image_cfg)
                   for p, name in zip(request.images, names)]
         vid = self.load_video(request.video) if request.video is not None else None
         media = [Media(pv, tuple(grid)) for pv, grid in images]

@@ -25,16 +25,16 @@ No torch (rule G10).
 from __future__ import annotations
 
 import functools
-import io
 import json
 import math
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
-from PIL import Image, ImageOps, UnidentifiedImageError
+from PIL import Image
 
 from qwen_vl_trt.model.errors import ArtifactError, ImageError
+from .image_file import IMAGE_FORMATS, load_image  # noqa: F401 (re-exported: the in-process decode)
 from .resize import resize_bicubic_aa
 
 # `Qwen2VLImageProcessor` class defaults (used by HF when preprocessor_config.json lacks a key).
@@ -49,9 +49,6 @@ _HF_DEFAULTS = {
     "rescale_factor": 1 / 255,
 }
 MAX_ASPECT_RATIO = 200
-# The decoders PIL may use: the formats of video.IMAGE_SUFFIXES. Others (EPS runs Ghostscript, ...) are refused
-# unopened (`Image.open(formats=...)`).
-IMAGE_FORMATS = ("PNG", "JPEG", "WEBP", "GIF", "BMP", "TIFF")
 
 
 @dataclass(frozen=True)
@@ -105,43 +102,6 @@ def read_json(path: Path) -> dict:
         raise ArtifactError(f"{path} is missing; copy it from the original checkpoint") from None
     except (OSError, ValueError) as e:
         raise ArtifactError(f"{path} is not valid JSON ({e}); restore it from the original checkpoint") from None
-
-
-def load_image(path: str | Path | bytes, name: str | None = None) -> Image.Image:
-    """Open an image file (or encoded image bytes, e.g. from a server request) as an RGB PIL image, EXIF
-    orientation applied, like HF's `load_image(path)`. `name` is what error messages call bytes input.
-
-    Raises ImageError for a missing, empty, corrupt or unsupported file.
-    """
-    if isinstance(path, (bytes, bytearray, memoryview)):
-        p, source = name or "<image bytes>", io.BytesIO(bytes(path))
-        if not len(path):
-            raise ImageError(f"image {p} is empty; pass a valid PNG, JPEG or WebP image")
-    else:
-        p = source = Path(path)
-        if not p.exists():
-            raise ImageError(f"image not found: {p}; check the path")
-        if p.is_dir():
-            raise ImageError(f"image path is a directory: {p}; pass an image file (PNG, JPEG, WebP, ...)")
-        if p.stat().st_size == 0:
-            raise ImageError(f"image file is empty: {p}; pass a valid PNG, JPEG or WebP image")
-    try:
-        with Image.open(source, formats=IMAGE_FORMATS) as img:
-            img.load()  # decode now: a truncated/corrupt file fails here, not later
-            img = ImageOps.exif_transpose(img)
-            rgb = img.convert("RGB")
-            # PIL keeps a tRNS colour key as info["transparency"], which `to_rgb` would composite on white;
-            # HF decodes a path to plain RGB (`decode_image(mode=RGB)`), so the key goes.
-            rgb.info.pop("transparency", None)
-            return rgb
-    except Image.DecompressionBombError:
-        raise ImageError(f"image {p} is too large to decode safely (over {Image.MAX_IMAGE_PIXELS} pixels); "
-                         "downscale it first") from None
-    except UnidentifiedImageError:
-        raise ImageError(f"cannot read image {p}: not a supported image format; convert it to PNG or JPEG") from None
-    except (OSError, ValueError, SyntaxError) as e:
-        msg = str(e).splitlines()[0] if str(e) else type(e).__name__
-        raise ImageError(f"cannot read image {p}: file is corrupt or truncated ({msg}); re-export it as PNG or JPEG") from None
 
 
 def smart_resize(height: int, width: int, factor: int, min_pixels: int, max_pixels: int) -> tuple[int, int]:

@@ -138,10 +138,31 @@ class Conversation:
                 for item in m["content"] if item["type"] in ("image", "video")]
 
 
-def build_messages(prompt: "str | Conversation", system: str | None = None, n_images: int = 0,
+@dataclass(frozen=True)
+class RawPrompt:
+    """A completion prompt (the server's /v1/completions): text used as it is, without the chat template, with
+    each image where its item stands, as the Qwen chat templates render one (`<|vision_start|><|image_pad|>
+    <|vision_end|>`, expanded like any other by `build_prompt`)."""
+
+    items: tuple  # HF content items: {"type": "text", "text": str} or {"type": "image"}
+
+    def media_types(self) -> list[str]:
+        return [item["type"] for item in self.items if item["type"] != "text"]
+
+    def render(self) -> str:
+        return "".join(item["text"] if item["type"] == "text" else VISION_START + IMAGE_PAD + VISION_END
+                       for item in self.items)
+
+
+def build_messages(prompt: "str | Conversation | RawPrompt", system: str | None = None, n_images: int = 0,
                    video: bool = False) -> list[dict]:
     """[system?], user: images first, then the video, then the text (HF content-item format).
-    A `Conversation` is returned as it is, after checking that its media are the images, then the video."""
+    A `Conversation` is returned as it is, after checking that its media are the images, then the video; a
+    `RawPrompt` (images only) is returned itself: `build_prompt` renders it without the template."""
+    if isinstance(prompt, RawPrompt):
+        if system is not None or video or prompt.media_types() != ["image"] * n_images:
+            raise UserError("a completion prompt carries no system message and no video, only its images")
+        return prompt
     if isinstance(prompt, Conversation):
         if system is not None:
             raise ValueError("a Conversation carries its own system message")
@@ -226,11 +247,14 @@ def qwen2_5_video_prompt(text: str, video_grids, video_timestamps, merge_size: i
     return text, [qwen2_5_video_expansion(g, merge_size) for g in video_grids]
 
 
-def build_prompt(tokenizer: Tokenizer, messages: list[dict], *, image_grids=(), video_grids=(), video_timestamps=(),
+def build_prompt(tokenizer: Tokenizer, messages: "list[dict] | RawPrompt", *, image_grids=(), video_grids=(), video_timestamps=(),
                  family: str = "qwen3_vl", merge_size: int = 2, add_generation_prompt: bool = True) -> Prompt:
     """Render `messages`, expand vision placeholders for the given grids, tokenize. `family`: the config.json
     model_type, whose `video_prompt` expands the videos (model/families.py)."""
-    text = tokenizer.render(messages, add_generation_prompt=add_generation_prompt)
+    if isinstance(messages, RawPrompt):
+        text = messages.render()
+    else:
+        text = tokenizer.render(messages, add_generation_prompt=add_generation_prompt)
     image_texts = [image_expansion(g, merge_size) for g in image_grids]
     text, video_texts = family_of(family).load("video_prompt")(text, video_grids, video_timestamps, merge_size)
     text = expand_placeholders(text, image_texts, video_texts)

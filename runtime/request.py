@@ -12,7 +12,7 @@ UserError) naming the field, the value and the rule; a front-end may respell the
 | `temperature` | finite, >= 0; below `GREEDY_BELOW` (1e-5) greedy, as vLLM's `_SAMPLING_EPS` (vllm/sampling_params.py) | generation_config.json (`do_sample` false: greedy) |
 | `top_p` | in (0, 1] | generation_config.json, else 1 (off) |
 | `top_k` | integer >= 0 (0 = off) | generation_config.json, else 0 |
-| `repetition_penalty` | finite, > 0 (1 = off) | generation_config.json, else 1 |
+| `repetition_penalty` | in [0.01, 100] (1 = off): HF divides positive logits by it and multiplies negative ones; vLLM's rule, > 0, let 1e-44 scale logits past float32 and always pick token 0 (issue 21) | generation_config.json, else 1 |
 | `seed` | integer in [0, 2**63 - 1] (numpy's `default_rng` takes no negative seed) | a fresh random stream |
 | `max_new_tokens` | integer >= 1 | generation_config.json's `max_new_tokens`, else 128 |
 | `min_p` | in [0, 1] (0 = off) | 0 |
@@ -37,6 +37,7 @@ from .structured import Grammar
 
 DEFAULT_MEDIA_PROMPT = "Describe this image."
 DEFAULT_MAX_NEW_TOKENS = 128
+PENALTY_RANGE = (0.01, 100.0)  # repetition_penalty: logits scaled by at most 100 stay finite in float32
 GREEDY_BELOW = 1e-5  # a temperature below this is greedy (vLLM's _SAMPLING_EPS)
 MAX_SEED = 2**63 - 1
 MAX_LOGPROBS = 20  # OpenAI's top_logprobs limit (vLLM's default max_logprobs)
@@ -65,7 +66,7 @@ _RULES = {
     "temperature": (lambda v: math.isfinite(v) and v >= 0, ">= 0 (0 = greedy)"),
     "top_p": (lambda v: 0 < v <= 1, "in (0, 1]"),
     "top_k": (lambda v: v >= 0, ">= 0 (0 = off)"),
-    "repetition_penalty": (lambda v: math.isfinite(v) and v > 0, "> 0 (1 = off)"),
+    "repetition_penalty": (lambda v: PENALTY_RANGE[0] <= v <= PENALTY_RANGE[1], "in [0.01, 100] (1 = off)"),
     "seed": (lambda v: 0 <= v <= MAX_SEED, "in [0, 2**63)"),
     "max_new_tokens": (lambda v: v >= 1, ">= 1"),
     "min_p": (lambda v: 0 <= v <= 1, "in [0, 1]"),

@@ -34,7 +34,9 @@ import numpy as np
 from PIL import Image
 
 from qwen_vl_trt.model.errors import ImageError, VideoError
-from .preprocess import ImageProcessorConfig, fused_normalize, load_image, patchify, read_json
+
+from . import media_guard
+from .preprocess import ImageProcessorConfig, fused_normalize, patchify, read_json
 from .preprocess import smart_resize as image_smart_resize
 from .resize import resize_bicubic_aa
 
@@ -92,7 +94,7 @@ class FrameSource:
         if self._frames is not None:
             return [self._frames[int(i)] for i in indices]
         try:
-            return [load_image(self._files[int(i)]) for i in indices]
+            return [media_guard.pool().decode(self._files[int(i)]) for i in indices]  # bounded, in a worker
         except ImageError as e:
             raise VideoError(f"bad frame in {self.path}: {e}") from None
 

@@ -22,12 +22,17 @@ def http(server, body: bytes, headers: dict | None = None, timeout: float = 60) 
 
 
 def read_response(s: socket.socket) -> tuple[int, dict, bytes]:
+    """The final response (an interim 1xx, which RFC 9110 section 15.2 says a client must accept, is skipped)."""
     data = b""
-    while b"\r\n\r\n" not in data:
-        more = s.recv(65536)
-        assert more, f"connection closed before a response: {data!r}"
-        data += more
-    head, _, rest = data.partition(b"\r\n\r\n")
+    while True:
+        while b"\r\n\r\n" not in data:
+            more = s.recv(65536)
+            assert more, f"connection closed before a response: {data!r}"
+            data += more
+        head, _, rest = data.partition(b"\r\n\r\n")
+        if not head.startswith(b"HTTP/1.1 1"):
+            break
+        data = rest
     status_line, *fields = head.decode("latin-1").split("\r\n")
     headers = {k.lower(): v.strip() for k, _, v in (f.partition(":") for f in fields)}
     length = int(headers.get("content-length", "0"))

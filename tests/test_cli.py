@@ -14,6 +14,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
+import media_bombs
 from media_bombs import BOMB_MESSAGE, png_bomb
 from qwen_vl_trt.export.export_all import export_all
 from qwen_vl_trt.model.contracts import Limits
@@ -165,7 +166,7 @@ def test_backend_tensorrt_without_engines_or_gpu(artifacts):
     ([], "nothing to do: pass --prompt TEXT, --image PATH or --video PATH"),
     (["--prompt", "x", "--temperature", "-1"], "--temperature -1.0: must be >= 0 (0 = greedy)"),
     (["--prompt", "x", "--top-p", "0"], "--top-p 0.0: must be in (0, 1]"),
-    (["--prompt", "x", "--repetition-penalty", "0"], "--repetition-penalty 0.0: must be > 0 (1 = off)"),
+    (["--prompt", "x", "--repetition-penalty", "0"], "--repetition-penalty 0.0: must be in [0.01, 100] (1 = off)"),
     (["--prompt", "x", "--max-new-tokens", "0"], "--max-new-tokens 0: must be >= 1"),
 ])
 def test_bad_options(artifacts, args, message):
@@ -213,3 +214,24 @@ def test_device_cuda_refuses_the_cpu(artifacts, files, backend):
         assert err.rstrip() == ("error: --device cuda: ONNX Runtime runs the vision, embed, decoder graph(s) on "
                                 "CPUExecutionProvider, not the CUDA provider (install onnxruntime-gpu with CUDA 13 / "
                                 "cuDNN 9 libraries)")
+
+
+# ---- parser floods (issue 21 item 2) ----------------------------------------------------------------------
+@pytest.mark.parametrize("name,make,message", [
+    ("app1.jpg", lambda: media_bombs.jpeg_app1_flood(3_000_000),
+     "image {p} is a JPEG with more than 1000 marker segments before its image data (encoders write under 30); "
+     "re-encode it"),
+    ("scans.jpg", lambda: media_bombs.jpeg_scan_flood(60_000),
+     "image {p} is a JPEG with more than 256 scans (encoders write about 10); re-encode it"),
+    ("chunks.png", lambda: media_bombs.png_chunk_flood(1_000_000),
+     "image {p} is a PNG with more than 3186 chunks (at most 256 + one per 4096 bytes of file); re-encode it"),
+    ("comments.gif", lambda: media_bombs.gif_comment_flood(3_000_000),
+     "image {p} did not decode within its limit (0.5 s of CPU time, 1.5 s in all, for reading its header); "
+     "re-encode it as a plain PNG or JPEG"),
+])
+def test_parser_floods_are_one_error_line(artifacts, tmp_path, name, make, message):
+    """A file on disk goes through the same guard as a server request (runtime/media_guard.py): one line, exit 2,
+    where PIL in-process took 6-40 s (issue 21)."""
+    p = tmp_path / name
+    p.write_bytes(make())
+    assert_error(["--model-dir", artifacts, "--image", p], message.format(p=p))

@@ -1,4 +1,5 @@
-"""`--weights int4`: the decoder's projections as INT4 weight-only blocks (export/int4.py).
+"""INT4 weight-only projections (`--weights attention=int4,mlp=int4`; export/int4.py). `--weights int4` also
+quantizes lm_head: tests/test_quantized_lm_head.py.
 
 Reference: HF's model with each quantized projection's weight replaced by its round-to-nearest INT4 value,
 computed here from the scheme's definition on HF's [out, in] weight (blocks of B input features per output
@@ -7,6 +8,7 @@ tolerance applies; the unquantized HF model is far from both, so the test fails 
 """
 from __future__ import annotations
 
+import json
 import subprocess
 import sys
 from pathlib import Path
@@ -22,11 +24,13 @@ from hf_reference import (assert_prefill_and_decode_match_hf, graphs_prefill, hf
 from qwen_vl_trt.export.cli import export_graphs
 from qwen_vl_trt.export.int4 import QUANTIZED, to_matmul_nbits
 from qwen_vl_trt.model.spec import ModelSpec
+from qwen_vl_trt.model.weight_formats import WeightFormats
 from qwen_vl_trt.model.trt_compat import plugin_library_path, rtx_env
 from qwen_vl_trt.runtime.backends.ort import exact_int4_matmul
 from tolerances import FP32_ATOL
 
 BLOCK = 16  # the tiny models' input widths 64 and 128 are whole blocks; down_proj's 37 is not: it stays dense
+PROJECTIONS = WeightFormats(attention="int4", mlp="int4", int4_block=BLOCK)
 ROOT = Path(__file__).resolve().parents[1]
 CASES = {"qwen3_vl": ([[1, 14, 10]], 1536), "qwen2_5_vl": ([[1, 8, 8]], 1176), "qwen3_vl_moe": ([[1, 14, 10]], 1536)}
 
@@ -63,7 +67,7 @@ def int4_graphs(tmp_path_factory):
     def get(family, ckpt):
         if family not in made:
             out = made[family] = tmp_path_factory.mktemp(f"{family}_int4")
-            export_graphs(ckpt, out, "fp32", int4_block=BLOCK)
+            export_graphs(ckpt, out, "fp32", formats=PROJECTIONS)
             # the MatMulNBits form the export writes for bf16 decoders, here on fp32 so the CPU can run it
             model = onnx.load(str(out / "decoder.ort.onnx"), load_external_data=False)
             assert to_matmul_nbits(model, out, out / "decoder.nbits.ort.onnx.data") > 0
@@ -106,7 +110,9 @@ def test_int4_graph_structure_and_onnx_runtime_fusion(qwen3_vl_ckpt, int4_graphs
     int4 = {i.name for i in model.graph.initializer if i.data_type == onnx.TensorProto.INT4}
     assert {n.input[0] for n in dq} == int4
     assert all({a.name: a.i for a in n.attribute} == {"axis": 0, "block_size": BLOCK} for n in dq)
-    assert {p.key: p.value for p in model.metadata_props} == {"qwen_vl.weights": f"int4-rtn-sym-b{BLOCK}"}
+    meta = {p.key: p.value for p in model.metadata_props}
+    assert set(meta) == {"qwen_vl.weights"}
+    assert WeightFormats.from_json(json.loads(meta["qwen_vl.weights"])) == PROJECTIONS
     vision = onnx.load(str(graphs / "vision.onnx"), load_external_data=False)
     assert not any(n.op_type == "DequantizeLinear" for n in vision.graph.node)
 
@@ -130,7 +136,7 @@ def test_int4_decoder_is_smaller(qwen3_vl_ckpt, qwen3_vl_fp32_graphs, int4_graph
 
 
 def _build_decoder_engine(ckpt, out: Path, block, *flags) -> int:
-    export_graphs(ckpt, out, "bf16", graphs=("decoder",), int4_block=block)
+    export_graphs(ckpt, out, "bf16", graphs=("decoder",), formats=PROJECTIONS if block else WeightFormats())
     (out / "config.json").write_bytes((ckpt / "config.json").read_bytes())
     r = subprocess.run([sys.executable, "-m", "qwen_vl_trt.export.build_engines", str(out), "--dtype", "bfloat16",
                         "--graphs", "decoder", "--max-batch", "2", "--max-seq", "64", "--max-cache-len", "128", *flags],
@@ -166,11 +172,11 @@ def test_runtime_generates_with_int4_artifacts_like_hf(qwen3_vl_ckpt, tmp_path):
     from qwen_vl_trt.runtime.request import Request
     from qwen_vl_trt.runtime.sampling import Sampler, SamplingConfig
 
-    art = export_all(qwen3_vl_ckpt, tmp_path / "art", "fp32", int4_block=BLOCK).parent
+    art = export_all(qwen3_vl_ckpt, tmp_path / "art", "fp32", formats=PROJECTIONS).parent
     model = load_model(art, "onnxruntime")
     opts = model.sessions["decoder"].sess.get_session_options()
     assert opts.get_session_config_entry("session.qdq_matmulnbits_accuracy_level") == "1"
-    assert model.manifest.graphs["decoder"]["weights"] == f"int4-rtn-sym-b{BLOCK}"
+    assert model.manifest.graphs["decoder"]["weights"] == PROJECTIONS.to_json()
     req = Preprocessor(model.manifest).prepare(Request("Say something about int4."))
     ours = generate(model, [req], Sampler(SamplingConfig(temperature=0)), 16, ignore_eos=True)[0].token_ids
     hf = hf_with_int4_projections(qwen3_vl_ckpt)
@@ -180,16 +186,16 @@ def test_runtime_generates_with_int4_artifacts_like_hf(qwen3_vl_ckpt, tmp_path):
     assert ours == ref[0, ids.shape[1]:].tolist()
 
 
-def test_int4_accuracy_level_knob(monkeypatch):
-    opts = ort.SessionOptions()
-    monkeypatch.setenv("QWEN_VL_INT4_ACCURACY_LEVEL", "4")
-    exact_int4_matmul(opts)
-    assert opts.get_session_config_entry("session.qdq_matmulnbits_accuracy_level") == "4"
-    monkeypatch.setenv("QWEN_VL_INT4_ACCURACY_LEVEL", "fast")
+def test_int4_accuracy_level_values():
+    """int4_accuracy writes ONNX Runtime's session entry; a level outside 0-4 is one UserError."""
     from qwen_vl_trt.model.errors import UserError
+    from qwen_vl_trt.runtime.backends.ort import int4_accuracy
 
-    with pytest.raises(UserError, match="QWEN_VL_INT4_ACCURACY_LEVEL='fast': use 0-4"):
-        exact_int4_matmul(ort.SessionOptions())
+    opts = ort.SessionOptions()
+    int4_accuracy(opts, 4)
+    assert opts.get_session_config_entry("session.qdq_matmulnbits_accuracy_level") == "4"
+    with pytest.raises(UserError, match="accuracy level 7: use 0-4"):
+        int4_accuracy(ort.SessionOptions(), 7)
 
 
 def test_bf16_int4_decoder_ort_graph_uses_matmul_nbits(qwen3_vl_ckpt, tmp_path):
@@ -201,7 +207,7 @@ def test_bf16_int4_decoder_ort_graph_uses_matmul_nbits(qwen3_vl_ckpt, tmp_path):
     from qwen_vl_trt.model.errors import ArtifactError
     from qwen_vl_trt.model.manifest import load_manifest
 
-    export_all(qwen3_vl_ckpt, tmp_path, "bf16", int4_block=BLOCK)
+    export_all(qwen3_vl_ckpt, tmp_path, "bf16", formats=PROJECTIONS)
     model = onnx.load(str(tmp_path / "decoder.ort.onnx"), load_external_data=False)
     nbits = [n for n in model.graph.node if n.op_type == "MatMulNBits"]
     layers = ModelSpec.from_checkpoint(qwen3_vl_ckpt).text.num_hidden_layers

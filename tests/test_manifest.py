@@ -20,6 +20,7 @@ from qwen_vl_trt.export.cli import export_graphs
 from qwen_vl_trt.model.errors import ArtifactError
 from qwen_vl_trt.runtime.backends.kv_cache import KVCache
 from qwen_vl_trt.model.manifest import FORMAT, load_manifest
+from qwen_vl_trt.model.weight_formats import WeightFormats
 from qwen_vl_trt.runtime.backends.loader import open_sessions
 
 LIMITS = Limits(max_patches=4096, max_frames=16, max_batch=2, max_seq=256, max_cache_len=512)
@@ -57,11 +58,11 @@ def test_manifest_content(artifacts, qwen3_vl_ckpt):
     assert raw["limits"] == {"max_patches": 4096, "max_frames": 16, "max_batch": 2, "max_seq": 256,
                              "max_cache_len": 512}
     assert raw["graphs"]["decoder"] == {"onnx": "decoder.onnx", "onnx_data": "decoder.onnx.data", "engine": None,
-                                        "onnx_ort": "decoder.ort.onnx", "weights": "dense"}
+                                        "onnx_ort": "decoder.ort.onnx", "weights": WeightFormats().to_json()}
     assert raw["graphs"]["vision"] == {"onnx": "vision.onnx", "onnx_data": "vision.onnx.data", "engine": None,
                                        "onnx_ort": "vision.ort.onnx", "weights": "dense"}
     assert raw["graphs"]["embed"] == {"onnx": "embed.onnx", "onnx_data": "embed.onnx.data", "engine": None,
-                                      "weights": "dense"}
+                                      "weights": WeightFormats().to_json()}
     weights = (qwen3_vl_ckpt / "model.safetensors").read_bytes()
     assert raw["checkpoint"]["sha256"] == {"model.safetensors": hashlib.sha256(weights).hexdigest()}
     for name in ("tokenizer.json", "tokenizer_config.json", "chat_template.jinja", "preprocessor_config.json",
@@ -72,6 +73,7 @@ def test_manifest_content(artifacts, qwen3_vl_ckpt):
     m = load_manifest(artifacts)
     assert m.eos_token_ids == (151645, 151643) and m.pad_token_id == 151643
     assert m.engine_paths() == {} and m.limits.max_seq == 256
+    assert m.weight_formats() == WeightFormats()
 
 
 def test_sessions_load_and_no_engines_means_onnxruntime(artifacts):

@@ -1,5 +1,5 @@
 """CPU CI for the plugin library: it compiles, exports only the two entry points, and TensorRT(-RTX) loads it,
-sees the 3 creators, imports the qwen_vl nodes (fp16 and bf16) as PLUGIN_V3 layers and AOT-builds engines
+sees the 4 creators, imports the qwen_vl nodes (fp16 and bf16) as PLUGIN_V3 layers and AOT-builds engines
 for SM86/SM89/SM120. Without the library the same graphs import the reference function bodies and build.
 
 What this cannot check: enqueue and kernel numerics (RTX compiles kernels on the GPU at load; the GPU harness
@@ -16,7 +16,8 @@ from pathlib import Path
 import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
-CREATORS = {"MRoPE": ["inv_freq", "axis"], "VarlenAttention": ["scale", "causal"], "KVCacheAttention": ["scale"]}
+CREATORS = {"MRoPE": ["inv_freq", "axis"], "VarlenAttention": ["scale", "causal"], "KVCacheAttention": ["scale"],
+            "MoEExperts": ["top_k", "gate_up_block_size", "down_block_size"]}
 TARGETS = ("SM86", "SM89", "SM120")
 
 
@@ -55,7 +56,7 @@ def test_library_exports_only_entry_points_and_links_no_tensorrt(plugin_lib):
     assert ".nv_fatbin" in sections  # device code is embedded (SASS for sm_80/86/89/90/120 + PTX)
 
 
-def test_three_creators_with_declared_fields(trt_report):
+def test_four_creators_with_declared_fields(trt_report):
     assert trt_report["creators"] == {name: {"namespace": "qwen_vl", "version": "1", "fields": fields,
                                              "interface": "PLUGIN CREATOR_V3ONE"}
                                       for name, fields in CREATORS.items()}

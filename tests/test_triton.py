@@ -192,3 +192,58 @@ def test_cancelled_request_frees_its_slot(load_model):
     while any(s is not None for s in engine.slots):
         assert time.monotonic() < deadline
         time.sleep(0.01)
+
+
+def test_custom_metrics_count_what_was_sent(load_model, media, processor):  # noqa: F811
+    """The server's /metrics figures as Triton custom metrics (runtime/serve/triton_metrics.py): after one
+    streamed image request and one bad request, the prompt-token counter holds HF's processor's prompt length,
+    the generation counter N_NEW, one success (`length`) and one `invalid_request` failure; one time-to-first-token
+    and one end-to-end observation, N_NEW - 1 inter-token ones; nothing running afterwards."""
+    import triton_python_backend_utils as pb
+    from PIL import Image
+
+    model = load_model("qwen_vl")
+    img = media["images"][0]
+    req, bad = request("Describe this image.", [img]), request("hi", max_new_tokens=np.array([0], np.int32))
+    assert model.execute([req, bad]) is None
+    wait_final(req)
+    wait_final(bad)
+    messages = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": "Describe this image."}]}]
+    text = processor.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+    n_prompt = processor(text=[text], images=[Image.open(img).convert("RGB")], return_tensors="pt")["input_ids"].shape[1]
+
+    def metric(name: str, **labels):
+        family = pb.MetricFamily.registry["qwen_vl_" + name]
+        found = [m for m in family.metrics if all(m.labels.get(k) == v for k, v in labels.items())]
+        assert len(found) == 1 and found[0].labels["model"] == "qwen_vl", (name, labels)
+        return found[0]
+
+    assert metric("prompt_tokens_total").value() == n_prompt
+    assert metric("generation_tokens_total").value() == N_NEW
+    assert metric("request_success_total", finished_reason="length").value() == 1
+    assert metric("request_failure_total", reason="invalid_request").value() == 1
+    assert len(metric("time_to_first_token_seconds").observed) == len(metric("e2e_request_latency_seconds").observed) == 1
+    assert len(metric("inter_token_latency_seconds").observed) == N_NEW - 1
+    assert metric("num_requests_running").value() == metric("num_requests_waiting").value() == 0
+    assert metric("kv_cache_usage_perc").value() == 0
+    model.finalize()
+
+
+def test_parser_floods_fail_their_request(load_model):
+    """Issue 21: the Triton model decodes through the same guard (runtime/media_guard.py). A JPEG of 3 million
+    empty APP1 segments (refused from its structure) and a GIF of 3 million empty comments (stopped at its CPU
+    budget) each fail their request with INVALID_ARG within 2 s (a loaded 2-core machine: ~0.1 and ~1.1 s here)."""
+    import media_bombs
+    import triton_python_backend_utils as pb
+
+    model = load_model("qwen_vl_whole")
+    for flood, message in [
+            (media_bombs.jpeg_app1_flood(3_000_000), "image <image 0> is a JPEG with more than 1000 marker segments "
+             "before its image data (encoders write under 30); re-encode it"),
+            (media_bombs.gif_comment_flood(3_000_000), "image <image 0> did not decode within its limit (0.5 s of CPU "
+             "time, 1.5 s in all, for reading its header); re-encode it as a plain PNG or JPEG")]:
+        t0 = time.monotonic()
+        (response,) = model.execute([request("Describe this image.", [flood])])
+        assert time.monotonic() - t0 < 2.0
+        assert response.has_error() and response.error.code() == pb.TritonError.INVALID_ARG
+        assert response.error.message() == message

@@ -19,6 +19,9 @@
 //       cudaStream_t) const: the launcher's status; non-zero fails enqueue         enqueue
 //
 // and may override IPluginV3OneBuildV2 methods itself (getAliasedInput). Build-time hooks make no CUDA call.
+// A plugin that needs device scratch memory instead supplies
+//   size_t workspaceSize(DynamicPluginTensorDesc const* in) const             getWorkspaceSize (max shapes)
+//   int32_t launch(inputDesc, inputs, outputs, void* workspace, cudaStream_t) const                enqueue
 #pragma once
 
 #include "common/checkMacros.h"
@@ -27,10 +30,21 @@
 #include <NvInferRuntime.h>
 
 #include <string>
+#include <type_traits>
 #include <vector>
 
 namespace qwen_vl
 {
+
+//! Whether plugin `P` declares `workspaceSize` (and then takes the workspace in `launch`).
+template <typename P, typename = void>
+struct UsesWorkspace : std::false_type
+{
+};
+template <typename P>
+struct UsesWorkspace<P, std::void_t<decltype(&P::workspaceSize)>> : std::true_type
+{
+};
 
 //! Runs `body` (which may throw) inside a noexcept method: a caught exception is logged and yields `onError`.
 template <typename T, typename Body>
@@ -113,6 +127,15 @@ public:
             return 0;
         });
     }
+    size_t getWorkspaceSize(nvinfer1::DynamicPluginTensorDesc const* inputs, int32_t nbInputs,
+        nvinfer1::DynamicPluginTensorDesc const* outputs, int32_t nbOutputs) const noexcept override
+    {
+        if constexpr (UsesWorkspace<Derived>::value)
+        {
+            return guarded<size_t>(0, [&] { return self().workspaceSize(inputs); });
+        }
+        return 0;
+    }
 
     // IPluginV3OneRuntime
     int32_t onShapeChange(nvinfer1::PluginTensorDesc const* in, int32_t nbInputs,
@@ -124,7 +147,15 @@ public:
         void const* const* inputs, void* const* outputs, void* workspace, cudaStream_t stream) noexcept override
     {
         return guarded<int32_t>(-1, [&] {
-            int32_t const status = self().launch(inputDesc, inputs, outputs, stream);
+            int32_t status = 0;
+            if constexpr (UsesWorkspace<Derived>::value)
+            {
+                status = self().launch(inputDesc, inputs, outputs, workspace, stream);
+            }
+            else
+            {
+                status = self().launch(inputDesc, inputs, outputs, stream);
+            }
             QWEN_VALIDATE(status == 0,
                 std::string(Derived::kNAME) + ": kernel launch failed with status " + std::to_string(status));
             return 0;

@@ -1,6 +1,7 @@
 // The library's only exported symbols: getCreators and setLoggerFinder (IPluginRegistry::loadLibrary needs both).
 #include "common/checkMacros.h"
 #include "kvCacheAttention/kvCacheAttentionPlugin.h"
+#include "moeExperts/moeExpertsPlugin.h"
 #include "mrope/mropePlugin.h"
 #include "varlenAttention/varlenAttentionPlugin.h"
 
@@ -40,7 +41,8 @@ extern "C" __attribute__((visibility("default"))) void setLoggerFinder(ILoggerFi
 extern "C" __attribute__((visibility("default"))) IPluginCreatorInterface* const* getCreators(int32_t& nbCreators)
 {
     static IPluginCreatorInterface* const sCreators[] = {qwen_vl::mropePluginCreator(),
-        qwen_vl::varlenAttentionPluginCreator(), qwen_vl::kvCacheAttentionPluginCreator()};
+        qwen_vl::varlenAttentionPluginCreator(), qwen_vl::kvCacheAttentionPluginCreator(),
+        qwen_vl::moeExpertsPluginCreator()};
     nbCreators = static_cast<int32_t>(std::size(sCreators));
     return sCreators;
 }

@@ -31,11 +31,22 @@ def tensorrt_available() -> tuple[bool, str]:
 
 
 def open_sessions(manifest, backend: str = "auto", *, io_binding: bool = True, threads: int = 0,
-                  cuda_graph: bool = True, ort_fused: bool = True) -> tuple[str, dict]:
+                  cuda_graph: bool = True, ort_fused: bool = True, int4_activations: str | None = None,
+                  ort_cache=None, ort_prepack: bool = False) -> tuple[str, dict]:
     """-> (backend used, {"vision"|"embed"|"decoder": Session}). `backend`: auto | tensorrt | onnxruntime.
     `io_binding` False: ONNX Runtime with plain numpy feeds (the simple reference path); `cuda_graph` False: no
     CUDA graph capture of the decode step (ONNX Runtime's CUDA EP, TensorRT); `ort_fused` False: ONNX Runtime
-    runs vision.onnx / decoder.onnx (the plugin graphs' reference bodies) even where the .ort.onnx files exist."""
+    runs vision.onnx / decoder.onnx (the plugin graphs' reference bodies) even where the .ort.onnx files exist.
+    `int4_activations` (fp32 | int8): overrides the manifest's for ONNX Runtime's INT4 MatMulNBits fusion
+    (accuracy level 1 | 4; model/weight_formats.py). The explicit MatMulNBits nodes of a bf16 decoder.ort.onnx keep
+    the level the export wrote into them.
+    ONNX Runtime on the CPU: vision, embed and a dense decoder run on their memory-mapped weights
+    (ort.weights_mapped) unless `ort_prepack`; a quantized decoder (MatMulNBits) keeps ONNX Runtime's
+    prepacking. `ort_cache`: a folder for ONNX Runtime's optimized models (runtime/backends/ort_cache.py)."""
+    formats = manifest.weight_formats()
+    if int4_activations is not None:
+        formats = formats.with_(int4_activations=int4_activations)
+        formats.check()
     if backend not in ("auto", "tensorrt", "onnxruntime"):
         raise BackendUnavailable(f"unknown backend {backend!r}; use auto, tensorrt or onnxruntime")
     engines = manifest.engine_paths()
@@ -52,5 +63,7 @@ def open_sessions(manifest, backend: str = "auto", *, io_binding: bool = True, t
             return "tensorrt", open_trt(engines, manifest.contracts, manifest.plugin_library(),
                                         dim_ranges(manifest.limits), cuda_graph=cuda_graph)
     in_place = ort_fused and bool(manifest.graphs["decoder"].get("onnx_ort"))  # decoder.ort.onnx is opened
+    mapped = () if ort_prepack else {"vision", "embed"} | ({"decoder"} if formats.is_dense else set())
     return "onnxruntime", open_ort(manifest.graph_paths(fused=ort_fused), manifest.contracts, io_binding=io_binding,
-                                   threads=threads, cuda_graph=cuda_graph, kv_in_place=in_place)
+                                   threads=threads, cuda_graph=cuda_graph, kv_in_place=in_place,
+                                   int4_accuracy_level=formats.accuracy_level, mapped=mapped, cache_dir=ort_cache)

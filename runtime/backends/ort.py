@@ -11,7 +11,6 @@ without I/O binding).
 """
 from __future__ import annotations
 
-import os
 from pathlib import Path
 import numpy as np
 
@@ -37,19 +36,23 @@ class OrtSession:
     """
 
     def __init__(self, path: Path, contract, *, providers=("CPUExecutionProvider",), io_binding: bool = True,
-                 resident=(), threads: int = 0, graph_capture: bool = False):
+                 resident=(), threads: int = 0, graph_capture: bool = False, int4_accuracy_level: int = 1,
+                 mapped: bool = False, cache_dir: Path | None = None):
         import onnxruntime as ort
 
         self.ort = ort
         opts = ort.SessionOptions()
         opts.log_severity_level = 3
-        exact_int4_matmul(opts)
+        int4_accuracy(opts, int4_accuracy_level)
+        if mapped and list(providers) == ["CPUExecutionProvider"]:
+            weights_mapped(opts)
         if threads:
             opts.intra_op_num_threads = threads
         self.graph_capture, self.graph_capture_error, self._graph_ids = False, None, 0
         self.kv_in_place = False  # set by open_ort for decoder.ort.onnx
+        self.cache_hit = None  # with a cache_dir: whether the optimized model came from the cache
         try:
-            self.sess = self._create(path, opts, providers, graph_capture)
+            self.sess = self._create_cached(Path(path), opts, providers, graph_capture, cache_dir)
         except Exception as e:  # onnxruntime raises its own exception types for unreadable models
             msg = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
             if "NOT_IMPLEMENTED" in msg and list(providers) == ["CPUExecutionProvider"]:
@@ -78,6 +81,28 @@ class OrtSession:
         from .ort_io import OrtBoundIO
 
         return OrtBoundIO(model, batch, cache_len)
+
+    def _create_cached(self, path: Path, opts, providers, graph_capture: bool, cache_dir: Path | None):
+        """`_create`, through the optimized-model cache of runtime/backends/ort_cache.py when `cache_dir` is set:
+        a hit loads the cached optimized model; a miss optimizes the graph and writes the entry as it loads."""
+        if cache_dir is None:
+            return self._create(path, opts, providers, graph_capture)
+        from . import ort_cache
+
+        config = session_config(opts)
+        load, tmp = ort_cache.cached_model(cache_dir, path, providers, config, self.ort.__version__)
+        if tmp is not None:
+            ort_cache.save_options(opts, tmp, self.ort)
+        try:
+            sess = self._create(load, opts, providers, graph_capture)
+        except Exception:
+            if tmp is not None:
+                ort_cache.discard(tmp)
+            raise
+        if tmp is not None:
+            ort_cache.commit(tmp, cache_dir, path, providers, config, self.ort.__version__)
+        self.cache_hit = tmp is None
+        return sess
 
     def _create(self, path, opts, providers, graph_capture: bool):
         cuda = "CUDAExecutionProvider" in providers
@@ -179,15 +204,49 @@ class OrtSession:
 _ONNX_BF16 = 16  # onnx.TensorProto.BFLOAT16
 
 
-def exact_int4_matmul(opts) -> None:
+def int4_accuracy(opts, level: int = 1) -> None:
     """INT4 weight-only graphs (export/int4.py): ONNX Runtime fuses DequantizeLinear + MatMul into MatMulNBits, by
     default at accuracy level 4 (activations rounded to int8, ~1e-2 relative error on these models); level 1
-    keeps them fp32, so the product is exactly x @ (q * s) up to summation order. No effect on other graphs.
-    `QWEN_VL_INT4_ACCURACY_LEVEL=4` opts into int8 activations (faster on CPUs, not the HF-exact product)."""
-    level = os.environ.get("QWEN_VL_INT4_ACCURACY_LEVEL", "1")
-    if level not in ("0", "1", "2", "3", "4"):
-        raise UserError(f"QWEN_VL_INT4_ACCURACY_LEVEL={level!r}: use 0-4 (ONNX Runtime's MatMulNBits accuracy level)")
-    opts.add_session_config_entry("session.qdq_matmulnbits_accuracy_level", level)
+    keeps them fp32, so the product is exactly x @ (q * s) up to summation order. The level comes from manifest.json
+    (`graphs.decoder.weights.int4_activations`: fp32 -> 1, int8 -> 4; model/weight_formats.py), or trt-run's
+    `--int4-activations`. No effect on other graphs. (It replaces the QWEN_VL_INT4_ACCURACY_LEVEL variable, which is
+    no longer read.)"""
+    if level not in (0, 1, 2, 3, 4):
+        raise UserError(f"MatMulNBits accuracy level {level!r}: use 0-4")
+    opts.add_session_config_entry("session.qdq_matmulnbits_accuracy_level", str(level))
+
+
+def exact_int4_matmul(opts) -> None:
+    """Accuracy level 1 (`int4_accuracy`): the reference sessions of the tests and the parity tool."""
+    int4_accuracy(opts, 1)
+
+
+def weights_mapped(opts) -> None:
+    """Run on the weights as ONNX Runtime memory-maps them from the `.onnx.data` file: no prepacking. ONNX Runtime
+    maps external initializers and, by default, then copies each MatMul / Gemm weight into MLAS's packed layout
+    (all weights read and copied at start-up, a second copy's worth of anonymous memory at its peak). Without
+    prepacking a session opens on untouched pages (the 2.86 GB decoder of docs/benchmarks.md: 0.3 s against 17.6 s,
+    busy machine), the weights stay in the page cache (shared between processes, never copied) and the steps read
+    them in place; whether decode is as fast as on the packed layout is what bench/bench_cpu_peers.py's
+    `ours-fp32` vs `ours-fp32-prepack` measures. Only for dense graphs on the CPU provider: MatMulNBits (INT4)
+    is ~10x slower without its prepacked blocks (loader.open_sessions decides)."""
+    opts.add_session_config_entry("session.disable_prepacking", "1")
+
+
+_CACHE_KEYS = ("session.qdq_matmulnbits_accuracy_level", "session.disable_prepacking")
+
+
+def session_config(opts) -> dict:
+    """The session config entries that change what ONNX Runtime's optimizer writes (the cache key's part)."""
+    out = {}
+    for key in _CACHE_KEYS:
+        try:
+            value = opts.get_session_config_entry(key)
+        except Exception:  # onnxruntime raises when the entry is not set
+            continue
+        if value:
+            out[key] = value
+    return out
 
 
 def cuda_provider_options(graph_capture: bool) -> dict:
@@ -230,14 +289,20 @@ def ort_providers() -> tuple[str, ...]:
 
 
 def open_ort(paths: dict, contracts: dict, *, io_binding: bool = True, threads: int = 0,
-             cuda_graph: bool = True, kv_in_place: bool = False) -> dict:
-    """The three ORT sessions; with `cuda_graph` the decoder captures its decode step (CUDA EP only).
+             cuda_graph: bool = True, kv_in_place: bool = False, int4_accuracy_level: int = 1, mapped=(),
+             cache_dir: Path | None = None) -> dict:
+    """The three ORT sessions; with `cuda_graph` the decoder captures its decode step (CUDA EP only);
+    `int4_accuracy_level`: MatMulNBits accuracy level of ONNX Runtime's INT4 fusion (`int4_accuracy`).
     `kv_in_place`: the decoder writes its cache into the past buffers when present is bound to them
-    (decoder.ort.onnx's GroupQueryAttention), so one KV set is enough (runtime/backends/ort_io.py)."""
+    (decoder.ort.onnx's GroupQueryAttention), so one KV set is enough (runtime/backends/ort_io.py).
+    `mapped`: the graphs (dense weights) that run on memory-mapped weights on the CPU provider (`weights_mapped`);
+    `cache_dir`: ONNX Runtime's optimized models cached there (runtime/backends/ort_cache.py)."""
     providers = ort_providers()
     sessions = {name: OrtSession(paths[name], contracts[name], providers=providers, io_binding=io_binding,
                                  resident=_cache_outputs(contracts[name]), threads=threads,
-                                 graph_capture=cuda_graph and name == "decoder") for name in paths}
+                                 graph_capture=cuda_graph and name == "decoder",
+                                 int4_accuracy_level=int4_accuracy_level, mapped=name in mapped,
+                                 cache_dir=cache_dir) for name in paths}
     sessions["decoder"].kv_in_place = kv_in_place
     return sessions
 

@@ -22,6 +22,8 @@ class RunConfig:
     json: bool
     ort_graphs: str = "fused"
     device: str = "auto"
+    int4_activations: str | None = None  # None: manifest.json's (model/weight_formats.py)
+    ort_cache: str | None = None
 
     @classmethod
     def from_args(cls, args: argparse.Namespace) -> "RunConfig":
@@ -36,7 +38,8 @@ class RunConfig:
                                      sampling, ignore_eos=args.ignore_eos, grammar=grammar) for p in prompts)
         except FieldError as e:  # the rule is the request's; the name is the flag's
             raise UserError(f"--{e.field.replace('_', '-')} {e.value}: must be {e.need}") from None
-        return cls(args.model_dir, requests, args.backend, args.json, args.ort_graphs, args.device)
+        return cls(args.model_dir, requests, args.backend, args.json, args.ort_graphs, args.device,
+                   args.int4_activations, getattr(args, "ort_cache", None))
 
 
 def _grammar(args: argparse.Namespace):
@@ -89,6 +92,13 @@ def parser() -> argparse.ArgumentParser:
     ap.add_argument("--device", choices=("auto", "cuda"), default="auto",
                     help="auto: ONNX Runtime's CUDA provider when it loads, else the CPU (the timing line says which); "
                          "cuda: fail with one line instead of falling back to the CPU")
+    ap.add_argument("--int4-activations", choices=("fp32", "int8"),
+                    help="ONNX Runtime, INT4 weights: fp32 = MatMulNBits accuracy level 1 (the exact product), int8 = "
+                         "level 4 (activations rounded to int8: faster on CPUs, lossy); default: what the export "
+                         "recorded in manifest.json (--int4-activations of export_all.sh)")
+    ap.add_argument("--ort-cache", metavar="DIR",
+                    help="ONNX Runtime backend: keep ONNX Runtime's optimized graphs in DIR and load them from there "
+                         "on later starts (keyed on the graph files, ONNX Runtime's version, providers and options)")
     ap.add_argument("--json", action="store_true", help="print one JSON object instead of streaming text")
     return ap
 
@@ -103,7 +113,8 @@ def run(cfg: RunConfig, out=sys.stdout, err=sys.stderr) -> list:
 
     if cfg.device == "cuda" and cfg.backend == "onnxruntime":
         require_cuda_provider()  # seconds, before loading the graphs
-    model = load_model(cfg.model_dir, cfg.backend, ort_fused=cfg.ort_graphs == "fused")
+    model = load_model(cfg.model_dir, cfg.backend, ort_fused=cfg.ort_graphs == "fused",
+                       int4_activations=cfg.int4_activations, ort_cache=cfg.ort_cache)
     if cfg.device == "cuda":
         require_on_gpu(model.sessions)
     pre = Preprocessor(model.manifest)

@@ -29,6 +29,12 @@ class EngineWorker:
         """A server Job (runtime/serve/serving.py)."""
         self.pending.put(self._request(job))
 
+    def load(self) -> tuple[int, int, int, int]:
+        """(requests in a slot, requests waiting for one, slots in use, slots): the server's metrics, read from
+        another thread (a scrape may see a step half done; each number is a whole one)."""
+        used = sum(s is not None for s in self.engine.slots)
+        return used, self.pending.qsize() + self.engine.waiting.qsize(), used, self.engine.max_batch
+
     def submit_request(self, request: SeqRequest) -> None:
         self.pending.put(request)
 

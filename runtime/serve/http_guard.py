@@ -1,9 +1,14 @@
-"""What runtime/serve/server.py checks before a request reaches the model: resource limits and the request framing.
+"""What the server checks before a request reaches the model: resource limits and the request's headers.
+
+HTTP/1.1 framing (Content-Length rules: a duplicate that disagrees is a 400, RFC 9112 section 6.3; keep-alive,
+pipelining) is uvicorn's h11 parser; runtime/serve/http_protocol.py adds the header deadline and half-close, and
+runtime/serve/app.py applies these checks and limits in the order its docstring gives.
 
 | resource | bound (qwen-vl-serve flag, default) |
 |---|---|
 | pending connections | listen backlog `BACKLOG` (128); HTTP/1.1 keep-alive, so a client reuses its connection |
-| one request's headers + body | `--read-timeout` (30 s) from the first byte awaited to the last body byte (`ReadDeadlines`) |
+| request line + headers | `--read-timeout` (30 s) from the connection (or the end of the previous response); h11 refuses headers over 16 KiB |
+| the body | `--read-timeout` again, from the moment the request has its slot (runtime/serve/app.py) |
 | an idle keep-alive connection | the same timeout |
 | body bytes | `--max-body-mb` (64 MiB), refused from Content-Length before anything is read |
 | requests in flight (read, prepared, queued, generating) | `--max-concurrent-requests` (2 x max batch, >= 8): a |
@@ -21,10 +26,6 @@ from __future__ import annotations
 import ipaddress
 import json
 import re
-import select
-import socket
-import threading
-import time
 from dataclasses import dataclass
 
 from .openai_protocol import ProtocolError
@@ -98,80 +99,3 @@ def parse_json(raw: bytes):
 def _no_constant(name: str):
     raise ValueError(f"{name} is not a JSON number")
 
-
-def read_body(rfile, length: int) -> bytes:
-    """Exactly `length` bytes, or ProtocolError if the client stops sending (timeout or end of stream)."""
-    chunks, left = [], length
-    try:
-        while left:
-            chunk = rfile.read1(min(left, 1 << 20))
-            if not chunk:
-                break
-            chunks.append(chunk)
-            left -= len(chunk)
-    except (TimeoutError, OSError):
-        pass
-    if left:
-        raise ProtocolError(f"the request body ended after {length - left} of {length} bytes", status=408,
-                            code="request_timeout")
-    return b"".join(chunks)
-
-
-def discard_unread(rfile, sock: socket.socket, most: int, seconds: float = 1.0) -> None:
-    """Read and drop what the client may still be sending (at most `most` bytes, for at most `seconds`) before a
-    connection with an unread body is closed: closing with unread data sends a TCP reset, which can destroy the
-    error response just sent before the client reads it (the "lingering close" of Apache httpd)."""
-    deadline = time.monotonic() + seconds
-    try:
-        while most > 0 and (left := deadline - time.monotonic()) > 0:
-            sock.settimeout(left)
-            chunk = rfile.read1(min(most, 1 << 16))
-            if not chunk:
-                return
-            most -= len(chunk)
-    except OSError:
-        pass
-
-
-def client_gone(sock: socket.socket) -> bool:
-    """Whether the peer has closed (or reset) its side: readable with nothing to read. Data waiting (a next
-    pipelined request) is not a hang-up."""
-    try:
-        readable, _, _ = select.select([sock], [], [], 0)
-        return bool(readable) and sock.recv(1, socket.MSG_PEEK | socket.MSG_DONTWAIT) == b""
-    except BlockingIOError:
-        return False
-    except OSError:
-        return True
-
-
-class ReadDeadlines:
-    """Shuts down a connection that has not delivered its request within the read timeout (a slow client
-    sending a byte a second never trips a per-recv socket timeout). One thread for all connections."""
-
-    def __init__(self, seconds: float):
-        self.seconds, self.lock, self.deadlines = seconds, threading.Lock(), {}
-        self.thread = threading.Thread(target=self._loop, name="qwen-vl-read-deadlines", daemon=True)
-        self.thread.start()
-
-    def arm(self, sock: socket.socket) -> None:
-        with self.lock:
-            self.deadlines[sock] = time.monotonic() + self.seconds
-
-    def disarm(self, sock: socket.socket) -> None:
-        with self.lock:
-            self.deadlines.pop(sock, None)
-
-    def _loop(self) -> None:
-        while True:
-            time.sleep(min(0.25, self.seconds / 4))
-            now = time.monotonic()
-            with self.lock:
-                late = [s for s, t in self.deadlines.items() if t < now]
-                for s in late:
-                    del self.deadlines[s]
-            for s in late:
-                try:
-                    s.shutdown(socket.SHUT_RD)  # its blocked read returns: 408 (a body) or a quiet close (headers)
-                except OSError:
-                    pass

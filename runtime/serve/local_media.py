@@ -17,6 +17,8 @@ import urllib.parse
 import urllib.request
 from dataclasses import dataclass
 
+from .log_text import loggable
+
 log = logging.getLogger("qwen_vl_trt.server")
 UNUSABLE = ("this local media cannot be used: it must be a readable image or video file (or frame directory) "
             "inside the server's allowed media directory")
@@ -46,6 +48,8 @@ class LocalMediaPolicy:
         """A file:// URL -> the real path to open; MediaRefused if the URL may not be used (module docstring)."""
         if self.allowed_dir is None:
             raise MediaRefused(NOT_ALLOWED)
+        if "\x00" in url or "%00" in url:  # os.stat / realpath raise ValueError on a NUL byte
+            return _refuse(url, "the URL holds a NUL byte")
         parts = urllib.parse.urlsplit(url)
         if parts.netloc not in ("", "localhost"):
             return _refuse(url, f"host {parts.netloc!r} is not this machine")
@@ -65,10 +69,10 @@ class LocalMediaPolicy:
 
 
 def _refuse(url: str, why: str):
-    log.warning("refused local media %r: %s", url[:200], why)
+    log.warning("refused local media %s: %s", loggable(url), loggable(why, 400))
     raise MediaRefused(UNUSABLE)
 
 
 def log_unusable(path: str, detail: str) -> None:
     """A local file that passed `resolve` but did not decode: the detail for the log (the client gets UNUSABLE)."""
-    log.warning("unusable local media %s: %s", path, detail)
+    log.warning("unusable local media %s: %s", loggable(path), loggable(detail, 400))

@@ -1,60 +1,66 @@
-"""OpenAI-compatible HTTP server on the `trt-run` pipeline (standard library HTTP, no torch).
+"""OpenAI-compatible HTTP server on the `trt-run` pipeline: a Starlette app (runtime/serve/app.py) on uvicorn.
 
     python -m qwen_vl_trt.runtime.serve.server --model-dir ARTIFACTS [--host 127.0.0.1] [--port 8000]
 
 Endpoints: `GET /health`, `GET /v1/models`, `POST /v1/chat/completions` (request fields:
-runtime/serve/openai_protocol.py; `stream: true` answers with server-sent events ending in `data: [DONE]`).
-Each request is prepared on its own handler thread; one worker thread runs the model: by default requests join
-the running batch at the next decode step (runtime/serve/engine_worker.py, runtime/scheduler.py); `--batching static`
-batches requests that arrive together and runs each batch to its end (runtime/serve/serving.py). A bad request gets an
-OpenAI error object (`{"error": {"message", "type", "param", "code"}}`) with a 4xx status (400; 404 for another
-model name; 408, 413, 415, 421, 503 for the limits of runtime/serve/http_guard.py), a failure of ours 500, and the server
-goes on. Images come inline as data URLs or as file:// paths inside the directory the operator allows
-(runtime/serve/local_media.py); nothing is fetched from the network. A non-streaming client that hangs up is noticed
-while it waits and its generation is cancelled (either worker frees its place at its next step).
-Startup errors (artifacts, port) print one `error:` line and exit 2, as `trt-run` does.
+runtime/serve/openai_protocol.py), `POST /v1/completions` (runtime/serve/completions_protocol.py), `GET /metrics`
+(Prometheus, runtime/serve/metrics.py); `stream: true` answers with server-sent events ending in `data: [DONE]`.
+HTTP/1.1 is uvicorn's h11 parser (runtime/serve/http_protocol.py adds the header deadline and half-close).
+Requests are parsed and prepared on the event loop's worker threads; one worker thread runs the model: by default
+requests join the running batch at the next decode step (runtime/serve/engine_worker.py, runtime/scheduler.py);
+`--batching static` batches requests that arrive together and runs each batch to its end
+(runtime/serve/serving.py). A bad request gets an OpenAI error object (`{"error": {"message", "type", "param",
+"code"}}`) with a 4xx status (400; 404 for another model name; 405, 408, 413, 415, 421, 503 for the limits of
+runtime/serve/http_guard.py), a failure of ours 500, and the server goes on. Images come inline as data URLs or
+as file:// paths inside the directory the operator allows (runtime/serve/local_media.py); nothing is fetched
+from the network. A client that hangs up, streaming or not, has its generation cancelled (the worker frees its
+place at its next step). Startup errors (artifacts, port) print one `error:` line and exit 2, as `trt-run` does.
 """
 from __future__ import annotations
 
 import argparse
-import json
-import queue
+import logging
+import socket
 import sys
 import threading
 import time
-import traceback
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
-from qwen_vl_trt.model.errors import ImageError, PromptTooLong, UserError, VideoError
+from qwen_vl_trt.model.errors import PromptTooLong, UserError
 
 from . import http_guard, local_media
 from . import openai_protocol as api
 from .http_guard import ServerLimits
-from .openai_protocol import MediaPolicy, ProtocolError
+from .openai_protocol import MediaPolicy
 
-_GONE = (BrokenPipeError, ConnectionResetError, ConnectionAbortedError)
-POLL_S = 0.1  # how often a waiting non-streaming handler checks that its client is still connected
+SHUTDOWN_GRACE_S = 5.0  # seconds `shutdown` lets open requests finish before cancelling them
 
 
-class OpenAIServer(ThreadingHTTPServer):
-    """The listening socket (bound on construction), the model and its worker."""
-
-    daemon_threads = True
-    request_queue_size = http_guard.BACKLOG  # socketserver's default of 5 resets bursts of connections
+class OpenAIServer:
+    """The listening socket (bound on construction), the model, its worker and the uvicorn server that serves the
+    app. `serve_forever` runs until `shutdown`; `server_close` frees the socket and stops the worker."""
 
     def __init__(self, address, limits: ServerLimits = ServerLimits(), media: MediaPolicy = MediaPolicy()):
-        self.scheduler, self.quiet = None, False  # before binding: a failed bind calls server_close()
+        self.scheduler, self.quiet, self.uvicorn = None, False, None
         self.limits, self.media = limits, media
-        self.slots = threading.BoundedSemaphore(limits.max_concurrent)
-        self.deadlines = http_guard.ReadDeadlines(limits.read_timeout)
-        super().__init__(address, Handler)
+        self.stopped = threading.Event()
+        family = socket.AF_INET6 if ":" in address[0] else socket.AF_INET
+        self.socket = socket.socket(family, socket.SOCK_STREAM)
+        try:
+            self.socket.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            self.socket.bind(address)
+            self.socket.listen(http_guard.BACKLOG)
+        except OSError:
+            self.socket.close()
+            raise
+        self.server_address = self.socket.getsockname()
 
     def attach(self, model, name: str, max_batch: int, batching: str = "inflight") -> None:
         """`batching`: "inflight" (runtime/serve/engine_worker.py: requests join the running batch at every step) or
         "static" (runtime/serve/serving.py Scheduler: each batch of `generate` runs to its end)."""
         from ..pipeline import Preprocessor
         from ..structured import Grammars
+        from .metrics import ServerMetrics
 
         self.model, self.name, self.created = model, name, int(time.time())
         self.pre = Preprocessor(model.manifest)
@@ -67,16 +73,36 @@ class OpenAIServer(ThreadingHTTPServer):
             from .engine_worker import EngineWorker
 
             self.scheduler = EngineWorker(model, self.pre.tokenizer, max_batch)
+        self.metrics = ServerMetrics(name, self.scheduler.load)
+
+    def serve_forever(self) -> None:
+        """Serve on the bound socket until `shutdown` (or, on the main thread, SIGINT / SIGTERM)."""
+        import uvicorn
+
+        from .app import build_app
+        from .http_protocol import protocol_class
+
+        config = uvicorn.Config(build_app(self), http=protocol_class(self.limits.read_timeout), lifespan="off",
+                                loop="asyncio", access_log=False, log_config=None, log_level=logging.WARNING,
+                                timeout_keep_alive=self.limits.read_timeout, backlog=http_guard.BACKLOG,
+                                timeout_graceful_shutdown=SHUTDOWN_GRACE_S, server_header=False,
+                                headers=[("server", "qwen-vl-trt")])
+        self.uvicorn = uvicorn.Server(config)
+        try:
+            self.uvicorn.run(sockets=[self.socket])
+        finally:
+            self.stopped.set()
+
+    def shutdown(self) -> None:
+        """Stop `serve_forever` (from another thread) and wait for it."""
+        if self.uvicorn is not None:
+            self.uvicorn.should_exit = True
+            self.stopped.wait(timeout=SHUTDOWN_GRACE_S + 10)
 
     def server_close(self) -> None:
-        super().server_close()
+        self.socket.close()
         if self.scheduler is not None:
             self.scheduler.close()
-
-    def handle_error(self, request, client_address) -> None:
-        kind, err, _ = sys.exc_info()
-        if not issubclass(kind, _GONE):  # a client that hung up is not news
-            print(f"error: request from {client_address[0]}: {kind.__name__}: {err}", file=sys.stderr)
 
     def max_new_tokens(self, request, prompt_tokens: int) -> int:
         """`max_tokens` of a request, or the default (runtime/request.py) within the KV cache left after the
@@ -91,210 +117,6 @@ class OpenAIServer(ThreadingHTTPServer):
                                 f"exceed the {cache}-token cache of the artifacts; lower max_tokens or re-export "
                                 "with a larger --max-cache-len")
         return requested
-
-
-class Handler(BaseHTTPRequestHandler):
-    server: OpenAIServer
-    server_version = "qwen-vl-trt"
-    protocol_version = "HTTP/1.1"  # keep-alive: a client's requests share one connection
-
-    def setup(self) -> None:
-        self.timeout = self.server.limits.read_timeout  # every recv and send (StreamRequestHandler.setup)
-        self.check_client_at = 0.0  # when `_next_event` next looks for a hang-up
-        super().setup()
-
-    def handle_one_request(self) -> None:
-        self.server.deadlines.arm(self.connection)  # disarmed once the request is read
-        try:
-            super().handle_one_request()
-        finally:
-            self.server.deadlines.disarm(self.connection)
-
-    def log_message(self, format, *args) -> None:
-        if not self.server.quiet:
-            super().log_message(format, *args)
-
-    def do_GET(self) -> None:
-        self.server.deadlines.disarm(self.connection)
-        path = self.path.split("?")[0].rstrip("/")
-        try:
-            http_guard.check_host(self.headers, self.server.server_address[0])
-        except ProtocolError as e:
-            self._error(e)
-            return
-        if path == "/health":
-            self._json(200, {"status": "ok"})
-        elif path == "/v1/models":
-            self._json(200, api.models_list(self.server.name, self.server.created))
-        elif path == f"/v1/models/{self.server.name}":
-            self._json(200, api.models_list(self.server.name, self.server.created)["data"][0])
-        else:
-            self._error(ProtocolError(f"no route GET {path}", status=404, code="not_found"))
-
-    def _not_allowed(self) -> None:
-        """Other standard methods: 405 (a browser's CORS preflight, OPTIONS, gets no Access-Control-* header)."""
-        self.body_read = False
-        self._error(ProtocolError(f"method {self.command} is not allowed; use GET or POST", status=405,
-                                  code="method_not_allowed"))
-
-    do_HEAD = do_PUT = do_PATCH = do_DELETE = do_OPTIONS = _not_allowed
-
-    def do_POST(self) -> None:
-        self.body_read = False  # until it is, an error response closes the connection (the body is unread)
-        path = self.path.split("?")[0].rstrip("/")
-        if path != "/v1/chat/completions":
-            self._error(ProtocolError(f"no route POST {path}", status=404, code="not_found"))
-            return
-        self.server.deadlines.disarm(self.connection)  # waiting for a slot is not the client being slow
-        if not self.server.slots.acquire(timeout=self.server.limits.queue_timeout):
-            self._error(ProtocolError("the server is busy; retry later", status=503, code="server_busy",
-                                      kind="server_error"))
-            return
-        self.server.deadlines.arm(self.connection)  # the body, within the read timeout
-        try:
-            self._guarded_chat()
-        finally:
-            self.server.slots.release()
-
-    def _guarded_chat(self) -> None:
-        try:
-            self._chat()
-        except ProtocolError as e:
-            self._error(e)
-        except PromptTooLong as e:
-            self._error(ProtocolError(str(e), "messages", code="context_length_exceeded"))
-        except UserError as e:
-            self._error(ProtocolError(str(e)))
-        except _GONE:
-            pass
-        except Exception as e:  # a bug: this request fails, the server goes on
-            traceback.print_exc(file=sys.stderr)
-            self._error(ProtocolError(f"internal error: {type(e).__name__}: {e}", status=500, kind="server_error"))
-
-    # ---- chat completions ------------------------------------------------------------------------------
-    def _chat(self) -> None:
-        from . import choices
-
-        body = self._body()
-        model = body.get("model") if isinstance(body, dict) else None
-        if model is not None and model != self.server.name:
-            raise ProtocolError(f"model {model!r} is not served here; GET /v1/models lists {self.server.name!r}",
-                                "model", status=404, code="model_not_found")
-        req = api.parse_chat_request(body, self.server.media)
-        prepared = self._prepare(req.request)
-        jobs = choices.jobs(prepared, self.server.max_new_tokens(req.request, prepared.num_tokens), req.request,
-                            self.server.grammars)
-        for job in jobs:  # n choices: one sequence each, one event queue and cancel flag for all
-            self.server.scheduler.submit(job)
-        out = choices.Choices(req.n, self.server.pre.tokenizer, api.completion_id(), self.server.name)
-        (self._stream if req.stream else self._whole)(jobs[0], req, prepared.num_tokens, out)
-
-    def _prepare(self, request):
-        """The pipeline's preprocessing; local media that does not decode gets local_media's one message (a video
-        is always local; an image error is about an inline image when it names one, `<image i>`)."""
-        local = [p for p in (*request.images, request.video) if isinstance(p, str)]
-        try:
-            return self.server.pre.prepare(request)
-        except (ImageError, VideoError) as e:
-            if not local or (isinstance(e, ImageError) and "<image " in str(e)):
-                raise
-            local_media.log_unusable(", ".join(local), str(e))
-            raise ProtocolError(local_media.UNUSABLE, "messages") from None
-
-    def _next_event(self, job) -> tuple:
-        """The job's next event; cancels the job (the worker drops it at its next step) if the client has hung
-        up, which is checked every POLL_S seconds however fast the events come."""
-        while True:
-            now = time.monotonic()
-            if now >= self.check_client_at:
-                self.check_client_at = now + POLL_S
-                if http_guard.client_gone(self.connection):
-                    job.cancelled.set()
-                    raise ConnectionAbortedError("the client closed the connection")
-            try:
-                return job.events.get(timeout=POLL_S)
-            except queue.Empty:
-                pass
-
-    def _whole(self, job, req, prompt_tokens: int, out) -> None:
-        while not out.done:
-            event = self._next_event(job)
-            if event[0] == "error":
-                job.cancelled.set()  # the other choices
-                raise ProtocolError(event[2], status=event[1], kind=_error_kind(event[1]))
-            out.add(event)
-        self._json(200, out.response(prompt_tokens))
-
-    def _stream(self, job, req, prompt_tokens: int, out) -> None:
-        event = self._next_event(job)
-        if event[0] == "error":  # nothing sent yet: a plain error response
-            job.cancelled.set()
-            raise ProtocolError(event[2], status=event[1], kind=_error_kind(event[1]))
-        self.send_response(200)
-        self.send_header("Content-Type", "text/event-stream")
-        self.send_header("Cache-Control", "no-cache")
-        self.send_header("Connection", "close")
-        self.end_headers()
-        self.close_connection = True  # the stream ends when the connection does
-        try:
-            for c in out.first_chunks():
-                self._event(c)
-            while True:
-                if event[0] == "error":
-                    job.cancelled.set()
-                    self._event(api.error_body(event[2], _error_kind(event[1])))
-                    break
-                for c in out.chunks(event):
-                    self._event(c)
-                if out.done:
-                    if req.include_usage:
-                        self._event(api.chunk(out.cid, out.model, None, use=out.usage(prompt_tokens)))
-                    break
-                event = job.events.get()
-            self.wfile.write(b"data: [DONE]\n\n")
-            self.wfile.flush()
-        except _GONE:
-            job.cancelled.set()  # the worker stops generating for it
-
-    # ---- plumbing ---------------------------------------------------------------------------------------
-    def _body(self):
-        http_guard.check_host(self.headers, self.server.server_address[0])
-        http_guard.require_json(self.headers)
-        length = http_guard.content_length(self.headers, self.server.limits.max_body)
-        raw = http_guard.read_body(self.rfile, length)
-        self.body_read = True
-        self.server.deadlines.disarm(self.connection)
-        return http_guard.parse_json(raw)
-
-    def _event(self, obj: dict) -> None:
-        self.wfile.write(b"data: " + json.dumps(obj, ensure_ascii=False).encode() + b"\n\n")
-        self.wfile.flush()
-
-    def _json(self, status: int, obj: dict) -> None:
-        data = json.dumps(obj, ensure_ascii=False).encode("utf-8", "backslashreplace")
-        self.send_response(status)
-        self.send_header("Content-Type", "application/json")
-        self.send_header("Content-Length", str(len(data)))
-        if self.close_connection:
-            self.send_header("Connection", "close")
-        self.end_headers()
-        self.wfile.write(data)
-
-    def _error(self, e: ProtocolError) -> None:
-        unread = self.command != "GET" and not getattr(self, "body_read", False)
-        if unread:
-            self.close_connection = True  # the unread body must not be taken for the next request
-        try:
-            self._json(e.status, e.body())
-            self.wfile.flush()
-            if unread:
-                http_guard.discard_unread(self.rfile, self.connection, self.server.limits.max_body)
-        except _GONE:
-            pass
-
-
-def _error_kind(status: int) -> str:
-    return "invalid_request_error" if status < 500 else "server_error"
 
 
 def parser() -> argparse.ArgumentParser:
@@ -389,6 +211,7 @@ def main(argv=None) -> int:
 
     print(f"serving {server.name!r} ({server.model.backend}: {providers_line(server.model.sessions)}) at "
           f"http://{host}:{port}/v1", file=sys.stderr, flush=True)
+    logging.basicConfig(level=logging.INFO, format="%(message)s")  # the access log and local-media refusals
     try:
         server.serve_forever()
     except KeyboardInterrupt:

@@ -21,6 +21,7 @@ from __future__ import annotations
 import queue
 import sys
 import threading
+import time
 import traceback
 from dataclasses import dataclass, field
 
@@ -69,6 +70,7 @@ class Job:
     constraint: object | None = None  # runtime/structured.py TokenConstraint of `request.grammar`
     n_tokens: int = 0
     finished: bool = False
+    token_times: list = field(default_factory=list)  # time.monotonic() of each generated token (the metrics)
 
     @property
     def sampling(self):
@@ -94,6 +96,7 @@ class Job:
         EOS / stop token's own text is not part of the output unless include_stop_str_in_output (vLLM); stop
         strings are looked for from min_tokens on (vLLM)."""
         self.n_tokens += 1
+        self.token_times.append(time.monotonic())
         at_eos = (token in self.eos and not self.request.ignore_eos) or token in self.stop_ids
         piece = "" if at_eos and not self.request.include_stop_str_in_output else self.decoder.push(token)
         armed = self.n_tokens >= (self.request.sampling.min_tokens or 0)
@@ -137,11 +140,17 @@ class Scheduler:
     def __init__(self, model, tokenizer, max_batch: int):
         self.model, self.tokenizer, self.max_batch = model, tokenizer, max_batch
         self.pending: queue.Queue = queue.Queue()
+        self.running = 0  # jobs of the batch being generated
         self.thread = threading.Thread(target=self._loop, name="qwen-vl-generate", daemon=True)
         self.thread.start()
 
     def submit(self, job: Job) -> None:
         self.pending.put(job)
+
+    def load(self) -> tuple[int, int, int, int]:
+        """(jobs generating, jobs waiting, batch slots in use, slots): the server's metrics."""
+        running = self.running
+        return running, self.pending.qsize(), running, self.max_batch
 
     def close(self) -> None:
         self.pending.put(None)
@@ -196,6 +205,7 @@ class Scheduler:
             if all(j.over for j in batch):
                 raise _BatchOver
 
+        self.running = len(batch)
         try:
             for job in batch:
                 job.start(self.tokenizer, manifest.eos_token_ids)
@@ -210,5 +220,6 @@ class Scheduler:
             traceback.print_exc(file=sys.stderr)
             for job in batch:
                 job.fail(500, f"internal error: {type(e).__name__}: {e}")
+        self.running = 0
         for job in batch:  # generate stops every sequence at its EOS or the batch's max: nothing is left open
             job.fail(500, "internal error: generation ended without finishing this request")

@@ -42,6 +42,7 @@ from __future__ import annotations
 
 import json
 import threading
+import time
 from dataclasses import dataclass
 
 import numpy as np
@@ -67,6 +68,7 @@ class Job:
     sampling: object  # sampling.SamplingConfig
     max_new_tokens: int
     ignore_eos: bool
+    arrived: float = 0.0  # time.monotonic() when `execute` got the request (the latency metrics)
 
 
 def _scalar(request, name: str, kind):
@@ -112,6 +114,11 @@ class TritonPythonModel:
         self.decoupled = pb_utils.using_decoupled_model_transaction_policy(config)
         self.max_batch = max(1, int(self.model.manifest.limits.max_batch))
         self.worker = EngineWorker(self.model, self.pre.tokenizer, self.max_batch)
+        from .triton_metrics import TritonMetrics
+
+        labels = {"model": args.get("model_name", config.get("name", "qwen_vl")),
+                  "version": str(args.get("model_version", "1"))}
+        self.metrics = TritonMetrics(pb_utils, labels, self.worker.load)
 
     def execute(self, requests):
         senders = [r.get_response_sender() for r in requests] if self.decoupled else None
@@ -121,11 +128,13 @@ class TritonPythonModel:
             try:
                 job = self.admit(i, request)
             except UserError as e:
+                self.metrics.failed("invalid_request")
                 _finish(i, senders, responses, _error(str(e), pb_utils.TritonError.INVALID_ARG))
                 continue
-            stream = _Stream(job, senders, responses, self.pre.tokenizer)
+            stream = _Stream(job, senders, responses, self.pre.tokenizer, self.metrics)
             ended.append(stream.done)
             self.worker.submit_request(stream.sequence())
+        self.metrics.update_load()
         if self.decoupled:
             return None
         for done in ended:
@@ -134,18 +143,20 @@ class TritonPythonModel:
 
     def finalize(self) -> None:
         self.worker.close()
+        self.metrics.close()
         self.model = None
 
     def admit(self, index: int, request) -> Job:
         """Parse, preprocess and check one request on its own; a UserError concerns this request only."""
         from ..generate import cache_len_for
 
+        arrived = time.monotonic()
         typed = parse_request(request)
         prepared = self.pre.prepare(typed)
         gen = self.model.manifest.generation_config
         max_new = typed.new_tokens(gen)
         cache_len_for(self.model, [prepared], max_new)  # raises PromptTooLong if prompt + max_new overflow
-        return Job(index, request, prepared, typed.sampling.config(gen), max_new, typed.ignore_eos)
+        return Job(index, request, prepared, typed.sampling.config(gen), max_new, typed.ignore_eos, arrived)
 
 
 class _Stream:
@@ -156,10 +167,11 @@ class _Stream:
     points here and not back, so that no reference cycle keeps a finished Triton request (and the backend's
     shared memory behind its tensors) alive until a garbage collection."""
 
-    def __init__(self, job: Job, senders, responses: list, tokenizer):
+    def __init__(self, job: Job, senders, responses: list, tokenizer, metrics):
         from ..prompt import IncrementalDecoder
 
         self.job, self.senders, self.responses, self.tokenizer = job, senders, responses, tokenizer
+        self.metrics, self.token_times = metrics, []  # runtime/serve/triton_metrics.py; time of each token
         self.sender = senders[job.index] if senders is not None else None
         self.decoder, self.done, self.cancelled = IncrementalDecoder(tokenizer), threading.Event(), threading.Event()
         self.token_ids: list[int] = []  # tokens chosen and sent (or to return), EOS included
@@ -177,11 +189,17 @@ class _Stream:
             self.cancelled.set()
             return True
         self.token_ids.append(token)
+        self.token_times.append(time.monotonic())
         if self.sender is not None:
             self.sender.send(_response(self.decoder.push(token), [token]))
         return False
 
     def on_end(self, reason: str) -> None:
+        if self.cancelled.is_set() or reason == "cancelled":
+            self.metrics.failed("cancelled")
+        else:
+            self.metrics.finished(self.job.arrived, self.token_times, self.job.prepared.num_tokens, reason)
+        self.metrics.update_load()
         if self.cancelled.is_set():
             pb_utils.Logger.log_info(f"qwen-vl-trt: request cancelled after {len(self.token_ids)} tokens")
             self._final(_error("request cancelled by the client", pb_utils.TritonError.CANCELLED))
@@ -193,6 +211,8 @@ class _Stream:
     def on_error(self, status: int, message: str) -> None:
         """`status` as scheduler.SeqRequest says: 400 the request, 503 shutting down, 500 a failure of ours."""
         codes = {400: pb_utils.TritonError.INVALID_ARG, 503: pb_utils.TritonError.UNAVAILABLE}
+        self.metrics.failed({400: "invalid_request", 503: "unavailable"}.get(status, "server_error"))
+        self.metrics.update_load()
         if status == 500:
             pb_utils.Logger.log_error(f"qwen-vl-trt: generation failed: {message}")
         self._final(_error(message, codes.get(status, pb_utils.TritonError.INTERNAL)))

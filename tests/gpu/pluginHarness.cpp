@@ -3,6 +3,7 @@
 // createPlugin(kRUNTIME) -> attachToContext -> onShapeChange) and enqueue on caller-owned device buffers.
 // Built by tests/gpu/harness.py into build/plugins/libqwen_vl_harness.so and driven through ctypes.
 #include <NvInferRuntime.h>
+#include <cuda_runtime_api.h>
 
 #include <cstdio>
 #include <cstring>
@@ -49,6 +50,8 @@ DataType toDataType(char c)
     case 'f': return DataType::kFLOAT;
     case 'h': return DataType::kHALF;
     case 'b': return DataType::kBF16;
+    case '8': return DataType::kFP8;
+    case '4': return DataType::kINT4;
     default: return DataType::kINT32; // 'i'
     }
 }
@@ -85,7 +88,8 @@ using PluginPtr = std::unique_ptr<IPluginV3, PluginDeleter>;
 } // namespace
 
 //! Returns 0 on success; otherwise 1 with a message in `err`. Field types: 'f' fp32, 'i' int32. Tensor types:
-//! 'f' fp32, 'h' fp16, 'b' bf16, 'i' int32. dims: Dims::MAX_DIMS (8) entries per tensor. Enqueue is
+//! 'f' fp32, 'h' fp16, 'b' bf16, 'i' int32, '8' fp8 e4m3, '4' int4 (packed two per byte, low nibble first). A
+//! plugin's workspace (getWorkspaceSize at these exact shapes) is allocated here and freed after a sync. dims: Dims::MAX_DIMS (8) entries per tensor. Enqueue is
 //! asynchronous on `stream`; the caller synchronises.
 extern "C" __attribute__((visibility("default"))) int qwenHarnessEnqueue(char const* libPath, char const* pluginName,
     int nbFields, char const* const* fieldNames, char const* fieldTypes, void const* const* fieldData,
@@ -154,7 +158,31 @@ extern "C" __attribute__((visibility("default"))) int qwenHarnessEnqueue(char co
     {
         return fail(err, errLen, "onShapeChange failed: " + gFinder.mLogger.mLast);
     }
-    if (rt->enqueue(in.data(), out.data(), inputs, outputs, nullptr, static_cast<cudaStream_t>(stream)) != 0)
+    auto dynamic = [](std::vector<PluginTensorDesc> const& descs) {
+        std::vector<DynamicPluginTensorDesc> d(descs.size());
+        for (size_t i = 0; i < descs.size(); ++i)
+        {
+            d[i].desc = descs[i];
+            d[i].min = d[i].opt = d[i].max = descs[i].dims;
+        }
+        return d;
+    };
+    auto* build = static_cast<IPluginV3OneBuild*>(context->getCapabilityInterface(PluginCapabilityType::kBUILD));
+    auto dIn = dynamic(in);
+    auto dOut = dynamic(out);
+    size_t const wsBytes = build->getWorkspaceSize(dIn.data(), nbInputs, dOut.data(), nbOutputs);
+    void* workspace = nullptr;
+    if (wsBytes > 0 && cudaMalloc(&workspace, wsBytes) != cudaSuccess)
+    {
+        return fail(err, errLen, "cudaMalloc of the workspace failed (" + std::to_string(wsBytes) + " bytes)");
+    }
+    int32_t const rc = rt->enqueue(in.data(), out.data(), inputs, outputs, workspace, static_cast<cudaStream_t>(stream));
+    if (workspace != nullptr)
+    {
+        cudaStreamSynchronize(static_cast<cudaStream_t>(stream));
+        cudaFree(workspace);
+    }
+    if (rc != 0)
     {
         return fail(err, errLen, "enqueue failed: " + gFinder.mLogger.mLast);
     }

@@ -29,7 +29,25 @@ TOLERANCES = {  # dtype -> (atol, rtol)
     torch.float16: (1e-3, 2 * 2 ** -11),
     torch.bfloat16: (8e-3, 2 * 2 ** -8),
 }
-_TYPE = {torch.float32: b"f", torch.float16: b"h", torch.bfloat16: b"b", torch.int32: b"i"}
+_TYPE = {torch.float32: b"f", torch.float16: b"h", torch.bfloat16: b"b", torch.int32: b"i",
+         torch.float8_e4m3fn: b"8"}
+
+
+class Int4Tensor:
+    """An INT4 plugin input: `packed` uint8 CUDA tensor holding `shape`'s values two per byte, low nibble first."""
+
+    def __init__(self, packed: torch.Tensor, shape):
+        self.packed, self.shape = packed, tuple(shape)
+        self.is_cuda = packed.is_cuda
+
+    def is_contiguous(self) -> bool:
+        return self.packed.is_contiguous()
+
+    def dim(self) -> int:
+        return len(self.shape)
+
+    def data_ptr(self) -> int:
+        return self.packed.data_ptr()
 
 
 def build_plugin_library() -> Path:
@@ -85,7 +103,7 @@ class PluginHarness:
         sm < 80, KVCacheAttention with fewer than 16 new tokens)."""
         self._set_kernel(ATTENTION_KERNELS[kernel])
 
-    def run(self, op: str, fields: dict, inputs: list[torch.Tensor], outputs: list[torch.Tensor],
+    def run(self, op: str, fields: dict, inputs: list, outputs: list[torch.Tensor],
             sync: bool = True) -> None:
         f_names = [k.encode() for k in fields]
         f_arrays = [np.ascontiguousarray(v, np.float32 if isinstance(v, float) or np.asarray(v).dtype.kind == "f"
@@ -100,7 +118,7 @@ class PluginHarness:
                 dims[i, : t.dim()] = t.shape
             ranks = (ctypes.c_int * len(ts))(*[t.dim() for t in ts])
             ptrs = (ctypes.c_void_p * len(ts))(*[t.data_ptr() for t in ts])
-            return ptrs, b"".join(_TYPE[t.dtype] for t in ts), ranks, dims
+            return ptrs, b"".join(b"4" if isinstance(t, Int4Tensor) else _TYPE[t.dtype] for t in ts), ranks, dims
 
         ip, it, ir, idims = descs(inputs)
         op_, ot, orr, odims = descs(outputs)

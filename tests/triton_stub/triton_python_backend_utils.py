@@ -5,7 +5,10 @@ It mirrors the parts of the real API that runtime/serve/triton_model.py uses, wi
 error), TritonError(message, code) with the codes INTERNAL / INVALID_ARG / CANCELLED (python_backend README,
 "Error Handling"), Logger.log_info / log_error, request.is_cancelled(), get_input_tensor_by_name(request, name) -> Tensor | None,
 using_decoupled_model_transaction_policy(model_config), request.get_response_sender().send(response, flags),
-TRITONSERVER_RESPONSE_COMPLETE_FINAL. Tests build requests with `FakeRequest`.
+TRITONSERVER_RESPONSE_COMPLETE_FINAL, and custom metrics (README "Custom Metrics"): MetricFamily(name,
+description, kind) with kinds COUNTER / GAUGE / HISTOGRAM, family.Metric(labels, buckets=None), metric.increment(v)
+/ set(v) / observe(v) / value(). Tests build requests with `FakeRequest` and read metrics from
+`MetricFamily.registry` (name -> family).
 """
 from __future__ import annotations
 
@@ -26,6 +29,42 @@ class TritonError(Exception):
 
     def code(self) -> int:
         return self._code
+
+
+class MetricFamily:
+    COUNTER, GAUGE, HISTOGRAM = "counter", "gauge", "histogram"
+    registry: dict = {}
+
+    def __init__(self, name: str, description: str, kind: str):
+        assert kind in (self.COUNTER, self.GAUGE, self.HISTOGRAM) and description
+        self.name, self.kind, self.metrics = name, kind, []
+        MetricFamily.registry[name] = self
+
+    def Metric(self, labels: dict, buckets=None) -> "Metric":  # noqa: N802 (the real API's name)
+        assert (buckets is not None) == (self.kind == self.HISTOGRAM)
+        metric = Metric(self.kind, dict(labels), buckets)
+        self.metrics.append(metric)
+        return metric
+
+
+class Metric:
+    def __init__(self, kind: str, labels: dict, buckets):
+        self.kind, self.labels, self.buckets, self._value, self.observed = kind, labels, buckets, 0.0, []
+
+    def increment(self, value: float) -> None:
+        assert self.kind in (MetricFamily.COUNTER, MetricFamily.GAUGE) and (value >= 0 or self.kind == "gauge")
+        self._value += value
+
+    def set(self, value: float) -> None:
+        assert self.kind == MetricFamily.GAUGE
+        self._value = value
+
+    def observe(self, value: float) -> None:
+        assert self.kind == MetricFamily.HISTOGRAM
+        self.observed.append(value)
+
+    def value(self) -> float:
+        return self._value
 
 
 class Logger:

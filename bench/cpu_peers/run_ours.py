@@ -1,0 +1,40 @@
+"""bench_cpu_peers.py runner: qwen-vl-trt's ONNX Runtime backend (decoder.ort.onnx), in the project's venv.
+
+  python bench/cpu_peers/run_ours.py ARTIFACTS --image IMG --prompt TEXT [--tokens 64] [--threads 2]
+         [--option int4_activations=int8] [--option ort_cache=DIR] [--option prepack=1]
+
+`ort_cache`: ONNX Runtime's optimized models cached in DIR (runtime/backends/ort_cache.py; warm after the first
+run); `prepack=1`: ONNX Runtime's default prepacking instead of memory-mapped dense weights (for comparison).
+"""
+from __future__ import annotations
+
+import os
+import sys
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from clock import RunClock, common_args  # noqa: E402
+
+clock = RunClock()
+
+
+def main() -> None:
+    args = common_args()
+    from qwen_vl_trt.runtime.generate import generate, load_model
+    from qwen_vl_trt.runtime.pipeline import Preprocessor
+    from qwen_vl_trt.runtime.request import Request
+    from qwen_vl_trt.runtime.sampling import Sampler, SamplingConfig
+
+    model = load_model(args.artifacts, "onnxruntime", threads=args.threads, ort_cache=args.options.get("ort_cache"),
+                       ort_prepack=args.options.get("prepack") == "1",
+                       int4_activations=args.options.get("int4_activations"))  # trt-run --int4-activations
+    pre = Preprocessor(model.manifest)
+    clock.ready()
+    clock.request()
+    req = pre.prepare(Request(args.prompt, (args.image,)))
+    generate(model, [req], Sampler(SamplingConfig(temperature=0)), args.tokens, ignore_eos=True,
+             on_token=lambda b, t: clock.token(t))
+    clock.emit({"prompt_tokens": req.num_tokens})
+
+
+if __name__ == "__main__":
+    main()

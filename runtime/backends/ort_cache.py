@@ -1,0 +1,80 @@
+"""ONNX Runtime's optimized model of a graph, cached so that a later start skips graph optimization.
+
+`cached_model(cache_dir, graph_path, providers, config)` -> (path ONNX Runtime should load, path it should save the
+optimized model to or None). The entry is a folder `<cache_dir>/<graph file>-<key>/` holding `model.onnx` and its
+external initializers `model.onnx.data` (ONNX Runtime writes both when `optimized_model_filepath` is set, with
+`session.optimized_model_external_initializers_file_name`: a multi-GB graph cannot be one protobuf).
+
+The key is a sha256 over everything that decides what ONNX Runtime's optimizer writes:
+- the graph's files: `<stem>.*` beside it (decoder.ort.onnx reads decoder.onnx.data: every file of the stem),
+  each by name, size and mtime (a re-export rewrites them);
+- ONNX Runtime's version, the providers in order, the session config entries set on the session (e.g. the
+  MatMulNBits accuracy level, which the DequantizeLinear + MatMul -> MatMulNBits fusion bakes in).
+The optimized model is saved at ORT_ENABLE_EXTENDED (hardware-independent: ONNX Runtime's layout
+transformations at ORT_ENABLE_ALL may depend on the CPU) and loaded at the default level, which then applies only
+what EXTENDED left.
+
+A stale entry is never reused (another key); it is not deleted either (a cache folder the user owns).
+Writing goes to a temporary folder renamed into place when ONNX Runtime has finished, so a crash mid-write
+leaves no entry that looks complete.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+import tempfile
+from pathlib import Path
+
+MODEL = "model.onnx"
+
+
+def graph_files(graph_path: Path) -> list[Path]:
+    """The files a graph is made of: every `<stem>.*` beside it (graph, fused flavour, external data)."""
+    stem = graph_path.name.split(".", 1)[0]
+    return sorted(p for p in graph_path.parent.glob(f"{stem}.*") if p.is_file())
+
+
+def cache_key(graph_path: Path, providers, config: dict, ort_version: str) -> str:
+    files = [(p.name, p.stat().st_size, p.stat().st_mtime_ns) for p in graph_files(graph_path)]
+    blob = json.dumps({"graph": graph_path.name, "files": files, "onnxruntime": ort_version,
+                       "providers": list(providers), "config": sorted(config.items())})
+    return hashlib.sha256(blob.encode()).hexdigest()[:24]
+
+
+def entry_dir(cache_dir: Path, graph_path: Path, providers, config: dict, ort_version: str) -> Path:
+    return Path(cache_dir) / f"{graph_path.name}-{cache_key(graph_path, providers, config, ort_version)}"
+
+
+def cached_model(cache_dir: Path, graph_path: Path, providers, config: dict, ort_version: str):
+    """-> (model path to load, folder to write the optimized model into, or None when the entry exists)."""
+    entry = entry_dir(cache_dir, graph_path, providers, config, ort_version)
+    if (entry / MODEL).is_file():
+        return entry / MODEL, None
+    Path(cache_dir).mkdir(parents=True, exist_ok=True)
+    return graph_path, Path(tempfile.mkdtemp(prefix=f".{entry.name}-", dir=cache_dir))
+
+
+def save_options(opts, tmp_dir: Path, ort) -> None:
+    """Make the session that loads the original graph write its optimized model into tmp_dir."""
+    opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_EXTENDED
+    opts.optimized_model_filepath = str(tmp_dir / MODEL)
+    opts.add_session_config_entry("session.optimized_model_external_initializers_file_name", MODEL + ".data")
+    opts.add_session_config_entry("session.optimized_model_external_initializers_min_size_in_bytes", "1024")
+
+
+def commit(tmp_dir: Path, cache_dir: Path, graph_path: Path, providers, config: dict, ort_version: str) -> None:
+    """Rename the written entry into place (another process may have won the race: then drop ours)."""
+    entry = entry_dir(cache_dir, graph_path, providers, config, ort_version)
+    if not (tmp_dir / MODEL).is_file():
+        discard(tmp_dir)
+        return
+    try:
+        os.rename(tmp_dir, entry)
+    except OSError:
+        discard(tmp_dir)
+
+
+def discard(tmp_dir: Path) -> None:
+    shutil.rmtree(tmp_dir, ignore_errors=True)
