@@ -267,6 +267,30 @@ def test_static_batching_worker_takes_the_same_fields(static_server, hf_haiku, p
     assert r["choices"][1]["logprobs"] == r["choices"][0]["logprobs"]
 
 
+def test_openai_client_structured_logprobs_and_n(server, hf_haiku, processor):  # noqa: F811
+    """The official `openai` client: a json_schema response_format (whole and streamed) parses and validates; n
+    choices and logprobs parse into the client's types, greedy == HF."""
+    from openai import OpenAI
+
+    from test_server import NAME, url
+
+    client = OpenAI(base_url=url(server, "/v1"), api_key="unused", max_retries=0, timeout=300)
+    fmt = {"type": "json_schema", "json_schema": {"name": "person", "schema": SCHEMA, "strict": True}}
+    messages = [{"role": "user", "content": "Describe a person as JSON."}]
+    r = client.chat.completions.create(model=NAME, messages=messages, max_tokens=120, temperature=0,
+                                       response_format=fmt)
+    jsonschema.validate(json.loads(r.choices[0].message.content), SCHEMA)
+    chunks = list(client.chat.completions.create(model=NAME, messages=messages, max_tokens=120, temperature=0.9,
+                                                 seed=4, response_format=fmt, stream=True))
+    jsonschema.validate(json.loads("".join(c.choices[0].delta.content or "" for c in chunks if c.choices)), SCHEMA)
+    r = client.chat.completions.create(model=NAME, messages=HAIKU, max_tokens=N_NEW, temperature=0, n=2,
+                                       logprobs=True, top_logprobs=2, extra_body={"ignore_eos": True})
+    want = hf_text(processor, hf_haiku[0])
+    assert [c.message.content for c in r.choices] == [want, want] and r.usage.completion_tokens == 2 * N_NEW
+    assert [len(c.logprobs.content) for c in r.choices] == [N_NEW, N_NEW]
+    assert all(len(e.top_logprobs) == 2 and e.top_logprobs[0].token == e.token for e in r.choices[0].logprobs.content)
+
+
 HI = [{"role": "user", "content": "hi"}]
 
 
