@@ -60,14 +60,17 @@ def tool_versions() -> dict[str, str]:
 
 
 def write_manifest(ckpt: Path, out: Path, dtype: str, limits: Limits, engines: bool = False,
-                   plugins: str | None = None) -> Path:
+                   plugins: str | None = None, tp: int = 1) -> Path:
     """Write out/manifest.json (model/manifest.py) for graphs already exported to `out` (and engines when
-    `engines`)."""
+    `engines`). `tp` > 1: the decoder is the rank graphs decoder.rank{r}.onnx (export/tp.py)."""
     dtype = DTYPE_ALIASES[dtype]
     limits.check()
     spec = ModelSpec.from_checkpoint(ckpt)
     graphs = {}
     for name in GRAPHS:
+        if name == "decoder" and tp > 1:
+            graphs[name] = _rank_graphs(ckpt, out, tp)
+            continue
         onnx_file = out / f"{name}.onnx"
         if not onnx_file.is_file():
             raise CheckpointError(f"{onnx_file} missing: export the graphs first (qwen-vl-export {ckpt} {out})")
@@ -83,8 +86,19 @@ def write_manifest(ckpt: Path, out: Path, dtype: str, limits: Limits, engines: b
             graphs[name]["onnx_ort"] = ort_file.name
             if nbits_data_path(ort_file).is_file():  # a bf16 INT4 decoder's MatMulNBits weights
                 graphs[name]["onnx_ort_data"] = nbits_data_path(ort_file).name
-    return save_manifest(out, spec, dtype, limits, graphs, plugins=plugins, tools=tool_versions(),
+    return save_manifest(out, spec, dtype, limits, graphs, plugins=plugins, tools=tool_versions(), tp=tp,
                           checkpoint={"name": ckpt.resolve().name, "sha256": checkpoint_hashes(ckpt)})
+
+
+def _rank_graphs(ckpt: Path, out: Path, tp: int) -> dict:
+    """The decoder entry of a TP export: "ranks" lists every rank's graph; "onnx"/"onnx_data" name rank 0's."""
+    ranks = []
+    for r in range(tp):
+        onnx_file, data = out / f"decoder.rank{r}.onnx", out / f"decoder.rank{r}.onnx.data"
+        if not onnx_file.is_file():
+            raise CheckpointError(f"{onnx_file} missing: export the graphs first (qwen-vl-export {ckpt} {out} --tp {tp})")
+        ranks.append({"onnx": onnx_file.name, "onnx_data": data.name if data.is_file() else None})
+    return {**ranks[0], "engine": None, "weights": graph_weights(out / ranks[0]["onnx"]), "ranks": ranks}
 
 
 def graph_weights(onnx_file: Path):

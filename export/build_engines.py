@@ -73,6 +73,10 @@ def build_engine(trt, onnx_path: Path, engine_path: Path, contract: GraphSpec, l
         errors = "; ".join(parser.get_error(i).desc() for i in range(parser.num_errors))
         raise CheckpointError(f"{onnx_path}: TensorRT cannot parse the graph: {errors}")
     n_plugins = sum(network.get_layer(i).type == trt.LayerType.PLUGIN_V3 for i in range(network.num_layers))
+    n_collectives = sum(network.get_layer(i).type == getattr(trt.LayerType, "DIST_COLLECTIVE", None)
+                        for i in range(network.num_layers))
+    if n_collectives:  # a tensor-parallel rank graph (export/tp.py): its DistCollective nodes, as parsed
+        log(f"{onnx_path.name}: {n_collectives} DIST_COLLECTIVE layers parsed")
     config = builder.create_builder_config()
     if n_plugins:  # KVCacheAttention's present_key/value alias past_key/value (in-place cache write)
         config.set_preview_feature(trt.PreviewFeature.ALIASED_PLUGIN_IO_10_03, True)
@@ -112,11 +116,28 @@ def build_all(artifacts: Path, limits: Limits, compute_capabilities=(), plugin_l
     spec = spec or ModelSpec.from_checkpoint(artifacts)
     engines = {}
     for name in graphs:
-        contract_fn = CONTRACTS[name]
         onnx_path = artifacts / f"{name}.onnx"
-        engines[name] = build_engine(trt, onnx_path, artifacts / f"{name}.engine", contract_fn(spec).resolve(dtype),
-                                     limits, compute_capabilities, plugin_lib, artifacts / "timing.cache", log).name
+        engines[name] = build_engine(trt, onnx_path, artifacts / f"{name}.engine",
+                                     _contract(name, spec, artifacts).resolve(dtype), limits, compute_capabilities,
+                                     plugin_lib, artifacts / "timing.cache", log).name
     return engines
+
+
+def _contract(name: str, spec: ModelSpec, artifacts: Path) -> GraphSpec:
+    """The contract of graph `name`; `decoder.rank{r}` (a --tp export, export/tp.py): the decoder's for rank r's
+    heads, the number of ranks read from the graph's DistCollective nodes (`nb_rank`)."""
+    if not name.startswith("decoder.rank"):
+        return CONTRACTS[name](spec)
+    import onnx
+
+    from qwen_vl_trt.model.tp import TensorParallel, rank_spec
+
+    graph = onnx.load(str(artifacts / f"{name}.onnx"), load_external_data=False).graph
+    sizes = {a.i for n in graph.node if n.op_type == "DistCollective" for a in n.attribute if a.name == "nb_rank"}
+    if len(sizes) != 1:
+        raise CheckpointError(f"{artifacts / name}.onnx: not a tensor-parallel rank graph (DistCollective nb_rank "
+                              f"{sorted(sizes) or 'missing'}); export it with qwen-vl-export --tp N")
+    return CONTRACTS["decoder"](rank_spec(spec, TensorParallel(int(name[len("decoder.rank"):]), sizes.pop())))
 
 
 def main(argv=None) -> int:
@@ -127,7 +148,8 @@ def main(argv=None) -> int:
     ap.add_argument("--dtype", default="float32")
     ap.add_argument("--compute-capabilities", nargs="*", default=[], help="TensorRT-RTX AOT targets, e.g. 8.6 12.0")
     ap.add_argument("--plugins", default=None, help="plugin library to load (libqwen_vl_plugins.so)")
-    ap.add_argument("--graphs", default=",".join(CONTRACTS), help="which engines to build (default: all three)")
+    ap.add_argument("--graphs", default=",".join(CONTRACTS),
+                    help="which engines to build (default: all three; decoder.rank0,decoder.rank1,...: a --tp export's ranks)")
     args = ap.parse_args(argv)
     limits = Limits(**{f: getattr(args, f) for f in asdict(Limits())})
     try:

@@ -1,11 +1,13 @@
 """`qwen-vl-export CHECKPOINT OUT_DIR [--dtype bf16|fp16|fp32] [--graphs vision,embed,decoder] [--weights FORMATS]
-[--int4-block-size 16|32|64|128] [--int4-activations fp32|int8]`.
+[--int4-block-size 16|32|64|128] [--int4-activations fp32|int8] [--tp 1|2|4|8]`.
 
 Writes OUT_DIR/{vision,embed,decoder}.onnx with their weights in `<graph>.onnx.data` (external data,
 streamed one tensor at a time), and vision.ort.onnx / decoder.ort.onnx: the same graphs for ONNX Runtime with
 its fused contrib ops, reading the same .onnx.data files (export/ort_fused.py). `--weights`: the format of each
-group of decoder weights (model/weight_formats.py: `dense`, `fp8`, `int4` or `GROUP=FORMAT,...`). A bad checkpoint
-or flag value ends with one line on stderr and exit code 2.
+group of decoder weights (model/weight_formats.py: `dense`, `fp8`, `int4` or `GROUP=FORMAT,...`). With `--tp N` > 1
+the decoder is written as N rank graphs `decoder.rank{r}.onnx` (+ .onnx.data; export/tp.py) instead of
+decoder.onnx, without a fused flavour (ONNX Runtime runs the rank graphs themselves: runtime/backends/tp.py); dense
+weights only so far. A bad checkpoint or flag value ends with one line on stderr and exit code 2.
 """
 from __future__ import annotations
 
@@ -22,16 +24,23 @@ from .weights import CheckpointWeights
 
 
 def export_graphs(ckpt_dir, out_dir, dtype: str = "bfloat16", graphs=("vision", "embed", "decoder"),
-                  progress=None, formats: WeightFormats = WeightFormats()) -> dict:
+                  progress=None, formats: WeightFormats = WeightFormats(), tp: int = 1) -> dict:
     """Export the graphs of a checkpoint; returns {"spec": ModelSpec, "dtype": str, "graphs": {name: file}}.
     `formats`: the format of each group of decoder weights (model/weight_formats.py; export/int4.py, fp8.py,
-    int8.py; the experts group is export/moe.py's), recorded in decoder.onnx's and embed.onnx's metadata."""
+    int8.py; the experts group is export/moe.py's), recorded in decoder.onnx's and embed.onnx's metadata. `tp` > 1:
+    the decoder as `tp` rank graphs, listed as graphs["decoder_ranks"] (export/tp.py; dense weights only)."""
     from .decoder import export_decoder
     from .embed import export_embed
     from .ort_fused import write_fused
+    from .tp import TensorParallel, check
 
     dtype = DTYPE_ALIASES[dtype]
     spec = ModelSpec.from_checkpoint(ckpt_dir)
+    check(spec, tp)
+    if tp > 1 and not formats.is_dense:
+        raise UserError(f"--tp {tp} with --weights {formats.describe()}: tensor-parallel rank graphs are written "
+                        "with dense weights only so far (the rank slices of quantized weights and their scales are "
+                        "not written: export/tp.py RankWeights)")
     weights = CheckpointWeights(ckpt_dir)
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
@@ -46,6 +55,12 @@ def export_graphs(ckpt_dir, out_dir, dtype: str = "bfloat16", graphs=("vision", 
     files = {}
     for name in graphs:
         t0 = time.perf_counter()
+        if name == "decoder" and tp > 1:  # one graph per rank, one rank at a time (memory: one tensor)
+            files["decoder_ranks"] = [export_decoder(spec, weights, out, dtype, formats, tp=TensorParallel(r, tp)).name
+                                      for r in range(tp)]
+            if progress:
+                progress(f"exported decoder.rank0..{tp - 1}.onnx in {time.perf_counter() - t0:.1f} s")
+            continue
         path = exporters[name](spec, weights, out, dtype)
         files[name] = path.name
         if name in ("vision", "decoder"):  # ONNX Runtime's flavour: same weights, fused contrib ops
@@ -69,6 +84,9 @@ def add_weight_arguments(ap: argparse.ArgumentParser) -> None:
                     help="fp32 (default: ONNX Runtime's MatMulNBits at accuracy level 1, the exact product) or int8 "
                          "(level 4: activations rounded to int8, faster on CPUs, lossy); recorded in manifest.json, "
                          "trt-run --int4-activations overrides it")
+    ap.add_argument("--tp", type=int, default=1, choices=(1, 2, 4, 8),
+                    help="tensor-parallel ranks: the decoder as N graphs decoder.rank{r}.onnx (export/tp.py); > 1: "
+                         "dense weights, runs on ONNX Runtime (CPU) only so far")
 
 
 def weight_formats(args) -> WeightFormats:
@@ -87,7 +105,8 @@ def main(argv=None) -> int:
     args = ap.parse_args(argv)
     try:
         export_graphs(args.checkpoint, args.out_dir, args.dtype, tuple(args.graphs.split(",")),
-                      progress=lambda msg: print(msg, file=sys.stderr, flush=True), formats=weight_formats(args))
+                      progress=lambda msg: print(msg, file=sys.stderr, flush=True), formats=weight_formats(args),
+                      tp=args.tp)
     except UserError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2

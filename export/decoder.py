@@ -26,6 +26,7 @@ beyond their own row, so they do not disturb valid tokens. The runtime keeps pas
 """
 from __future__ import annotations
 
+import dataclasses
 import json
 from pathlib import Path
 
@@ -37,16 +38,24 @@ from .onnx_graph import GraphBuilder
 from .rotary import text_tables
 from qwen_vl_trt.model.spec import ModelSpec
 from qwen_vl_trt.model.weight_formats import METADATA_KEY, WeightFormats
+from .tp import RankWeights, TensorParallel, all_reduce, gather_vocab, rank_spec
 from .weights import CheckpointWeights
 
 
 def export_decoder(spec: ModelSpec, weights: CheckpointWeights, out_dir: Path, dtype: str,
-                   formats: WeightFormats = WeightFormats()) -> Path:
+                   formats: WeightFormats = WeightFormats(), tp: TensorParallel | None = None) -> Path:
     """`formats`: the format of each group of weights (model/weight_formats.py), recorded as JSON in the graph's
-    metadata under `qwen_vl.weights`."""
+    metadata under `qwen_vl.weights`. `tp`: write rank tp.rank's graph `decoder.rank{r}.onnx` of tp.size ranks
+    (export/tp.py); None or size 1: decoder.onnx."""
+    full_spec = spec
+    if tp is not None and tp.active:
+        weights, spec = RankWeights(weights, tp, spec), rank_spec(spec, tp)
     contract = decoder_contract(spec).resolve(dtype)
+    if tp is not None and tp.active:
+        contract = dataclasses.replace(contract, name=f"decoder.rank{tp.rank}")
     g, x, path = GraphBuilder.for_contract(contract, out_dir, dtype)
     g.formats = formats
+    g.tp = tp
     t = spec.text
     pre = spec.weight_prefixes["text"]
     inv_freq, axis = text_tables(t.head_dim, t.rope_theta, t.mrope_section, t.mrope_interleaved)
@@ -64,7 +73,8 @@ def export_decoder(spec: ModelSpec, weights: CheckpointWeights, out_dir: Path, d
             g.output(pv, f"present_value.{i}", dtype, contract.output(f"present_value.{i}").dims)
         h = rms_norm(g, weights, h, f"{pre}norm", t.rms_norm_eps)
         with g.scope("lm_head"):
-            g.output(lm_head(g, weights, h, x["logits_index"], spec), "logits", "float32",
+            logits = gather_vocab(g, lm_head(g, weights, h, x["logits_index"], spec), full_spec.text.vocab_size)
+            g.output(logits, "logits", "float32",
                      contract.output("logits").dims)
     g.finish(path, doc=__doc__, output_order=[t.name for t in contract.outputs],
              metadata={METADATA_KEY: json.dumps(formats.to_json())})
@@ -86,10 +96,10 @@ def decoder_layer(g, w, key, h, x, i, positions, spec: ModelSpec, inv_freq, axis
         o, pk, pv = ops.kv_cache_attention(g, q, k, v, x[f"past_key.{i}"], x[f"past_value.{i}"], x["past_lengths"],
                                            t.head_dim**-0.5, t.num_key_value_heads, t.head_dim)
         o = linear(g, w, reshape(g, o, [0, 0, -1]), f"{key}.self_attn.o_proj", False)  # [B, S, C]
-        h = g.op("Add", [h, o])
+        h = g.op("Add", [h, all_reduce(g, o)])  # the ranks' partial o_proj sums (export/tp.py; none at 1 rank)
     with g.scope("mlp"):
         n = rms_norm(g, w, h, f"{key}.post_attention_layernorm", t.rms_norm_eps)
-        h = g.op("Add", [h, mlp(g, w, n, f"{key}.mlp", spec, i)])
+        h = g.op("Add", [h, all_reduce(g, mlp(g, w, n, f"{key}.mlp", spec, i))])
     return h, pk, pv
 
 

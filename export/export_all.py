@@ -3,11 +3,12 @@
     python -m qwen_vl_trt.export.export_all [CHECKPOINT] [ARTIFACTS] [--dtype fp32|fp16|bf16] [--no-engines]
         [--max-patches N] [--max-frames N] [--max-batch B] [--max-seq S] [--max-cache-len K]
         [--compute-capabilities "8.6 12.0"] [--weights FORMATS] [--int4-block-size 16|32|64|128]
-        [--int4-activations fp32|int8]
+        [--int4-activations fp32|int8] [--tp 1|2|4|8]
 
   [1/5] the checkpoint (none given: the tiny random-weight Qwen3-VL demo checkpoint in ARTIFACTS/demo_checkpoint,
         fp32 by default since ONNX Runtime's CPU provider has no bf16 MatMul; a real checkpoint defaults to bf16)
-  [2/5] vision/embed/decoder.onnx (+ .onnx.data) and vision/decoder.ort.onnx (export/cli.py)
+  [2/5] vision/embed/decoder.onnx (+ .onnx.data) and vision/decoder.ort.onnx (export/cli.py); with --tp N > 1
+        decoder.rank{0..N-1}.onnx instead of the decoder (export/tp.py)
   [3/5] the tokenizer, chat template, processor and generation configs (export/artifacts.py)
   [4/5] TensorRT engines when a TensorRT module is importable (export/build_engines.py; with the plugin library
         when it is built: model/trt_compat.py plugin_library_path)
@@ -33,9 +34,10 @@ from .onnx_graph import DTYPE_ALIASES
 
 
 def export_all(ckpt, out, dtype: str | None = None, limits: Limits = Limits(), *, engines: bool = False,
-               compute_capabilities=(), formats: WeightFormats = WeightFormats(), log=None) -> Path:
+               compute_capabilities=(), formats: WeightFormats = WeightFormats(), tp: int = 1, log=None) -> Path:
     """All steps of the module docstring; returns out/manifest.json. `formats`: the weight format per group
-    (model/weight_formats.py, `--weights`). `engines`: build them when a TensorRT module
+    (model/weight_formats.py, `--weights`). `tp`: tensor-parallel ranks of the decoder (export/tp.py). `engines`:
+    build them when a TensorRT module
     is importable (TensorRT-RTX with plugin nodes needs LD_LIBRARY_PATH from before the process started: `main`
     re-executes itself with it)."""
     log = log or (lambda msg: None)
@@ -47,17 +49,22 @@ def export_all(ckpt, out, dtype: str | None = None, limits: Limits = Limits(), *
     out.mkdir(parents=True, exist_ok=True)
     for stale in ["manifest.json"] + [f"{name}.engine" for name in CONTRACTS]:
         (out / stale).unlink(missing_ok=True)
+    for stale in out.glob("decoder.rank*"):  # another --tp N's rank graphs (and engines)
+        stale.unlink()
     log(f"[2/5] exporting vision/embed/decoder graphs to {out}")
     from .cli import export_graphs
 
-    export_graphs(ckpt, out, dtype, progress=log, formats=formats)
+    export_graphs(ckpt, out, dtype, progress=log, formats=formats, tp=tp)
     log("[3/5] copying tokenizer, chat template, processor and generation configs")
     copy_checkpoint_files(ckpt, out)
+    if engines and tp > 1:  # the TensorRT side of tensor parallelism is not wired here (docs/large-models.md)
+        log(f"[4/5] --tp {tp}: no engines (the runtime runs TP artifacts on ONNX Runtime; docs/large-models.md)")
+        engines = False
     plugins = _engines(out, dtype, limits, compute_capabilities, log) if engines else None
-    if not engines:
+    if not engines and tp == 1:
         log("[4/5] --no-engines: skipping engines")
     log(f"[5/5] writing {out}/manifest.json")
-    return write_manifest(ckpt, out, dtype, limits, engines=plugins is not None, plugins=plugins or None)
+    return write_manifest(ckpt, out, dtype, limits, engines=plugins is not None, plugins=plugins or None, tp=tp)
 
 
 def _checkpoint(ckpt, out: Path, dtype: str | None, log) -> tuple[Path, str]:
@@ -110,7 +117,7 @@ def parser() -> argparse.ArgumentParser:
     ap.add_argument("--compute-capabilities", default="", help='TensorRT-RTX AOT targets, e.g. "8.6 12.0"')
     from .cli import add_weight_arguments
 
-    add_weight_arguments(ap)
+    add_weight_arguments(ap)  # --weights ... and --tp
     return ap
 
 
@@ -130,7 +137,7 @@ def main(argv=None) -> int:
     limits = Limits(**{k: getattr(args, k) for k in asdict(Limits())})
     try:
         manifest = export_all(args.checkpoint, args.artifacts, args.dtype, limits, engines=not args.no_engines,
-                              compute_capabilities=args.compute_capabilities.split(), formats=formats,
+                              compute_capabilities=args.compute_capabilities.split(), formats=formats, tp=args.tp,
                               log=lambda msg: print(msg, file=sys.stderr, flush=True))
     except UserError as e:
         print(f"error: {e}", file=sys.stderr)

@@ -28,6 +28,7 @@ class GraphBuilder:
     def __init__(self, name: str, data_path: Path | None, dtype: str):
         self.name = name
         self.dtype = dtype  # compute dtype of activations and weights ("float32" | "float16" | "bfloat16")
+        self.tp = None  # set: the TensorParallel rank this decoder graph is written for (export/tp.py)
         self.formats = WeightFormats()  # weight format per group of decoder weights (model/weight_formats.py)
         self.nodes: list[onnx.NodeProto] = []
         self.inputs: list[onnx.ValueInfoProto] = []

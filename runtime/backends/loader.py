@@ -1,7 +1,8 @@
 """Which backend runs an artifact directory: `open_sessions(manifest, backend)` -> (name, {graph: Session}).
 
 auto picks TensorRT when the manifest lists engines and a TensorRT module, cuda-python and a GPU can run them,
-else ONNX Runtime; an explicit choice that cannot run is a BackendUnavailable / ArtifactError line.
+else ONNX Runtime; an explicit choice that cannot run is a BackendUnavailable / ArtifactError line. A tensor-parallel
+export (manifest tp > 1) runs its decoder ranks on ONNX Runtime's CPU provider (runtime/backends/tp.py).
 """
 from __future__ import annotations
 
@@ -50,6 +51,9 @@ def open_sessions(manifest, backend: str = "auto", *, io_binding: bool = True, t
     if backend not in ("auto", "tensorrt", "onnxruntime"):
         raise BackendUnavailable(f"unknown backend {backend!r}; use auto, tensorrt or onnxruntime")
     engines = manifest.engine_paths()
+    if backend == "tensorrt" and manifest.tp > 1:
+        raise BackendUnavailable(f"--backend tensorrt: {manifest.directory} is a --tp {manifest.tp} export, which runs "
+                                 "on ONNX Runtime (CPU) only so far; use --backend onnxruntime")
     if backend == "tensorrt" or (backend == "auto" and engines):
         ok, why = tensorrt_available()
         if backend == "tensorrt" and not ok:
@@ -62,8 +66,22 @@ def open_sessions(manifest, backend: str = "auto", *, io_binding: bool = True, t
 
             return "tensorrt", open_trt(engines, manifest.contracts, manifest.plugin_library(),
                                         dim_ranges(manifest.limits), cuda_graph=cuda_graph)
+    if manifest.tp > 1:
+        return "onnxruntime", _open_tp(manifest, backend, io_binding, threads)
     in_place = ort_fused and bool(manifest.graphs["decoder"].get("onnx_ort"))  # decoder.ort.onnx is opened
     mapped = () if ort_prepack else {"vision", "embed"} | ({"decoder"} if formats.is_dense else set())
     return "onnxruntime", open_ort(manifest.graph_paths(fused=ort_fused), manifest.contracts, io_binding=io_binding,
                                    threads=threads, cuda_graph=cuda_graph, kv_in_place=in_place,
                                    int4_accuracy_level=formats.accuracy_level, mapped=mapped, cache_dir=ort_cache)
+
+
+def _open_tp(manifest, backend: str, io_binding: bool, threads: int) -> dict:
+    """A --tp N artifact directory: vision and embed on ONNX Runtime in this process, the decoder over N rank
+    processes (runtime/backends/tp.py)."""
+    from .tp import TpDecoderSession
+
+    paths = manifest.graph_paths(fused=True)
+    sessions = open_ort({name: paths[name] for name in ("vision", "embed")}, manifest.contracts,
+                        io_binding=io_binding, threads=threads, cuda_graph=False)
+    sessions["decoder"] = TpDecoderSession(manifest, threads)
+    return sessions

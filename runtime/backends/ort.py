@@ -303,7 +303,8 @@ def open_ort(paths: dict, contracts: dict, *, io_binding: bool = True, threads: 
                                  graph_capture=cuda_graph and name == "decoder",
                                  int4_accuracy_level=int4_accuracy_level, mapped=name in mapped,
                                  cache_dir=cache_dir) for name in paths}
-    sessions["decoder"].kv_in_place = kv_in_place
+    if "decoder" in sessions:
+        sessions["decoder"].kv_in_place = kv_in_place
     return sessions
 
 

@@ -175,9 +175,11 @@ class Handlers:
                                                 kind="server_error"), close=True)
         release, body_read = True, False
         try:
-            raw = await self._body(request)
+            body = http_guard.parse_json(await self._body(request))  # the raw bytes are freed here
             body_read = True
-            job, req, prompt_tokens = await self._submit(request, raw, endpoint)
+            req = self._parse(body, endpoint)
+            del body  # neither the bytes nor the JSON stay resident while media decode and generation run
+            job, prompt_tokens = await self._submit(req)
             first = await self._first_event(request, job)
             if first is None:
                 metrics.failed("client_gone")
@@ -206,19 +208,18 @@ class Handlers:
                 self.slots.release()
 
     async def _body(self, request: Request) -> bytes:
+        """The whole body within the read timeout (Request.stream, not Request.body: that one keeps a copy on
+        the request for the request's lifetime)."""
+        async def read() -> bytes:
+            return b"".join([chunk async for chunk in request.stream()])
+
         try:
-            return await asyncio.wait_for(request.body(), self.server.limits.read_timeout)
+            return await asyncio.wait_for(read(), self.server.limits.read_timeout)
         except TimeoutError:
             raise ProtocolError(f"the request body did not arrive within {self.server.limits.read_timeout:g} s",
                                 status=408, code="request_timeout") from None
 
-    async def _submit(self, request: Request, raw: bytes, endpoint: _Endpoint):
-        """Parse, prepare (on a thread: media decoding, tokenizing; a structured output's grammar compiled) and
-        submit one job per choice (runtime/serve/choices.py) -> (the first job, parsed request, prompt tokens). The
-        jobs share one event queue, which wakes this loop, and one cancel flag."""
-        from . import choices
-
-        body = http_guard.parse_json(raw)
+    def _parse(self, body, endpoint: _Endpoint):
         model = body.get("model") if isinstance(body, dict) else None
         if model is not None and model != self.server.name:
             raise ProtocolError(f"model {model!r} is not served here; GET /v1/models lists {self.server.name!r}",
@@ -226,6 +227,14 @@ class Handlers:
         req = endpoint.parse(body, self.server.media)
         if endpoint is not CHAT and req.request.n != 1:
             raise ProtocolError(f"n: only n=1 is supported by /v1/completions, got {req.request.n}", "n")
+        return req
+
+    async def _submit(self, req):
+        """Prepare (on a thread: media decoding, tokenizing; a structured output's grammar compiled) and submit one
+        job per choice (runtime/serve/choices.py) -> (the first job, prompt tokens). The jobs share one event
+        queue, which wakes this loop, and one cancel flag."""
+        from . import choices
+
         try:
             prepared = await asyncio.to_thread(self._prepare, req.request)
             max_new = self.server.max_new_tokens(req.request, prepared.num_tokens)
@@ -237,7 +246,7 @@ class Handlers:
             raise ProtocolError(str(e)) from None
         for job in jobs:
             self.server.scheduler.submit(job)
-        return jobs[0], req, prepared.num_tokens
+        return jobs[0], prepared.num_tokens
 
     def _prepare(self, request):
         """The pipeline's preprocessing; local media that does not decode gets local_media's one message (a video
