@@ -53,6 +53,7 @@ class Result:
     token_ids: list = field(default_factory=list)  # generated ids (incl. the EOS that stopped it)
     prompt_tokens: int = 0
     timings: dict = field(default_factory=dict)
+    logprobs: list = field(default_factory=list)  # sampling.TokenLogprobs per token, when the sampler computes them
 
 
 def encode_vision(model: Model, requests: list[PreparedRequest],

@@ -13,7 +13,8 @@ thread-safe; `step()` runs one scheduling step on the calling thread:
    position (`past_lengths[b] + rope_delta[b]`, runtime/positions.py); slots without one (free, or mid-prompt)
    feed the pad token at their current length: that row is garbage the sequence overwrites before it reads it
    (export/decoder.py: rows beyond past_lengths are never attended);
-4. retire finished slots (EOS, max_new_tokens, `on_token` says stop, e.g. a stop string).
+4. retire finished slots (EOS or one of the request's `stop_token_ids`, max_new_tokens, `on_token` says stop,
+   e.g. a stop string).
 
 Reuse across requests (on by default; `prefix_cache_mb` / `encoder_cache_mb` 0 turn each off; no prefix cache with
 decoder.ort.onnx, which cannot continue a slot's rows with S > 1: runtime/backends/slots.py): at admission the
@@ -27,10 +28,12 @@ its prompt is written and again when it ends (prompt + generated rows: the next 
 `cache_stats()` gives the counters (a plain dict the server's metrics read).
 
 Per-request sampling: every slot has its own `Sampler` (runtime/sampling.py) over its own logits row, with its
-own seeded `numpy.random.Generator` and repetition-penalty state, so a request's tokens do not depend on what else
-is in the batch: a seeded request gives the text it gives alone. Those choices are made on the host; a step whose
-slots are all plain greedy (no repetition penalty) uses the IO's device greedy where it has one, as `generate`
-does, so only token ids leave the device.
+own seeded `numpy.random.Generator`, repetition-penalty and min_tokens state, and its own token constraint (a
+structured output's grammar, runtime/structured.py: a mask on its row before the choice, advanced by the token
+chosen), so a request's tokens do not depend on what else is in the batch: a seeded request gives the text it gives
+alone, an unconstrained one is untouched by a constrained neighbour. Those choices are made on the host; a step
+whose slots are all plain greedy (no repetition penalty, min_tokens, logprobs or constraint) uses the IO's device
+greedy where it has one, as `generate` does, so only token ids leave the device.
 
 The request type is the scheduler's own small input (`SeqRequest`); the front-ends (runtime/serve/serving.py,
 runtime/serve/triton_model.py, `trt-run`) build it from their typed requests (runtime/request.py).
@@ -79,7 +82,9 @@ class SeqRequest:
     on_token: Callable[[int], bool] | None = None
     on_end: Callable[[str], None] | None = None
     on_error: Callable[[int, str], None] | None = None
+    constraint: object | None = None  # runtime/structured.py TokenConstraint: the tokens allowed at each step
     token_ids: list = field(default_factory=list)  # generated ids (incl. the EOS that stopped it)
+    logprobs: list = field(default_factory=list)  # sampling.TokenLogprobs per generated id (sampling.logprobs set)
     finish_reason: str | None = None
     timings: dict = field(default_factory=dict)  # time.perf_counter() at submitted / admitted / vision_done /
     # first_token / end
@@ -192,7 +197,7 @@ class Engine:
         features, deepstack = encode_media(self.model, prep.media, self.encoder_cache)
         feeds = embed(self.model, prep.input_ids[None], features, deepstack)  # numpy [1, L, C] (+ [Ld, 1, L, C])
         request.timings["vision_done"] = time.perf_counter()
-        sampler = Sampler(request.sampling)
+        sampler = Sampler(request.sampling, self.eos, request.constraint)
         sampler.start([prep.input_ids], self.vocab)
         self.admitted += 1
         slot = _Slot(request, sampler, feeds, self.admitted)
@@ -245,8 +250,8 @@ class Engine:
         past = np.array([s.written if s is not None else 0 for s in self.slots], np.int64)  # [B]
         deltas = np.array([s.request.prepared.rope_delta if f else 0 for s, f in zip(self.slots, feeding)], np.int64)
         self.io.cache.past_lengths[:] = past
-        settings = [self.slots[b].request.sampling for b in np.flatnonzero(feeding)]
-        plain_greedy = all(c.greedy and c.repetition_penalty == 1.0 for c in settings)
+        samplers = [self.slots[b].sampler for b in np.flatnonzero(feeding)]
+        plain_greedy = all(s.device_greedy_ok and s.cfg.repetition_penalty == 1.0 for s in samplers)
         self.io.greedy = _device_greedy(self.io) if plain_greedy else None  # stateless: no slot sampler to update
         chosen = self.io.decode(tokens, decode_position_ids(past, deltas), _SlotSamplers(self.slots, feeding))
         self.steps += 1
@@ -259,8 +264,10 @@ class Engine:
         slot = self.slots[b]
         request = slot.request
         request.token_ids.append(token)
+        if slot.sampler.last_logprobs is not None:
+            request.logprobs.append(slot.sampler.last_logprobs[0])
         stop = bool(request.on_token(token)) if request.on_token is not None else False
-        if stop or (token in self.eos and not request.ignore_eos):
+        if stop or (token in self.eos and not request.ignore_eos) or token in request.sampling.stop_token_ids:
             self._retire(b, "stop")
         elif len(request.token_ids) >= request.max_new_tokens:
             self._retire(b, "length")
@@ -319,10 +326,12 @@ def _fail(request: SeqRequest, status: int, message: str) -> None:
 
 
 def generate_inflight(model, requests: list[PreparedRequest], sampling: SamplingConfig, max_new_tokens: int, *,
-                      ignore_eos: bool = False, on_token=None, max_batch: int | None = None) -> list:
+                      ignore_eos: bool = False, on_token=None, max_batch: int | None = None,
+                      constraints: list | None = None) -> list:
     """`generate` (runtime/generate.py) for many prompts through the engine: up to max_batch at a time, each
     taking a free slot as soon as one ends. `on_token(i, token_id)` as tokens of prompt i are chosen; a seeded
-    `sampling` seeds every prompt alike. -> generate.Result per prompt, in order."""
+    `sampling` seeds every prompt alike; `constraints`: one runtime/structured.py TokenConstraint per prompt.
+    -> generate.Result per prompt, in order."""
     from .generate import Result, cache_len_for
 
     if max_new_tokens < 1:
@@ -333,9 +342,11 @@ def generate_inflight(model, requests: list[PreparedRequest], sampling: Sampling
     seqs = []
     for i, prep in enumerate(requests):
         emit = (lambda tok, i=i: on_token(i, tok)) if on_token is not None else None
-        seqs.append(engine.submit(SeqRequest(prep, max_new_tokens, sampling, ignore_eos, on_token=emit)))
+        constraint = constraints[i] if constraints is not None else None
+        seqs.append(engine.submit(SeqRequest(prep, max_new_tokens, sampling, ignore_eos, on_token=emit,
+                                             constraint=constraint)))
     engine.run_until_idle()
-    return [Result(s.token_ids, s.prepared.num_tokens, _timings(s, model.backend)) for s in seqs]
+    return [Result(s.token_ids, s.prepared.num_tokens, _timings(s, model.backend), s.logprobs) for s in seqs]
 
 
 def _timings(seq: SeqRequest, backend: str) -> dict:

@@ -487,7 +487,10 @@ def fuzz_strategies():
     message = st.fixed_dictionaries({"role": st.sampled_from(["user", "system", "assistant", "tool"]) | values},
                                     optional={"content": st.text(max_size=20) | st.lists(part, max_size=3) | values})
     fields = {k: values for k in ("temperature", "top_p", "top_k", "seed", "repetition_penalty", "stop", "n",
-                                  "stream", "stream_options", "ignore_eos", "model", "logprobs", "tools")}
+                                  "stream", "stream_options", "ignore_eos", "model", "logprobs", "tools",
+                                  "top_logprobs", "min_p", "min_tokens", "stop_token_ids", "response_format",
+                                  "structured_outputs", "guided_json", "guided_regex", "guided_choice",
+                                  "include_stop_str_in_output", "skip_special_tokens")}
     chats = st.fixed_dictionaries({"messages": st.lists(message, max_size=3) | values}, optional=fields).map(
         lambda body: {**body, "max_tokens": 1})  # a valid request costs one decode step
     return values, chats

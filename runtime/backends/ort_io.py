@@ -59,7 +59,7 @@ class OrtBoundIO:
         binding = self.dec.bind(inputs, {"logits": self.logits, **self.cache.targets()})
         self.dec.sess.run_with_iobinding(binding, self.prefill_options)
         self.cache.advance(lengths)
-        self.greedy = self._greedy(sampler) if sampler.cfg.greedy and self.device_greedy else None
+        self.greedy = self._greedy(sampler) if sampler.device_greedy_ok and self.device_greedy else None
         if self.greedy is not None:
             self.greedy.start(sampler.seen)
         return self._choose(sampler)

@@ -59,7 +59,7 @@ class TrtBoundIO:
         self.dec.execute()
         self.dec.zero(self.small["logits_index"])  # the prefill wrote lengths - 1 there
         self.cache.advance(lengths)
-        self.greedy = self._greedy_for(sampler) if sampler.cfg.greedy else None
+        self.greedy = self._greedy_for(sampler) if sampler.device_greedy_ok else None
         if self.greedy is not None:
             self.dec.sync()
             self.greedy.start(sampler.seen)

@@ -189,6 +189,8 @@ class Handlers:
             if req.stream:
                 release = False  # the stream releases its slot when it ends
                 return self._stream(job, req, prompt_tokens, first, endpoint, arrived)
+            if endpoint is CHAT:  # n choices, logprobs: runtime/serve/choices.py
+                return await self._whole_chat(request, job, req, prompt_tokens, first, arrived)
             return await self._whole(request, job, prompt_tokens, first, endpoint, arrived)
         except ProtocolError as e:
             metrics.failed(failure_reason(e.status))
@@ -222,23 +224,29 @@ class Handlers:
         if model is not None and model != self.server.name:
             raise ProtocolError(f"model {model!r} is not served here; GET /v1/models lists {self.server.name!r}",
                                 "model", status=404, code="model_not_found")
-        return endpoint.parse(body, self.server.media)
+        req = endpoint.parse(body, self.server.media)
+        if endpoint is not CHAT and req.request.n != 1:
+            raise ProtocolError(f"n: only n=1 is supported by /v1/completions, got {req.request.n}", "n")
+        return req
 
     async def _submit(self, req):
-        """Prepare (on a thread: media decoding, tokenizing) and submit -> (job, prompt tokens). The job's events
-        wake this loop."""
-        from .serving import Job
+        """Prepare (on a thread: media decoding, tokenizing; a structured output's grammar compiled) and submit one
+        job per choice (runtime/serve/choices.py) -> (the first job, prompt tokens). The jobs share one event
+        queue, which wakes this loop, and one cancel flag."""
+        from . import choices
 
         try:
             prepared = await asyncio.to_thread(self._prepare, req.request)
             max_new = self.server.max_new_tokens(req.request, prepared.num_tokens)
+            jobs = await asyncio.to_thread(choices.jobs, prepared, max_new, req.request, self.server.grammars,
+                                           LoopEvents(asyncio.get_running_loop()))
         except PromptTooLong as e:
             raise ProtocolError(str(e), "messages", code="context_length_exceeded") from None
         except UserError as e:
             raise ProtocolError(str(e)) from None
-        job = Job(prepared, max_new, req.request, events=LoopEvents(asyncio.get_running_loop()))
-        self.server.scheduler.submit(job)
-        return job, prepared.num_tokens
+        for job in jobs:
+            self.server.scheduler.submit(job)
+        return jobs[0], prepared.num_tokens
 
     def _prepare(self, request):
         """The pipeline's preprocessing; local media that does not decode gets local_media's one message (a video
@@ -280,9 +288,35 @@ class Handlers:
         self.server.metrics.finished(arrived, job.token_times, prompt_tokens, event[2], event[1])
         return JSONResponse(endpoint.whole(self.server.name, "".join(pieces), event[1], use))
 
+    async def _whole_chat(self, request: Request, job, req, prompt_tokens: int, event, arrived: float) -> Response:
+        """The chat completion of every choice (runtime/serve/choices.py: `n`, logprobs)."""
+        from .choices import Choices
+
+        out = Choices(req.n, self.server.pre.tokenizer, api.completion_id(), self.server.name)
+        watcher = asyncio.create_task(_watch_disconnect(request, job))
+        try:
+            while True:
+                if event[0] == "error":
+                    job.cancelled.set()  # the other choices
+                    raise ProtocolError(event[2], status=event[1], kind=_error_kind(event[1]))
+                out.add(event)
+                if out.done:
+                    break
+                event = await job.events.next()
+                if event is None:
+                    self.server.metrics.failed("client_gone")
+                    return Response(status_code=499)
+        finally:
+            watcher.cancel()
+        self.server.metrics.finished(arrived, job.token_times, prompt_tokens, sum(out.tokens), out.reasons[0])
+        return JSONResponse(out.response(prompt_tokens))
+
     def _stream(self, job, req, prompt_tokens: int, event, endpoint: _Endpoint, arrived: float) -> Response:
+        from .choices import Choices
+
         name, cid = self.server.name, (api.completion_id() if endpoint is CHAT else cmpl.completion_id())
         metrics, state = self.server.metrics, {"open": True}
+        out = Choices(req.n, self.server.pre.tokenizer, cid, name) if endpoint is CHAT else None
 
         def end(outcome: str | None) -> None:
             """Once: release the slot, cancel an unfinished job, count the outcome."""
@@ -299,12 +333,26 @@ class Handlers:
             nonlocal event
             outcome = None
             try:
-                if endpoint.first is not None:
+                if out is not None:
+                    for c in out.first_chunks():
+                        yield sse(c)
+                elif endpoint.first is not None:
                     yield sse(endpoint.first(cid, name))
                 while True:
-                    if event[0] == "delta":
+                    if out is not None and event[0] != "error":  # chat: n choices, logprobs
+                        for c in out.chunks(event):
+                            yield sse(c)
+                        if out.done:
+                            if req.include_usage:
+                                yield sse(endpoint.usage_chunk(cid, name, out.usage(prompt_tokens)))
+                            metrics.finished(arrived, job.token_times, prompt_tokens, sum(out.tokens),
+                                             out.reasons[0])
+                            outcome = "done"
+                            break
+                    elif event[0] == "delta":
                         yield sse(endpoint.delta(cid, name, event[1]))
                     elif event[0] == "error":
+                        job.cancelled.set()  # the other choices
                         yield sse(api.error_body(event[2], _error_kind(event[1])))
                         outcome = failure_reason(event[1])
                         break

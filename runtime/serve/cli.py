@@ -30,14 +30,35 @@ class RunConfig:
         media = bool(args.image) or args.video is not None
         prompts = tuple(args.prompt or ()) or (prompt_or_default(None, media, "pass --prompt TEXT, --image PATH or "
                                                                               "--video PATH"),)
+        grammar = _grammar(args)
         try:
-            sampling = Sampling(args.temperature, args.top_p, args.top_k, args.repetition_penalty, args.seed)
+            sampling = Sampling(args.temperature, args.top_p, args.top_k, args.repetition_penalty, args.seed,
+                                min_p=args.min_p, min_tokens=args.min_tokens, logprobs=args.logprobs)
             requests = tuple(Request(p, tuple(args.image or ()), args.video, args.system, args.max_new_tokens,
-                                     sampling, ignore_eos=args.ignore_eos) for p in prompts)
+                                     sampling, ignore_eos=args.ignore_eos, grammar=grammar) for p in prompts)
         except FieldError as e:  # the rule is the request's; the name is the flag's
             raise UserError(f"--{e.field.replace('_', '-')} {e.value}: must be {e.need}") from None
         return cls(args.model_dir, requests, args.backend, args.json, args.ort_graphs, args.device,
                    args.int4_activations, getattr(args, "ort_cache", None))
+
+
+def _grammar(args: argparse.Namespace):
+    """--json-schema FILE / --regex PATTERN -> a runtime/structured.py Grammar, or None."""
+    from ..structured import Grammar
+
+    if args.json_schema is not None and args.regex is not None:
+        raise UserError("--json-schema and --regex: give one of them")
+    if args.regex is not None:
+        return Grammar("regex", args.regex)
+    if args.json_schema is None:
+        return None
+    try:
+        schema = json.loads(open(args.json_schema, encoding="utf-8").read())
+    except OSError as e:
+        raise UserError(f"--json-schema {args.json_schema}: {e.strerror or e}") from None
+    except ValueError as e:
+        raise UserError(f"--json-schema {args.json_schema}: not JSON ({e})") from None
+    return Grammar("json_schema", json.dumps(schema))
 
 
 def parser() -> argparse.ArgumentParser:
@@ -56,6 +77,12 @@ def parser() -> argparse.ArgumentParser:
     ap.add_argument("--repetition-penalty", type=float,
                     help="HF's repetition penalty, also when greedy (1 = off); default from generation_config.json")
     ap.add_argument("--seed", type=int, help="seed of the sampler")
+    ap.add_argument("--min-p", type=float, help="drop tokens below min_p x the top token's probability (HF's min_p)")
+    ap.add_argument("--min-tokens", type=int, help="EOS is held back until this many tokens were generated")
+    ap.add_argument("--logprobs", type=int, metavar="N",
+                    help="with --json: each token's log-probability (raw logits) and the N most likely tokens'")
+    ap.add_argument("--json-schema", metavar="FILE", help="the output is JSON valid against this JSON schema file")
+    ap.add_argument("--regex", metavar="PATTERN", help="the output matches this regular expression")
     ap.add_argument("--ignore-eos", action="store_true", help="generate exactly --max-new-tokens tokens")
     ap.add_argument("--backend", choices=("auto", "tensorrt", "onnxruntime"), default="auto",
                     help="auto: TensorRT engines when present and runnable, else ONNX Runtime")
@@ -98,15 +125,36 @@ def run(cfg: RunConfig, out=sys.stdout, err=sys.stderr) -> list:
     if not cfg.json and len(requests) == 1:
         decoder = IncrementalDecoder(pre.tokenizer)
         stream = lambda b, tok: out.write(decoder.push(tok)) or out.flush()  # noqa: E731
+    constraints = None
+    if first.grammar is not None:  # one grammar matcher per prompt (runtime/structured.py)
+        from ..structured import Grammars
+
+        grammars = Grammars(pre.tokenizer, model.spec.text.vocab_size, model.manifest.eos_token_ids)
+        constraints = [grammars.constraint(r.grammar) for r in cfg.requests]
     if len(requests) == 1:
-        results = generate(model, requests, Sampler(sampling), max_new, eos_token_ids=model.manifest.eos_token_ids,
-                           ignore_eos=first.ignore_eos, on_token=stream)
+        sampler = Sampler(sampling, model.manifest.eos_token_ids, constraints[0] if constraints else None)
+        logprobs = []
+
+        def on_token(b: int, tok: int) -> None:
+            if sampler.last_logprobs is not None:
+                logprobs.append(sampler.last_logprobs[b])
+            if stream is not None:
+                stream(b, tok)
+
+        results = generate(model, requests, sampler, max_new, eos_token_ids=model.manifest.eos_token_ids,
+                           ignore_eos=first.ignore_eos, on_token=on_token)
+        results[0].logprobs = logprobs
     else:  # several prompts: in-flight batching, each takes a free slot as soon as one ends (runtime/scheduler.py)
-        results = generate_inflight(model, requests, sampling, max_new, ignore_eos=first.ignore_eos)
+        results = generate_inflight(model, requests, sampling, max_new, ignore_eos=first.ignore_eos,
+                                    constraints=constraints)
     texts = [pre.tokenizer.decode(r.token_ids) for r in results]
     if cfg.json:
         obj = [{"text": t, "token_ids": r.token_ids, "prompt_tokens": r.prompt_tokens, "timings": r.timings}
                for t, r in zip(texts, results)]
+        if sampling.logprobs is not None:
+            for o, r in zip(obj, results):
+                o["logprobs"] = [{"token_id": e.token, "logprob": e.logprob, "top": [list(t) for t in e.top]}
+                                 for e in r.logprobs]
         if len(obj) == 1:
             out.write(json.dumps(obj[0], ensure_ascii=False) + "\n")
         else:

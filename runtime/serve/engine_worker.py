@@ -65,10 +65,12 @@ class EngineWorker:
 
     def _request(self, job) -> SeqRequest:
         manifest = self.model.manifest
-        cfg = job.request.sampling.config(manifest.generation_config)
+        cfg = job.sampling.config(manifest.generation_config)
         job.start(self.tokenizer, manifest.eos_token_ids)
 
         def on_token(token: int) -> bool:
+            if seq.logprobs:
+                job.note_logprobs(seq.logprobs[-1])
             job.push(token)
             return job.finished
 
@@ -76,8 +78,9 @@ class EngineWorker:
             if reason != "cancelled":
                 job.finish(reason)
 
-        return SeqRequest(job.prepared, job.max_new, cfg, job.request.ignore_eos, job.cancelled, on_token, on_end,
-                          job.fail)
+        seq = SeqRequest(job.prepared, job.max_new, cfg, job.request.ignore_eos, job.cancelled, on_token, on_end,
+                         job.fail, job.constraint)
+        return seq
 
     def _shut_down(self, requests: list) -> None:
         for request in requests:

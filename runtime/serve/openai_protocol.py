@@ -1,7 +1,7 @@
 """OpenAI chat-completions requests -> pipeline requests, and results -> OpenAI response / chunk objects.
 
-What a request may hold (everything else OpenAI defines is ignored when absent or at its default, refused with
-400 otherwise; unknown fields are ignored, as OpenAI-compatible servers do):
+What a request may hold (everything else OpenAI or vLLM defines is ignored when absent or at its default, refused
+with a 400 naming the field otherwise: `_UNSUPPORTED`; unknown fields are ignored, as OpenAI-compatible servers do):
 
 | field | accepted |
 |---|---|
@@ -11,8 +11,14 @@ What a request may hold (everything else OpenAI defines is ignored when absent o
 | `max_tokens`, `max_completion_tokens` | >= 1; default: generation_config.json (else 128) within the KV cache |
 | `temperature`, `top_p`, `seed` | as `trt-run`; defaults from generation_config.json; temperature < 1e-5 = greedy |
 | `top_k`, `repetition_penalty`, `ignore_eos` | extensions, as vLLM's |
+| `min_p`, `min_tokens`, `stop_token_ids` | extensions, as vLLM's (runtime/sampling.py) |
 | `stop` | a string or a list of up to 4 strings; the text ends before the first one found |
-| `n` | 1 |
+| `include_stop_str_in_output`, `skip_special_tokens` | extensions, as vLLM's (defaults false, true) |
+| `n` | 1 to 16 choices, each its own sequence; with a seed, choice i uses seed + i (vLLM) |
+| `logprobs`, `top_logprobs` | true, 0 to 20: log-softmax of the raw logits (vLLM's default raw_logprobs) |
+| `response_format` | `text`, `json_object`, `json_schema` (`json_schema.schema`) |
+| `structured_outputs` | vLLM's: one of `json` (a schema), `regex`, `choice` (strings), `json_object: true` |
+| `guided_json`, `guided_regex`, `guided_choice` | vLLM's older names of the same |
 | `stream`, `stream_options.include_usage` | SSE chunks (`chat.completion.chunk`), then `data: [DONE]` |
 
 `file://` media only inside the directory the operator allows (runtime/serve/local_media.py); at most
@@ -23,14 +29,18 @@ from __future__ import annotations
 
 import base64
 import binascii
+import contextlib
 import math
 import time
 import urllib.parse
 import uuid
 from dataclasses import dataclass, field
 
+import json
+
 from .. import prompt
 from ..request import FieldError, Request, Sampling, check_field
+from ..structured import Grammar, GrammarError
 from .local_media import LocalMediaPolicy, MediaRefused
 
 MAX_STOP = 4
@@ -38,12 +48,23 @@ MAX_IMAGES = 16  # default images per request (`qwen-vl-serve --max-images-per-r
 INT_RANGE = (-(1 << 63), (1 << 63) - 1)  # integer fields: what a C long long holds
 # sampling fields of a request and their JSON types; their ranges are runtime/request.py's (a temperature below
 # 1e-5 is greedy there: logits / T would overflow float32)
-_SAMPLING = (("temperature", float), ("top_p", float), ("top_k", int), ("repetition_penalty", float), ("seed", int))
-# OpenAI fields we do not implement: refused unless absent or at their no-op value
-_UNSUPPORTED = {"logprobs": (False,), "top_logprobs": (0,), "tools": ([],), "tool_choice": ("none",),
-                "functions": ([],), "function_call": ("none",), "frequency_penalty": (0, 0.0),
-                "presence_penalty": (0, 0.0), "logit_bias": ({},), "audio": (), "modalities": (["text"],),
-                "response_format": ({"type": "text"},)}
+_SAMPLING = (("temperature", float), ("top_p", float), ("top_k", int), ("repetition_penalty", float), ("seed", int),
+             ("min_p", float), ("min_tokens", int))
+# OpenAI and vLLM fields we do not implement: refused unless absent or at their no-op value
+_UNSUPPORTED = {"tools": ([],), "tool_choice": ("none",), "functions": ([],), "function_call": ("none",),
+                "frequency_penalty": (0, 0.0), "presence_penalty": (0, 0.0), "logit_bias": ({},), "audio": (),
+                "modalities": (["text"],), "prediction": (), "web_search_options": (),
+                "bad_words": ([],), "echo": (False,), "prompt_logprobs": (), "allowed_token_ids": (),
+                "best_of": (1,), "use_beam_search": (False,), "length_penalty": (1, 1.0),
+                "truncate_prompt_tokens": (), "guided_grammar": (), "guided_decoding_backend": (),
+                "guided_whitespace_pattern": (), "structural_tag": (), "logits_processors": (),
+                "spaces_between_special_tokens": (True,), "return_tokens_as_token_ids": (False,),
+                "continue_final_message": (False,), "add_generation_prompt": (True,), "chat_template": (),
+                "chat_template_kwargs": ({},), "documents": (), "mm_processor_kwargs": ({},), "vllm_xargs": (),
+                "thinking_token_budget": ()}
+# structured_outputs keys (vLLM) -> Grammar kind; the others of vLLM's StructuredOutputsParams are refused
+_STRUCTURED = {"json": "json_schema", "regex": "regex", "choice": "choice", "json_object": "json_object"}
+_LEGACY = {"guided_json": "json", "guided_regex": "regex", "guided_choice": "choice"}
 
 
 class ProtocolError(Exception):
@@ -76,6 +97,10 @@ class ChatRequest:
     # conversation order), video (a local path), max_tokens, sampling, stop strings, ignore_eos
     stream: bool
     include_usage: bool
+
+    @property
+    def n(self) -> int:
+        return self.request.n
 
 
 def _typed(body: dict, key: str, kind, param: str | None = None):
@@ -122,24 +147,125 @@ def parse_chat_request(body, media: MediaPolicy = MediaPolicy()) -> ChatRequest:
     for key, allowed in _UNSUPPORTED.items():
         if key in body and body[key] is not None and body[key] not in allowed:
             raise ProtocolError(f"{key}: not supported by this server", key)
-    n = _typed(body, "n", int)
-    if n not in (None, 1):
-        raise ProtocolError(f"n: only n=1 is supported, got {n}", "n")
     max_tokens = _typed(body, "max_completion_tokens", int)
     max_tokens = max_tokens if max_tokens is not None else _typed(body, "max_tokens", int)
     values = {key: _typed(body, key, kind) for key, kind in _SAMPLING}
-    try:
-        check_field("max_new_tokens", max_tokens)
-        sampling = Sampling(**values)
-    except FieldError as e:  # the rule is the request's; the field is named as the body names it
-        key = {"max_new_tokens": "max_tokens"}.get(e.field, e.field)
-        raise ProtocolError(f"{key}: must be {e.need}, got {e.value}", key) from None
     options = _typed(body, "stream_options", dict) or {}
+    n = _typed(body, "n", int)
+    n = 1 if n is None else n
+    with _named_fields():
+        check_field("max_new_tokens", max_tokens)
+        check_field("n", n)
+        sampling = Sampling(**values, stop_token_ids=_token_ids(body), logprobs=_logprobs(body))
+    grammar, stop = parse_grammar(body), _stop(body)
     conversation, images, video = parse_messages(_typed(body, "messages", list), media)
-    request = Request(conversation, images, video, None, max_tokens, sampling, _stop(body),
-                      bool(_typed(body, "ignore_eos", bool)))
+    with _named_fields():
+        request = Request(conversation, images, video, None, max_tokens, sampling, stop,
+                          bool(_typed(body, "ignore_eos", bool)), n, _flag(body, "skip_special_tokens", True),
+                          _flag(body, "include_stop_str_in_output", False), grammar)
     return ChatRequest(request, bool(_typed(body, "stream", bool)),
                        bool(_typed(options, "include_usage", bool, "stream_options.include_usage")))
+
+
+@contextlib.contextmanager
+def _named_fields():
+    """A FieldError (the rule is runtime/request.py's) -> a 400 naming the field as the body names it."""
+    try:
+        yield
+    except FieldError as e:
+        key = {"max_new_tokens": "max_tokens", "logprobs": "top_logprobs"}.get(e.field, e.field)
+        raise ProtocolError(f"{key}: must be {e.need}, got {e.value}", key) from None
+
+
+def _flag(body: dict, key: str, default: bool) -> bool:
+    value = _typed(body, key, bool)
+    return default if value is None else value
+
+
+def _token_ids(body: dict) -> tuple:
+    ids = _typed(body, "stop_token_ids", list) or []
+    if not all(isinstance(i, int) and not isinstance(i, bool) for i in ids):
+        raise ProtocolError("stop_token_ids: must be a list of integers", "stop_token_ids")
+    return tuple(ids)
+
+
+def _logprobs(body: dict) -> int | None:
+    """OpenAI's `logprobs` (bool) and `top_logprobs` (0-20, only with logprobs) -> alternatives per token, or
+    None when off."""
+    top = _typed(body, "top_logprobs", int)
+    if not _typed(body, "logprobs", bool):
+        if top:
+            raise ProtocolError("top_logprobs: needs logprobs: true", "top_logprobs")
+        return None
+    return top or 0
+
+
+def parse_grammar(body: dict) -> Grammar | None:
+    """The structured output a request asks for (`response_format`, `structured_outputs` or vLLM's older
+    `guided_*` fields; at most one of them), or None."""
+    found = []
+    fmt = _typed(body, "response_format", dict)
+    if fmt is not None:
+        kind = fmt.get("type")
+        if kind == "json_object":
+            found.append(("response_format", _grammar("json_object", "", "response_format")))
+        elif kind == "json_schema":
+            spec = _typed(fmt, "json_schema", dict, "response_format.json_schema") or {}
+            schema = spec.get("schema", spec.get("json_schema"))
+            if not isinstance(schema, dict):
+                raise ProtocolError("response_format.json_schema.schema: must be a JSON schema object",
+                                    "response_format")
+            found.append(("response_format", _grammar("json_schema", json.dumps(schema), "response_format")))
+        elif kind != "text":
+            raise ProtocolError(f"response_format.type: {kind!r} is not supported (text, json_object, json_schema)",
+                                "response_format")
+    outputs = _typed(body, "structured_outputs", dict)
+    if outputs is not None:
+        found += [(f"structured_outputs.{k}", v) for k, v in _structured(outputs, "structured_outputs").items()]
+    for key, name in _LEGACY.items():
+        if body.get(key) is not None:
+            found += [(key, v) for v in _structured({name: body[key]}, key).values()]
+    if len(found) > 1:
+        raise ProtocolError(f"{found[1][0]}: only one structured output per request (also {found[0][0]})",
+                            found[1][0])
+    return found[0][1] if found else None
+
+
+def _grammar(kind: str, source: str, param: str) -> Grammar:
+    try:
+        return Grammar(kind, source)
+    except GrammarError as e:  # too large
+        raise ProtocolError(f"{param}: {e}", param) from None
+
+
+def _structured(spec: dict, where: str) -> dict:
+    """vLLM's StructuredOutputsParams (json, regex, choice, json_object) -> {field: Grammar}."""
+    out = {}
+    for key, value in spec.items():
+        if value is None or (key == "json_object" and value is False) or (
+                key == "disable_any_whitespace" and isinstance(value, bool)):  # JSON is always compact here
+            continue
+        param = f"{where}.{key}" if where == "structured_outputs" else where
+        if key == "json" and isinstance(value, str):
+            try:
+                value = json.loads(value)
+            except ValueError:
+                raise ProtocolError(f"{param}: not a JSON schema (invalid JSON)", param) from None
+        if key == "json" and isinstance(value, dict):
+            out[key] = _grammar("json_schema", json.dumps(value), param)
+        elif key == "regex" and isinstance(value, str):
+            out[key] = _grammar("regex", _valid_text(value, param), param)
+        elif key == "choice" and isinstance(value, list) and value and all(isinstance(c, str) for c in value):
+            out[key] = _grammar("choice", json.dumps([_valid_text(c, param) for c in value]), param)
+        elif key == "json_object" and value is True:
+            out[key] = _grammar("json_object", "", param)
+        elif key in _STRUCTURED:
+            need = {"json": "a JSON schema", "regex": "a string", "choice": "a non-empty list of strings",
+                    "json_object": "a boolean"}[key]
+            raise ProtocolError(f"{param}: must be {need}", param)
+        else:
+            raise ProtocolError(f"{param}: not supported by this server (json, regex, choice, json_object)", param)
+    return out
 
 
 def _stop(body: dict) -> tuple:
@@ -251,16 +377,36 @@ def usage(prompt_tokens: int, completion_tokens: int) -> dict:
 
 
 def completion(cid: str, model: str, text: str, finish_reason: str, use: dict) -> dict:
+    return completion_of(cid, model, [choice(0, text, finish_reason)], use)
+
+
+def choice(index: int, text: str, finish_reason: str, logprobs: dict | None = None) -> dict:
+    """One choice of a `chat.completion`; `logprobs`: logprobs_content()'s object, or None."""
+    return {"index": index, "message": {"role": "assistant", "content": text}, "finish_reason": finish_reason,
+            "logprobs": logprobs}
+
+
+def completion_of(cid: str, model: str, choices: list, use: dict) -> dict:
     return {"id": cid, "object": "chat.completion", "created": int(time.time()), "model": model,
-            "choices": [{"index": 0, "message": {"role": "assistant", "content": text},
-                         "finish_reason": finish_reason, "logprobs": None}],
-            "usage": use}
+            "choices": choices, "usage": use}
 
 
-def chunk(cid: str, model: str, delta: dict | None, finish_reason: str | None = None, use: dict | None = None) -> dict:
-    """One `chat.completion.chunk`; `delta` None = the usage-only chunk (empty choices)."""
-    choices = [] if delta is None else [{"index": 0, "delta": delta, "finish_reason": finish_reason,
-                                         "logprobs": None}]
+def logprobs_content(tokenizer, entries) -> dict:
+    """sampling.TokenLogprobs of generated tokens -> OpenAI's `{"content": [{token, logprob, bytes, top_logprobs}]}`;
+    a token's text is its own decoding (a piece of a UTF-8 character decodes to U+FFFD, `bytes` then hold that)."""
+    def item(token: int, logprob: float) -> dict:
+        text = tokenizer.decode([token], skip_special_tokens=False)
+        return {"token": text, "logprob": logprob, "bytes": list(text.encode("utf-8"))}
+
+    return {"content": [{**item(e.token, e.logprob), "top_logprobs": [item(t, lp) for t, lp in e.top]}
+                        for e in entries]}
+
+
+def chunk(cid: str, model: str, delta: dict | None, finish_reason: str | None = None, use: dict | None = None,
+          index: int = 0, logprobs: dict | None = None) -> dict:
+    """One `chat.completion.chunk` of choice `index`; `delta` None = the usage-only chunk (empty choices)."""
+    choices = [] if delta is None else [{"index": index, "delta": delta, "finish_reason": finish_reason,
+                                         "logprobs": logprobs}]
     obj = {"id": cid, "object": "chat.completion.chunk", "created": int(time.time()), "model": model,
            "choices": choices}
     if use is not None:

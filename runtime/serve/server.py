@@ -60,10 +60,12 @@ class OpenAIServer:
         "static" (runtime/serve/serving.py Scheduler: each batch of `generate` runs to its end). `caches`: the
         in-flight engine's cache sizes (runtime/serve/cache_flags.py; default: on, default sizes)."""
         from ..pipeline import Preprocessor
+        from ..structured import Grammars
         from .metrics import ServerMetrics
 
         self.model, self.name, self.created = model, name, int(time.time())
         self.pre = Preprocessor(model.manifest)
+        self.grammars = Grammars(self.pre.tokenizer, model.spec.text.vocab_size, model.manifest.eos_token_ids)
         if batching == "static":
             from .serving import Scheduler
 

@@ -6,9 +6,12 @@ One worker thread owns the model: it takes every job waiting, groups those whose
 alone, so its seed alone fixes its text), packs each group into batches within the artifacts' max_batch and KV cache, and runs one `generate` per batch. Tokens flow
 back to each job's queue as events, so a handler can stream them:
 
-    ("delta", text)                             new text (stop strings held back until they cannot match)
-    ("done", finish_reason, completion_tokens)  "stop" (EOS or a stop string) or "length"
-    ("error", status, message)                  400 for a UserError of the batch, 500 for anything else
+    ("delta", text, index, logprobs)                      new text (stop strings held back until they cannot match)
+    ("done", finish_reason, completion_tokens, index, logprobs)  "stop" (EOS, a stop token or string) or "length"
+    ("error", status, message)                            400 for a UserError of the batch, 500 for anything else
+
+`index` is the job's choice of its request (`n` > 1: one job per choice, all on one queue); `logprobs` the
+sampling.TokenLogprobs of the tokens since the last event (None unless the request asked for logprobs).
 
 A job ends at EOS, at a stop string or at its own max_tokens; a batch's `generate` is cut short once every job
 in it has ended or its client has gone.
@@ -33,16 +36,21 @@ from ..sampling import Sampler
 class StopFilter:
     """Text so far -> the part that is safe to emit: never text that a stop string could still start in."""
 
-    def __init__(self, stops: tuple):
-        self.stops, self.text, self.sent = stops, "", 0
+    def __init__(self, stops: tuple, include: bool = False):
+        self.stops, self.include, self.text, self.sent = stops, include, "", 0
         self.hold = max((len(s) for s in stops), default=1) - 1
 
-    def feed(self, piece: str) -> tuple[str, bool]:
-        """Append `piece` -> (text to emit now, whether a stop string was found: the text ends before it)."""
+    def feed(self, piece: str, armed: bool = True) -> tuple[str, bool]:
+        """Append `piece` -> (text to emit now, whether a stop string was found: the text ends before it, or after
+        it with `include`). Not `armed` (before min_tokens, as vLLM): no match is looked for in this piece."""
         start = max(0, len(self.text) - self.hold)  # a new match must use a character of `piece`
         self.text += piece
-        hits = [i for i in (self.text.find(s, start) for s in self.stops) if i >= 0]
-        end = min(hits) if hits else max(self.sent, len(self.text) - self.hold)
+        found = [(self.text.find(s, start), -len(s)) for s in self.stops] if armed else []
+        hits = sorted(hit for hit in found if hit[0] >= 0)  # the first match; the longest stop string there
+        if hits:
+            end = hits[0][0] - (hits[0][1] if self.include else 0)
+        else:
+            end = max(self.sent, len(self.text) - self.hold)
         out, self.sent = self.text[self.sent:end], end
         return out, bool(hits)
 
@@ -56,37 +64,61 @@ class Job:
     prepared: object  # PreparedRequest of `request`
     max_new: int  # the request's max_new_tokens, resolved (OpenAIServer.max_new_tokens)
     request: Request  # runtime/request.py: sampling, stop strings, ignore_eos
-    events: queue.Queue = field(default_factory=queue.Queue)
+    events: queue.Queue = field(default_factory=queue.Queue)  # shared by the n jobs of one request
     cancelled: threading.Event = field(default_factory=threading.Event)  # set by the handler: client gone
+    index: int = 0  # the choice of its request
+    constraint: object | None = None  # runtime/structured.py TokenConstraint of `request.grammar`
     n_tokens: int = 0
     finished: bool = False
     token_times: list = field(default_factory=list)  # time.monotonic() of each generated token (the metrics)
+
+    @property
+    def sampling(self):
+        """runtime/request.py Sampling of this choice (seed + index)."""
+        return self.request.choice_sampling(self.index)
 
     def batch_key(self) -> tuple:
         return self.request.batch_key(id(self))
 
     def start(self, tokenizer, eos_ids) -> None:
-        self.decoder, self.filter = IncrementalDecoder(tokenizer), StopFilter(self.request.stop)
-        self.eos = set(eos_ids)
+        self.decoder = IncrementalDecoder(tokenizer, self.request.skip_special_tokens)
+        self.filter = StopFilter(self.request.stop, self.request.include_stop_str_in_output)
+        self.eos, self.stop_ids = set(eos_ids), set(self.request.sampling.stop_token_ids)
+        self.logprobs = [] if self.request.sampling.logprobs is not None else None
+
+    def note_logprobs(self, entry) -> None:
+        """The sampling.TokenLogprobs of the token `push` gets next (sent with the text it makes)."""
+        if self.logprobs is not None and entry is not None:
+            self.logprobs.append(entry)
 
     def push(self, token: int) -> None:
-        """One generated token: emit its text; end the job at a stop string, EOS or max_tokens."""
+        """One generated token: emit its text; end the job at a stop string, EOS, a stop token or max_tokens. The
+        EOS / stop token's own text is not part of the output unless include_stop_str_in_output (vLLM); stop
+        strings are looked for from min_tokens on (vLLM)."""
         self.n_tokens += 1
         self.token_times.append(time.monotonic())
-        text, stopped = self.filter.feed(self.decoder.push(token))
-        at_eos = token in self.eos and not self.request.ignore_eos
+        at_eos = (token in self.eos and not self.request.ignore_eos) or token in self.stop_ids
+        piece = "" if at_eos and not self.request.include_stop_str_in_output else self.decoder.push(token)
+        armed = self.n_tokens >= (self.request.sampling.min_tokens or 0)
+        text, stopped = self.filter.feed(piece, armed)
         if not stopped and (at_eos or self.n_tokens >= self.max_new):
-            more, stopped = self.filter.feed(self.decoder.flush())
+            more, stopped = self.filter.feed(self.decoder.flush(), armed)
             text += more + ("" if stopped else self.filter.flush())
         if text:
-            self.events.put(("delta", text))
+            self.events.put(("delta", text, self.index, self._take_logprobs()))
         if stopped or at_eos or self.n_tokens >= self.max_new:
             self.finish("stop" if stopped or at_eos else "length")
+
+    def _take_logprobs(self):
+        if self.logprobs is None:
+            return None
+        out, self.logprobs = self.logprobs, []
+        return out
 
     def finish(self, reason: str) -> None:
         if not self.finished:
             self.finished = True
-            self.events.put(("done", reason, self.n_tokens))
+            self.events.put(("done", reason, self.n_tokens, self.index, self._take_logprobs()))
 
     def fail(self, status: int, message: str) -> None:
         if not self.finished:
@@ -162,10 +194,13 @@ class Scheduler:
 
     def run(self, batch: list) -> None:
         manifest = self.model.manifest
-        cfg = batch[0].request.sampling.config(manifest.generation_config)  # one batch key: one sampling
+        cfg = batch[0].sampling.config(manifest.generation_config)  # one batch key: one sampling
+        sampler = Sampler(cfg, manifest.eos_token_ids, batch[0].constraint)  # a constrained job runs alone
 
         def on_token(b: int, token: int) -> None:
             if not batch[b].over:
+                if sampler.last_logprobs is not None:
+                    batch[b].note_logprobs(sampler.last_logprobs[b])
                 batch[b].push(token)
             if all(j.over for j in batch):
                 raise _BatchOver
@@ -174,7 +209,7 @@ class Scheduler:
         try:
             for job in batch:
                 job.start(self.tokenizer, manifest.eos_token_ids)
-            generate(self.model, [j.prepared for j in batch], Sampler(cfg), max(j.max_new for j in batch),
+            generate(self.model, [j.prepared for j in batch], sampler, max(j.max_new for j in batch),
                      eos_token_ids=manifest.eos_token_ids, ignore_eos=batch[0].request.ignore_eos, on_token=on_token)
         except _BatchOver:
             pass
