@@ -26,7 +26,6 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import numpy as np
-from onnx import TensorProto
 
 from qwen_vl_trt.model.errors import CheckpointError
 from qwen_vl_trt.model.spec import ModelSpec
@@ -124,10 +123,10 @@ def _kept_fp8(w: CheckpointWeights, key: str, spec: ModelSpec, dtype: str) -> St
     quant = w.quant
     if not isinstance(quant, Fp8Weights):
         return None
-    q = w._read(key)  # raw stored tensor (CheckpointWeights.get would dequantize it)
+    q = w.stored(key)  # CheckpointWeights.get would dequantize it
     if not is_fp8(q) or q.dtype != torch.float8_e4m3fn or q.ndim != 3:
         return None
-    grid = w._read(quant.scale_key(key))
+    grid = w.stored(quant.scale_key(key))
     if grid.ndim != 3 or grid.shape[0] != q.shape[0]:
         return None  # per-tensor / per-channel scales: not a block grid
     e, r, c = q.shape
@@ -153,11 +152,8 @@ def _kept_fp8(w: CheckpointWeights, key: str, spec: ModelSpec, dtype: str) -> St
 
 def store(g: GraphBuilder, name: str, t: StackedExperts) -> tuple[str, str]:
     """Initializers `<name>.fp8|.int4` [E, K, N] and `<name>.scale` [E, ceil(K/B), N] -> their names."""
-    import torch
-
     if t.fmt == "int4":
         q = g.int4_weight(f"{name}.int4", np.asarray(t.q))
     else:
-        raw = t.q.contiguous().reshape(-1).view(torch.uint8).numpy()
-        q = g._store(f"{name}.fp8", raw, TensorProto.FLOAT8E4M3FN, list(t.q.shape))
+        q = g.fp8_weight(f"{name}.fp8", t.q)
     return q, g.weight(f"{name}.scale", t.scale)

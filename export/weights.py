@@ -119,6 +119,10 @@ class CheckpointWeights:
         scale = self._read(self.quant.scale_key(key))  # present: checked at open
         return (q, *self.quant.block_grid(q, scale, key))
 
+    def stored(self, key: str):
+        """One tensor exactly as the checkpoint stores it (an FP8 weight or its scale: not dequantized)."""
+        return self._read(key)
+
     def _read(self, key: str):
         from safetensors import safe_open
 
