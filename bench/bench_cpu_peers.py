@@ -11,7 +11,8 @@ tokens); "Describe this image."; 64 greedy tokens, EOS ignored; 2 threads everyw
 Build (cached under --cache, default ~/.cache/qwen-vl-trt-bench, keyed by the checkpoint's hash, so a rerun costs
 only the timed runs; `--skip-build` refuses to build and says what is missing):
 - each peer in its own pinned venv (`PEERS` below), never the project's;
-- ours: export_all --dtype fp32 --no-engines, dense and --weights int4;
+- ours: export_all --dtype fp32 --no-engines, dense, --weights int4 (fp32 activations, block 32) and --weights int4
+  --int4-activations int8 (block 128);
 - onnxruntime-genai: its model builder (decoder; fp32, and int4 with its defaults: block 32, int8 activations,
   lm_head int4) plus bench/cpu_peers/oga_graphs.py (vision / embedding graphs in its Qwen3-VL contract);
 - OpenVINO: `optimum-cli export openvino` fp32, and int4 (sym, group 128, ratio 1.0; lm_head / embeddings /
@@ -19,6 +20,12 @@ only the timed runs; `--skip-build` refuses to build and says what is missing):
 - llama.cpp: llama-cpp-python built from source (-DGGML_NATIVE=ON), convert_hf_to_gguf.py f32 (+ --mmproj f32),
   `llama_model_quantize` Q4_0.
 - HF transformers fp32 `generate` on the checkpoint: the reference tokens.
+
+Ours starts as trt-run does (runtime/startup.py: the three sessions created concurrently, the tokenizer loaded
+alongside them); the INT4 exports' decoder is loaded from ONNX Runtime's optimized-model cache, which is on by
+default on the CPU (ARTIFACTS/.ort-cache, runtime/backends/loader.py default_ort_cache): the warm-up round writes
+it (one entry per MatMulNBits accuracy level: ours-int4 and ours-int4-a8 each have theirs), the timed rounds read
+it; with --warmup 0 the first round of ours-int4 / ours-int4-a8 is a cold start.
 
 Measure: a machine bandwidth roofline (best of several 2-thread streaming reads in numpy: BLAS gemv and a sum over
 a 3 GiB array); then `--warmup` + `--rounds` rounds, each a quiet-machine check (CPU busy < 10 % over 1 s from
@@ -84,13 +91,16 @@ SYSTEMS = [
     System("ours-fp32", "ours fp32 (decoder.ort.onnx, prepacked)", None, "run_ours.py", "ours-dense"),
     System("ours-fp32-mapped", "ours fp32, memory-mapped weights (ort_prepack=False)", None, "run_ours.py",
            "ours-dense", {"prepack": "0"}),
-    System("ours-int4", "ours `--weights int4`, fp32 activations", None, "run_ours.py", "ours-int4", exact=False),
-    System("ours-int4-a8", "ours `--weights int4`, int8 activations", None, "run_ours.py", "ours-int4",
-           {"int4_activations": "int8"}, exact=False),
-    System("ours-fp32-cached", "ours fp32, mapped weights, warm `--ort-cache`", None, "run_ours.py", "ours-dense",
-           CACHE),
-    System("ours-int4-cached", "ours `--weights int4`, warm `--ort-cache`", None, "run_ours.py", "ours-int4",
-           CACHE, exact=False),
+    # INT4: each activation type with its own export, since the default block differs (fp32: 32, int8: 128;
+    # model/weight_formats.py DEFAULT_INT4_BLOCK); the int8 export's manifest says int8 (what trt-run then uses)
+    System("ours-int4", "ours `--weights int4`, fp32 activations (block 32)", None, "run_ours.py", "ours-int4",
+           exact=False),
+    System("ours-int4-a8", "ours `--weights int4 --int4-activations int8` (block 128)", None, "run_ours.py",
+           "ours-int4-a8", exact=False),
+    System("ours-fp32-cached", "ours fp32, warm `--ort-cache` (all three graphs)", None, "run_ours.py",
+           "ours-dense", CACHE),
+    System("ours-int4-cached", "ours `--weights int4`, warm `--ort-cache` (all three graphs)", None, "run_ours.py",
+           "ours-int4", CACHE, exact=False),
     System("ortgenai-fp32", "onnxruntime-genai 0.18 fp32", "ortgenai", "run_ortgenai.py", "ortgenai-fp32"),
     System("ortgenai-int4", "onnxruntime-genai int4 (block 32, int8 act., lm_head int4)", "ortgenai",
            "run_ortgenai.py", "ortgenai-int4", exact=False),
@@ -177,8 +187,10 @@ class Builder:
         names = {s.name for s in systems}
         if names & {"ours-fp32", "ours-fp32-mapped", "ours-fp32-cached", "ortgenai-fp32", "ortgenai-int4"}:
             self.ours("dense")
-        if names & {"ours-int4", "ours-int4-a8", "ours-int4-cached"}:
+        if names & {"ours-int4", "ours-int4-cached"}:
             self.ours("int4")
+        if "ours-int4-a8" in names:
+            self.ours("int4", "a8", ["--int4-activations", "int8"])
         for p in ("fp32", "int4"):
             if f"ortgenai-{p}" in names:
                 self.ortgenai(p)
@@ -187,8 +199,9 @@ class Builder:
         if names & {"llamacpp-f32", "llamacpp-q4_0"}:
             self.llama("q4_0" in " ".join(names))
 
-    def ours(self, weights: str) -> Path:
-        out = self.dir / f"ours-{weights}"
+    def ours(self, weights: str, tag: str = "", extra: list | None = None) -> Path:
+        """Our export_all of the checkpoint with `--weights weights` (+ `extra` flags) in ours-<weights>[-<tag>]."""
+        out = self.dir / f"ours-{weights}" if not tag else self.dir / f"ours-{weights}-{tag}"
         stamp = out / "bench-export-code.txt"  # the export code it was made with: a change re-exports
         if out.exists() and (not stamp.exists() or stamp.read_text() != export_code_hash()):
             if self.skip:
@@ -197,7 +210,7 @@ class Builder:
         if self.need(f"ours {weights}", out / "manifest.json"):
             sh([sys.executable, "-m", "qwen_vl_trt.export.export_all", self.ckpt, out, "--dtype", "fp32",
                 "--no-engines", "--weights", weights, "--max-patches", "1024", "--max-batch", "1", "--max-seq",
-                "512", "--max-cache-len", "512"], cwd=ROOT)
+                "512", "--max-cache-len", "512", *(extra or [])], cwd=ROOT)
             stamp.write_text(export_code_hash())
         return out
 

@@ -27,7 +27,7 @@ import numpy as np
 
 def ensure_importable(root: Path) -> None:
     """Make `qwen_vl_trt` importable from the checkout at `root` when it is not installed (the GPU machine, which
-    reaches no package index): a namespace folder in the temp dir links export/ and runtime/, and goes on sys.path
+    reaches no package index): a namespace folder in the temp dir links export/, model/ and runtime/, and goes on sys.path
     and PYTHONPATH (for the subprocesses: export_all.sh, make_random_checkpoint.py)."""
     try:
         importlib.import_module("qwen_vl_trt.runtime")
@@ -37,7 +37,7 @@ def ensure_importable(root: Path) -> None:
             del sys.modules[name]
     pkg = Path(tempfile.gettempdir()) / "qwen_vl_trt_shim" / "qwen_vl_trt"
     pkg.mkdir(parents=True, exist_ok=True)
-    for name in ("export", "runtime"):
+    for name in ("export", "model", "runtime"):  # model/: qwen_vl_trt.model, shared by export and runtime
         if not (pkg / name).exists():
             (pkg / name).symlink_to(Path(root).resolve() / name)
     sys.path.insert(0, str(pkg.parent))

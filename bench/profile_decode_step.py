@@ -36,7 +36,11 @@ def weight_bytes(graph: Path) -> dict:
         ext = {e.key: e.value for e in t.external_data}
         size[t.name] = int(ext["length"]) if "length" in ext else len(t.raw_data) or int(
             np.prod(t.dims)) * onnx.helper.tensor_dtype_to_np_dtype(t.data_type).itemsize
-    return {n.name: sum(size.get(i, 0) for i in n.input) for n in model.graph.node}
+    # an INT4 product is DequantizeLinear(q, s) -> MatMul in the file and one MatMulNBits (the MatMul's name) in
+    # the session: its bytes are the DequantizeLinear's initializers
+    dq = {n.output[0]: sum(size.get(i, 0) for i in n.input) for n in model.graph.node
+          if n.op_type == "DequantizeLinear"}
+    return {n.name: sum(size.get(i, 0) + dq.get(i, 0) for i in n.input) for n in model.graph.node}
 
 
 def main(argv=None) -> int:

@@ -33,12 +33,13 @@ WORKSPACE_GIB = 3.0  # activations / workspace per GPU, as bench/tp_budget.py
 DEFAULT_MIXES = ("dense", "fp8", "int4", "attention=fp8,experts=int4")
 
 
-def linear_bytes(k: int, n: int, fmt: str, dtype_bytes: int = 2, int4_block: int = 128) -> int:
-    """Bytes of one K x N weight in `fmt` (module docstring)."""
+def linear_bytes(k: int, n: int, fmt: str, dtype_bytes: int = 2, int4_block: int = 128, fp8_block: int = 128) -> int:
+    """Bytes of one K x N weight in `fmt` (module docstring; `fp8_block` < 128: a tensor-parallel rank's slice of
+    128-blocks cut mid-block, bench/tp_budget.py)."""
     if fmt == "dense":
         return k * n * dtype_bytes
     if fmt == "fp8":
-        return k * n + math.ceil(k / 128) * n * dtype_bytes
+        return k * n + math.ceil(k / fp8_block) * n * dtype_bytes
     if fmt == "int4" and k % int4_block:
         return k * n * dtype_bytes
     if fmt == "int4":

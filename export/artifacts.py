@@ -69,7 +69,7 @@ def write_manifest(ckpt: Path, out: Path, dtype: str, limits: Limits, engines: b
     graphs = {}
     for name in GRAPHS:
         if name == "decoder" and tp > 1:
-            graphs[name] = _rank_graphs(ckpt, out, tp)
+            graphs[name] = _rank_graphs(ckpt, out, tp, engines)
             continue
         onnx_file = out / f"{name}.onnx"
         if not onnx_file.is_file():
@@ -84,21 +84,26 @@ def write_manifest(ckpt: Path, out: Path, dtype: str, limits: Limits, engines: b
         ort_file = fused_path(onnx_file)
         if ort_file.is_file():  # ONNX Runtime's fused flavour (export/ort_fused.py)
             graphs[name]["onnx_ort"] = ort_file.name
-            if nbits_data_path(ort_file).is_file():  # a bf16 INT4 decoder's MatMulNBits weights
+            if nbits_data_path(ort_file).is_file():  # INT4 decoders: fused INT4 weights (bf16: all MatMulNBits weights)
                 graphs[name]["onnx_ort_data"] = nbits_data_path(ort_file).name
     return save_manifest(out, spec, dtype, limits, graphs, plugins=plugins, tools=tool_versions(), tp=tp,
                           checkpoint={"name": ckpt.resolve().name, "sha256": checkpoint_hashes(ckpt)})
 
 
-def _rank_graphs(ckpt: Path, out: Path, tp: int) -> dict:
-    """The decoder entry of a TP export: "ranks" lists every rank's graph; "onnx"/"onnx_data" name rank 0's."""
+def _rank_graphs(ckpt: Path, out: Path, tp: int, engines: bool = False) -> dict:
+    """The decoder entry of a TP export: "ranks" lists every rank's graph (and engine when `engines`);
+    "onnx"/"onnx_data"/"engine" name rank 0's."""
     ranks = []
     for r in range(tp):
         onnx_file, data = out / f"decoder.rank{r}.onnx", out / f"decoder.rank{r}.onnx.data"
+        engine = out / f"decoder.rank{r}.engine"
         if not onnx_file.is_file():
             raise CheckpointError(f"{onnx_file} missing: export the graphs first (qwen-vl-export {ckpt} {out} --tp {tp})")
-        ranks.append({"onnx": onnx_file.name, "onnx_data": data.name if data.is_file() else None})
-    return {**ranks[0], "engine": None, "weights": graph_weights(out / ranks[0]["onnx"]), "ranks": ranks}
+        if engines and not engine.is_file():
+            raise CheckpointError(f"{engine} missing: the engine build did not finish")
+        ranks.append({"onnx": onnx_file.name, "onnx_data": data.name if data.is_file() else None,
+                      "engine": engine.name if engines else None})
+    return {**ranks[0], "weights": graph_weights(out / ranks[0]["onnx"]), "ranks": ranks}
 
 
 def graph_weights(onnx_file: Path):

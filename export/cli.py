@@ -6,8 +6,9 @@ streamed one tensor at a time), and vision.ort.onnx / decoder.ort.onnx: the same
 its fused contrib ops, reading the same .onnx.data files (export/ort_fused.py). `--weights`: the format of each
 group of decoder weights (model/weight_formats.py: `dense`, `fp8`, `int4` or `GROUP=FORMAT,...`). With `--tp N` > 1
 the decoder is written as N rank graphs `decoder.rank{r}.onnx` (+ .onnx.data; export/tp.py) instead of
-decoder.onnx, without a fused flavour (ONNX Runtime runs the rank graphs themselves: runtime/backends/tp.py); dense
-weights only so far. The decoder's weight bytes per group and per layer are logged at the end of its export
+decoder.onnx, without a fused flavour (ONNX Runtime runs the rank graphs themselves: runtime/backends/tp.py), in any
+`--weights` format: each rank stores exactly its slice of the 1-rank quantized weights, and a row-parallel layer
+whose per-rank K is not a whole number of blocks is refused in one line (export/tp.py `check_formats`). The decoder's weight bytes per group and per layer are logged at the end of its export
 (export/weight_report.py; `--budget-layers N`: also extrapolated to N layers). A bad checkpoint or flag value
 ends with one line on stderr and exit code 2.
 """
@@ -31,13 +32,14 @@ def export_graphs(ckpt_dir, out_dir, dtype: str = "bfloat16", graphs=("vision", 
     """Export the graphs of a checkpoint; returns {"spec": ModelSpec, "dtype": str, "graphs": {name: file}}.
     `formats`: the format of each group of decoder weights (model/weight_formats.py; export/int4.py, fp8.py,
     int8.py; the experts group is export/moe.py's), recorded in decoder.onnx's and embed.onnx's metadata. `tp` > 1:
-    the decoder as `tp` rank graphs, listed as graphs["decoder_ranks"] (export/tp.py; dense weights only).
+    the decoder as `tp` rank graphs, listed as graphs["decoder_ranks"] (export/tp.py; quantized formats: `check_formats`).
     At the end of the decoder export `progress` gets its weight bytes per group and per layer (export/weight_report.py),
     extrapolated to `budget_layers` layers (default: the checkpoint's depth)."""
     from .decoder import export_decoder
     from .embed import export_embed
     from .ort_fused import write_fused
-    from .tp import TensorParallel, check
+    from .quantized import Fp8Weights
+    from .tp import TensorParallel, check, check_formats
     from .weight_report import report_lines, weight_bytes
 
     dtype = DTYPE_ALIASES[dtype]
@@ -45,11 +47,8 @@ def export_graphs(ckpt_dir, out_dir, dtype: str = "bfloat16", graphs=("vision", 
         raise UserError(f"--budget-layers {budget_layers}: use a number of layers >= 1")
     spec = ModelSpec.from_checkpoint(ckpt_dir)
     check(spec, tp)
-    if tp > 1 and not formats.is_dense:
-        raise UserError(f"--tp {tp} with --weights {formats.describe()}: tensor-parallel rank graphs are written "
-                        "with dense weights only so far (the rank slices of quantized weights and their scales are "
-                        "not written: export/tp.py RankWeights)")
     weights = CheckpointWeights(ckpt_dir)
+    check_formats(spec, formats, tp, isinstance(weights.quant, Fp8Weights))
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     formats.check()
@@ -91,15 +90,17 @@ def add_weight_arguments(ap: argparse.ArgumentParser) -> None:
                          "bytes, exact), int4 (projections, experts and lm_head as INT4 blocks; round to nearest, "
                          "lossy), or GROUP=FORMAT,... with GROUP attention|mlp|experts|lm_head, e.g. "
                          "attention=fp8,experts=int4 or int4,lm_head=int8")
-    ap.add_argument("--int4-block-size", type=int, default=128,
-                    help=f"INT4 block along K, one of {INT4_BLOCK_SIZES} (default 128)")
+    ap.add_argument("--int4-block-size", type=int, default=None,
+                    help=f"INT4 block along K, one of {INT4_BLOCK_SIZES} (default: 32 with --int4-activations fp32, "
+                         "128 with int8: the fastest ONNX Runtime CPU MatMulNBits block for each, "
+                         "model/weight_formats.py DEFAULT_INT4_BLOCK)")
     ap.add_argument("--int4-activations", default="fp32",
                     help="fp32 (default: ONNX Runtime's MatMulNBits at accuracy level 1, the exact product) or int8 "
                          "(level 4: activations rounded to int8, faster on CPUs, lossy); recorded in manifest.json, "
                          "trt-run --int4-activations overrides it")
     ap.add_argument("--tp", type=int, default=1, choices=(1, 2, 4, 8),
-                    help="tensor-parallel ranks: the decoder as N graphs decoder.rank{r}.onnx (export/tp.py); > 1: "
-                         "dense weights, runs on ONNX Runtime (CPU) only so far")
+                    help="tensor-parallel ranks: the decoder as N graphs decoder.rank{r}.onnx (export/tp.py); composes with "
+                         "every --weights format (each rank holds its slice of the 1-rank quantized weights)")
 
 
 def weight_formats(args) -> WeightFormats:

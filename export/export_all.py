@@ -11,7 +11,8 @@
         decoder.rank{0..N-1}.onnx instead of the decoder (export/tp.py)
   [3/5] the tokenizer, chat template, processor and generation configs (export/artifacts.py)
   [4/5] TensorRT engines when a TensorRT module is importable (export/build_engines.py; with the plugin library
-        when it is built: model/trt_compat.py plugin_library_path)
+        when it is built: model/trt_compat.py plugin_library_path); with --tp N one engine per decoder rank
+        (decoder.rank{r}.engine, run by runtime/backends/trt_tp.py)
   [5/5] manifest.json (model/manifest.py)
 
 ARTIFACTS defaults to artifacts/, what `trt-run` reads by default. A stale manifest.json or engine is removed
@@ -57,11 +58,8 @@ def export_all(ckpt, out, dtype: str | None = None, limits: Limits = Limits(), *
     export_graphs(ckpt, out, dtype, progress=log, formats=formats, tp=tp)
     log("[3/5] copying tokenizer, chat template, processor and generation configs")
     copy_checkpoint_files(ckpt, out)
-    if engines and tp > 1:  # the TensorRT side of tensor parallelism is not wired here (docs/large-models.md)
-        log(f"[4/5] --tp {tp}: no engines (the runtime runs TP artifacts on ONNX Runtime; docs/large-models.md)")
-        engines = False
-    plugins = _engines(out, dtype, limits, compute_capabilities, log) if engines else None
-    if not engines and tp == 1:
+    plugins = _engines(out, dtype, limits, compute_capabilities, log, tp) if engines else None
+    if not engines:
         log("[4/5] --no-engines: skipping engines")
     log(f"[5/5] writing {out}/manifest.json")
     return write_manifest(ckpt, out, dtype, limits, engines=plugins is not None, plugins=plugins or None, tp=tp)
@@ -83,9 +81,10 @@ def _checkpoint(ckpt, out: Path, dtype: str | None, log) -> tuple[Path, str]:
     return ckpt, dtype
 
 
-def _engines(out: Path, dtype: str, limits: Limits, compute_capabilities, log) -> str | None:
-    """Build the three engines when TensorRT is importable -> the plugin library used ("" without one), or None
-    when there is no TensorRT."""
+def _engines(out: Path, dtype: str, limits: Limits, compute_capabilities, log, tp: int = 1) -> str | None:
+    """Build the three engines when TensorRT is importable (with `tp` > 1 vision, embed and one engine per decoder
+    rank, decoder.rank{r}.engine: runtime/backends/trt_tp.py runs them) -> the plugin library used ("" without
+    one), or None when there is no TensorRT."""
     from qwen_vl_trt.model.trt_compat import import_tensorrt, plugin_library_path, rtx_env_ready
 
     from .build_engines import build_all
@@ -102,7 +101,8 @@ def _engines(out: Path, dtype: str, limits: Limits, compute_capabilities, log) -
                               "from the start of the process: run `python -m qwen_vl_trt.export.export_all`, which "
                               "sets it, or export LD_LIBRARY_PATH=$(python -m qwen_vl_trt.model.trt_compat)")
     log("[4/5] building TensorRT engines (this can take minutes per graph)")
-    build_all(out, limits, tuple(compute_capabilities), lib or None, DTYPE_ALIASES[dtype], log=log)
+    graphs = ("vision", "embed", "decoder") if tp == 1 else ("vision", "embed", *(f"decoder.rank{r}" for r in range(tp)))
+    build_all(out, limits, tuple(compute_capabilities), lib or None, DTYPE_ALIASES[dtype], log=log, graphs=graphs)
     return lib
 
 

@@ -33,7 +33,6 @@ from qwen_vl_trt.model.weight_formats import FP8_BLOCK, WeightFormats
 
 from .int4 import quantize_rtn
 from .onnx_graph import GraphBuilder
-from .quantized import Fp8Weights, is_fp8
 from .weights import CheckpointWeights
 
 E4M3_MAX = 448.0
@@ -117,34 +116,14 @@ def int4_rtn(wt, block: int, dtype: str, key: str) -> StackedExperts:
 
 def _kept_fp8(w: CheckpointWeights, key: str, spec: ModelSpec, dtype: str) -> StackedExperts | None:
     """The checkpoint's own FP8 bytes of `key` in release layout with the block scale repeated along N; None when
-    the tensor is not stored as block-scaled FP8 (it is then quantized by `fp8_rtn`)."""
+    the tensor is not stored as block-scaled FP8 (it is then quantized by `fp8_rtn`). A tensor-parallel rank
+    (export/tp.py RankWeights) gives its slice of the same bytes and scales (`fp8_experts`)."""
     import torch
 
-    quant = w.quant
-    if not isinstance(quant, Fp8Weights):
+    raw = w.fp8_experts(key, spec)  # a tensor-parallel rank (export/tp.py RankWeights): its slice
+    if raw is None:
         return None
-    q = w.stored(key)  # CheckpointWeights.get would dequantize it
-    if not is_fp8(q) or q.dtype != torch.float8_e4m3fn or q.ndim != 3:
-        return None
-    grid = w.stored(quant.scale_key(key))
-    if grid.ndim != 3 or grid.shape[0] != q.shape[0]:
-        return None  # per-tensor / per-channel scales: not a block grid
-    e, r, c = q.shape
-    bm, bn = quant.block or (-(-r // grid.shape[1]), -(-c // grid.shape[2]))
-    if (-(-r // bm), -(-c // bn)) != tuple(grid.shape[1:]):
-        raise CheckpointError(f"{key}: scale grid {list(grid.shape)} does not match weight {list(q.shape)} in "
-                              f"blocks of {[bm, bn]}")
-    moe, hidden = spec.text.moe, spec.text.hidden_size
-    name = key.rsplit(".", 1)[-1]
-    release_k = hidden if name == "gate_up_proj" else moe.moe_intermediate_size
-    in_memory = (e, 2 * moe.moe_intermediate_size, hidden) if name == "gate_up_proj" else \
-        (e, hidden, moe.moe_intermediate_size)
-    if tuple(q.shape) == in_memory:  # HF's in-memory [E, N, K]: K is the second block axis
-        q, grid, (bk, bn) = q.transpose(1, 2), grid.transpose(1, 2), (bn, bm)
-    elif r == release_k:
-        bk = bm
-    else:
-        return None  # release_layout() (export/moe.py) reports the shape error
+    q, grid, (bk, bn) = raw
     n = q.shape[2]
     scale = grid.to(torch.float32).repeat_interleave(bn, dim=2)[:, :, :n].to(getattr(torch, dtype))
     return StackedExperts("fp8", q.contiguous(), scale.contiguous(), bk, kept=True)

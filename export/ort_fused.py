@@ -13,20 +13,29 @@ has fused CPU and CUDA kernels for:
 | `KVCacheAttention(q, k, v, past_key, past_value, past_lengths)` | `com.microsoft.GroupQueryAttention`: writes the step's K/V at rows past_lengths[b].. and attends causally, in place when present is bound to past |
 | `VarlenAttention(q, k, v, cu_seqlens)` (vision) | segments gathered into a right-padded batch, `com.microsoft.MultiHeadAttention` (key_padding_mask only when the lengths differ), rows gathered back |
 | `qwen_vl_trt.RMSNorm(x, weight)` (export/layers.py) | `SimplifiedLayerNormalization` (fp32 statistics); in the decoder, with the residual Add before it, `com.microsoft.SkipSimplifiedLayerNormalization` |
+| `DequantizeLinear(int4) -> MatMul` of q, k, v (and of gate, up): products of one activation | one `DequantizeLinear(int4) -> MatMul` over the concatenated columns, then `Split` (export/int4.py `fuse_int4_products`; the concatenated weights in `decoder.ort.onnx.data`): one wider MatMulNBits per group, measured faster on the CPU |
 | `DequantizeLinear(int4) -> MatMul` (`--weights int4`, bf16 decoder only) | `com.microsoft.MatMulNBits` with its weights in `decoder.ort.onnx.data` (export/int4.py; for fp32/fp16 ONNX Runtime fuses the pair itself) |
 | `qwen_vl::MoEExperts` on INT4 experts (`--weights experts=int4`) | `com.microsoft.QMoE` fed the router logits, its weights in `decoder.ort.onnx.data` (export/moe_ort.py; FP8 experts keep the node's reference body) |
 
 Same file contract (model/contracts.py) and same weights: the initializers still point into `<graph>.onnx.data`,
-so the rewrite writes only a small graph file. TensorRT engines are built from the plugin graphs.
+so the rewrite writes only a small graph file (INT4 decoders also decoder.ort.onnx.data, above). TensorRT engines are built from the plugin graphs.
 
 GroupQueryAttention's extra inputs come from the contract's: `seqlens_k[b] = past_lengths[b] + S - 1` (int32;
-every row of the step counts, as in decoder.onnx: right padding is written and later overwritten),
-`total_sequence_length` = S when S > 1 (a prompt into an empty cache: ONNX Runtime requires it then), else
-cache_len. Host values (shapes) only ever reach host slots of the kernels (Reshape shapes,
-`total_sequence_length`, ConstantOfShape's shape); S - 1 and the rotary row ids are counted on the device. So
-the CUDA EP has no Memcpy node in the decoder, the condition for capturing the decode step as a CUDA graph.
-ONNX Runtime's restriction: a step with S > 1 and B > 1 must start from an empty cache (`past_lengths` all 0),
-which is how runtime/generate.py prefills; one sequence may continue a cache with S > 1.
+every row of the step counts, as in decoder.onnx: right padding is written and later overwritten), and
+`total_sequence_length` = S when S > 1 and B > 1, else cache_len. ONNX Runtime's contract for them (CPU and CUDA
+share its input check, microsoft/onnxruntime:onnxruntime/contrib_ops/cpu/bert/group_query_attention_helper.h
+`CheckInputs`; "continuous decoding", microsoft/onnxruntime#21523, onnxruntime >= 1.20):
+- S == total_sequence_length: a first prompt; every sequence's past is 0 (rows 0..seqlens_k[b] are this step's);
+- S > 1 and S != total_sequence_length: a "subsequent prompt", B must be 1; the sequence's past is
+  seqlens_k[0] + 1 - S rows, so its S rows continue them (chunked prefill, a prompt after a reused prefix);
+- S == 1: a decode step; each sequence's past is seqlens_k[b] rows.
+`total_sequence_length` is otherwise only a bound (present length = max(it, past's K)): cache_len for B = 1 makes
+every one-sequence prompt a subsequent prompt, right from an empty cache (past = 0) and after rows already there;
+a batch of prompts (runtime/generate.py) keeps S and so must start from an empty cache (`past_lengths` all 0).
+Host values (shapes) only ever reach host slots of the kernels (Reshape shapes, `total_sequence_length`,
+ConstantOfShape's shape); S - 1 and the rotary row ids are counted on the device. So the CUDA EP has no Memcpy
+node in the decoder, the condition for capturing the decode step as a CUDA graph (a past + S total would be read
+back from `past_lengths` on the device).
 
 Rounding: cos/sin in fp32 (HF: `inv_freq @ position` in fp32), cast to the graph dtype as HF does; RMSNorm rounds
 to the graph dtype once, after the weight (HF: before and after): equal in fp32, at most one bf16 ulp apart.
@@ -61,6 +70,12 @@ def write_fused(graph_onnx: Path, spec: ModelSpec) -> Path:
     model = onnx.load(str(graph_onnx), load_external_data=False)
     {"decoder": fuse_decoder, "vision": fuse_vision}[kind](model, spec)
     out = fused_path(graph_onnx)
+    nbits_data_path(out).unlink(missing_ok=True)  # every writer below appends to it
+    fused_int4 = []
+    if kind == "decoder":  # INT4 products reading one activation (q/k/v, gate/up) -> one wider product each
+        from .int4 import fuse_int4_products
+
+        fused_int4 = fuse_int4_products(model, graph_onnx.parent)
     if kind == "decoder" and _activation_dtype(model.graph) == TensorProto.BFLOAT16:
         # INT4 decoders (export/int4.py): ONNX Runtime fuses DequantizeLinear + MatMul for fp32/fp16 only
         from .int4 import to_matmul_nbits
@@ -72,13 +87,18 @@ def write_fused(graph_onnx: Path, spec: ModelSpec) -> Path:
         if to_qmoe(model, graph_onnx.parent, nbits_data_path(out)):
             _prune_dead_nodes(model.graph)  # the routers' softmax / top-k, now inside QMoE
             _drop_unread(model)
+    if fused_int4:  # fp32/fp16: the concatenated INT4 weights that ONNX Runtime fuses at session creation
+        from .int4 import store_in_memory_initializers
+
+        store_in_memory_initializers(model, nbits_data_path(out), fused_int4)
     onnx.save_model(model, str(out))
     return out
 
 
 def nbits_data_path(ort_onnx: Path) -> Path:
-    """decoder.ort.onnx -> decoder.ort.onnx.data: the MatMulNBits weights of a bf16 INT4 decoder and the QMoE weights
-    of INT4 MoE experts (export/moe_ort.py); absent otherwise."""
+    """decoder.ort.onnx -> decoder.ort.onnx.data: an INT4 decoder's fused q|k|v and gate|up weights
+    (export/int4.py fuse_int4_products), the MatMulNBits weights of a bf16 INT4 decoder and the QMoE weights of
+    INT4 MoE experts (export/moe_ort.py); absent otherwise."""
     return ort_onnx.with_name(ort_onnx.name + ".data")
 
 
@@ -255,21 +275,25 @@ class _Shared:
             return gather, mask, unpad, equal
         return self._once(("segments", cu), build)
 
-    def step_dims(self) -> tuple[str, str]:
-        """(S [1], cache_len [1]) int64 from the shapes of position_ids [3, B, S] and past_key.0 [B, Hkv, K, D]."""
+    def step_dims(self) -> tuple[str, str, str]:
+        """(S [1], cache_len [1], B [1]) int64 from the shapes of position_ids [3, B, S] and past_key.0
+        [B, Hkv, K, D]."""
         def build():
-            s = self.op("Slice", [self.op("Shape", ["position_ids"], "pos_shape"),
-                                  self.const(np.array([2], np.int64)), self.const(np.array([3], np.int64))], "seq")
+            pos = self.op("Shape", ["position_ids"], "pos_shape")
+            s = self.op("Slice", [pos, self.const(np.array([2], np.int64)), self.const(np.array([3], np.int64))],
+                        "seq")
+            b = self.op("Slice", [pos, self.const(np.array([1], np.int64)), self.const(np.array([2], np.int64))],
+                        "batch")
             k = self.op("Slice", [self.op("Shape", ["past_key.0"], "cache_shape"),
                                   self.const(np.array([2], np.int64)), self.const(np.array([3], np.int64))],
                         "cache_len")
-            return s, k
+            return s, k, b
         return self._once("dims", build)
 
     def seqlens_k(self) -> str:
         """int32 [B]: past_lengths + S - 1 (the last row each sequence holds after the step)."""
         def build():
-            s, _ = self.step_dims()  # on the host; S - 1 is counted on the device
+            s, _, _ = self.step_dims()  # on the host; S - 1 is counted on the device
             s_dev = self.op("ReduceSum", [self.ones(s, "seq_ones")], "seq_on_device", keepdims=1)  # [1] = S
             last = self.op("Sub", [self.op("Add", ["past_lengths", s_dev], "total_lengths"),
                                    self.const(np.array([1], np.int64))], "last_rows")
@@ -277,11 +301,17 @@ class _Shared:
         return self._once("seqlens_k", build)
 
     def total_sequence_length(self) -> str:
-        """int32 scalar: S when S > 1 (prompt into an empty cache), else cache_len."""
+        """int32 scalar: S when S > 1 and B > 1 (a batch of prompts into an empty cache), else cache_len (a decode
+        step, or one sequence's prompt chunk, which may continue rows already in its cache). The module docstring
+        says why, from ONNX Runtime's contract."""
         def build():
-            s, cap = self.step_dims()
-            prompt = self.op("Greater", [s, self.const(np.array([1], np.int64))], "is_prompt")
-            total = self.op("Where", [prompt, s, cap], "total_i64")
+            s, cap, b = self.step_dims()
+            one, zero = self.const(np.array([1], np.int64)), self.const(np.array([0], np.int64))
+            # (S - 1) * (B - 1) > 0: shape arithmetic ONNX Runtime keeps on the host (no And: tests/test_ort_fused.py)
+            both = self.op("Mul", [self.op("Sub", [s, one], "seq_minus_1"), self.op("Sub", [b, one], "batch_minus_1")],
+                           "seq_batch_product")
+            batch_prompt = self.op("Greater", [both, zero], "is_batch_prompt")
+            total = self.op("Where", [batch_prompt, s, cap], "total_i64")
             return self.op("Cast", [self.op("Squeeze", [total], "total_scalar")], "total_sequence_length",
                            to=TensorProto.INT32)
         return self._once("total", build)

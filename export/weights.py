@@ -119,6 +119,38 @@ class CheckpointWeights:
         scale = self._read(self.quant.scale_key(key))  # present: checked at open
         return (q, *self.quant.block_grid(q, scale, key))
 
+    def fp8_experts(self, key: str, spec):
+        """A stacked expert tensor as an FP8 checkpoint stores it, turned to release layout: (q e4m3 [E, K, N],
+        grid [E, ceil(K/bk), ceil(N/bn)] in its stored dtype, (bk, bn)) with W[e, k, n] = q[e, k, n] *
+        grid[e, k // bk, n // bn]; None when it is not block-scaled e4m3 (dense, per-tensor/channel scales).
+        `spec`: the ModelSpec whose MoE shapes tell HF's in-memory layout [E, N, K] from the release one."""
+        import torch
+
+        quant = self.quant
+        if not isinstance(quant, Fp8Weights):
+            return None
+        q = self.stored(key)  # `get` would dequantize it
+        if not is_fp8(q) or q.dtype != torch.float8_e4m3fn or q.ndim != 3:
+            return None
+        grid = self.stored(quant.scale_key(key))
+        if grid.ndim != 3 or grid.shape[0] != q.shape[0]:
+            return None  # per-tensor / per-channel scales: not a block grid
+        e, r, c = q.shape
+        bm, bn = quant.block or (-(-r // grid.shape[1]), -(-c // grid.shape[2]))
+        if (-(-r // bm), -(-c // bn)) != tuple(grid.shape[1:]):
+            raise CheckpointError(f"{key}: scale grid {list(grid.shape)} does not match weight {list(q.shape)} in "
+                                  f"blocks of {[bm, bn]}")
+        moe, hidden = spec.text.moe, spec.text.hidden_size
+        name = key.rsplit(".", 1)[-1]
+        release_k = hidden if name == "gate_up_proj" else moe.moe_intermediate_size
+        in_memory = (e, 2 * moe.moe_intermediate_size, hidden) if name == "gate_up_proj" else \
+            (e, hidden, moe.moe_intermediate_size)
+        if tuple(q.shape) == in_memory:  # HF's in-memory [E, N, K]: K is the second block axis
+            return q.transpose(1, 2), grid.transpose(1, 2), (bn, bm)
+        if r == release_k:
+            return q, grid, (bm, bn)
+        return None  # export/moe.py release_layout() reports the shape error
+
     def stored(self, key: str):
         """One tensor exactly as the checkpoint stores it (an FP8 weight or its scale: not dequantized)."""
         return self._read(key)

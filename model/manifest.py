@@ -7,13 +7,13 @@ Written by `save_manifest` (called by export/artifacts.py). Fields (format versi
 | `format`, `format_version` | "qwen-vl-trt-artifacts", 1 |
 | `model_type`, `model_spec` | `ModelSpec.to_json()` of the checkpoint (must equal the spec of the copied config.json) |
 | `dtype` | export dtype of the graphs: float32 / float16 / bfloat16 (logits always float32) |
-| `graphs` | name -> {"onnx", "onnx_data", "engine" (null without TensorRT), "weights" (decoder, embed: `WeightFormats.to_json()` of the export's `--weights`, model/weight_formats.py: {"attention", "mlp", "experts", "lm_head", "embedding": dense/fp8/int4/int8, "int4_block", "int4_activations": fp32/int8}; vision: "dense"; manifests of older exports: a string, read by `WeightFormats.from_json`)}; vision and decoder also "onnx_ort" (`<graph>.ort.onnx`, ONNX Runtime's fused flavour reading the same `.onnx.data`) when the export wrote it, and a bf16 INT4 decoder "onnx_ort_data" (`decoder.ort.onnx.data`: its MatMulNBits weights) |
+| `graphs` | name -> {"onnx", "onnx_data", "engine" (null without TensorRT), "weights" (decoder, embed: `WeightFormats.to_json()` of the export's `--weights`, model/weight_formats.py: {"attention", "mlp", "experts", "lm_head", "embedding": dense/fp8/int4/int8, "int4_block", "int4_activations": fp32/int8}; vision: "dense"; manifests of older exports: a string, read by `WeightFormats.from_json`)}; vision and decoder also "onnx_ort" (`<graph>.ort.onnx`, ONNX Runtime's fused flavour reading the same `.onnx.data`) when the export wrote it, and an INT4 decoder "onnx_ort_data" (`decoder.ort.onnx.data`: its fused q|k|v and gate|up INT4 weights, export/int4.py `fuse_int4_products`; in bf16 all its MatMulNBits weights) |
 | `contracts` | name -> {"inputs"/"outputs": [[name, dtype, dims], ...]}, model/contracts.py resolved to `dtype` |
 | `limits` | max_patches, max_frames (per vision call), max_batch, max_seq, max_cache_len |
 | `files` | copied tokenizer/processor/config files -> sha256 |
 | `checkpoint` | source directory name and sha256 of its safetensors index or files |
 | `tools`, `plugins` | versions used; plugin library and op version when engines use plugins |
-| `tp` | tensor-parallel ranks of the decoder (absent in older manifests: 1); > 1: `graphs.decoder.ranks` lists each rank's {"onnx", "onnx_data"} (`decoder.rank{r}.onnx`, export/tp.py) and `graphs.decoder.onnx` names rank 0's; the decoder contract is the whole model's (the ranks' KV caches hold their own heads: runtime/backends/tp.py) |
+| `tp` | tensor-parallel ranks of the decoder (absent in older manifests: 1); > 1: `graphs.decoder.ranks` lists each rank's {"onnx", "onnx_data", "engine"} (`decoder.rank{r}.onnx`, export/tp.py; `decoder.rank{r}.engine` when TensorRT built them, else null) and `graphs.decoder.onnx` / `engine` name rank 0's; the decoder contract is the whole model's (the ranks' KV caches hold their own heads: runtime/backends/tp.py on ONNX Runtime, trt_tp.py on TensorRT) |
 
 `load_manifest(dir)` refuses, with one ArtifactError line, a missing or foreign manifest, another format
 version, a missing or modified file, a spec from another model, and contracts that differ from this
@@ -82,6 +82,13 @@ class Manifest:
     def rank_paths(self) -> list[Path]:
         """The decoder's rank graphs decoder.rank{r}.onnx, rank order ([] for a 1-rank export)."""
         return [self.directory / r["onnx"] for r in self.graphs["decoder"].get("ranks", [])] if self.tp > 1 else []
+
+    def rank_engine_paths(self) -> list[Path]:
+        """The decoder ranks' TensorRT engines decoder.rank{r}.engine, rank order ([] when not built or tp 1)."""
+        ranks = self.graphs["decoder"].get("ranks", []) if self.tp > 1 else []
+        if not ranks or not all(r.get("engine") for r in ranks):
+            return []
+        return [self.directory / r["engine"] for r in ranks]
 
     def graph_paths(self, fused: bool = False) -> dict:
         """name -> ONNX file; with `fused` vision.ort.onnx / decoder.ort.onnx where the export wrote them (ONNX
@@ -202,7 +209,7 @@ def _check_files(d: Path, raw: dict) -> None:
                                           raw["graphs"][g].get("onnx_ort"), raw["graphs"][g].get("onnx_ort_data"),
                                           raw["graphs"][g].get("engine")) if f]
     needed += [f for r in raw["graphs"]["decoder"].get("ranks") or [] if isinstance(r, dict)
-               for f in (r.get("onnx"), r.get("onnx_data")) if f]
+               for f in (r.get("onnx"), r.get("onnx_data"), r.get("engine")) if f]
     needed += [f for f in REQUIRED_FILES if f not in raw["files"]] + list(raw["files"])
     for name in needed:
         if not (d / name).is_file():

@@ -1,13 +1,13 @@
 """The encoder cache: vision features of recent images and videos, keyed by their content, so a request that shows
 an image the engine has seen skips the vision encoder for it, whatever its text.
 
-What makes two media items "the same" (docs/graphs.md, "Reusing work across requests"): the same preprocessed
-pixels (`Media.pixel_values`, float32 [T, 3*2*P*P], after resizing and normalization: runtime/preprocess.py,
+What makes two media items "the same" (docs/graphs.md, "Reusing work across requests"): the same preprocessed pixels
+(`Media.pixel_values`, float32 [T, 3*2*P*P], after resizing and normalization: runtime/preprocess.py,
 runtime/video.py) and the same grid (t, h, w). vision.onnx's other inputs are functions of the grids alone
 (runtime/vision_inputs.py), and an item's rows depend on no other item (attention segments never cross items:
-`cu_seqlens`), so equal keys give equal features. The key is `Media.digest` (runtime/pipeline.py): BLAKE2b-128 over
-the grid, the array's shape and dtype and its bytes. The same photo at two sizes has other pixels and another grid:
-another key. Token ids play no part (every image's pad tokens are alike: the vLLM #8296 class of bug).
+`cu_seqlens`), so equal keys give equal features. The key is `Media.digest` (runtime/pipeline.py): SHA-256 (16 bytes
+kept) over the grid, the array's shape and dtype and its bytes. The same photo at two sizes has other pixels and
+another grid: another key. Token ids play no part (every image's pad tokens are alike: the vLLM #8296 class of bug).
 
 Held per item (host arrays in the export dtype): `features` [M, C] (one row per pad token, M = t*h*w / merge^2)
 and, for Qwen3-VL, `deepstack` [Ld, M, C]. Bounded by `budget_bytes` (least recently used first out).

@@ -16,15 +16,14 @@ thread-safe; `step()` runs one scheduling step on the calling thread:
 4. retire finished slots (EOS or one of the request's `stop_token_ids`, max_new_tokens, `on_token` says stop,
    e.g. a stop string).
 
-Reuse across requests (on by default; `prefix_cache_mb` / `encoder_cache_mb` 0 turn each off; no prefix cache with
-decoder.ort.onnx, which cannot continue a slot's rows with S > 1: runtime/backends/slots.py): at admission the
-vision rows of media seen before come from the encoder cache (runtime/encoder_cache.py) and only new items go
-through vision.onnx; the prompt's longest cached prefix (runtime/prefix_cache.py: keys are token ids, media
-content digests and MRoPE positions; never a part of an image) is looked up and copied into the slot just before
-its first prompt call (runtime/backends/slots.py `write_rows`; so the prompts of requests admitted with it and
-written before it count), and the prompt is written from there, `inputs_embeds`,
-`deepstack_embeds` and `position_ids` all sliced at the same offsets. A slot's rows go into the prefix cache when
-its prompt is written and again when it ends (prompt + generated rows: the next turn of a chat starts with them).
+Reuse across requests (on by default, every decoder flavour; `prefix_cache_mb` / `encoder_cache_mb` 0 turn each
+off): at admission the vision rows of media seen before come from the encoder cache (runtime/encoder_cache.py) and
+only new items go through vision.onnx; the prompt's longest cached prefix (runtime/prefix_cache.py: keys are token
+ids, media content digests and MRoPE positions; never a part of an image) is looked up and copied into the slot just
+before its first prompt call (runtime/backends/slots.py `write_rows`; so the prompts of requests admitted with it
+and written before it count), and the prompt is written from there, `inputs_embeds`, `deepstack_embeds` and
+`position_ids` all sliced at the same offsets. A slot's rows go into the prefix cache when its prompt is written and
+again when it ends (prompt + generated rows: the next turn of a chat starts with them).
 `cache_stats()` gives the counters (a plain dict the server's metrics read).
 
 Per-request sampling: every slot has its own `Sampler` (runtime/sampling.py) over its own logits row, with its
@@ -121,10 +120,8 @@ class Engine:
         self.io = decode_io(model, self.max_batch, self.cache_len)
         self.io.greedy = None  # set per decode step (see _decode)
         self.chunked = chunks_allowed(self.io)
-        self.continuation = continuation(self.io)
-        # no prefix cache where a prompt cannot continue a slot's rows (decoder.ort.onnx: runtime/backends/slots.py)
-        reuse = prefix_cache_mb > 0 and self.continuation is not None
-        self.prefix_cache = PrefixCache(int(prefix_cache_mb * (1 << 20))) if reuse else None
+        self.continuation = continuation(self.io)  # "chunks" or "one_call" (runtime/backends/slots.py)
+        self.prefix_cache = PrefixCache(int(prefix_cache_mb * (1 << 20))) if prefix_cache_mb > 0 else None
         self.encoder_cache = EncoderCache(int(encoder_cache_mb * (1 << 20))) if encoder_cache_mb > 0 else None
         self.pad, self.eos = model.manifest.pad_token_id, frozenset(model.manifest.eos_token_ids)
         self.vocab = model.spec.text.vocab_size

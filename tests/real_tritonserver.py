@@ -51,6 +51,7 @@ class Server:
     http_url: str
     grpc_url: str
     log: Path
+    metrics_url: str | None = None  # Triton's Prometheus endpoint (http://host:port/metrics), when started with it
 
     def log_text(self) -> str:
         return self.log.read_text(errors="replace")
@@ -68,12 +69,13 @@ class Server:
         return self.process.returncode
 
 
-def start(repo: Path, work: Path) -> Server:
-    """Start tritonserver on free loopback ports and wait until the server and its models are ready."""
+def start(repo: Path, work: Path, metrics: bool = False) -> Server:
+    """Start tritonserver on free loopback ports and wait until the server and its models are ready; `metrics`:
+    with its metrics endpoint (CPU metrics only) on a free loopback port too."""
     import tritonclient.http as http
 
     root = _wheel_root()
-    http_port, grpc_port = _free_port(), _free_port()
+    http_port, grpc_port, metrics_port = _free_port(), _free_port(), _free_port()
     env = {**os.environ, "LD_LIBRARY_PATH": str(root.parents[1] / "nvidia_pytriton.libs")}
     log = work / "tritonserver.log"
     cmd = [str(root / "bin" / "tritonserver"), "--model-repository", str(repo),
@@ -81,10 +83,13 @@ def start(repo: Path, work: Path) -> Server:
            "--cache-directory", str(root / "caches"),
            "--http-address", "127.0.0.1", "--http-port", str(http_port),
            "--grpc-address", "127.0.0.1", "--grpc-port", str(grpc_port),
-           "--allow-metrics", "false", "--exit-timeout-secs", "10", "--log-info", "true"]
+           "--exit-timeout-secs", "10", "--log-info", "true"]
+    cmd += (["--allow-metrics", "true", "--allow-gpu-metrics", "false", "--metrics-address", "127.0.0.1",
+             "--metrics-port", str(metrics_port)] if metrics else ["--allow-metrics", "false"])
     with open(log, "wb") as f:
         process = subprocess.Popen(cmd, stdout=f, stderr=subprocess.STDOUT, env=env, cwd=work)
-    server = Server(process, f"127.0.0.1:{http_port}", f"127.0.0.1:{grpc_port}", log)
+    server = Server(process, f"127.0.0.1:{http_port}", f"127.0.0.1:{grpc_port}", log,
+                    f"http://127.0.0.1:{metrics_port}/metrics" if metrics else None)
     client = http.InferenceServerClient(server.http_url)
     deadline = time.monotonic() + READY_TIMEOUT_S
     while time.monotonic() < deadline:

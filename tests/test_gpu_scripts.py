@@ -100,6 +100,13 @@ def test_visit_rehearsal_up_to_the_cuda_calls(tmp_path):
     assert status["bench_2B"] == "done (exit 3, expected here)"
     assert status["bench_8B"] == ("done (exit 3, expected here)" if fits_8b else "skipped (exit 4: its log says why)")
     assert "preflight: onnxruntime " in summary and "has no CUDA provider" in summary
+    # tp (bench/tp_visit.py): the world-size-1 rank graph exported with its DistCollective nodes, equal to
+    # decoder.onnx on ONNX Runtime, built ahead of time by TensorRT-RTX, stopped at trt_tp's GPU count
+    assert status["tp"] == "done (exit 3, expected here)"
+    assert re.search(r"tp1: stopped at the CUDA calls: a --tp 1 export needs 1 GPUs, 0 visible", summary), summary
+    tp_log = (tmp_path / "work" / "tp.log").read_text()
+    assert "the world-size-1 rank graph equals decoder.onnx exactly" in tp_log
+    assert "decoder.rank0.onnx: 9 DIST_COLLECTIVE layers parsed" in tp_log and "Traceback" not in tp_log
     assert re.search(r"^1 test collected", (out / "ort_cuda.log").read_text(), re.M)
     collected = re.search(r"^(\d+)/(\d+) tests collected \((\d+) deselected\)", (out / "plugins.log").read_text(), re.M)
     assert collected and int(collected[1]) > 0 and int(collected[3]) > 0  # the 16k-token cases are left out
@@ -129,4 +136,4 @@ def test_visit_real_mode_runs_through_without_a_gpu(tmp_path):
     assert r.returncode == (2 if staged else 1), summary
     if not staged:
         assert "onnxruntime-gpu pieces missing or damaged" in summary
-    assert all(status[s].startswith("skipped (") for s in ("ort_cuda", "plugins", "bench_2B", "bench_8B")), summary
+    assert all(status[s].startswith("skipped (") for s in ("ort_cuda", "plugins", "bench_2B", "bench_8B", "tp")), summary

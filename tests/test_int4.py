@@ -100,8 +100,10 @@ def test_int4_decoder_matches_hf_with_int4_weights(family, decoder, int4_graphs,
 
 
 def test_int4_graph_structure_and_onnx_runtime_fusion(qwen3_vl_ckpt, int4_graphs, tmp_path):
-    """Every projection is DequantizeLinear(INT4, block 16) -> MatMul, nothing else is; ONNX Runtime turns each
-    pair into one MatMulNBits at accuracy level 1; the decoder's metadata names the format."""
+    """Every projection is DequantizeLinear(INT4, block 16) -> MatMul, nothing else is; in decoder.ort.onnx q/k/v
+    and gate/up are one product each (export/int4.py fuse_int4_products, weights in decoder.ort.onnx.data), and
+    ONNX Runtime turns each pair into one MatMulNBits at accuracy level 1; the decoder's metadata names the
+    format."""
     graphs = int4_graphs("qwen3_vl", qwen3_vl_ckpt)
     model = onnx.load(str(graphs / "decoder.onnx"), load_external_data=False)
     dq = [n for n in model.graph.node if n.op_type == "DequantizeLinear"]
@@ -123,7 +125,10 @@ def test_int4_graph_structure_and_onnx_runtime_fusion(qwen3_vl_ckpt, int4_graphs
     ort.InferenceSession(str(graphs / "decoder.ort.onnx"), opts, providers=["CPUExecutionProvider"])
     fused = onnx.load(str(tmp_path / "optimized.onnx"), load_external_data=False)
     nbits = [n for n in fused.graph.node if n.op_type == "MatMulNBits"]
-    assert len(nbits) == layers * 6
+    t = ModelSpec.from_checkpoint(qwen3_vl_ckpt).text
+    widths = sorted({a.name: a.i for a in n.attribute}["N"] for n in nbits)
+    qkv = (t.num_attention_heads + 2 * t.num_key_value_heads) * t.head_dim
+    assert widths == sorted([qkv, t.hidden_size, 2 * t.intermediate_size] * layers)  # q|k|v, o, gate|up
     assert not any(n.op_type == "DequantizeLinear" for n in fused.graph.node)
     assert all({a.name: a.i for a in n.attribute}["accuracy_level"] == 1 for n in nbits)
 
@@ -211,7 +216,8 @@ def test_bf16_int4_decoder_ort_graph_uses_matmul_nbits(qwen3_vl_ckpt, tmp_path):
     model = onnx.load(str(tmp_path / "decoder.ort.onnx"), load_external_data=False)
     nbits = [n for n in model.graph.node if n.op_type == "MatMulNBits"]
     layers = ModelSpec.from_checkpoint(qwen3_vl_ckpt).text.num_hidden_layers
-    assert len(nbits) == layers * 6 and not any(n.op_type == "DequantizeLinear" for n in model.graph.node)
+    # q|k|v, o, gate|up per layer (export/int4.py fuse_int4_products; down_proj's K = 37 stays dense)
+    assert len(nbits) == layers * 3 and not any(n.op_type == "DequantizeLinear" for n in model.graph.node)
     inits = {t.name: t for t in model.graph.initializer}
     assert all(inits[n.input[2]].data_type == onnx.TensorProto.BFLOAT16 for n in nbits)
     assert all(inits[n.input[1]].data_type == onnx.TensorProto.UINT8 for n in nbits)

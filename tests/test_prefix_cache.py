@@ -8,11 +8,10 @@ carry fixed assistant answers, as a chat client resends them). Token ids are com
 tests/test_scheduler.py (fp32, far-apart top logits). The hit counters are checked against values derived by hand
 from the prompts' token ids (where the first pad token is, how long the shared turn is).
 
-Graph flavours of tests/test_scheduler.py: the prefix cache runs with decoder.onnx with ping-pong KV sets (the rest
-of a prompt in one call, read from the other set) and with numpy I/O (chunks of PREFILL_BUDGET tokens: chunked
-prefill after a cached prefix, DeepStack rows sliced at the chunk's offsets). decoder.ort.onnx cannot continue a
-slot's rows with S > 1 (runtime/backends/slots.py), so the engine keeps no prefix cache there; its encoder cache
-and the random-arrival case run on all three.
+Every case runs on the three graph flavours of tests/test_scheduler.py: decoder.ort.onnx (GroupQueryAttention
+continuing the slot's rows in place, chunks of PREFILL_BUDGET tokens), decoder.onnx with ping-pong KV sets (the
+rest of a prompt in one call, read from the other set) and with numpy I/O (chunks of PREFILL_BUDGET tokens:
+chunked prefill after a cached prefix, DeepStack rows sliced at the chunk's offsets).
 """
 from __future__ import annotations
 
@@ -97,17 +96,7 @@ def hf_tokens(hf_inputs, hf_qwen3_vl):
     return {name: hf_greedy_new_tokens(hf_qwen3_vl, inputs, N_NEW) for name, inputs in hf_inputs.items()}
 
 
-PREFIX_FLAVOURS = [name for name in FLAVOURS if name != "fused"]  # where a prompt continues a slot's rows
-
-
 @pytest.fixture(scope="module", params=list(FLAVOURS))
-def any_model(request, artifacts):  # noqa: F811
-    from qwen_vl_trt.runtime.generate import load_model
-
-    return load_model(artifacts, "onnxruntime", **FLAVOURS[request.param])
-
-
-@pytest.fixture(scope="module", params=PREFIX_FLAVOURS)
 def model(request, artifacts):  # noqa: F811
     from qwen_vl_trt.runtime.generate import load_model
 
@@ -154,42 +143,54 @@ def first_pad(prep, model) -> int:
 
 
 @pytest.mark.parametrize("order_seed", [0, 1, 2])
-def test_random_arrivals_with_caches_match_hf_alone(any_model, prepared, hf_tokens, order_seed):
+def test_random_arrivals_with_caches_match_hf_alone(model, prepared, hf_tokens, order_seed):
     """Every case at random steps in random order through one engine (2 slots, caches on): each request's tokens
-    == HF's for it alone, and the caches were used (no prefix cache with decoder.ort.onnx)."""
+    == HF's for it alone, and both caches were used."""
     from test_scheduler import drive
 
     rng = np.random.default_rng(order_seed)
     names = list(rng.permutation(list(hf_tokens)))
     reqs = {name: seq(prepared, name) for name in names}
-    engine = engine_for(any_model)
+    engine = engine_for(model)
     drive(engine, list(zip(np.sort(rng.integers(0, 60, len(names))), (reqs[n] for n in names))))
     for name in names:
         assert reqs[name].token_ids == hf_tokens[name], name
     stats = engine.cache_stats()
-    assert stats["encoder_cache_hits"] > 0
-    assert (stats["prefix_cache_hits"] > 0) == (engine.continuation is not None)
+    assert stats["encoder_cache_hits"] > 0 and stats["prefix_cache_hits"] > 0
 
 
-def test_no_prefix_cache_with_decoder_ort_onnx(prepared, hf_tokens, artifacts):  # noqa: F811
-    """decoder.ort.onnx cannot continue a slot's rows with S > 1 (GroupQueryAttention's total_sequence_length is
-    S for S > 1: runtime/backends/slots.py): the engine keeps no prefix cache there, a chat's second turn is
-    prefilled whole and == HF; the encoder cache still spares the vision encoder."""
+@pytest.mark.parametrize("calls", [1, 2, 3])
+def test_decoder_ort_onnx_continues_a_prompt_split_in_calls(artifacts, prepared, hf_inputs, hf_qwen3_vl,  # noqa: F811
+                                                            calls):
+    """decoder.ort.onnx (GroupQueryAttention, total_sequence_length = cache_len for one sequence: export/ort_fused.py)
+    writes sys_img's prompt into slot 1 in 1, 2 or 3 calls, each continuing the rows of the ones before (past =
+    its start; cuts in the system prompt and in the middle of the image, DeepStack rows sliced alike): the last
+    call's logits == HF's logits for the whole prompt within FP32_ATOL (tests/tolerances.py: fp32 against fp32,
+    summation order only)."""
+    import torch
+
     from qwen_vl_trt.runtime.backends.slots import prefill_slot
-    from qwen_vl_trt.runtime.generate import load_model
+    from qwen_vl_trt.runtime.encoder_cache import encode_media
+    from qwen_vl_trt.runtime.generate import embed, load_model
+    from qwen_vl_trt.runtime.scheduler import Engine
+    from tolerances import FP32_ATOL
 
     model = load_model(artifacts, "onnxruntime", **FLAVOURS["fused"])
-    engine = engine_for(model)
-    assert engine.continuation is None and engine.prefix_cache is None
-    run_alone(engine, seq(prepared, "img_t1"))
-    request = seq(prepared, "img_t2")
-    used = run_alone(engine, request)
-    assert request.token_ids == hf_tokens["img_t2"]
-    assert used["prefix_cache_hits"] == 0 and used["encoder_cache_hits"] == 1
-    c = model.spec.text.hidden_size
-    feeds = {"inputs_embeds": np.zeros((1, 2, c), np.float32), "position_ids": np.zeros((3, 1, 2), np.int64)}
-    with pytest.raises(ValueError, match="one call from an empty slot"):
-        prefill_slot(engine.io, 0, feeds, past=5)
+    engine = Engine(model)
+    assert engine.continuation == "chunks"
+    prep = prepared["sys_img"]
+    pad = first_pad(prep, model)
+    pads = int(np.prod(prep.media[0].grid_thw)) // model.spec.vision.spatial_merge_size ** 2  # the image's pad run
+    cuts = {1: [], 2: [pad // 2], 3: [pad // 2, pad + pads // 2]}[calls]
+    whole = embed(model, prep.input_ids[None], *encode_media(model, prep.media, None))
+    bounds = [0, *cuts, prep.num_tokens]
+    for start, end in zip(bounds[:-1], bounds[1:]):
+        feeds = {k: np.ascontiguousarray(v[..., start:end, :]) for k, v in whole.items()}
+        feeds["position_ids"] = np.ascontiguousarray(prep.position_ids[:, None, start:end])
+        logits = prefill_slot(engine.io, 1, feeds, start, last=end == prep.num_tokens)
+    with torch.no_grad():
+        want = hf_qwen3_vl(**hf_inputs["sys_img"]).logits[0, -1].float().numpy()
+    np.testing.assert_allclose(logits, want, rtol=0, atol=FP32_ATOL)
 
 
 @pytest.mark.parametrize("chat", [("img_t1", "img_t2", "img_t3"), ("two_t1", "two_t2"), ("vid_t1", "vid_t2")])

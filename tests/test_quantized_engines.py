@@ -90,7 +90,7 @@ def test_int4_everywhere_bf16_decoder_builds_with_tensorrt_and_keeps_int4_bytes(
                                                                                    tmp_path):
     """`--weights int4` (block 128): every projection and lm_head as INT4 (all K here are multiples of 128); the
     engine is smaller than the dense one by >= 80 % of 1.5 bytes per quantized weight."""
-    int4 = _engine_bytes(wide_ckpt, tmp_path / "int4", WeightFormats.parse("int4"))
+    int4 = _engine_bytes(wide_ckpt, tmp_path / "int4", WeightFormats.parse("int4", int4_block=128))
     model = onnx.load(str(tmp_path / "int4" / "decoder.onnx"), load_external_data=False)
     t = ModelSpec.from_checkpoint(wide_ckpt).text
     dq = [n for n in model.graph.node if n.op_type == "DequantizeLinear"]

@@ -153,7 +153,9 @@ def test_int8_activations_switch_manifest_runtime_and_override(qwen3_vl_ckpt, tm
     model = onnx.load(str(bf16 / "decoder.ort.onnx"), load_external_data=False)
     nbits = [n for n in model.graph.node if n.op_type == "MatMulNBits"]
     layers = ModelSpec.from_checkpoint(qwen3_vl_ckpt).text.num_hidden_layers
-    assert len(nbits) == layers * 6 + 1  # q/k/v/o, gate, up per layer (down_proj's K = 37 stays dense), lm_head
+    # q|k|v, o, gate|up per layer (fused products: export/int4.py fuse_int4_products; down_proj's K = 37 stays
+    # dense), lm_head
+    assert len(nbits) == layers * 3 + 1
     assert all({a.name: a.i for a in n.attribute}["accuracy_level"] == 4 for n in nbits)
 
 

@@ -406,14 +406,14 @@ def test_startup_errors_are_one_line_exit_2(artifacts, tmp_path):  # noqa: F811
 
 
 def test_cache_flags(server, artifacts, media):  # noqa: F811
-    """The in-flight engine reuses by default (the prefix cache where the graphs allow it: not decoder.ort.onnx);
+    """The in-flight engine reuses by default (both caches, with decoder.ort.onnx as with decoder.onnx);
     --no-prefix-cache / --encoder-cache-mb 0 turn each cache off; a
     negative size is one error line, exit 2. The worker's cache_stats() is the counters the metrics read."""
     from qwen_vl_trt.runtime.scheduler import DEFAULT_ENCODER_CACHE_MB, DEFAULT_PREFIX_CACHE_MB
     from qwen_vl_trt.runtime.serve.server import make_server, parser
 
-    engine = server.scheduler.engine  # decoder.ort.onnx (the default graphs): no prefix cache there
-    assert engine.continuation is None and engine.prefix_cache is None
+    engine = server.scheduler.engine  # decoder.ort.onnx (the default graphs): its prompts continue in chunks
+    assert engine.continuation == "chunks" and engine.prefix_cache.budget == DEFAULT_PREFIX_CACHE_MB << 20
     assert engine.encoder_cache.budget == DEFAULT_ENCODER_CACHE_MB << 20
     plugin = make_server(parser().parse_args(["--model-dir", str(artifacts), "--port", "0", "--backend", "onnxruntime",
                                               "--ort-graphs", "plugin"]))
@@ -424,8 +424,10 @@ def test_cache_flags(server, artifacts, media):  # noqa: F811
     stats = server.scheduler.cache_stats()
     assert set(stats) >= {"prefix_cache_queries", "prefix_cache_hits", "encoder_cache_hits", "encoder_cache_misses"}
     body = server.metrics.exposition()[0].decode().splitlines()  # /metrics reads the same counters at scrape
-    for name in ("prefix_cache_queries", "prefix_cache_hits", "encoder_cache_hits", "encoder_cache_misses"):
-        (line,) = [ln for ln in body if ln.startswith(f"vllm:{name}_total{{")]
+    for name in ("prefix_cache_queries", "prefix_cache_hits", "prefix_cache_evictions", "encoder_cache_hits",
+                 "encoder_cache_misses", "encoder_cache_evictions", "prefix_cache_bytes", "encoder_cache_bytes"):
+        suffix = "" if name.endswith("_bytes") else "_total"  # the bytes held are gauges
+        (line,) = [ln for ln in body if ln.startswith(f"vllm:{name}{suffix}{{")]
         assert float(line.split()[-1]) == server.scheduler.cache_stats()[name]
     off = make_server(parser().parse_args(["--model-dir", str(artifacts), "--port", "0", "--backend", "onnxruntime",
                                            "--no-prefix-cache", "--encoder-cache-mb", "0"]))

@@ -197,17 +197,18 @@ def test_cancelled_request_frees_its_slot(load_model):
 
 
 def test_reuse_caches_on_by_default_and_off_by_parameter(repo, load_model):
-    """config.pbtxt without cache parameters: the engine's caches are on (runtime/scheduler.py defaults; the prefix
-    cache where the graphs allow it, not with the default decoder.ort.onnx); `prefix_cache_mb` / `encoder_cache_mb` "0" (qwen-vl-triton-repo --no-prefix-cache
+    """config.pbtxt without cache parameters: the engine's caches are on (runtime/scheduler.py defaults, with the
+    default decoder.ort.onnx too); `prefix_cache_mb` / `encoder_cache_mb` "0" (qwen-vl-triton-repo --no-prefix-cache
     --encoder-cache-mb 0) turn them off."""
-    from qwen_vl_trt.runtime.scheduler import DEFAULT_ENCODER_CACHE_MB
+    from qwen_vl_trt.runtime.scheduler import DEFAULT_ENCODER_CACHE_MB, DEFAULT_PREFIX_CACHE_MB
 
     params = model_config(repo, "qwen_vl_no_reuse").parameters
     assert params["prefix_cache_mb"].string_value == "0" and params["encoder_cache_mb"].string_value == "0"
     assert "prefix_cache_mb" not in model_config(repo, "qwen_vl").parameters
     on, off = load_model("qwen_vl"), load_model("qwen_vl_no_reuse")
-    try:  # the default ONNX Runtime graphs (decoder.ort.onnx) take no prefix cache: runtime/backends/slots.py
-        assert on.worker.engine.prefix_cache is None and on.worker.engine.continuation is None
+    try:  # the default ONNX Runtime graphs (decoder.ort.onnx) continue a slot's rows in chunks
+        assert on.worker.engine.prefix_cache.budget == DEFAULT_PREFIX_CACHE_MB << 20
+        assert on.worker.engine.continuation == "chunks"
         assert on.worker.engine.encoder_cache.budget == DEFAULT_ENCODER_CACHE_MB << 20
         assert off.worker.engine.prefix_cache is None and off.worker.engine.encoder_cache is None
     finally:
@@ -256,6 +257,46 @@ def test_custom_metrics_count_what_was_sent(load_model, media, processor):  # no
     assert len(metric("inter_token_latency_seconds").observed) == N_NEW - 1
     assert metric("num_requests_running").value() == metric("num_requests_waiting").value() == 0
     assert metric("kv_cache_usage_perc").value() == 0
+    model.finalize()
+
+
+def test_cache_metrics_follow_the_engine(load_model, media):  # noqa: F811
+    """The reuse caches' Triton metrics (runtime/serve/triton_metrics.py): the same image request twice, then
+    another image under a budget that holds one sequence. The second request looked its S prompt tokens up and
+    reused S - 1 (all but the last: runtime/prefix_cache.py), its image came from the encoder cache; the third
+    evicted an entry. Every counter and gauge equals the engine's own count after each request."""
+    import triton_python_backend_utils as pb
+
+    model = load_model("qwen_vl")
+    engine = model.worker.engine
+
+    def value(name: str) -> float:
+        (metric,) = pb.MetricFamily.registry["qwen_vl_" + name].metrics
+        assert metric.labels["model"] == "qwen_vl"
+        return metric.value()
+
+    def send(images) -> dict:
+        req = request("Describe this image.", images)
+        assert model.execute([req]) is None
+        wait_final(req)
+        stats = engine.cache_stats()
+        for name in ("prefix_cache_queries", "prefix_cache_hits", "prefix_cache_evictions", "encoder_cache_hits",
+                     "encoder_cache_misses", "encoder_cache_evictions"):
+            assert value(name + "_total") == stats[name], name
+        assert value("prefix_cache_bytes") == stats["prefix_cache_bytes"] > 0
+        assert value("encoder_cache_bytes") == stats["encoder_cache_bytes"] > 0
+        return stats
+
+    img0, img1 = media["images"][:2]
+    first = send([img0])
+    n_prompt = first["prefix_cache_queries"]
+    assert first["prefix_cache_hits"] == 0 and first["encoder_cache_misses"] == 1
+    second = send([img0])
+    assert second["prefix_cache_queries"] == 2 * n_prompt and second["prefix_cache_hits"] == n_prompt - 1
+    assert second["encoder_cache_hits"] == 1 and second["encoder_cache_misses"] == 1
+    engine.prefix_cache.budget = int(1.5 * second["prefix_cache_bytes"])  # one finished sequence, not two
+    third = send([img1])
+    assert third["prefix_cache_evictions"] >= 1 and third["prefix_cache_bytes"] <= engine.prefix_cache.budget
     model.finalize()
 
 

@@ -6,7 +6,8 @@ tritonclient, as users do: gRPC streaming (decoupled) and HTTP / gRPC (non-decou
 HF `generate` (32 new tokens, EOS ignored; tests/test_generate.py's reference) and the text `trt-run`'s; bad
 requests get INVALID_ARG (HTTP 400, gRPC INVALID_ARGUMENT) for themselves alone while requests sent with them
 succeed; a client cancelling a stream stops its generation; 16 clients x 10 requests finish without a failure
-and without the server's memory growing; the server exits 0 at the end.
+and without the server's memory growing; the reuse caches' custom metrics on Triton's metrics endpoint count a
+repeated request's hits; the server exits 0 at the end.
 """
 from __future__ import annotations
 
@@ -42,7 +43,7 @@ def server(artifacts, tmp_path_factory):  # noqa: F811  (module scope: `artifact
                   ["--name", "qwen_vl_wait", "--no-streaming", "--max-queue-delay-us", str(WAIT_US)]):
         subprocess.run([sys.executable, "-m", "qwen_vl_trt.runtime.serve.triton_repo", str(artifacts), str(repo),
                         "--execution-env", str(tritonserver.TRITON_ENV), *extra], check=True, timeout=60)
-    srv = tritonserver.start(repo, tmp_path_factory.mktemp("tritonserver"))
+    srv = tritonserver.start(repo, tmp_path_factory.mktemp("tritonserver"), metrics=True)
     yield srv
     assert srv.stop() == 0, srv.log_text()[-4000:]
     assert "Stub process 'qwen_vl_0_0' is not healthy" not in srv.log_text()
@@ -224,6 +225,40 @@ def test_client_cancelling_mid_stream_stops_its_generation(server, refs):
         time.sleep(0.1)
     assert stopped is not None and int(stopped.group(1)) < max_new, server.log_text()[-3000:]
     assert stream(server, case_inputs(grpcclient, refs, "image")) == (refs["image"][1], refs["image"][2], None)
+
+
+def cache_metrics(server, model: str) -> dict:
+    """The qwen_vl_*cache* samples of `model` on Triton's metrics endpoint (Prometheus text, parsed by
+    prometheus_client) -> name -> value."""
+    import urllib.request
+
+    from prometheus_client.parser import text_string_to_metric_families
+
+    with urllib.request.urlopen(server.metrics_url, timeout=30) as r:
+        text = r.read().decode()
+    return {sample.name: sample.value for family in text_string_to_metric_families(text)
+            for sample in family.samples if "cache" in sample.name and sample.name.startswith("qwen_vl_")
+            and sample.labels.get("model") == model}
+
+
+def test_cache_metrics_count_a_repeated_request(server, refs):
+    """The same image request twice to qwen_vl_whole (HF's tokens both times): the second looked up as many
+    prompt tokens as the first and reused all but the last one's KV rows (runtime/prefix_cache.py), its image
+    came from the encoder cache; the caches hold bytes. Read from Triton's own metrics endpoint
+    (runtime/serve/triton_metrics.py)."""
+    before = cache_metrics(server, "qwen_vl_whole")
+    assert http_infer(server, case_inputs(httpclient, refs, "image")) == (refs["image"][1], refs["image"][2])
+    first = cache_metrics(server, "qwen_vl_whole")
+    assert http_infer(server, case_inputs(httpclient, refs, "image")) == (refs["image"][1], refs["image"][2])
+    second = cache_metrics(server, "qwen_vl_whole")
+    grew = lambda a, b, name: b[f"qwen_vl_{name}"] - a[f"qwen_vl_{name}"]  # noqa: E731
+    n_prompt = grew(before, first, "prefix_cache_queries_total")
+    assert n_prompt > 0 and grew(first, second, "prefix_cache_queries_total") == n_prompt
+    assert grew(first, second, "prefix_cache_hits_total") == n_prompt - 1
+    assert grew(first, second, "encoder_cache_hits_total") == 1
+    assert grew(first, second, "encoder_cache_misses_total") == 0
+    assert grew(first, second, "prefix_cache_evictions_total") == 0  # 1 GiB default budget
+    assert second["qwen_vl_prefix_cache_bytes"] > 0 and second["qwen_vl_encoder_cache_bytes"] > 0
 
 
 def test_16_clients_x_10_requests_no_failure_and_flat_memory(server, refs):

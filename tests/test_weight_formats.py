@@ -45,3 +45,25 @@ def test_manifest_round_trip_and_old_string():
     old = WeightFormats.from_json("int4-rtn-sym-b128")
     assert (old.attention, old.mlp, old.lm_head, old.int4_block) == ("int4", "int4", "dense", 128)
     assert WeightFormats.from_json("dense").is_dense
+
+
+def test_int4_block_default_follows_the_activations():
+    """Without --int4-block-size: block 32 for fp32 activations, 128 for int8 (DEFAULT_INT4_BLOCK: the faster ONNX
+    Runtime CPU MatMulNBits block of each, docs/benchmarks.md); a given block is kept either way."""
+    assert WeightFormats.parse("int4").int4_block == 32
+    assert WeightFormats.parse("int4", int4_activations="int8").int4_block == 128
+    assert WeightFormats.parse("int4", int4_block=64, int4_activations="int8").int4_block == 64
+    with pytest.raises(UserError, match="--int4-activations 'int2'"):
+        WeightFormats.parse("int4", int4_activations="int2")
+
+
+def test_export_flags_default_block():
+    import argparse
+
+    from qwen_vl_trt.export.cli import add_weight_arguments, weight_formats
+
+    ap = argparse.ArgumentParser()
+    add_weight_arguments(ap)
+    assert weight_formats(ap.parse_args(["--weights", "int4"])).int4_block == 32
+    assert weight_formats(ap.parse_args(["--weights", "int4", "--int4-activations", "int8"])).int4_block == 128
+    assert weight_formats(ap.parse_args(["--weights", "int4", "--int4-block-size", "128"])).int4_block == 128

@@ -14,6 +14,7 @@ of the fake device memory).
 from __future__ import annotations
 
 import ctypes
+import threading
 import types
 
 import numpy as np
@@ -29,7 +30,13 @@ class FakeCuda:
     class cudaStreamCaptureMode:  # noqa: N801
         cudaStreamCaptureModeGlobal = "global"
 
-    def __init__(self):
+    cudaEventDisableTiming = 2  # noqa: N815
+
+    def __init__(self, devices: int = 1):
+        self.devices = devices
+        self.current = threading.local()  # CUDA's current device is per host thread
+        self.where: dict[int, int] = {}  # allocation -> device
+        self.streams: dict[int, int] = {7: 0}  # stream -> device (7: the single-GPU tests' stream)
         self.mem: dict[int, bytearray] = {}
         self.pinned: dict[int, np.ndarray] = {}
         self.next = 1 << 40  # fake device addresses, far from host ones
@@ -37,10 +44,36 @@ class FakeCuda:
         self.fail_capture = False
         self.log: list[tuple] = []  # ("H2D"|"D2H"|"memset"|"exec"|"launch"|"capture"|"malloc", detail)
 
+    # ---- devices ------------------------------------------------------------------------------------------
+    def cudaGetDeviceCount(self):
+        return 0, self.devices
+
+    def cudaSetDevice(self, device):
+        assert 0 <= device < self.devices, f"cudaSetDevice({device}) with {self.devices} devices"
+        self.current.device = device
+        return (0,)
+
+    def device_now(self) -> int:
+        return getattr(self.current, "device", 0)
+
+    def device_of(self, ptr: int) -> int:
+        for base, buf in self.mem.items():
+            if base <= ptr < base + max(len(buf), 1):
+                return self.where[base]
+        raise AssertionError(f"no device allocation holds {ptr:#x}")
+
+    def _on_stream(self, stream, *ptrs) -> None:
+        """CUDA work on `stream` must be issued with its device current, on memory of that device."""
+        dev = self.streams[stream]
+        assert self.device_now() == dev, f"stream {stream} of device {dev} used with device {self.device_now()} current"
+        for p in ptrs:
+            assert self.device_of(p) == dev, f"{p:#x} is on device {self.device_of(p)}, the stream on {dev}"
+
     # ---- memory ---------------------------------------------------------------------------------------------
     def cudaMalloc(self, n):
         ptr, self.next = self.next, self.next + ((n + 255) // 256 + 1) * 256
         self.mem[ptr] = bytearray(n)
+        self.where[ptr] = self.device_now()
         self.log.append(("malloc", n))
         return 0, ptr
 
@@ -77,6 +110,8 @@ class FakeCuda:
             fn()
 
     def cudaMemcpyAsync(self, dst, src, n, kind, stream):
+        self._on_stream(stream, dst if kind == "H2D" else src)
+
         def copy():
             if kind == "H2D":
                 self.device(dst, n)[:] = ctypes.string_at(src, n)
@@ -85,7 +120,31 @@ class FakeCuda:
         self.submit(kind, n, copy)
         return (0,)
 
+    def cudaMemcpyPeerAsync(self, dst, dst_device, src, src_device, n, stream):
+        assert self.device_of(dst) == dst_device and self.device_of(src) == src_device
+        self._on_stream(stream, src)
+
+        def copy():
+            self.device(dst, n)[:] = bytes(self.device(src, n))
+        self.submit("peer", (src_device, dst_device, n), copy)
+        return (0,)
+
+    def cudaEventCreateWithFlags(self, flags):
+        return 0, ("event", self.device_now())
+
+    def cudaEventRecord(self, event, stream):
+        self._on_stream(stream)
+        self.log.append(("record", stream))
+        return (0,)
+
+    def cudaStreamWaitEvent(self, stream, event, flags):
+        self._on_stream(stream)
+        self.log.append(("wait", stream))
+        return (0,)
+
     def cudaMemsetAsync(self, ptr, value, n, stream):
+        self._on_stream(stream, ptr)
+
         def fill():
             self.device(ptr, n)[:] = bytes([value]) * n
         self.submit("memset", n, fill)
@@ -93,10 +152,13 @@ class FakeCuda:
 
     def cudaStreamSynchronize(self, stream):
         assert self.capturing is None, "synchronize inside a capture is illegal"
+        self.log.append(("sync", stream))
         return (0,)
 
     def cudaStreamCreate(self):
-        return 0, 7
+        stream = 100 + len(self.streams)
+        self.streams[stream] = self.device_now()
+        return 0, stream
 
     def cudaStreamBeginCapture(self, stream, mode):
         assert self.capturing is None
@@ -127,12 +189,12 @@ class FakeCuda:
 
 
 class FakeEngine:
-    def __init__(self, contract, ranges: dict, compute, profile_override: dict | None = None):
+    def __init__(self, contract, ranges: dict, compute, profile_override: dict | None = None, name: str | None = None):
         self.contract, self.ranges, self.compute = contract, ranges, compute
         self.specs = {t.name: t for t in (*contract.inputs, *contract.outputs)}
         self.inputs = {t.name for t in contract.inputs}
         self.profile_override = profile_override or {}
-        self.name = contract.name
+        self.name = name or contract.name
 
     # what TrtSession reads
     @property
@@ -161,11 +223,25 @@ class FakeEngine:
         return FakeContext(self)
 
 
+def capsule_pointer(capsule) -> int:
+    """The pointer a PyCapsule holds (what a communicator capsule carries)."""
+    get = ctypes.pythonapi.PyCapsule_GetPointer
+    get.restype, get.argtypes = ctypes.c_void_p, [ctypes.py_object, ctypes.c_char_p]
+    return int(get(capsule, None) or 0)
+
+
 class FakeContext:
     cuda: FakeCuda  # set by fake_trt
 
     def __init__(self, engine: FakeEngine):
         self.engine, self.shapes, self.addresses = engine, {}, {}
+        self.device = self.cuda.device_now()  # the device current when the context was made
+        self.communicator = None
+
+    def set_communicator(self, capsule):
+        self.communicator = capsule_pointer(capsule)
+        self.cuda.log.append(("communicator", (self.engine.name, self.communicator)))
+        return True
 
     def set_input_shape(self, name, shape):
         lo, _, hi = self.engine.get_tensor_profile_shape(name, 0)
@@ -190,6 +266,8 @@ class FakeContext:
     def execute_async_v3(self, stream):
         if self.cuda.capturing is not None and self.cuda.fail_capture:
             return False
+        assert self.cuda.device_now() == self.device, f"{self.engine.name} enqueued with another device current"
+        self.cuda._on_stream(stream, *(self.addresses[n] for n in self.engine.specs))
         # bake what this enqueue sees, as a captured kernel does
         baked = {n: (self.addresses[n], self.get_tensor_shape(n), self.engine.specs[n].dtype) for n in self.engine.specs}
 
@@ -219,5 +297,6 @@ def fake_trt(engines: dict, cuda: FakeCuda):
 
     dtypes = types.SimpleNamespace(FLOAT="float32", INT64="int64", INT32="int32", BF16="bfloat16", HALF="float16",
                                    BOOL="bool", INT8="int8")
-    return types.SimpleNamespace(Runtime=Runtime, Logger=Logger, DataType=dtypes,
-                                 TensorIOMode=types.SimpleNamespace(INPUT="INPUT", OUTPUT="OUTPUT"))
+    return types.SimpleNamespace(Runtime=Runtime, Logger=Logger, DataType=dtypes, __version__="fake",
+                                 TensorIOMode=types.SimpleNamespace(INPUT="INPUT", OUTPUT="OUTPUT"),
+                                 LayerType=types.SimpleNamespace(DIST_COLLECTIVE="DIST_COLLECTIVE"))

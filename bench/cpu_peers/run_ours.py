@@ -3,8 +3,11 @@
   python bench/cpu_peers/run_ours.py ARTIFACTS --image IMG --prompt TEXT [--tokens 64] [--threads 2]
          [--option int4_activations=int8] [--option ort_cache=DIR] [--option prepack=1]
 
-`ort_cache`: ONNX Runtime's optimized models cached in DIR (runtime/backends/ort_cache.py; warm after the first
-run); `prepack=0`: memory-mapped dense weights (load_model(ort_prepack=False)) instead of ONNX Runtime's prepacking.
+Starts as trt-run does: runtime/startup.py load_model_and_preprocessor (sessions concurrently, tokenizer alongside;
+an INT4 decoder from the default optimized-model cache in ARTIFACTS/.ort-cache, written by the first run).
+`ort_cache`: ONNX Runtime's optimized models of all three graphs cached in DIR (runtime/backends/ort_cache.py; warm
+after the first run); `prepack=0`: memory-mapped dense weights (load_model(ort_prepack=False)) instead of ONNX
+Runtime's prepacking.
 """
 from __future__ import annotations
 
@@ -19,15 +22,15 @@ clock = RunClock()
 
 def main() -> None:
     args = common_args()
-    from qwen_vl_trt.runtime.generate import generate, load_model
-    from qwen_vl_trt.runtime.pipeline import Preprocessor
+    from qwen_vl_trt.runtime.generate import generate
     from qwen_vl_trt.runtime.request import Request
     from qwen_vl_trt.runtime.sampling import Sampler, SamplingConfig
+    from qwen_vl_trt.runtime.startup import load_model_and_preprocessor
 
-    model = load_model(args.artifacts, "onnxruntime", threads=args.threads, ort_cache=args.options.get("ort_cache"),
-                       ort_prepack=args.options.get("prepack", "1") == "1",
-                       int4_activations=args.options.get("int4_activations"))  # trt-run --int4-activations
-    pre = Preprocessor(model.manifest)
+    model, pre = load_model_and_preprocessor(  # what trt-run does (runtime/serve/cli.py)
+        args.artifacts, "onnxruntime", threads=args.threads, ort_cache=args.options.get("ort_cache"),
+        ort_prepack=args.options.get("prepack", "1") == "1",
+        int4_activations=args.options.get("int4_activations"))  # trt-run --int4-activations
     clock.ready()
     clock.request()
     req = pre.prepare(Request(args.prompt, (args.image,)))

@@ -6,12 +6,13 @@ ctypes (the wheel ships the library only; its C API is stable: nccl.h).
   (`ncclCommInitAll`, the Triton tensorrt_backend multi-device pattern); `destroy(comms)`.
 - `set_communicators(contexts, comms)`: `IExecutionContext.set_communicator(comm_r)` on every rank's context at
   once, one thread per rank: TensorRT documents the call as collective (it blocks until every rank sharing the
-  communicator has made it), so calling them one after another would never return.
+  communicator has made it), so calling them one after another would never return. The binding takes the
+  ncclComm_t as a PyCapsule (`communicator: CapsuleType` in the tensorrt_rtx 1.7.1 bindings): `comm_capsule`.
 
 What runs where: the library loads and reports its version on any machine (tests/test_tp.py); creating a
 communicator needs one CUDA GPU per rank (on the CI machine NCCL answers "CUDA driver version is insufficient",
 turned into one BackendUnavailable line). The TensorRT session that would use these (N engines decoder.rank{r},
-N contexts, N KV caches: docs/large-models.md "GPU runtime") is not written.
+N contexts, N KV caches) is runtime/backends/trt_tp.py.
 """
 from __future__ import annotations
 
@@ -68,6 +69,14 @@ class Nccl:
             self._check(self.lib.ncclCommDestroy(ctypes.c_void_p(c)), "ncclCommDestroy")
 
 
+def comm_capsule(comm: int):
+    """A PyCapsule holding the ncclComm_t `comm` (unnamed, no destructor: the communicator stays owned by
+    `Nccl.destroy`), what `IExecutionContext.set_communicator` takes."""
+    new = ctypes.pythonapi.PyCapsule_New
+    new.restype, new.argtypes = ctypes.py_object, [ctypes.c_void_p, ctypes.c_char_p, ctypes.c_void_p]
+    return new(ctypes.c_void_p(comm), None, None)
+
+
 def set_communicators(contexts: list, comms: list[int], timeout_s: float = 120.0) -> None:
     """contexts[r].set_communicator(comms[r]) for every rank, concurrently (a collective call); raises when one
     returns False or the ranks do not all return within `timeout_s`."""
@@ -77,7 +86,7 @@ def set_communicators(contexts: list, comms: list[int], timeout_s: float = 120.0
 
     def call(r: int) -> None:
         try:
-            results[r] = bool(contexts[r].set_communicator(comms[r]))
+            results[r] = bool(contexts[r].set_communicator(comm_capsule(comms[r])))
         except Exception as e:  # reported below, per rank
             results[r] = e
 

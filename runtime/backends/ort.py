@@ -11,7 +11,10 @@ without I/O binding).
 """
 from __future__ import annotations
 
+import threading
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
+
 import numpy as np
 
 from qwen_vl_trt.model.errors import ArtifactError, BackendUnavailable, UserError
@@ -37,7 +40,7 @@ class OrtSession:
 
     def __init__(self, path: Path, contract, *, providers=("CPUExecutionProvider",), io_binding: bool = True,
                  resident=(), threads: int = 0, graph_capture: bool = False, int4_accuracy_level: int = 1,
-                 mapped: bool = False, cache_dir: Path | None = None):
+                 mapped: bool = False, cache_dir: Path | None = None, prepack_order: bool = False):
         import onnxruntime as ort
 
         self.ort = ort
@@ -52,7 +55,10 @@ class OrtSession:
         self.kv_in_place = False  # set by open_ort for decoder.ort.onnx
         self.cache_hit = None  # with a cache_dir: whether the optimized model came from the cache
         try:
-            self.sess = self._create_cached(Path(path), opts, providers, graph_capture, cache_dir)
+            if prepack_order and cache_dir is not None and not mapped:
+                self.sess = self._create_ordered(Path(path), opts, providers, cache_dir)
+            else:
+                self.sess = self._create_cached(Path(path), opts, providers, graph_capture, cache_dir)
         except Exception as e:  # onnxruntime raises its own exception types for unreadable models
             msg = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
             if "NOT_IMPLEMENTED" in msg and list(providers) == ["CPUExecutionProvider"]:
@@ -90,19 +96,41 @@ class OrtSession:
         from . import ort_cache
 
         config = session_config(opts)
-        load, tmp = ort_cache.cached_model(cache_dir, path, providers, config, self.ort.__version__)
+        try:
+            load, tmp = ort_cache.cached_model(cache_dir, path, providers, config, self.ort.__version__)
+        except OSError:  # a cache folder that cannot be made (read-only, full): run without the cache
+            return self._create(path, opts, providers, graph_capture)
         if tmp is not None:
             ort_cache.save_options(opts, tmp, self.ort)
         try:
             sess = self._create(load, opts, providers, graph_capture)
         except Exception:
-            if tmp is not None:
-                ort_cache.discard(tmp)
-            raise
+            if tmp is None:  # a damaged entry: the graph as exported (its own error, if it has one)
+                return self._create(path, opts, providers, graph_capture)
+            ort_cache.discard(tmp)  # the graph itself may load: writing the entry is what failed (e.g. disk full)
+            opts.optimized_model_filepath = ""
+            opts.graph_optimization_level = self.ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+            return self._create(path, opts, providers, graph_capture)
         if tmp is not None:
             ort_cache.commit(tmp, cache_dir, path, providers, config, self.ort.__version__)
         self.cache_hit = tmp is None
         return sess
+
+    def _create_ordered(self, path: Path, opts, providers, cache_dir: Path):
+        """The graph with the nodes of its largest weights first, so that ONNX Runtime prepacks them first
+        (runtime/backends/prepack_order.py: a lower peak RSS), loaded from memory on the weights of its folder."""
+        from .ort_cache import graph_files
+        from .prepack_order import graph_bytes
+
+        if any(p.is_symlink() for p in graph_files(path)):  # ONNX Runtime refuses in-memory graphs' weights that
+            return self._create(path, opts, providers, False)  # resolve outside their folder: no reordering
+        blob, self.cache_hit = graph_bytes(cache_dir, path, providers, session_config(opts), self.ort.__version__)
+        opts.add_session_config_entry("session.model_external_initializers_file_folder_path", str(path.parent))
+        try:
+            return self._create(blob, opts, providers, False)
+        except Exception:  # a damaged entry, or weights ONNX Runtime refuses to read from memory (e.g. a .onnx.data
+            self.cache_hit = None  # symlinked from elsewhere): the graph as exported (its own error, if it has one)
+            return self._create(path, opts, providers, False)
 
     def _create(self, path, opts, providers, graph_capture: bool):
         cuda = "CUDAExecutionProvider" in providers
@@ -118,7 +146,8 @@ class OrtSession:
                 return sess
             except Exception as e:  # e.g. "... cannot use the CUDA Graph feature ... control flow nodes"
                 self.graph_capture_error = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-        return self.ort.InferenceSession(str(path), opts, providers=with_options(False))
+        model = path if isinstance(path, bytes) else str(path)
+        return self.ort.InferenceSession(model, opts, providers=with_options(False))
 
     def allocate(self, shape: tuple, dtype: str):
         """A zeroed buffer on the EP's device (an OrtValue; numpy without I/O binding)."""
@@ -290,22 +319,68 @@ def ort_providers() -> tuple[str, ...]:
 
 def open_ort(paths: dict, contracts: dict, *, io_binding: bool = True, threads: int = 0,
              cuda_graph: bool = True, kv_in_place: bool = False, int4_accuracy_level: int = 1, mapped=(),
-             cache_dir: Path | None = None) -> dict:
+             cache_dir: Path | None = None, cached=None, prepack_order=(),
+             started: threading.Event | None = None) -> dict:
     """The three ORT sessions; with `cuda_graph` the decoder captures its decode step (CUDA EP only);
     `int4_accuracy_level`: MatMulNBits accuracy level of ONNX Runtime's INT4 fusion (`int4_accuracy`).
     `kv_in_place`: the decoder writes its cache into the past buffers when present is bound to them
     (decoder.ort.onnx's GroupQueryAttention), so one KV set is enough (runtime/backends/ort_io.py).
     `mapped`: the graphs (dense weights) that run on memory-mapped weights on the CPU provider (`weights_mapped`);
-    `cache_dir`: ONNX Runtime's optimized models cached there (runtime/backends/ort_cache.py)."""
+    `cache_dir`: ONNX Runtime's optimized models cached there (runtime/backends/ort_cache.py), of the graphs named in
+    `cached` (None: all); `prepack_order`: the graphs whose largest weights ONNX Runtime prepacks first, through
+    cache_dir (runtime/backends/prepack_order.py).
+    On the CPU provider the sessions are created concurrently (`_open_concurrently`); `started` is set once every
+    session's creation has begun (runtime/startup.py loads the tokenizer then)."""
     providers = ort_providers()
-    sessions = {name: OrtSession(paths[name], contracts[name], providers=providers, io_binding=io_binding,
-                                 resident=_cache_outputs(contracts[name]), threads=threads,
-                                 graph_capture=cuda_graph and name == "decoder",
-                                 int4_accuracy_level=int4_accuracy_level, mapped=name in mapped,
-                                 cache_dir=cache_dir) for name in paths}
+
+    def open_one(name: str) -> OrtSession:
+        return OrtSession(paths[name], contracts[name], providers=providers, io_binding=io_binding,
+                          resident=_cache_outputs(contracts[name]), threads=threads,
+                          graph_capture=cuda_graph and name == "decoder", int4_accuracy_level=int4_accuracy_level,
+                          mapped=name in mapped, prepack_order=name in prepack_order,
+                          cache_dir=cache_dir if cached is None or name in cached or name in prepack_order else None)
+
+    sessions = _open_concurrently(open_one, list(paths), list(providers) == ["CPUExecutionProvider"], started)
     if "decoder" in sessions:
         sessions["decoder"].kv_in_place = kv_in_place
     return sessions
+
+
+def _open_concurrently(open_one, names: list, concurrent: bool, started: threading.Event | None) -> dict:
+    """{name: open_one(name)}, one thread per graph when `concurrent`: ONNX Runtime releases the GIL while it creates
+    a session (reading, optimizing and prepacking the weights: seconds for a multi-GB graph), so the graphs' session
+    creations overlap on a multi-core CPU instead of adding up (docs/benchmarks.md, issue 24). Only on the CPU
+    provider (the CUDA provider's concurrent session creation is not exercised here): elsewhere one after the other.
+    `started` is set when every creation has begun (after the first one, serially); the first error is raised
+    once all threads have ended."""
+    if not concurrent or len(names) < 2:
+        out = {}
+        for name in names:
+            out[name] = open_one(name)
+            if started is not None:
+                started.set()
+        return out
+    barrier = threading.Barrier(len(names), action=started.set if started is not None else None)
+
+    def begin(name: str):
+        try:
+            barrier.wait(timeout=60)
+        except threading.BrokenBarrierError:
+            pass
+        return open_one(name)
+
+    with ThreadPoolExecutor(len(names), thread_name_prefix="ort-session") as pool:
+        futures = {name: pool.submit(begin, name) for name in names}
+        done = {}
+        for name, future in futures.items():
+            try:
+                done[name] = future.result()
+            except BaseException:
+                barrier.abort()
+                if started is not None:
+                    started.set()
+                raise
+    return done
 
 
 def _cache_outputs(contract) -> tuple[str, ...]:

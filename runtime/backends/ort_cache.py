@@ -10,11 +10,25 @@ The key is a sha256 over everything that decides what ONNX Runtime's optimizer w
   each by name, size and mtime (a re-export rewrites them);
 - ONNX Runtime's version, the providers in order, the session config entries set on the session (e.g. the
   MatMulNBits accuracy level, which the DequantizeLinear + MatMul -> MatMulNBits fusion bakes in).
+The intra-op thread count is not part of it: neither the optimized graph nor prepack_order.py's reordered graph
+depends on it (no prepacked blob is cached, see below).
 The optimized model is saved at ORT_ENABLE_EXTENDED (hardware-independent: ONNX Runtime's layout
 transformations at ORT_ENABLE_ALL may depend on the CPU) and loaded at the default level, which then applies only
 what EXTENDED left.
 
 A stale entry is never reused (another key); it is not deleted either (a cache folder the user owns).
+
+The default cache (`default_dir`, used by runtime/backends/loader.py on the CPU provider when no folder is given):
+`<artifacts>/.ort-cache/` when the artifact folder is writable, else `$XDG_CACHE_HOME/qwen-vl-trt/ort/<digest of
+the artifact folder's path>/` (`~/.cache` without XDG_CACHE_HOME). It holds only the graphs whose load-time
+optimization rewrites their weights (the INT4 decoder's DequantizeLinear + MatMul -> MatMulNBits fusion: about
+1 s of a start-up on the benchmark's checkpoint, docs/benchmarks.md); its disk cost is one copy of that graph's
+weights per key (0.38 GB for the INT4 decoder of the 0.92 B benchmark checkpoint, per MatMulNBits accuracy level).
+
+What it cannot hold: ONNX Runtime's prepacked weights. `session.save_external_prepacked_constant_initializers`
+writes them beside the optimized model, but a session that loads them still runs every kernel's PrePack (to compute
+the key it looks the saved blob up with) before it switches to the mapped copy: no faster, and a higher peak RSS
+(docs/benchmarks.md "Saved prepacked weights").
 Writing goes to a temporary folder renamed into place when ONNX Runtime has finished, so a crash mid-write
 leaves no entry that looks complete.
 """
@@ -28,6 +42,16 @@ import tempfile
 from pathlib import Path
 
 MODEL = "model.onnx"
+
+
+def default_dir(artifacts: Path, environ=os.environ) -> Path:
+    """Where the default cache of an artifact folder lives: inside it when writable, else the user's cache dir."""
+    artifacts = Path(artifacts).resolve()
+    if os.access(artifacts, os.W_OK):
+        return artifacts / ".ort-cache"
+    base = Path(environ.get("XDG_CACHE_HOME") or Path.home() / ".cache")
+    digest = hashlib.sha256(str(artifacts).encode()).hexdigest()[:16]
+    return base / "qwen-vl-trt" / "ort" / digest
 
 
 def graph_files(graph_path: Path) -> list[Path]:

@@ -14,12 +14,12 @@ the buffer's address + slot * Hkv*K*D*itemsize with shape [1, Hkv, K, D]. Nothin
 
 Why alone and not in the decode batch: decoder.ort.onnx's GroupQueryAttention accepts a step with S > 1 and
 B > 1 only into an empty cache (export/ort_fused.py). A chunked prefill (several calls per prompt, past > 0 and
-S > 1) needs a decoder that continues a cache with S > 1 -- decoder.onnx and the KVCacheAttention plugin do;
-decoder.ort.onnx does not (its `total_sequence_length` is S for S > 1, right only into an empty cache) -- and a
-cache read and written in the same buffers: with two ping-pong KV sets (decoder.onnx on ONNX Runtime, TensorRT
-without the plugin library) a step reads one set and writes the other. Elsewhere a prompt is written in ONE call
-from an empty cache (with ping-pong: past read from the other set's slot, never attended, present into the
-current set). `chunks_allowed(io)` says which.
+S > 1) needs a decoder that continues a cache with S > 1 -- decoder.onnx, the KVCacheAttention plugin and, for one
+sequence, decoder.ort.onnx (its `total_sequence_length` is cache_len for B = 1: ONNX Runtime's "subsequent
+prompt", export/ort_fused.py) -- and a cache read and written in the same buffers: with two ping-pong KV sets
+(decoder.onnx on ONNX Runtime, TensorRT without the plugin library) a step reads one set and writes the other.
+There a prompt is written in ONE call from an empty cache (past read from the other set's slot, never attended,
+present into the current set). `chunks_allowed(io)` says which.
 
 A reused prefix (runtime/prefix_cache.py) is rows [0, n) copied into the slot before its prompt's first call
 (`write_rows`; `read_rows` copies a slot's rows out), and the prompt then continues from past = n.
@@ -27,9 +27,8 @@ A reused prefix (runtime/prefix_cache.py) is rows [0, n) copied into the slot be
 
 | mode | IO | the rest of the prompt |
 |---|---|---|
-| "chunks" | `chunks_allowed` | any number of tokens per call |
+| "chunks" | `chunks_allowed`: numpy caches, or one KV set written in place (decoder.ort.onnx, the plugin engines) | any number of tokens per call |
 | "one_call" | ping-pong KV sets | one call: it reads the slot's rows from the other set (where `write_rows` put them) and writes the whole slot, prefix included, into the current set |
-| None | decoder.ort.onnx | cannot: its GroupQueryAttention gets the right total length only for S = 1 or an empty cache. One token per call would be right but was measured slower than no reuse (docs/benchmarks.md), so the engine keeps no prefix cache there |
 """
 from __future__ import annotations
 
@@ -38,28 +37,23 @@ import numpy as np
 from .cuda import DeviceView
 from .decode_io import HostIO, _host
 from .kv_cache import numpy_dtype
-from .ort import _ORT_TYPES, OrtSession
+from .ort import _ORT_TYPES
 from .ort_io import OrtBoundIO
 
 _ONNX_TYPE = {"tensor(float)": (1, 4), "tensor(float16)": (10, 2), "tensor(bfloat16)": (16, 2)}  # (onnx code, bytes)
 
 
 def chunks_allowed(io) -> bool:
-    """Whether a prompt may be written in several calls (past_lengths > 0 with S > 1): the decoder continues a
-    cache with S > 1 (decoder.onnx and the KVCacheAttention plugin do; decoder.ort.onnx does not: its
-    GroupQueryAttention gets total_sequence_length = S for S > 1, export/ort_fused.py) and the cache is read and
-    written in the same buffers (numpy caches, or one KV set written in place)."""
-    dec = io.model.sessions["decoder"]
-    if isinstance(dec, OrtSession) and dec.kv_in_place:  # decoder.ort.onnx
-        return False
+    """Whether a prompt may be written in several calls (past_lengths > 0 with S > 1): every decoder continues
+    one sequence's cache with S > 1 (decoder.onnx, the KVCacheAttention plugin, decoder.ort.onnx's
+    GroupQueryAttention for B = 1: export/ort_fused.py), so it is whether the cache is read and written in the same
+    buffers (numpy caches, or one KV set written in place)."""
     return isinstance(io, HostIO) or len(io.cache.sets) == 1
 
 
-def continuation(io) -> str | None:
-    """"chunks", "one_call" or None: how a prompt continues rows already in its slot (module table)."""
-    if chunks_allowed(io):
-        return "chunks"
-    return None if len(io.cache.sets) == 1 else "one_call"
+def continuation(io) -> str:
+    """"chunks" or "one_call": how a prompt continues rows already in its slot (module table)."""
+    return "chunks" if chunks_allowed(io) else "one_call"
 
 
 def prefill_slot(io, slot: int, feeds: dict, past: int, last: bool = True) -> np.ndarray | None:
@@ -69,8 +63,6 @@ def prefill_slot(io, slot: int, feeds: dict, past: int, last: bool = True) -> np
     `feeds`: `inputs_embeds` [1, S, C], `deepstack_embeds` [Ld, 1, S, C] (Qwen3-VL), `position_ids` int64
     [3, 1, S] (host arrays); `past`: rows of this sequence already in the slot (0 for the first chunk; with
     "one_call" continuation, the rows `write_rows` put in the other set)."""
-    if past and continuation(io) is None:
-        raise ValueError("decoder.ort.onnx takes a prompt in one call from an empty slot (runtime/backends/slots.py)")
     steps = {"past_lengths": np.array([past], np.int64),
              "logits_index": np.array([feeds["inputs_embeds"].shape[1] - 1], np.int64)}
     if isinstance(io, HostIO):

@@ -132,6 +132,8 @@ class RankSession:
         import onnx
         import onnxruntime as ort
 
+        from .ort import int4_accuracy
+
         tp = TensorParallel(rank, manifest.tp)
         path = manifest.rank_paths()[rank]
         self.contract = decoder_contract(rank_spec(manifest.spec, tp)).resolve(manifest.dtype)
@@ -145,6 +147,7 @@ class RankSession:
         opts.register_custom_ops_library(_register_all_reduce())
         opts.add_session_config_entry("session.model_external_initializers_file_folder_path", str(path.parent))
         opts.add_session_config_entry("session.intra_op.allow_spinning", "0")  # ranks share the cores
+        int4_accuracy(opts, manifest.weight_formats().accuracy_level)  # INT4 ranks: the 1-rank session's MatMulNBits
         opts.intra_op_num_threads = threads or max(1, (os.cpu_count() or 1) // manifest.tp)
         try:
             self.sess = ort.InferenceSession(model.SerializeToString(), opts, providers=["CPUExecutionProvider"])

@@ -23,7 +23,7 @@ class RunConfig:
     ort_graphs: str = "fused"
     device: str = "auto"
     int4_activations: str | None = None  # None: manifest.json's (model/weight_formats.py)
-    ort_cache: str | None = None
+    ort_cache: str | bool | None = None  # a folder; None: the default cache (runtime/backends/loader.py); False: off
 
     @classmethod
     def from_args(cls, args: argparse.Namespace) -> "RunConfig":
@@ -39,7 +39,12 @@ class RunConfig:
         except FieldError as e:  # the rule is the request's; the name is the flag's
             raise UserError(f"--{e.field.replace('_', '-')} {e.value}: must be {e.need}") from None
         return cls(args.model_dir, requests, args.backend, args.json, args.ort_graphs, args.device,
-                   args.int4_activations, getattr(args, "ort_cache", None))
+                   args.int4_activations, _ort_cache(getattr(args, "ort_cache", None)))
+
+
+def _ort_cache(value: str | None):
+    """--ort-cache DIR | off -> the folder, False (no cache), or None (the default cache)."""
+    return False if value == "off" else value
 
 
 def _grammar(args: argparse.Namespace):
@@ -96,28 +101,31 @@ def parser() -> argparse.ArgumentParser:
                     help="ONNX Runtime, INT4 weights: fp32 = MatMulNBits accuracy level 1 (the exact product), int8 = "
                          "level 4 (activations rounded to int8: faster on CPUs, lossy); default: what the export "
                          "recorded in manifest.json (--int4-activations of export_all.sh)")
-    ap.add_argument("--ort-cache", metavar="DIR",
+    ap.add_argument("--ort-cache", metavar="DIR|off",
                     help="ONNX Runtime backend: keep ONNX Runtime's optimized graphs in DIR and load them from there "
-                         "on later starts (keyed on the graph files, ONNX Runtime's version, providers and options)")
+                         "on later starts (keyed on the graph files, ONNX Runtime's version, providers and options); "
+                         "default on the CPU: an INT4 decoder's optimized graph, or a dense decoder's graph ordered "
+                         "for a lower peak memory, in ARTIFACTS/.ort-cache (or the user's cache folder when ARTIFACTS "
+                         "is read-only); off: no cache")
     ap.add_argument("--json", action="store_true", help="print one JSON object instead of streaming text")
     return ap
 
 
 def run(cfg: RunConfig, out=sys.stdout, err=sys.stderr) -> list:
     from ..backends.ort_cuda import providers_line, require_cuda_provider, require_on_gpu
-    from ..generate import generate, load_model
-    from ..pipeline import Preprocessor
+    from ..generate import generate
     from ..prompt import IncrementalDecoder
     from ..sampling import Sampler
     from ..scheduler import generate_inflight
 
     if cfg.device == "cuda" and cfg.backend == "onnxruntime":
         require_cuda_provider()  # seconds, before loading the graphs
-    model = load_model(cfg.model_dir, cfg.backend, ort_fused=cfg.ort_graphs == "fused",
-                       int4_activations=cfg.int4_activations, ort_cache=cfg.ort_cache)
+    from ..startup import load_model_and_preprocessor
+
+    model, pre = load_model_and_preprocessor(cfg.model_dir, cfg.backend, ort_fused=cfg.ort_graphs == "fused",
+                                             int4_activations=cfg.int4_activations, ort_cache=cfg.ort_cache)
     if cfg.device == "cuda":
         require_on_gpu(model.sessions)
-    pre = Preprocessor(model.manifest)
     requests = [pre.prepare(r) for r in cfg.requests]
     gen, first = model.manifest.generation_config, cfg.requests[0]  # every request has these settings
     sampling, max_new = first.sampling.config(gen), first.new_tokens(gen)

@@ -17,6 +17,8 @@ them unchanged.
 | `vllm:prefix_cache_hits_total` | counter | prompt tokens whose KV rows came from the prefix cache |
 | `vllm:encoder_cache_hits_total` | counter | images / videos whose vision features came from the encoder cache (runtime/encoder_cache.py; this server's name) |
 | `vllm:encoder_cache_misses_total` | counter | images / videos that went through the vision encoder |
+| `vllm:prefix_cache_evictions_total`, `vllm:encoder_cache_evictions_total` | counter | entries dropped to stay within each cache's budget (least recently used first; this server's names) |
+| `vllm:prefix_cache_bytes`, `vllm:encoder_cache_bytes` | gauge | host memory each cache holds now (its budget: `--prefix-cache-mb` / `--encoder-cache-mb`) |
 | `vllm:request_failure_total` | counter | requests that got an error or were cancelled, label `reason` (this server's; vLLM has no such counter): `invalid_request` (4xx), `too_large` (413), `busy` (503), `timeout` (408), `client_gone`, `server_error` (500) |
 
 Each server has its own `CollectorRegistry` (several servers may share a process: the tests). A new metric is
@@ -25,7 +27,7 @@ one line in `ServerMetrics.__init__`.
 from __future__ import annotations
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
-from prometheus_client.core import CounterMetricFamily
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 from prometheus_client.exposition import CONTENT_TYPE_LATEST
 
 from .latency_buckets import E2E_BUCKETS, ITL_BUCKETS, TTFT_BUCKETS
@@ -107,19 +109,24 @@ def _fraction(load: tuple) -> float:
 
 
 class _CacheCounters:
-    """The engine's cache counters as Prometheus counters, read from `cache_stats()` at each scrape."""
+    """The engine's cache counters (and bytes held, as gauges) read from `cache_stats()` at each scrape."""
 
     NAMES = (("prefix_cache_queries", "Prompt tokens looked up in the prefix cache."),
              ("prefix_cache_hits", "Prompt tokens whose KV rows came from the prefix cache."),
+             ("prefix_cache_evictions", "Prefix-cache entries dropped to stay within its budget."),
              ("encoder_cache_hits", "Media items whose vision features came from the encoder cache."),
-             ("encoder_cache_misses", "Media items that went through the vision encoder."))
+             ("encoder_cache_misses", "Media items that went through the vision encoder."),
+             ("encoder_cache_evictions", "Encoder-cache entries dropped to stay within its budget."))
+    GAUGES = (("prefix_cache_bytes", "Host memory the prefix cache holds, bytes."),
+              ("encoder_cache_bytes", "Host memory the encoder cache holds, bytes."))
 
     def __init__(self, labels: dict, read):
         self.labels, self.read = labels, read
 
     def collect(self):
         stats = self.read()
-        for name, doc in self.NAMES:
-            family = CounterMetricFamily(PREFIX + name, doc, labels=list(self.labels))
-            family.add_metric(list(self.labels.values()), stats.get(name, 0))
-            yield family
+        for names, kind in ((self.NAMES, CounterMetricFamily), (self.GAUGES, GaugeMetricFamily)):
+            for name, doc in names:
+                family = kind(PREFIX + name, doc, labels=list(self.labels))
+                family.add_metric(list(self.labels.values()), stats.get(name, 0))
+                yield family

@@ -10,18 +10,40 @@ request is admitted or ends), `qwen_vl_prompt_tokens_total`, `qwen_vl_generation
 `invalid_request`, `cancelled`, `server_error`, `unavailable`), and the histograms
 `qwen_vl_time_to_first_token_seconds`, `qwen_vl_inter_token_latency_seconds`, `qwen_vl_e2e_request_latency_seconds`
 (arrival = `execute` receiving the request).
+
+The in-flight engine's reuse caches (runtime/prefix_cache.py, runtime/encoder_cache.py; the counters of
+`Engine.cache_stats`, as the HTTP server's /metrics has them, runtime/serve/metrics.py): counters
+`qwen_vl_prefix_cache_queries_total` (prompt tokens looked up), `qwen_vl_prefix_cache_hits_total` (prompt tokens
+whose KV rows were reused), `qwen_vl_prefix_cache_evictions_total`, `qwen_vl_encoder_cache_hits_total`,
+`qwen_vl_encoder_cache_misses_total` (media items), `qwen_vl_encoder_cache_evictions_total`, and gauges
+`qwen_vl_prefix_cache_bytes`, `qwen_vl_encoder_cache_bytes` (host memory held). A backend metric is pushed, not
+read at scrape, so they are brought up to the engine's counters whenever the load gauges are (a request admitted or
+ended): a counter is incremented by what its engine counter grew since the last update.
 """
 from __future__ import annotations
+
+import threading
 
 from .latency_buckets import E2E_BUCKETS, ITL_BUCKETS, TTFT_BUCKETS
 
 PREFIX = "qwen_vl_"
 
 
+CACHE_COUNTERS = (("prefix_cache_queries", "Prompt tokens looked up in the prefix cache."),
+                  ("prefix_cache_hits", "Prompt tokens whose KV rows came from the prefix cache."),
+                  ("prefix_cache_evictions", "Prefix-cache entries dropped to stay within its budget."),
+                  ("encoder_cache_hits", "Media items whose vision features came from the encoder cache."),
+                  ("encoder_cache_misses", "Media items that went through the vision encoder."),
+                  ("encoder_cache_evictions", "Encoder-cache entries dropped to stay within its budget."))
+CACHE_GAUGES = (("prefix_cache_bytes", "Host memory the prefix cache holds, bytes."),
+                ("encoder_cache_bytes", "Host memory the encoder cache holds, bytes."))
+
+
 class TritonMetrics:
-    def __init__(self, pb_utils, labels: dict, load):
-        """`labels`: {"model": name, "version": version}; `load` () -> (running, waiting, slots in use, slots)."""
-        self.pb, self.labels, self.load = pb_utils, dict(labels), load
+    def __init__(self, pb_utils, labels: dict, load, cache_stats=dict):
+        """`labels`: {"model": name, "version": version}; `load` () -> (running, waiting, slots in use, slots);
+        `cache_stats` () -> the engine's cache counters (runtime/scheduler.py Engine.cache_stats)."""
+        self.pb, self.labels, self.load, self.cache_stats = pb_utils, dict(labels), load, cache_stats
         family = pb_utils.MetricFamily
         self.families, self.by_label = [], {}
 
@@ -41,6 +63,10 @@ class TritonMetrics:
                                      family.COUNTER)
         self.success = make("request_success_total", "Finished requests by finish reason.", family.COUNTER)
         self.failure = make("request_failure_total", "Failed or cancelled requests by reason.", family.COUNTER)
+        self.cache_counters = {name: one(name + "_total", doc, family.COUNTER) for name, doc in CACHE_COUNTERS}
+        self.cache_gauges = {name: one(name, doc, family.GAUGE) for name, doc in CACHE_GAUGES}
+        self.cache_seen = dict.fromkeys(self.cache_counters, 0)  # engine counters already pushed
+        self.cache_lock = threading.Lock()  # updates come from `execute` and from the engine's thread
         histogram = getattr(family, "HISTOGRAM", None)  # Triton 24.xx Python backends before it had none
         self.histograms = None
         if histogram is not None:
@@ -59,6 +85,19 @@ class TritonMetrics:
         self.running.set(running)
         self.waiting.set(waiting)
         self.kv_usage.set(used / slots if slots else 0.0)
+        self.update_caches()
+
+    def update_caches(self) -> None:
+        """Bring the cache metrics up to the engine's counters (see the module docstring)."""
+        stats = self.cache_stats()
+        with self.cache_lock:
+            for name, metric in self.cache_counters.items():
+                now = stats.get(name, 0)
+                if now > self.cache_seen[name]:
+                    metric.increment(now - self.cache_seen[name])
+                    self.cache_seen[name] = now
+            for name, metric in self.cache_gauges.items():
+                metric.set(stats.get(name, 0))
 
     def finished(self, arrived: float, token_times: list, prompt_tokens: int, reason: str) -> None:
         """A request that ended (EOS or max tokens: `reason` "stop" / "length"); times from time.monotonic()."""
@@ -78,6 +117,6 @@ class TritonMetrics:
     def close(self) -> None:
         """Drop the metrics, then their families (the backend wants a family deleted after its metrics)."""
         self.running = self.waiting = self.kv_usage = self.prompt_tokens = self.generation_tokens = None
-        self.histograms, self.by_label = None, {}
+        self.histograms, self.by_label, self.cache_counters, self.cache_gauges = None, {}, {}, {}
         self.success = self.failure = None
         self.families.clear()

@@ -134,7 +134,7 @@ class TritonPythonModel:
 
         labels = {"model": args.get("model_name", config.get("name", "qwen_vl")),
                   "version": str(args.get("model_version", "1"))}
-        self.metrics = TritonMetrics(pb_utils, labels, self.worker.load)
+        self.metrics = TritonMetrics(pb_utils, labels, self.worker.load, self.worker.cache_stats)
 
     def execute(self, requests):
         senders = [r.get_response_sender() for r in requests] if self.decoupled else None

@@ -1,0 +1,67 @@
+"""The peak memory of ONNX Runtime's prepacking, cut by the order of the nodes it prepacks.
+
+ONNX Runtime memory-maps each external initializer on its own, and at session creation copies every MatMul / Gemm
+weight into MLAS's packed layout node by node, in the order of the graph's node list, unmapping each original once
+it is packed. The peak is therefore reached while the last weights are packed: everything packed so far plus the
+original and the packed copy of the weight at hand. decoder.ort.onnx ends with lm_head (1.24 GB of the 2.86 GB of
+the benchmark's fp32 decoder), so its session peaked at 4.07 GB for 2.82 GB kept (docs/benchmarks.md). With the
+nodes of the largest weights first, the peak is the packed total plus one small transient (2.87 GB there).
+
+ONNX Runtime sorts the nodes itself before it runs them (the node list is not its execution order), so the graph
+computes the same thing; the reordered node list breaks ONNX's topological-order rule for files, so it is never
+written as a model of its own: `graph_bytes` keeps the reordered graph protobuf (no weights: its initializers still
+name the artifact folder's `.onnx.data` file) in the cache folder, and the session loads it from memory with
+`session.model_external_initializers_file_folder_path` set to the graph's folder (OrtSession, runtime/backends/ort.py).
+The cache entry is keyed like ort_cache.py's (graph files, ONNX Runtime version, providers, session config), so a
+re-export makes a new one; `onnx` is imported only to write an entry, not on a warm start.
+"""
+from __future__ import annotations
+
+import os
+import tempfile
+from pathlib import Path
+
+from . import ort_cache
+
+ORDER = {"qwen_vl.prepack_order": "largest-weight-first"}  # part of the key: another order is another entry
+GRAPH = "graph.pb"
+
+
+def graph_bytes(cache_dir: Path, graph_path: Path, providers, config: dict, ort_version: str) -> tuple[bytes, bool]:
+    """(the graph's protobuf with the nodes of its largest weights first, whether it came from the cache)."""
+    entry = ort_cache.entry_dir(cache_dir, graph_path, providers, {**config, **ORDER}, ort_version)
+    try:
+        return (entry / GRAPH).read_bytes(), True
+    except OSError:
+        pass
+    blob = reordered(graph_path)
+    try:
+        entry.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(prefix=f".{GRAPH}-", dir=entry)
+        with os.fdopen(fd, "wb") as f:
+            f.write(blob)
+        os.chmod(tmp, 0o644)  # mkstemp's 0600 would hide it from other users of the artifact folder
+        os.replace(tmp, entry / GRAPH)  # atomic: a reader sees the whole file or none
+    except OSError:
+        pass  # a cache folder that cannot be written: the session still loads the reordered graph from memory
+    return blob, False
+
+
+def reordered(graph_path: Path) -> bytes:
+    """The graph (without its external data) with its nodes stably sorted by the size of their largest
+    initializer input, largest first."""
+    import onnx
+
+    model = onnx.load(str(graph_path), load_external_data=False)
+    sizes = {t.name: _elements(t) for t in model.graph.initializer}
+    nodes = sorted(model.graph.node, key=lambda n: -max((sizes.get(i, 0) for i in n.input), default=0))
+    del model.graph.node[:]
+    model.graph.node.extend(nodes)
+    return model.SerializeToString()
+
+
+def _elements(tensor) -> int:
+    n = 1
+    for d in tensor.dims:
+        n *= d
+    return n
