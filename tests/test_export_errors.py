@@ -63,3 +63,18 @@ def test_empty_checkpoint_argument_means_the_demo(tmp_path):
                                f"{tmp_path / 'out' / 'demo_checkpoint'} (dtype fp32")
     assert json.loads(manifest.read_text())["dtype"] == "float32"
     assert (tmp_path / "out" / "demo_checkpoint" / "config.json").is_file()
+
+
+def test_export_all_sh_with_a_python_that_lacks_the_package_is_one_line(tmp_path):
+    """PYTHON set to an interpreter without qwen_vl_trt (a fresh shell without the venv): one line, exit 2."""
+    from pathlib import Path
+
+    bare = shutil.which("python3", path="/usr/bin:/bin")
+    probe = subprocess.run([bare, "-c", "import qwen_vl_trt"], capture_output=True)
+    assert probe.returncode != 0, "the system python3 imports qwen_vl_trt: this test needs one that does not"
+    script = Path(__file__).resolve().parents[1] / "export_all.sh"
+    r = subprocess.run(["bash", str(script), "--help"], capture_output=True, text=True, timeout=60,
+                       env={"PATH": "/usr/bin:/bin", "PYTHON": bare})
+    assert r.returncode == 2 and r.stdout == ""
+    assert r.stderr.splitlines() == [f"error: {bare} cannot import qwen_vl_trt: run 'bash scripts/setup.sh' "
+                                     "(makes .venv/) or set PYTHON"]
