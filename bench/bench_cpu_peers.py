@@ -17,7 +17,8 @@ only the timed runs; `--skip-build` refuses to build and says what is missing):
   lm_head int4) plus bench/cpu_peers/oga_graphs.py (vision / embedding graphs in its Qwen3-VL contract);
 - OpenVINO: `optimum-cli export openvino` fp32, and int4 (sym, group 128, ratio 1.0; lm_head / embeddings /
   vision int8 by optimum-intel's default);
-- llama.cpp: llama-cpp-python built from source (-DGGML_NATIVE=ON), convert_hf_to_gguf.py f32 (+ --mmproj f32),
+- llama.cpp: llama-cpp-python built from source (this CPU's ISA flags, AMX off: llama_cmake_args),
+  convert_hf_to_gguf.py f32 (+ --mmproj f32),
   `llama_model_quantize` Q4_0.
 - HF transformers fp32 `generate` on the checkpoint: the reference tokens.
 
@@ -72,6 +73,24 @@ PEERS = {
 # with torch 2.13.0+cpu its ops do not load ("operator torchvision::nms does not exist") and transformers' import
 # of PreTrainedModel fails inside optimum-cli. Without it the export runs (slow image processors, not used there).
 PEERS_REMOVE = {"openvino": ["torchvision"]}
+# llama.cpp's build: this CPU's instruction sets (from /proc/cpuinfo), AMX left out. With -DGGML_NATIVE=ON on a
+# Sapphire Rapids VM (amx_int8 in cpuinfo) ggml puts the Q4_0 weights in its AMX buffer and every decode of the
+# Q4_0 model segfaulted (rc -11, in eval; f32 ran); with use_extra_bufts=False it ran. Upstream: llama.cpp #20824
+# (segfault in ggml_backend_amx_mul_mat, open) and #16315 (AMX Q4_0 results wrong). Its AVX-512 repack stays.
+GGML_ISA = {"avx": "GGML_AVX", "avx2": "GGML_AVX2", "avx_vnni": "GGML_AVX_VNNI", "fma": "GGML_FMA",
+            "f16c": "GGML_F16C", "bmi2": "GGML_BMI2", "avx512f": "GGML_AVX512", "avx512vbmi": "GGML_AVX512_VBMI",
+            "avx512_vnni": "GGML_AVX512_VNNI", "avx512_bf16": "GGML_AVX512_BF16"}
+
+
+def llama_cmake_args(cpuinfo: str = "/proc/cpuinfo") -> str:
+    """-DGGML_NATIVE=OFF plus -DGGML_<ISA>=ON|OFF for each instruction set ggml can use, as this CPU has it."""
+    flags = set()
+    for line in Path(cpuinfo).read_text().splitlines():
+        if line.startswith("flags"):
+            flags = set(line.split(":", 1)[1].split())
+            break
+    opts = [f"-D{opt}={'ON' if flag in flags else 'OFF'}" for flag, opt in GGML_ISA.items()]
+    return " ".join(["-DGGML_NATIVE=OFF", *opts, "-DGGML_AMX_TILE=OFF", "-DGGML_AMX_INT8=OFF", "-DGGML_AMX_BF16=OFF"])
 LLAMA_SDIST = "llama_cpp_python-0.3.36"
 
 
@@ -155,7 +174,7 @@ class Builder:
         """cache/venvs/NAME with PEERS[NAME] installed; a stamp file holds the pins it was made with."""
         d = self.cache / "venvs" / name
         stamp = d / "bench-pins.txt"
-        pins = "\n".join(PEERS[name])
+        pins = "\n".join(PEERS[name] + ([f"CMAKE_ARGS={llama_cmake_args()}"] if name == "llama" else []))
         if stamp.exists() and stamp.read_text() == pins:
             return d
         if self.skip:
@@ -167,7 +186,10 @@ class Builder:
         if name == "llama":  # no wheel: built from the sdist kept under cache/src (its convert script is needed too)
             src = self.llama_source()
             pins_list = [str(src) if p.startswith("llama-cpp-python") else p for p in pins_list]
-            env = {"CMAKE_ARGS": "-DGGML_NATIVE=ON", "CMAKE_BUILD_PARALLEL_LEVEL": str(os.cpu_count() or 2)}
+            env = {"CMAKE_ARGS": llama_cmake_args(), "CMAKE_BUILD_PARALLEL_LEVEL": str(os.cpu_count() or 2)}
+            if stamp.exists():  # built with other CMake flags: rebuild the extension, keep the rest of the venv
+                sh([py, "-m", "pip", "uninstall", "-y", "llama-cpp-python"])
+            pins_list = ["--no-cache-dir", *pins_list]
         sh([py, "-m", "pip", "install", *pins_list], env=env)
         if PEERS_REMOVE.get(name):
             sh([py, "-m", "pip", "uninstall", "-y", *PEERS_REMOVE[name]])
