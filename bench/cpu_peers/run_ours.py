@@ -6,8 +6,8 @@
 Starts as trt-run does: runtime/startup.py load_model_and_preprocessor (sessions concurrently, tokenizer alongside;
 an INT4 decoder from the default optimized-model cache in ARTIFACTS/.ort-cache, written by the first run).
 `ort_cache`: ONNX Runtime's optimized models of all three graphs cached in DIR (runtime/backends/ort_cache.py; warm
-after the first run); `prepack=0`: memory-mapped dense weights (load_model(ort_prepack=False)) instead of ONNX
-Runtime's prepacking.
+after the first run; `off`: no cache, the graphs as exported, as `trt-run --ort-cache off`); `prepack=0`:
+memory-mapped dense weights (load_model(ort_prepack=False)) instead of ONNX Runtime's prepacking.
 """
 from __future__ import annotations
 
@@ -27,8 +27,9 @@ def main() -> None:
     from qwen_vl_trt.runtime.sampling import Sampler, SamplingConfig
     from qwen_vl_trt.runtime.startup import load_model_and_preprocessor
 
+    cache = args.options.get("ort_cache")
     model, pre = load_model_and_preprocessor(  # what trt-run does (runtime/serve/cli.py)
-        args.artifacts, "onnxruntime", threads=args.threads, ort_cache=args.options.get("ort_cache"),
+        args.artifacts, "onnxruntime", threads=args.threads, ort_cache=False if cache == "off" else cache,
         ort_prepack=args.options.get("prepack", "1") == "1",
         int4_activations=args.options.get("int4_activations"))  # trt-run --int4-activations
     clock.ready()
