@@ -134,12 +134,7 @@ def fuse_int4_products(model, graph_dir) -> list[str]:
             dropped.update(i for s_ in srcs for i in s_.input)
         elif id(node) not in gone:
             out_nodes.append(node)
-    del g.node[:]
-    g.node.extend(out_nodes)
-    still_read = {i for n in g.node for i in n.input}
-    kept = [t for t in g.initializer if t.name not in dropped or t.name in still_read]
-    del g.initializer[:]
-    g.initializer.extend(kept + added)
+    _replace_nodes(g, out_nodes, dropped, added)
     return [t.name for t in added if t.data_type != TensorProto.INT64]
 
 
@@ -221,12 +216,17 @@ def to_matmul_nbits(model, graph_dir, data_path) -> int:
                                           block_size=block, accuracy_level=level))
         dropped.update(src.input[:2])
     data.close()
+    _replace_nodes(g, out_nodes, dropped, added)
+    if not data.path.stat().st_size:
+        data.path.unlink()
+    return len(added) // 2
+
+
+def _replace_nodes(g, nodes: list, dropped: set, added: list) -> None:
+    """g's nodes become `nodes`; the initializers named in `dropped` that no node reads any more go, `added` join."""
     del g.node[:]
-    g.node.extend(out_nodes)
+    g.node.extend(nodes)
     still_read = {i for n in g.node for i in n.input}
     kept = [t for t in g.initializer if t.name not in dropped or t.name in still_read]
     del g.initializer[:]
     g.initializer.extend(kept + added)
-    if not data.path.stat().st_size:
-        data.path.unlink()
-    return len(added) // 2

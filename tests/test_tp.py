@@ -281,22 +281,31 @@ def test_tensorrt_rtx_builds_each_rank_graph_with_dist_collective_layers(ckpts, 
     """CI's TensorRT check: bf16 rank graphs of a TP 2 export parse into DIST_COLLECTIVE layers (2 per layer + 1,
     counted on the parsed network before the build) and build ahead of time (TensorRT-RTX, no GPU here: the engines
     are not run)."""
-    import re
-
     from qwen_vl_trt.export.cli import export_graphs
-    from qwen_vl_trt.model.trt_compat import rtx_env
 
     export_graphs(ckpts["dense_32b"], tmp_path, "bf16", graphs=("decoder",), tp=2)
-    (tmp_path / "config.json").write_bytes((ckpts["dense_32b"] / "config.json").read_bytes())
-    r = subprocess.run([sys.executable, "-m", "qwen_vl_trt.export.build_engines", str(tmp_path), "--dtype", "bfloat16",
-                        "--max-batch", "2", "--max-seq", "256", "--max-cache-len", "512", "--compute-capabilities",
-                        "8.9", "--graphs", "decoder.rank0,decoder.rank1"],
+    layers = SHAPES["dense_32b"][1]["num_hidden_layers"]
+    build_rank_engines_with_collectives(tmp_path, ckpts["dense_32b"], 2 * layers + 1,
+                                        ("--max-batch", "2", "--max-seq", "256", "--max-cache-len", "512"))
+
+
+def build_rank_engines_with_collectives(out, ckpt, collectives: int, limits: tuple, tp: int = 2) -> None:
+    """TensorRT-RTX (build_engines, SM89, bf16) builds out/decoder.rank{r}.engine for every rank; each parsed
+    network held `collectives` DIST_COLLECTIVE layers (build_engines logs the count before the build)."""
+    import re
+
+    from qwen_vl_trt.model.trt_compat import rtx_env
+
+    (out / "config.json").write_bytes((ckpt / "config.json").read_bytes())
+    graphs = ",".join(f"decoder.rank{r}" for r in range(tp))
+    r = subprocess.run([sys.executable, "-m", "qwen_vl_trt.export.build_engines", str(out), "--dtype", "bfloat16",
+                        *limits, "--compute-capabilities", "8.9", "--graphs", graphs],
                        capture_output=True, text=True, env=rtx_env(), timeout=900)
     assert r.returncode == 0, r.stderr[-3000:]
-    layers = 2 * SHAPES["dense_32b"][1]["num_hidden_layers"] + 1
-    for rank in range(2):
-        assert re.search(rf"decoder\.rank{rank}\.onnx: {layers} DIST_COLLECTIVE layers parsed", r.stderr), r.stderr[-2000:]
-        assert (tmp_path / f"decoder.rank{rank}.engine").read_bytes()[:4] in (b"vtrt", b"ftrt")
+    for rank in range(tp):
+        assert re.search(rf"decoder\.rank{rank}\.onnx: {collectives} DIST_COLLECTIVE layers parsed", r.stderr), \
+            r.stderr[-2000:]
+        assert (out / f"decoder.rank{rank}.engine").read_bytes()[:4] in (b"vtrt", b"ftrt")
 
 
 # ---- refusals ------------------------------------------------------------------------------------------------------

@@ -31,7 +31,7 @@ import test_generate
 from hf_reference import hf_model
 from test_generate import hf_generate, media  # noqa: F401 (fixture)
 from test_moe_quant import ref_int4
-from test_tp import LIMITS, _header, cases
+from test_tp import LIMITS, _header, build_rank_engines_with_collectives, cases
 from qwen_vl_trt.export.demo_checkpoint import QWEN3_VL_MOE_TINY, QWEN3_VL_TINY, make_checkpoint
 from qwen_vl_trt.model.weight_formats import WeightFormats
 
@@ -345,29 +345,17 @@ def test_tensorrt_rtx_builds_quantized_rank_graphs_with_dist_collective_layers(c
     """bf16 rank graphs of the 235B-shaped FP8 checkpoint at TP 2 with FP8 attention (the checkpoint's bytes) and
     INT4 experts (MoEExperts, its reference body inlined: no plugin library) parse into DIST_COLLECTIVE layers (2 per
     layer + 1, counted before the build) and build for SM89 (TensorRT-RTX, no GPU here: the engines are not run)."""
-    import re
-    import subprocess
-    import sys
-
     from qwen_vl_trt.export.cli import export_graphs
-    from qwen_vl_trt.model.trt_compat import rtx_env
 
     export_graphs(ckpts["moe_fp8"], tmp_path, "bf16", graphs=("decoder",), formats=FORMATS["fp8_attention_int4_experts"],
                   tp=2)
-    (tmp_path / "config.json").write_bytes((ckpts["moe_fp8"] / "config.json").read_bytes())
-    r = subprocess.run([sys.executable, "-m", "qwen_vl_trt.export.build_engines", str(tmp_path), "--dtype", "bfloat16",
-                        "--max-batch", "1", "--max-seq", "64", "--max-cache-len", "128", "--compute-capabilities",
-                        "8.9", "--graphs", "decoder.rank0,decoder.rank1"],
-                       capture_output=True, text=True, env=rtx_env(), timeout=900)
-    assert r.returncode == 0, r.stderr[-3000:]
-    layers = 2 * QWEN3_VL_MOE_TINY["text_config"]["num_hidden_layers"] + 1
     for rank in range(2):
         m = onnx.load(str(tmp_path / f"decoder.rank{rank}.onnx"), load_external_data=False)
         types = {t.data_type for t in m.graph.initializer}
         assert {TensorProto.FLOAT8E4M3FN, TensorProto.INT4} <= types
-        assert re.search(rf"decoder\.rank{rank}\.onnx: {layers} DIST_COLLECTIVE layers parsed", r.stderr), \
-            r.stderr[-2000:]
-        assert (tmp_path / f"decoder.rank{rank}.engine").read_bytes()[:4] in (b"vtrt", b"ftrt")
+    build_rank_engines_with_collectives(tmp_path, ckpts["moe_fp8"],
+                                        2 * QWEN3_VL_MOE_TINY["text_config"]["num_hidden_layers"] + 1,
+                                        ("--max-batch", "1", "--max-seq", "64", "--max-cache-len", "128"))
 
 
 def test_tp_budget_equals_the_bytes_of_exported_rank_graphs(ckpts, tmp_path):
