@@ -242,6 +242,16 @@ class DecodePool:
                              f"`{_python()} -m qwen_vl_trt.runtime.decode_worker` runs") from None
         return worker
 
+    def prestart(self) -> None:
+        """Start one worker ahead of the first image (runtime/startup.py, while the sessions load), so that the
+        first request does not wait for an interpreter and PIL to start (60-80 ms of a fresh process's first
+        `prepare` on the 2-core machine, docs/benchmarks.md); nothing when one is already idle. A worker that
+        cannot start is not reported here: the first image's `_acquire` tries again and says why."""
+        with self._cond:
+            if self._idle:
+                return
+        self._start_spare()
+
     def _start_spare(self) -> None:
         """Replace a killed worker at once, so that the next image does not wait for an interpreter to start."""
         with self._cond:

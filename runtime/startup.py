@@ -7,6 +7,10 @@ the GIL while it creates a session (seconds of reading, optimizing and prepackin
 created on threads (runtime/backends/ort.py `_open_concurrently`) and the tokenizer is loaded on this thread once
 every session's creation has begun (`started`): were the tokenizer loaded first, the session threads would wait for
 the GIL before they could even enter ONNX Runtime. Both are done when this returns: "ready" means ready to serve.
+
+The image-decode worker process (runtime/media_guard.py) is started alongside, on a thread of its own
+(`DecodePool.prestart`): an interpreter and PIL starting take 60-80 ms, which otherwise the first image's request
+waited for. It is not waited for: a request that comes before it is ready waits for it as it would have.
 """
 from __future__ import annotations
 
@@ -18,9 +22,11 @@ def load_model_and_preprocessor(directory, backend: str = "auto", **load_model_k
     """(generate.load_model(directory, backend, **load_model_kwargs), pipeline.Preprocessor of its manifest)."""
     from qwen_vl_trt.model.manifest import load_manifest
 
+    from . import media_guard
     from .generate import load_model
     from .pipeline import Preprocessor
 
+    threading.Thread(target=media_guard.pool().prestart, name="decode-pool-prestart", daemon=True).start()
     started = threading.Event()
     with ThreadPoolExecutor(1, thread_name_prefix="load-model") as pool:
         model = pool.submit(load_model, directory, backend, started=started, **load_model_kwargs)

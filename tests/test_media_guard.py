@@ -186,3 +186,25 @@ def test_prechecks_pass_what_encoders_write_and_count_exactly(tmp_path):
     precheck(jpeg[:-2] + b"\xff\xda" * 255 + jpeg[-2:], "x")
     with pytest.raises(ImageError, match="with more than 256 scans"):
         precheck(jpeg[:-2] + b"\xff\xda" * 256 + jpeg[-2:], "x")
+
+
+def test_prestart_leaves_one_idle_worker_that_the_first_image_uses(monkeypatch):
+    """DecodePool.prestart (called by runtime/startup.py while the sessions load) starts one worker and leaves it
+    idle; a second call starts no other; the first decode runs in that worker (same pid) and gives the pixels PIL
+    gives in this process."""
+    monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", LIMIT)
+    decode_pool = media_guard.DecodePool()
+    try:
+        decode_pool.prestart()
+        assert len(decode_pool._idle) == 1 and decode_pool._started == 1
+        (pid,) = worker_pids(decode_pool)
+        decode_pool.prestart()
+        assert worker_pids(decode_pool) == {pid} and decode_pool._started == 1
+        buf = io.BytesIO()
+        Image.fromarray(np.random.default_rng(0).integers(0, 256, (6, 10, 3), dtype=np.uint8)).save(buf, "PNG")
+        data = buf.getvalue()
+        got = decode_pool.decode(data, "<image 0>")
+        assert worker_pids(decode_pool) == {pid}  # released back: the same process did the job
+        assert got.tobytes() == Image.open(io.BytesIO(data)).convert("RGB").tobytes()
+    finally:
+        decode_pool.close()

@@ -240,3 +240,34 @@ def test_trt_run_ort_cache_flag():
     for flags, want in (([], None), (["--ort-cache", "off"], False), (["--ort-cache", "/some/dir"], "/some/dir")):
         cfg = cli.RunConfig.from_args(cli.parser().parse_args(["--prompt", "hi", *flags]))
         assert cfg.ort_cache == want
+
+
+def test_start_up_prestarts_the_image_decode_worker(art, monkeypatch):
+    """load_model_and_preprocessor starts the process's image-decode worker (runtime/media_guard.py) alongside the
+    sessions; the first image request is decoded by that worker (same pid) instead of starting one; its patches
+    equal those of the image decoded in this process (runtime/preprocess.py on PIL's pixels)."""
+    import io
+    import time
+
+    import numpy as np
+    from PIL import Image
+
+    from qwen_vl_trt.runtime import media_guard, preprocess
+
+    fresh = media_guard.DecodePool()  # not the process's pool, which earlier tests may have started
+    monkeypatch.setattr(media_guard, "pool", lambda: fresh)
+    try:
+        model, pre = load_model_and_preprocessor(art, "onnxruntime")
+        deadline = time.monotonic() + 30
+        while not fresh._idle and time.monotonic() < deadline:
+            time.sleep(0.01)
+        assert fresh._started == 1 and len(fresh._idle) == 1
+        pid = fresh._idle[0].proc.pid
+        buf = io.BytesIO()
+        Image.fromarray(np.random.default_rng(1).integers(0, 256, (40, 56, 3), dtype=np.uint8)).save(buf, "PNG")
+        req = pre.prepare(Request("What is this?", (buf.getvalue(),)))
+        assert fresh._started == 1 and [w.proc.pid for w in fresh._idle] == [pid]
+        want, _ = preprocess.preprocess_image(Image.open(io.BytesIO(buf.getvalue())).convert("RGB"), pre.image_cfg)
+        np.testing.assert_array_equal(req.media[0].pixel_values, want)
+    finally:
+        fresh.close()
