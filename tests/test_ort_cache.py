@@ -145,3 +145,33 @@ def test_dense_graphs_run_on_mapped_weights_on_the_cpu(artifacts):
         assert opts.get_session_config_entry("session.disable_prepacking") == "1"
         with pytest.raises(Exception):  # not set at all: ONNX Runtime's default (prepacking on)
             packed.sessions[name].sess.get_session_options().get_session_config_entry("session.disable_prepacking")
+
+
+def test_trt_run_ort_weights_mapped_runs_on_mapped_weights_and_matches_hf(artifacts, hf_tokens, monkeypatch):
+    """trt-run --ort-weights mapped: every session is created with prepacking off, and the greedy tokens are HF's;
+    without the flag (prepacked, the default) the same tokens with prepacking on."""
+    import io
+
+    from qwen_vl_trt.runtime import startup
+    from qwen_vl_trt.runtime.serve import cli
+
+    loaded, real = [], startup.load_model_and_preprocessor
+
+    def spy(*args, **kwargs):
+        model, pre = real(*args, **kwargs)
+        loaded.append(model)
+        return model, pre
+
+    monkeypatch.setattr(startup, "load_model_and_preprocessor", spy)
+    flags = ["--model-dir", str(artifacts), "--prompt", PROMPT, "--temperature", "0", "--max-new-tokens", str(N_NEW),
+             "--ignore-eos", "--json", "--backend", "onnxruntime"]
+    for extra, mapped in (([], False), (["--ort-weights", "mapped"], True)):
+        results = cli.run(cli.RunConfig.from_args(cli.parser().parse_args(flags + extra)), io.StringIO(), io.StringIO())
+        assert results[0].token_ids == hf_tokens
+        for name, session in loaded[-1].sessions.items():
+            opts = session.sess.get_session_options()
+            if mapped:
+                assert opts.get_session_config_entry("session.disable_prepacking") == "1", name
+            else:
+                with pytest.raises(Exception):  # not set: ONNX Runtime's default, prepacking on
+                    opts.get_session_config_entry("session.disable_prepacking")

@@ -24,6 +24,7 @@ class RunConfig:
     device: str = "auto"
     int4_activations: str | None = None  # None: manifest.json's (model/weight_formats.py)
     ort_cache: str | bool | None = None  # a folder; None: the default cache (runtime/backends/loader.py); False: off
+    ort_prepack: bool = True  # False (--ort-weights mapped): dense weights used where they are memory-mapped
 
     @classmethod
     def from_args(cls, args: argparse.Namespace) -> "RunConfig":
@@ -39,7 +40,8 @@ class RunConfig:
         except FieldError as e:  # the rule is the request's; the name is the flag's
             raise UserError(f"--{e.field.replace('_', '-')} {e.value}: must be {e.need}") from None
         return cls(args.model_dir, requests, args.backend, args.json, args.ort_graphs, args.device,
-                   args.int4_activations, _ort_cache(getattr(args, "ort_cache", None)))
+                   args.int4_activations, _ort_cache(getattr(args, "ort_cache", None)),
+                   getattr(args, "ort_weights", "prepacked") == "prepacked")
 
 
 def _ort_cache(value: str | None):
@@ -107,6 +109,11 @@ def parser() -> argparse.ArgumentParser:
                          "default on the CPU: an INT4 decoder's optimized graph, or a dense decoder's graph ordered "
                          "for a lower peak memory, in ARTIFACTS/.ort-cache (or the user's cache folder when ARTIFACTS "
                          "is read-only); off: no cache")
+    ap.add_argument("--ort-weights", choices=("prepacked", "mapped"), default="prepacked",
+                    help="ONNX Runtime on the CPU, dense weights: prepacked = copied into MLAS's packed layout at "
+                         "start-up (the fastest steps; seconds of start-up for GB of weights), mapped = used where "
+                         "they are memory-mapped from the .onnx.data files (start-up in under a second, shared page "
+                         "cache; decode about 10%% slower: docs/benchmarks.md). An INT4 decoder is prepacked either way")
     ap.add_argument("--json", action="store_true", help="print one JSON object instead of streaming text")
     return ap
 
@@ -123,7 +130,8 @@ def run(cfg: RunConfig, out=sys.stdout, err=sys.stderr) -> list:
     from ..startup import load_model_and_preprocessor
 
     model, pre = load_model_and_preprocessor(cfg.model_dir, cfg.backend, ort_fused=cfg.ort_graphs == "fused",
-                                             int4_activations=cfg.int4_activations, ort_cache=cfg.ort_cache)
+                                             int4_activations=cfg.int4_activations, ort_cache=cfg.ort_cache,
+                                             ort_prepack=cfg.ort_prepack)
     if cfg.device == "cuda":
         require_on_gpu(model.sessions)
     requests = [pre.prepare(r) for r in cfg.requests]
