@@ -332,6 +332,12 @@ def _over_limits(name: str, size) -> ImageError:
                       "re-encode it as a plain PNG or JPEG")
 
 
+def prestart_in_background() -> None:
+    """`pool().prestart()` on a daemon thread: a front-end calls this as it starts loading its model (trt-run's
+    runtime/startup.py, the HTTP server's make_server), so the first image does not wait for a worker to start."""
+    threading.Thread(target=pool().prestart, name="decode-pool-prestart", daemon=True).start()
+
+
 @functools.lru_cache(maxsize=1)
 def pool() -> DecodePool:
     """The process's decode pool (created on first use, its idle workers stopped at exit)."""

@@ -9,7 +9,7 @@ every session's creation has begun (`started`): were the tokenizer loaded first,
 the GIL before they could even enter ONNX Runtime. Both are done when this returns: "ready" means ready to serve.
 
 The image-decode worker process (runtime/media_guard.py) is started alongside, on a thread of its own
-(`DecodePool.prestart`): an interpreter and PIL starting take 60-80 ms, which otherwise the first image's request
+(`DecodePool.prestart`, `prestart_in_background`): an interpreter and PIL starting take 60-80 ms, which otherwise the first image's request
 waited for. It is not waited for: a request that comes before it is ready waits for it as it would have.
 """
 from __future__ import annotations
@@ -26,7 +26,7 @@ def load_model_and_preprocessor(directory, backend: str = "auto", **load_model_k
     from .generate import load_model
     from .pipeline import Preprocessor
 
-    threading.Thread(target=media_guard.pool().prestart, name="decode-pool-prestart", daemon=True).start()
+    media_guard.prestart_in_background()
     started = threading.Event()
     with ThreadPoolExecutor(1, thread_name_prefix="load-model") as pool:
         model = pool.submit(load_model, directory, backend, started=started, **load_model_kwargs)

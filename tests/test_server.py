@@ -438,3 +438,22 @@ def test_cache_flags(server, artifacts, media):  # noqa: F811
     r = run_server("--model-dir", artifacts, "--prefix-cache-mb", "-1")
     assert r.returncode == 2 and r.stderr.splitlines() == [
         "error: --prefix-cache-mb -1.0: must be >= 0 (0 turns the cache off)"]
+
+
+def test_make_server_prestarts_the_image_decode_worker(artifacts, media, monkeypatch):  # noqa: F811
+    """make_server starts the process's image-decode worker (runtime/media_guard.py) while the model loads: by the
+    time it returns (or shortly after) one worker is idle, so a fresh server's first image does not wait for one."""
+    from qwen_vl_trt.runtime import media_guard
+    from qwen_vl_trt.runtime.serve.server import make_server, parser
+
+    fresh = media_guard.DecodePool()  # not the process's pool, which other tests' servers have started
+    monkeypatch.setattr(media_guard, "pool", lambda: fresh)
+    srv = make_server(parser().parse_args(["--model-dir", str(artifacts), "--port", "0", "--backend", "onnxruntime"]))
+    try:
+        deadline = time.monotonic() + 30
+        while not fresh._idle and time.monotonic() < deadline:
+            time.sleep(0.01)
+        assert fresh._started == 1 and len(fresh._idle) == 1
+    finally:
+        srv.server_close()
+        fresh.close()

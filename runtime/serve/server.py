@@ -179,6 +179,7 @@ def make_server(args: argparse.Namespace) -> OpenAIServer:
     """Bind the port, load the model, start the worker. UserError / OSError on failure."""
     from qwen_vl_trt.model.manifest import load_manifest
 
+    from .. import media_guard
     from ..generate import load_model
 
     limit = load_manifest(args.model_dir).limits.max_batch
@@ -192,6 +193,7 @@ def make_server(args: argparse.Namespace) -> OpenAIServer:
         server = OpenAIServer((args.host, args.port), limits, media)
     except OSError as e:
         raise OSError(f"cannot listen on {args.host}:{args.port}: {e.strerror or e}; pick another --port") from None
+    media_guard.prestart_in_background()  # the image-decode worker starts while the model loads
     try:
         model = load_model(args.model_dir, args.backend, ort_fused=args.ort_graphs == "fused")
         server.attach(model, args.served_model_name or Path(args.model_dir).resolve().name, max_batch,
