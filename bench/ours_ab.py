@@ -5,7 +5,7 @@
 A variant is a name and what it changes: `env.VAR=VALUE` sets an environment variable of the process (e.g.
 `env.GLIBC_TUNABLES=glibc.malloc.hugetlb=1`), any other KEY=VALUE is one of run_ours.py's `--option`s (e.g.
 `prepack=0`, `ort_cache=off`). Each round runs every variant once, in the order given (the order is rotated every
-round). Start-up = spawn -> model ready (bench/cpu_peers/clock.py, as bench_cpu_peers.py measures it), TTFT and
+round). Peak RSS = wait4's ru_maxrss of the process. Start-up = spawn -> model ready (bench/cpu_peers/clock.py, as bench_cpu_peers.py measures it), TTFT and
 decode tok/s from the runner's BENCH_RESULT line; per variant: every run, then the median of each figure, and
 whether its tokens equal the first variant's. For an A/B of one variable on a quiet machine; bench_cpu_peers.py is
 the comparison with the peers.
@@ -18,6 +18,7 @@ import os
 import statistics
 import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -42,15 +43,23 @@ def parse_variant(text: str) -> tuple[str, dict, list]:
 
 
 def run_once(artifacts: str, image: str, tokens: int, env: dict, options: list) -> dict:
+    """One fresh run_ours.py process, spawned and measured as bench_cpu_peers.py does (2 BLAS threads)."""
     cmd = [sys.executable, str(HERE / "cpu_peers" / "run_ours.py"), artifacts, "--image", image,
            "--prompt", "Describe this image.", "--tokens", str(tokens), *options]
-    t0 = time.time()
-    proc = subprocess.run(cmd, env={**os.environ, **env}, capture_output=True, text=True)
-    lines = [line for line in proc.stdout.splitlines() if line.startswith(MARK)]
-    if proc.returncode or not lines:
-        raise SystemExit(f"{' '.join(cmd)} failed (rc {proc.returncode}):\n{proc.stderr[-2000:]}")
+    env = {**os.environ, "OMP_NUM_THREADS": "2", "OPENBLAS_NUM_THREADS": "2", "MKL_NUM_THREADS": "2", **env}
+    with tempfile.TemporaryFile("w+") as fo, tempfile.TemporaryFile("w+") as fe:
+        t0 = time.time()
+        proc = subprocess.Popen(cmd, stdout=fo, stderr=fe, env=env)
+        _, status, usage = os.wait4(proc.pid, 0)  # its own rusage: ru_maxrss = the process's peak RSS (KiB)
+        proc.returncode = rc = os.waitstatus_to_exitcode(status)
+        fo.seek(0)
+        fe.seek(0)
+        lines = [line for line in fo.read().splitlines() if line.startswith(MARK)]
+        if rc or not lines:
+            raise SystemExit(f"{' '.join(cmd)} failed (rc {rc}):\n{fe.read()[-2000:]}")
     out = json.loads(lines[0][len(MARK):])
     out["start_s"] = out["ready_wall"] - t0
+    out["peak_rss_gb"] = usage.ru_maxrss * 1024 / 1e9
     return out
 
 
@@ -72,15 +81,16 @@ def main() -> int:
             res = run_once(args.artifacts, args.image, args.tokens, env, options)
             runs[name].append(res)
             print(f"round {r + 1} {name}: start-up {res['start_s']:.2f} s, TTFT {res['ttft_ms']:.0f} ms, "
-                  f"decode {res['decode_tok_s']:.2f} tok/s", flush=True)
+                  f"decode {res['decode_tok_s']:.2f} tok/s, peak RSS {res['peak_rss_gb']:.2f} GB", flush=True)
     first = runs[variants[0][0]][0]["tokens"]
-    print("\n| variant | start-up s | TTFT ms | decode tok/s | tokens == first variant's |\n|---|---|---|---|---|")
+    print("\n| variant | start-up s | TTFT ms | decode tok/s | peak RSS GB | tokens == first variant's |\n"
+          "|---|---|---|---|---|---|")
     for name, env, options in variants:
         rs = runs[name]
         med = lambda key: statistics.median(x[key] for x in rs)  # noqa: E731
         same = all(x["tokens"] == first for x in rs)
         print(f"| {name} | {med('start_s'):.2f} | {med('ttft_ms'):.0f} | {med('decode_tok_s'):.2f} | "
-              f"{'yes' if same else 'no'} |")
+              f"{med('peak_rss_gb'):.2f} | {'yes' if same else 'no'} |")
     return 0
 
 

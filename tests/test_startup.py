@@ -127,10 +127,10 @@ def hf_dense_tokens(qwen3_vl_ckpt, hf_qwen3_vl):
 
 
 def test_dense_decoder_is_prepacked_largest_weight_first_and_matches_hf(dense_export, hf_dense_tokens, tmp_path):
-    """A dense decoder on the CPU: the default cache holds its graph with the nodes of the largest weights first
-    (runtime/backends/prepack_order.py; no weights copied), the next start reads it; every node and initializer is
-    kept; tokens == HF fp32 greedy, and the decoder's outputs equal the as-exported session's (same kernels, same
-    weights: only the order ONNX Runtime prepacks them in differs; fp32, rtol 1e-6)."""
+    """A dense decoder on the CPU: the default cache holds its graph with the node of the largest weight first and
+    the others in their order (runtime/backends/prepack_order.py; no weights copied), the next start reads it; every
+    node and initializer is kept; tokens == HF fp32 greedy, and the decoder's outputs equal the as-exported
+    session's (same kernels, same weights: only the order ONNX Runtime prepacks them in differs; fp32, rtol 1e-6)."""
     import numpy as np
     import onnx
 
@@ -149,6 +149,9 @@ def test_dense_decoder_is_prepacked_largest_weight_first_and_matches_hf(dense_ex
     sizes = {t.name: int(np.prod(t.dims)) for t in exported.graph.initializer}
     largest = max(sizes, key=sizes.get)
     assert largest in ordered.graph.node[0].input and largest not in exported.graph.node[0].input
+    # only that node moved: the others keep the exported order (the order a step reads their packed weights in)
+    assert [n.SerializeToString() for n in ordered.graph.node[1:]] == \
+        [n.SerializeToString() for n in exported.graph.node if largest not in n.input]
 
     hf = hf_dense_tokens
     assert greedy(model, pre) == hf

@@ -117,7 +117,7 @@ class OrtSession:
         return sess
 
     def _create_ordered(self, path: Path, opts, providers, cache_dir: Path):
-        """The graph with the nodes of its largest weights first, so that ONNX Runtime prepacks them first
+        """The graph with the node of its largest weight first, so that ONNX Runtime prepacks it first
         (runtime/backends/prepack_order.py: a lower peak RSS), loaded from memory on the weights of its folder."""
         from .ort_cache import graph_files
         from .prepack_order import graph_bytes
@@ -327,7 +327,7 @@ def open_ort(paths: dict, contracts: dict, *, io_binding: bool = True, threads: 
     (decoder.ort.onnx's GroupQueryAttention), so one KV set is enough (runtime/backends/ort_io.py).
     `mapped`: the graphs (dense weights) that run on memory-mapped weights on the CPU provider (`weights_mapped`);
     `cache_dir`: ONNX Runtime's optimized models cached there (runtime/backends/ort_cache.py), of the graphs named in
-    `cached` (None: all); `prepack_order`: the graphs whose largest weights ONNX Runtime prepacks first, through
+    `cached` (None: all); `prepack_order`: the graphs whose largest weight ONNX Runtime prepacks first, through
     cache_dir (runtime/backends/prepack_order.py).
     On the CPU provider the sessions are created concurrently (`_open_concurrently`); `started` is set once every
     session's creation has begun (runtime/startup.py loads the tokenizer then)."""
