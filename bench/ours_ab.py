@@ -5,10 +5,11 @@
 A variant is a name and what it changes: `env.VAR=VALUE` sets an environment variable of the process (e.g.
 `env.GLIBC_TUNABLES=glibc.malloc.hugetlb=1`), any other KEY=VALUE is one of run_ours.py's `--option`s (e.g.
 `prepack=0`, `ort_cache=off`). Each round runs every variant once, in the order given (the order is rotated every
-round). Peak RSS = wait4's ru_maxrss of the process. Start-up = spawn -> model ready (bench/cpu_peers/clock.py, as bench_cpu_peers.py measures it), TTFT and
-decode tok/s from the runner's BENCH_RESULT line; per variant: every run, then the median of each figure, and
-whether its tokens equal the first variant's. For an A/B of one variable on a quiet machine; bench_cpu_peers.py is
-the comparison with the peers.
+round). Start-up = spawn -> model ready (bench/cpu_peers/clock.py, as bench_cpu_peers.py measures it), peak RSS =
+wait4's ru_maxrss of the process, TTFT and decode tok/s from the runner's BENCH_RESULT line; per variant: every
+run, then the median of each figure, and whether its tokens equal the first variant's. For an A/B of one variable
+on a quiet machine; bench_cpu_peers.py is the comparison with the peers. bench/startup_ab.py runs two checkouts
+through `run_once`.
 """
 from __future__ import annotations
 
@@ -42,10 +43,13 @@ def parse_variant(text: str) -> tuple[str, dict, list]:
     return name, env, options
 
 
-def run_once(artifacts: str, image: str, tokens: int, env: dict, options: list) -> dict:
-    """One fresh run_ours.py process, spawned and measured as bench_cpu_peers.py does (2 BLAS threads)."""
-    cmd = [sys.executable, str(HERE / "cpu_peers" / "run_ours.py"), artifacts, "--image", image,
-           "--prompt", "Describe this image.", "--tokens", str(tokens), *options]
+def run_once(artifacts: str, image: str, tokens: int, env: dict, options: list, *, python: str = sys.executable,
+             runner: Path = HERE / "cpu_peers" / "run_ours.py") -> dict:
+    """One fresh run_ours.py process (`runner`, run by `python`: another checkout's for bench/startup_ab.py),
+    spawned and measured as bench_cpu_peers.py does (2 threads, 2 BLAS threads): its BENCH_RESULT plus start_s
+    (spawn -> ready) and peak_rss_gb (wait4's ru_maxrss)."""
+    cmd = [str(python), str(runner), artifacts, "--image", image, "--prompt", "Describe this image.",
+           "--tokens", str(tokens), "--threads", "2", *options]
     env = {**os.environ, "OMP_NUM_THREADS": "2", "OPENBLAS_NUM_THREADS": "2", "MKL_NUM_THREADS": "2", **env}
     with tempfile.TemporaryFile("w+") as fo, tempfile.TemporaryFile("w+") as fe:
         t0 = time.time()

@@ -10,32 +10,18 @@ Each checkout runs with its own .venv/bin/python. Not part of CI; on a busy mach
 from __future__ import annotations
 
 import argparse
-import json
-import os
-import subprocess
 import sys
-import tempfile
-import time
 from pathlib import Path
 
-MARK = "BENCH_RESULT "
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from ours_ab import run_once  # noqa: E402
 
 
 def one(tree: Path, args, extra) -> tuple[float, float, float, list]:
-    """(start-up s, peak RSS GB, TTFT ms, tokens) of one fresh run of `tree`'s runner."""
-    cmd = [str(tree / ".venv/bin/python"), str(tree / "bench/cpu_peers/run_ours.py"), args.artifacts, "--image",
-           args.image, "--prompt", "Describe this image.", "--tokens", str(args.tokens), "--threads", "2", *extra]
-    with tempfile.TemporaryFile("w+") as out, tempfile.TemporaryFile("w+") as err:
-        t0 = time.time()
-        p = subprocess.Popen(cmd, stdout=out, stderr=err, text=True)
-        _, status, usage = os.wait4(p.pid, 0)  # the child's own ru_maxrss (KiB on Linux)
-        out.seek(0), err.seek(0)
-        line = [x for x in out.read().splitlines() if x.startswith(MARK)]
-        if status != 0 or not line:
-            tail = err.read().strip().splitlines()
-            sys.exit(f"{tree}: run failed: {tail[-1] if tail else status}")
-    r = json.loads(line[0][len(MARK):])
-    return r["ready_wall"] - t0, usage.ru_maxrss / 1e6, r["ttft_ms"], r["tokens"]
+    """(start-up s, peak RSS GB, TTFT ms, tokens) of one fresh run of `tree`'s runner (bench/ours_ab.py run_once)."""
+    r = run_once(args.artifacts, args.image, args.tokens, {}, extra, python=tree / ".venv/bin/python",
+                 runner=tree / "bench/cpu_peers/run_ours.py")
+    return r["start_s"], r["peak_rss_gb"], r["ttft_ms"], r["tokens"]
 
 
 def main() -> None:

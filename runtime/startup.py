@@ -9,8 +9,8 @@ every session's creation has begun (`started`): were the tokenizer loaded first,
 the GIL before they could even enter ONNX Runtime. Both are done when this returns: "ready" means ready to serve.
 
 The image-decode worker process (runtime/media_guard.py) is started alongside, on a thread of its own
-(`DecodePool.prestart`, `prestart_in_background`): an interpreter and PIL starting take 60-80 ms, which otherwise the first image's request
-waited for. It is not waited for: a request that comes before it is ready waits for it as it would have.
+(`prestart_in_background`): an interpreter and PIL starting take 60-80 ms, which the first image's request waited
+for otherwise. It is not waited for: a request that comes before it is ready waits for it as it would have.
 """
 from __future__ import annotations
 

@@ -92,10 +92,10 @@ def default_ort_cache(manifest, formats, prepack: bool = True) -> tuple:
     cache is asked for, on ONNX Runtime's CPU provider, in ort_cache.default_dir:
     - a quantized decoder: its optimized model (the DequantizeLinear + MatMul -> MatMulNBits fusion is redone at
       every load otherwise; one copy of its weights on disk);
-    - a dense decoder that is prepacked: its graph with the node of its largest weight first (runtime/backends/prepack_order.py:
-      lm_head packed first, 1.2 GB less peak RSS on the benchmark's checkpoint; the graph only, no weights). Its
-      optimized model would gain nothing (the load is ONNX Runtime's prepacking, which no saved model holds:
-      docs/benchmarks.md) for a full copy of its weights;
+    - a dense decoder that is prepacked: its graph with the node of its largest weight first
+      (runtime/backends/prepack_order.py: lm_head packed first, 1.2 GB less peak RSS on the benchmark's
+      checkpoint; the graph only, no weights). Its optimized model would gain nothing (the load is ONNX Runtime's
+      prepacking, which no saved model holds: docs/benchmarks.md) for a full copy of its weights;
     - vision and embed: nothing.
     Elsewhere (None, (), ())."""
     if ort_providers() != ("CPUExecutionProvider",):

@@ -27,7 +27,8 @@ from pathlib import Path
 
 from . import ort_cache
 
-ORDER = {"qwen_vl.prepack_order": "largest-weight-first-then-graph-order"}  # part of the key: another order is another entry
+# part of the cache key: another order is another entry
+ORDER = {"qwen_vl.prepack_order": "largest-weight-first-then-graph-order"}
 GRAPH = "graph.pb"
 
 

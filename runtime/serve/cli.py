@@ -113,7 +113,8 @@ def parser() -> argparse.ArgumentParser:
                     help="ONNX Runtime on the CPU, dense weights: prepacked = copied into MLAS's packed layout at "
                          "start-up (the fastest steps; seconds of start-up for GB of weights), mapped = used where "
                          "they are memory-mapped from the .onnx.data files (start-up in under a second, shared page "
-                         "cache; decode about 10%% slower: docs/benchmarks.md). An INT4 decoder is prepacked either way")
+                         "cache; decode about 10%% slower: docs/benchmarks.md). An INT4 decoder is prepacked either "
+                         "way")
     ap.add_argument("--json", action="store_true", help="print one JSON object instead of streaming text")
     return ap
 
