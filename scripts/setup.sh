@@ -46,4 +46,7 @@ layer = subprocess.run([".venv/triton/bin/python", "-c", "import sysconfig; prin
 with open(f"{layer}/zz_qwen_vl_trt_venv.pth", "w") as f:  # after .venv/triton's own packages: its numpy 1.x wins
     f.write(f"import site; site.addsitedir({sysconfig.get_paths()['purelib']!r})\n")
 PY
+# qwen_vl::MatMulInt4, ONNX Runtime custom op for INT4 decode on AVX-512 CPUs (runtime/backends/ort_int4_kernel.py):
+# g++ and ONNX Runtime's API headers only (Debian's libonnxruntime-dev, fetched by the script)
+bash plugins/ortMatMulInt4/build.sh
 echo "setup: .venv ready ($(.venv/bin/python -c 'import torch, torchvision, transformers, onnxruntime; print("torch", torch.__version__, "torchvision", torchvision.__version__, "transformers", transformers.__version__, "onnxruntime", onnxruntime.__version__)'))"

@@ -1,5 +1,6 @@
 #!/usr/bin/env bash
-# The test command: set up, build the plugin library if nvcc is present, run the CPU suite.
+# The test command: set up (which builds the ONNX Runtime kernel library), build the TensorRT plugin library if nvcc
+# is present, run the CPU suite.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 bash scripts/setup.sh

@@ -8,10 +8,11 @@ export (manifest tp > 1) runs its decoder ranks on N GPUs with TensorRT when its
 from __future__ import annotations
 
 from qwen_vl_trt.model.contracts import dim_ranges
-from qwen_vl_trt.model.errors import ArtifactError, BackendUnavailable
+from qwen_vl_trt.model.errors import ArtifactError, BackendUnavailable, UserError
 
 from .cuda import cudart as _cudart
 from . import ort_cache as optimized_cache
+from . import ort_int4_kernel
 from .ort import open_ort, ort_providers
 
 
@@ -35,7 +36,8 @@ def tensorrt_available() -> tuple[bool, str]:
 
 def open_sessions(manifest, backend: str = "auto", *, io_binding: bool = True, threads: int = 0,
                   cuda_graph: bool = True, ort_fused: bool = True, int4_activations: str | None = None,
-                  ort_cache=None, ort_prepack: bool = True, started=None) -> tuple[str, dict]:
+                  ort_cache=None, ort_prepack: bool = True, int4_kernel: str = "auto",
+                  started=None) -> tuple[str, dict]:
     """-> (backend used, {"vision"|"embed"|"decoder": Session}). `backend`: auto | tensorrt | onnxruntime.
     `io_binding` False: ONNX Runtime with plain numpy feeds (the simple reference path); `cuda_graph` False: no
     CUDA graph capture of the decode step (ONNX Runtime's CUDA EP, TensorRT); `ort_fused` False: ONNX Runtime
@@ -48,6 +50,9 @@ def open_sessions(manifest, backend: str = "auto", *, io_binding: bool = True, t
     memory-mapped weights (ort.weights_mapped); a quantized decoder (MatMulNBits) keeps ONNX Runtime's
     prepacking. `ort_cache`: a folder for ONNX Runtime's optimized models of all three graphs
     (runtime/backends/ort_cache.py); None: the default cache (`default_ort_cache`); False: none.
+    `int4_kernel` (auto | mlas): auto runs an INT4 decoder's products with fp32 activations by qwen_vl::MatMulInt4
+    (runtime/backends/ort_int4_kernel.py) where its library is built, the CPU has AVX-512F and a cache folder holds
+    the renamed graph; mlas, or anywhere else: ONNX Runtime's MatMulNBits.
     `started` (a threading.Event): set once the sessions' creation has begun (ort.open_ort; at once on the other
     paths), for runtime/startup.py."""
     formats = manifest.weight_formats()
@@ -81,10 +86,15 @@ def open_sessions(manifest, backend: str = "auto", *, io_binding: bool = True, t
     mapped = () if ort_prepack else {"vision", "embed"} | ({"decoder"} if formats.is_dense else set())
     cache_dir, cached, ordered = (None, (), ()) if ort_cache is False else \
         (ort_cache, None, ()) if ort_cache is not None else default_ort_cache(manifest, formats, ort_prepack)
+    if int4_kernel not in ("auto", "mlas"):
+        raise UserError(f"--int4-kernel {int4_kernel}: use auto or mlas")
+    kernel = None
+    if int4_kernel == "auto" and not formats.is_dense and formats.accuracy_level != 4 and cache_dir is not None:
+        kernel = ort_int4_kernel.library()
     return "onnxruntime", open_ort(manifest.graph_paths(fused=ort_fused), manifest.contracts, io_binding=io_binding,
                                    threads=threads, cuda_graph=cuda_graph, kv_in_place=in_place,
                                    int4_accuracy_level=formats.accuracy_level, mapped=mapped, cache_dir=cache_dir,
-                                   cached=cached, prepack_order=ordered, started=started)
+                                   cached=cached, prepack_order=ordered, int4_kernel=kernel, started=started)
 
 
 def default_ort_cache(manifest, formats, prepack: bool = True) -> tuple:

@@ -19,6 +19,7 @@ import numpy as np
 
 from qwen_vl_trt.model.errors import ArtifactError, BackendUnavailable, UserError
 
+from . import ort_int4_kernel
 from .base import check_io
 from .cuda import check as _check
 from .cuda import cudart as _cudart
@@ -40,7 +41,8 @@ class OrtSession:
 
     def __init__(self, path: Path, contract, *, providers=("CPUExecutionProvider",), io_binding: bool = True,
                  resident=(), threads: int = 0, graph_capture: bool = False, int4_accuracy_level: int = 1,
-                 mapped: bool = False, cache_dir: Path | None = None, prepack_order: bool = False):
+                 mapped: bool = False, cache_dir: Path | None = None, prepack_order: bool = False,
+                 int4_kernel: Path | None = None):
         import onnxruntime as ort
 
         self.ort = ort
@@ -54,6 +56,11 @@ class OrtSession:
         self.graph_capture, self.graph_capture_error, self._graph_ids = False, None, 0
         self.kv_in_place = False  # set by open_ort for decoder.ort.onnx
         self.cache_hit = None  # with a cache_dir: whether the optimized model came from the cache
+        # qwen_vl::MatMulInt4 (runtime/backends/ort_int4_kernel.py): the INT4 products of the cached optimized model
+        cpu_only = list(providers) == ["CPUExecutionProvider"]
+        self.int4_kernel = int4_kernel if int4_kernel is not None and cache_dir is not None and cpu_only else None
+        if self.int4_kernel is not None:
+            opts.register_custom_ops_library(str(self.int4_kernel))
         try:
             if prepack_order and cache_dir is not None and not mapped:
                 self.sess = self._create_ordered(Path(path), opts, providers, cache_dir)
@@ -96,10 +103,25 @@ class OrtSession:
         from . import ort_cache
 
         config = session_config(opts)
+        if self.int4_kernel is not None:
+            config[_INT4_KERNEL_KEY] = ort_int4_kernel.VERSION
         try:
             load, tmp = ort_cache.cached_model(cache_dir, path, providers, config, self.ort.__version__)
         except OSError:  # a cache folder that cannot be made (read-only, full): run without the cache
             return self._create(path, opts, providers, graph_capture)
+        if tmp is not None and self.int4_kernel is not None:
+            try:
+                self._write_renamed_entry(path, tmp, config)
+            except Exception:  # the graph's own error, if it has one, comes from loading it as exported
+                ort_cache.discard(tmp)
+                return self._create(path, opts, providers, graph_capture)
+            ort_cache.commit(tmp, cache_dir, path, providers, config, self.ort.__version__)
+            load, tmp = ort_cache.cached_model(cache_dir, path, providers, config, self.ort.__version__)
+            self.cache_hit = False
+            if tmp is not None:  # the entry could not be renamed into place: write it the usual way
+                ort_cache.discard(tmp)
+                return self._create(path, opts, providers, graph_capture)
+            return self._create(load, opts, providers, graph_capture)
         if tmp is not None:
             ort_cache.save_options(opts, tmp, self.ort)
         try:
@@ -115,6 +137,21 @@ class OrtSession:
             ort_cache.commit(tmp, cache_dir, path, providers, config, self.ort.__version__)
         self.cache_hit = tmp is None
         return sess
+
+    def _write_renamed_entry(self, path: Path, tmp: Path, config: dict) -> None:
+        """Write the optimized model of `path` into tmp with a session that only optimizes (no prepacking: it never
+        runs), then rename its MatMulNBits nodes to qwen_vl::MatMulInt4 (runtime/backends/ort_int4_kernel.py)."""
+        from . import ort_cache
+
+        writer = self.ort.SessionOptions()
+        writer.log_severity_level = 3
+        for key, value in config.items():
+            if key != _INT4_KERNEL_KEY:
+                writer.add_session_config_entry(key, value)
+        writer.add_session_config_entry("session.disable_prepacking", "1")
+        ort_cache.save_options(writer, tmp, self.ort)
+        self.ort.InferenceSession(str(path), writer, providers=["CPUExecutionProvider"])
+        ort_int4_kernel.rewrite_saved_model(tmp / ort_cache.MODEL)
 
     def _create_ordered(self, path: Path, opts, providers, cache_dir: Path):
         """The graph with the node of its largest weight first, so that ONNX Runtime prepacks it first
@@ -263,6 +300,7 @@ def weights_mapped(opts) -> None:
 
 
 _CACHE_KEYS = ("session.qdq_matmulnbits_accuracy_level", "session.disable_prepacking")
+_INT4_KERNEL_KEY = "qwen_vl.int4_kernel"  # the cache key's part for an entry whose INT4 products are MatMulInt4
 
 
 def session_config(opts) -> dict:
@@ -319,7 +357,7 @@ def ort_providers() -> tuple[str, ...]:
 
 def open_ort(paths: dict, contracts: dict, *, io_binding: bool = True, threads: int = 0,
              cuda_graph: bool = True, kv_in_place: bool = False, int4_accuracy_level: int = 1, mapped=(),
-             cache_dir: Path | None = None, cached=None, prepack_order=(),
+             cache_dir: Path | None = None, cached=None, prepack_order=(), int4_kernel: Path | None = None,
              started: threading.Event | None = None) -> dict:
     """The three ORT sessions; with `cuda_graph` the decoder captures its decode step (CUDA EP only);
     `int4_accuracy_level`: MatMulNBits accuracy level of ONNX Runtime's INT4 fusion (`int4_accuracy`).
@@ -328,7 +366,8 @@ def open_ort(paths: dict, contracts: dict, *, io_binding: bool = True, threads: 
     `mapped`: the graphs (dense weights) that run on memory-mapped weights on the CPU provider (`weights_mapped`);
     `cache_dir`: ONNX Runtime's optimized models cached there (runtime/backends/ort_cache.py), of the graphs named in
     `cached` (None: all); `prepack_order`: the graphs whose largest weight ONNX Runtime prepacks first, through
-    cache_dir (runtime/backends/prepack_order.py).
+    cache_dir (runtime/backends/prepack_order.py); `int4_kernel`: the library of qwen_vl::MatMulInt4, which runs the
+    decoder's INT4 products (fp32 activations) from its cached optimized model (runtime/backends/ort_int4_kernel.py).
     On the CPU provider the sessions are created concurrently (`_open_concurrently`); `started` is set once every
     session's creation has begun (runtime/startup.py loads the tokenizer then)."""
     providers = ort_providers()
@@ -338,6 +377,7 @@ def open_ort(paths: dict, contracts: dict, *, io_binding: bool = True, threads: 
                           resident=_cache_outputs(contracts[name]), threads=threads,
                           graph_capture=cuda_graph and name == "decoder", int4_accuracy_level=int4_accuracy_level,
                           mapped=name in mapped, prepack_order=name in prepack_order,
+                          int4_kernel=int4_kernel if name == "decoder" else None,
                           cache_dir=cache_dir if cached is None or name in cached or name in prepack_order else None)
 
     sessions = _open_concurrently(open_one, list(paths), list(providers) == ["CPUExecutionProvider"], started)

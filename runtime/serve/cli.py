@@ -25,6 +25,7 @@ class RunConfig:
     int4_activations: str | None = None  # None: manifest.json's (model/weight_formats.py)
     ort_cache: str | bool | None = None  # a folder; None: the default cache (runtime/backends/loader.py); False: off
     ort_prepack: bool = True  # False (--ort-weights mapped): dense weights used where they are memory-mapped
+    int4_kernel: str = "auto"  # --int4-kernel: auto (qwen_vl::MatMulInt4 where it runs) | mlas
 
     @classmethod
     def from_args(cls, args: argparse.Namespace) -> "RunConfig":
@@ -41,7 +42,7 @@ class RunConfig:
             raise UserError(f"--{e.field.replace('_', '-')} {e.value}: must be {e.need}") from None
         return cls(args.model_dir, requests, args.backend, args.json, args.ort_graphs, args.device,
                    args.int4_activations, _ort_cache(getattr(args, "ort_cache", None)),
-                   getattr(args, "ort_weights", "prepacked") == "prepacked")
+                   getattr(args, "ort_weights", "prepacked") == "prepacked", getattr(args, "int4_kernel", "auto"))
 
 
 def _ort_cache(value: str | None):
@@ -115,6 +116,10 @@ def parser() -> argparse.ArgumentParser:
                          "they are memory-mapped from the .onnx.data files (start-up in under a second, shared page "
                          "cache; decode about 10%% slower: docs/benchmarks.md). An INT4 decoder is prepacked either "
                          "way")
+    ap.add_argument("--int4-kernel", choices=("auto", "mlas"), default="auto",
+                    help="ONNX Runtime on the CPU, INT4 weights with fp32 activations: auto = our MatMulInt4 kernel "
+                         "(build/ort/libqwen_vl_ort_kernels.so, AVX-512; needs the optimized-graph cache) where it "
+                         "runs, else ONNX Runtime's MatMulNBits; mlas = always MatMulNBits")
     ap.add_argument("--json", action="store_true", help="print one JSON object instead of streaming text")
     return ap
 
@@ -132,7 +137,7 @@ def run(cfg: RunConfig, out=sys.stdout, err=sys.stderr) -> list:
 
     model, pre = load_model_and_preprocessor(cfg.model_dir, cfg.backend, ort_fused=cfg.ort_graphs == "fused",
                                              int4_activations=cfg.int4_activations, ort_cache=cfg.ort_cache,
-                                             ort_prepack=cfg.ort_prepack)
+                                             ort_prepack=cfg.ort_prepack, int4_kernel=cfg.int4_kernel)
     if cfg.device == "cuda":
         require_on_gpu(model.sessions)
     requests = [pre.prepare(r) for r in cfg.requests]

@@ -1,0 +1,64 @@
+// INT4 weight-only products y = x @ dequant(W)^T on the CPU, reading ONNX Runtime's MatMulNBits layout as it is.
+//
+// MLAS's MatMulNBits kernel with fp32 activations (accuracy level 1) widens every weight to fp32 before its product
+// and reaches about a third of the memory bandwidth at M = 1 (docs/benchmarks.md). These kernels dequantize in
+// registers instead: a 16-entry table per (column, block) holds (u - zero_point) * scale for the 16 nibble values,
+// and one AVX-512 permute turns 16 nibbles into their fp32 weights. The products are those of MLAS's dequantized
+// weights (the same fp32 rounding of (u - zp) * s); only the order of the sums differs.
+#pragma once
+
+#include <cstddef>
+#include <cstdint>
+
+namespace qwen_vl
+{
+
+//! One MatMulNBits weight of 4 bits, as the contrib op stores it (onnxruntime ContribOperators.md).
+struct Int4Weight
+{
+    const uint8_t* packed;     //!< [N, K / block, block / 2]: byte i of a block holds k = 2i (low nibble), 2i + 1 (high)
+    const float* scales;       //!< [N, K / block]
+    const uint8_t* zeroPoints; //!< [N, ceil(K / block / 2)], 4 bits each, low nibble first; nullptr: 8 everywhere
+    int64_t n;                 //!< output features N
+    int64_t k;                 //!< input features K, a multiple of block
+    int64_t block;             //!< quantization block along K: 32, 64, 128 or 256
+};
+
+//! One product: y [M, N] = x [M, K] @ dequant(weight) [K, N], fp32 row-major x and y.
+struct Int4Product
+{
+    const float* x;
+    float* y;
+    int64_t m;
+    Int4Weight weight;
+};
+
+//! The parallel-for a kernel runs its tasks with: fn(arg, i) for i in [0, count), in any order and any thread.
+using ParallelFor = void (*)(void* runner, void (*fn)(void*, size_t), size_t count, void* arg);
+
+//! y = x @ dequant(W) with the fastest kernel this CPU has. Needs scratch it allocates itself.
+void matMulInt4(const Int4Product& product, ParallelFor parallelFor, void* runner);
+
+//! Whether matMulInt4 has a vectorized kernel on this CPU (AVX-512F); when not, it runs matMulInt4Reference,
+//! which is correct and slow, and callers should prefer MLAS's kernel.
+bool matMulInt4Vectorized();
+
+//! The scalar definition: y[m, n] = sum_k x[m, k] * ((u[n, k] - zp[n, k / block]) * scale[n, k / block]).
+void matMulInt4Reference(const Int4Product& product);
+
+//! The AVX-512 kernels (matMulInt4Avx512.cpp, built with -mavx512f).
+void matMulInt4Avx512(const Int4Product& product, ParallelFor parallelFor, void* runner);
+
+//! The zero point of (column, block): 8 when the weight has none.
+inline int32_t int4ZeroPoint(const Int4Weight& w, int64_t column, int64_t block)
+{
+    if (w.zeroPoints == nullptr)
+    {
+        return 8;
+    }
+    const int64_t blocks = w.k / w.block;
+    const uint8_t byte = w.zeroPoints[column * ((blocks + 1) / 2) + block / 2];
+    return (block % 2 == 0) ? (byte & 0x0F) : (byte >> 4);
+}
+
+} // namespace qwen_vl
