@@ -1,9 +1,13 @@
 """INT4 decode products on ONNX Runtime's CPU provider: MatMulNBits accuracy level x block size x layout x zero
-points, one token (M = 1), the shapes of the decoder's linears (a script: which INT4 export defaults to ship).
+points, one token (M = 1, or `--m` rows: a prefill), the shapes of the decoder's linears (a script: which INT4
+export defaults to ship, and how our qwen_vl::MatMulInt4 kernel compares).
 
   python bench/bench_matmulnbits.py [--layers 4] [--hidden 2048] [--inter 6144] [--q 2048] [--kv 1024]
-      [--vocab 151936] [--blocks 32 64 128] [--levels 0 1 4] [--threads 2] [--rounds 5] [--calls 10]
-      [--layouts split fused] [--zero-points no yes] [--lm-head]
+      [--vocab 151936] [--blocks 32 64 128] [--levels 0 1 4 ours] [--threads 2] [--rounds 5] [--calls 10]
+      [--layouts split fused] [--zero-points no yes] [--lm-head] [--m 1]
+
+`--levels ours`: the same graph with its nodes renamed to qwen_vl::MatMulInt4 (runtime/backends/ort_int4_kernel.py,
+fp32 activations; needs build/ort/libqwen_vl_ort_kernels.so).
 
 Each configuration is one graph of `--layers` decoder layers' products as com.microsoft.MatMulNBits nodes in the
 layout export/int4.py writes (B uint8 [N, K/B, B/2], scales fp32 [N * K/B]; no zero-point input = the kernel's
@@ -66,10 +70,10 @@ def nbits_graph(path: Path, prods, block: int, zero_points: bool, rng) -> tuple[
             zp = np.full(n * ((k // block + 1) // 2), 0x88, np.uint8)
             inits.append(numpy_helper.from_array(zp, f"{name}.zp"))
             inputs.append(f"{name}.zp")
-        ins[k] = helper.make_tensor_value_info(f"x{k}", TensorProto.FLOAT, [1, k])
+        ins[k] = helper.make_tensor_value_info(f"x{k}", TensorProto.FLOAT, ["m", k])
         nodes.append(helper.make_node("MatMulNBits", inputs, [f"y_{name}"], name=name, domain="com.microsoft",
                                       K=k, N=n, bits=4, block_size=block))
-        outs.append(helper.make_tensor_value_info(f"y_{name}", TensorProto.FLOAT, [1, n]))
+        outs.append(helper.make_tensor_value_info(f"y_{name}", TensorProto.FLOAT, ["m", n]))
     graph = helper.make_graph(nodes, "nbits", list(ins.values()), outs, inits)
     model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 21), helper.make_opsetid("com.microsoft", 1)])
     onnx.save_model(model, str(path), save_as_external_data=True, location=path.name + ".data")
@@ -83,17 +87,27 @@ def dequantized(packed, scales, block: int) -> np.ndarray:
     return (q * scales[..., None].astype(np.float64)).reshape(n, nb * block).T
 
 
-def session(path: Path, level: int, threads: int):
-    """A session whose MatMulNBits nodes all run at `level` (the attribute is set in a copy of the graph)."""
+def session(path: Path, level: str, threads: int):
+    """A session whose MatMulNBits nodes all run at `level` (the attribute is set in a copy of the graph), or, for
+    level "ours", as qwen_vl::MatMulInt4."""
     import onnx
     import onnxruntime as ort
 
+    from qwen_vl_trt.runtime.backends import ort_int4_kernel
+
     model = onnx.load(str(path), load_external_data=False)
     for node in model.graph.node:
-        node.attribute.append(onnx.helper.make_attribute("accuracy_level", level))
+        node.attribute.append(onnx.helper.make_attribute("accuracy_level", 1 if level == "ours" else int(level)))
+    opts = ort.SessionOptions()
+    if level == "ours":
+        library = ort_int4_kernel.library()
+        if library is None:
+            raise SystemExit("--levels ours: build/ort/libqwen_vl_ort_kernels.so is not built (bash "
+                             "plugins/ortMatMulInt4/build.sh) or this CPU has no AVX-512F")
+        assert ort_int4_kernel.rename_matmul_nbits(model) == len(model.graph.node)
+        opts.register_custom_ops_library(str(library))
     leveled = path.with_name(f"{path.stem}.l{level}.onnx")
     onnx.save_model(model, str(leveled))
-    opts = ort.SessionOptions()
     opts.intra_op_num_threads = threads
     return ort.InferenceSession(str(leveled), opts, providers=["CPUExecutionProvider"])
 
@@ -107,7 +121,8 @@ def main(argv=None) -> int:
     ap.add_argument("--kv", type=int, default=1024)
     ap.add_argument("--vocab", type=int, default=151936)
     ap.add_argument("--blocks", type=int, nargs="+", default=[32, 64, 128])
-    ap.add_argument("--levels", type=int, nargs="+", default=[0, 1, 4])
+    ap.add_argument("--levels", nargs="+", default=["0", "1", "4"], choices=["0", "1", "2", "3", "4", "ours"])
+    ap.add_argument("--m", type=int, default=1, help="rows of the activations (1: a decode step)")
     ap.add_argument("--layouts", nargs="*", default=["split", "fused"], choices=["split", "fused"])
     ap.add_argument("--zero-points", nargs="+", default=["no"], choices=["no", "yes"])
     ap.add_argument("--lm-head", action="store_true", help="also lm_head alone, per block and zero points")
@@ -125,7 +140,7 @@ def main(argv=None) -> int:
             prods = ([("lm_head", args.hidden, args.vocab)] if lay == "lm_head" else
                      products(lay, args.hidden, args.inter, args.q, args.kv, args.layers))
             path, weights = nbits_graph(Path(tmp) / f"{lay}_b{block}_zp{zp}.onnx", prods, block, zp == "yes", rng)
-            feeds = {f"x{k}": rng.standard_normal((1, k), np.float32) for _, k, _ in prods}
+            feeds = {f"x{k}": rng.standard_normal((args.m, k), np.float32) for _, k, _ in prods}
             name, k, _ = prods[-1]
             ref = feeds[f"x{k}"].astype(np.float64) @ dequantized(*weights[name], block)
             del weights
@@ -142,7 +157,7 @@ def main(argv=None) -> int:
                 for _ in range(args.calls):
                     sess.run(None, feeds)
                 times[key].append((time.perf_counter() - t0) * 1e3 / args.calls)
-    print(f"# MatMulNBits (INT4, M = 1), ONNX Runtime CPU -- {utc_now()}")
+    print(f"# MatMulNBits (INT4, M = {args.m}), ONNX Runtime CPU -- {utc_now()}")
     print(f"machine: {machine()}; {args.threads} threads; {args.layers} layers of hidden {args.hidden}, MLP "
           f"{args.inter}, q {args.q}, kv {args.kv}; lm_head vocab {args.vocab}")
     print(f"command: python bench/bench_matmulnbits.py {' '.join(argv if argv is not None else sys.argv[1:])}\n")

@@ -78,7 +78,7 @@ def one_node_session(domain: str, op: str, packed, scales, zp, block: int, rank:
 
 
 @pytest.mark.parametrize("zero_points", [False, True])
-@pytest.mark.parametrize("block", [32, 64, 128])
+@pytest.mark.parametrize("block", [32, 64, 128, 256])
 @pytest.mark.parametrize("m", [1, 2, 47, 100])
 def test_matmul_int4_equals_the_definition_and_matmul_nbits(m, block, zero_points):
     """M = 1 (the decode kernel) and M > 1 (the prefill kernel, with 48-row tiles and their 16- and 32-row tails)."""

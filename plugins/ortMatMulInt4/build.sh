@@ -50,6 +50,8 @@ mkdir -p "$OUT/obj"
 FLAGS="-std=c++17 -O3 -fPIC -fvisibility=hidden -fvisibility-inlines-hidden -Wall -Wextra -I$SRC -I$ORT_INC"
 "$CXX" $FLAGS -c "$SRC/matMulInt4Kernel.cpp" -o "$OUT/obj/matMulInt4Kernel.o"
 "$CXX" $FLAGS -mavx512f -Wno-uninitialized -Wno-maybe-uninitialized -c "$SRC/matMulInt4Avx512.cpp" -o "$OUT/obj/matMulInt4Avx512.o"
+"$CXX" $FLAGS -mavx512f -mavx512bw -mavx512vnni -Wno-uninitialized -Wno-maybe-uninitialized -c "$SRC/matMulInt4Vnni.cpp" \
+  -o "$OUT/obj/matMulInt4Vnni.o"
 "$CXX" $FLAGS -c "$SRC/matMulInt4Op.cpp" -o "$OUT/obj/matMulInt4Op.o"
 "$CXX" -shared -o "$LIB.tmp" "$OUT"/obj/matMulInt4*.o -Wl,--no-undefined -Wl,-z,defs
 mv "$LIB.tmp" "$LIB"

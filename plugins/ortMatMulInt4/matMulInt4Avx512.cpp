@@ -3,7 +3,12 @@
 // Both kernels take K in a permuted order inside every run of 32 (one 16-byte chunk of packed weights): the 16 low
 // nibbles (k = 0, 2, ..., 30) first, then the 16 high nibbles (k = 1, 3, ..., 31). The weights dequantize into that
 // order with no shuffle, and the activations are permuted to match once per call.
-//   M = 1 (decode): gemv. Four columns side by side, each 16-byte chunk -> 2 x 16 weights by a table permute -> 2 FMAs.
+//   M = 1 (decode): gemv. Four columns side by side. Without zero points (symmetric weights, our exports) and K a
+//   multiple of 128, a column's 64 bytes (128 weights) are one load: lane L of the 16 dwords holds k = 8L .. 8L + 7,
+//   so nibble t of every lane is 16 weights (k = 8L + t) taken by two shifts and a conversion, with no shuffle, and
+//   one FMA each (gemvSymmetric: x is permuted to that order instead); the scales of the 128 weights' blocks are
+//   applied per lane once per 128. Otherwise each 16-byte chunk -> 2 x 16 weights by a table permute -> 2 FMAs
+//   (gemvColumns, in the 32-order above).
 //   M > 1 (prefill): gemm. A task dequantizes 16 columns into an fp32 panel in L2, then a 48 x 4 register tile runs
 //   over K with the rows of x^T as vectors and the panel's weights broadcast.
 #include "matMulInt4Kernel.h"
@@ -174,6 +179,7 @@ struct Job
     const Int4Product* product;
     const float* permuted; //!< x k-permuted: [K] (gemv) or x^T [K, ldm] (gemm)
     int64_t ldm;
+    const Int4SpanDigits* digits; //!< x as gemvDigits takes it
 };
 
 void gemvTask(void* arg, size_t task)
@@ -191,6 +197,14 @@ void gemvTask(void* arg, size_t task)
     {
         gemvColumns<1>(w, job.permuted, n, job.product->y);
     }
+}
+
+void gemvDigitsTask(void* arg, size_t task)
+{
+    const Job& job = *static_cast<const Job*>(arg);
+    const Int4Weight& w = job.product->weight;
+    const int64_t n0 = static_cast<int64_t>(task) * kGemvTaskColumns;
+    gemvDigits(w, job.digits, n0, std::min(w.n, n0 + kGemvTaskColumns), job.product->y);
 }
 
 void gemmTask(void* arg, size_t task)
@@ -242,13 +256,25 @@ void matMulInt4Avx512(const Int4Product& product, ParallelFor parallelFor, void*
 {
     const Int4Weight& w = product.weight;
     thread_local std::vector<float> permuted;
-    Job job{&product, nullptr, 1};
+    Job job{&product, nullptr, 1, nullptr};
+    const size_t tasks = static_cast<size_t>((w.n + kGemvTaskColumns - 1) / kGemvTaskColumns);
+    if (product.m == 1 && matMulInt4HasVnni() && int4DigitsRun(w))
+    {
+        thread_local std::vector<Int4SpanDigits> digits;
+        digits.resize(static_cast<size_t>(w.k / 128));
+        if (int4Digits(product.x, w.k, digits.data()))
+        {
+            job.digits = digits.data();
+            parallelFor(runner, gemvDigitsTask, tasks, &job);
+            return;
+        }
+    }
     if (product.m == 1)
     {
         permuted.resize(static_cast<size_t>(w.k));
         permuteActivations(product.x, 1, w.k, 1, permuted.data());
         job.permuted = permuted.data();
-        parallelFor(runner, gemvTask, static_cast<size_t>((w.n + kGemvTaskColumns - 1) / kGemvTaskColumns), &job);
+        parallelFor(runner, gemvTask, tasks, &job);
         return;
     }
     job.ldm = (product.m + 15) / 16 * 16; // a tile reads whole vectors of rows: up to M rounded up to 16

@@ -14,6 +14,16 @@ bool matMulInt4Vectorized()
     return vectorized;
 }
 
+bool matMulInt4HasVnni()
+{
+    static const bool vnni = []
+    {
+        __builtin_cpu_init();
+        return __builtin_cpu_supports("avx512vnni") != 0 && __builtin_cpu_supports("avx512bw") != 0;
+    }();
+    return vnni;
+}
+
 void matMulInt4Reference(const Int4Product& p)
 {
     const Int4Weight& w = p.weight;

@@ -49,6 +49,28 @@ void matMulInt4Reference(const Int4Product& product);
 //! The AVX-512 kernels (matMulInt4Avx512.cpp, built with -mavx512f).
 void matMulInt4Avx512(const Int4Product& product, ParallelFor parallelFor, void* runner);
 
+//! x of one run of 128 k for gemvDigits (matMulInt4Vnni.cpp): per lane L (k = 8L .. 8L + 7) a power-of-two scale and
+//! the three int8 digits of x / scale, laid out as the packed weights' nibbles (digit[r][0]: even k, the low
+//! nibbles; digit[r][1]: odd k), and 8 * the sum of the lane's integers (the zero point's share).
+struct alignas(64) Int4SpanDigits
+{
+    int8_t digit[3][2][64];
+    int32_t zeroPointSum[16];
+    float scale[16];
+};
+
+//! Whether gemvDigits runs a weight: no zero points (8 everywhere), K a multiple of 128, blocks of 32 or more.
+inline bool int4DigitsRun(const Int4Weight& w)
+{
+    return w.zeroPoints == nullptr && w.k % 128 == 0 && w.block >= 32;
+}
+//! x [K] -> its digits (K / 128 spans); false when x has an infinity or NaN (the fp32 kernels run it then).
+bool int4Digits(const float* x, int64_t k, Int4SpanDigits* spans);
+//! y[n0 .. n1) of a one-row product (AVX512-VNNI).
+void gemvDigits(const Int4Weight& w, const Int4SpanDigits* spans, int64_t n0, int64_t n1, float* y);
+//! Whether this CPU has AVX512-VNNI and AVX512BW (gemvDigits).
+bool matMulInt4HasVnni();
+
 //! The zero point of (column, block): 8 when the weight has none.
 inline int32_t int4ZeroPoint(const Int4Weight& w, int64_t column, int64_t block)
 {
