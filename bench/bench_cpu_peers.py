@@ -112,8 +112,12 @@ SYSTEMS = [
            "ours-dense", {"prepack": "0"}),
     # INT4: each activation type with its own export, since the default block differs (fp32: 32, int8: 128;
     # model/weight_formats.py DEFAULT_INT4_BLOCK); the int8 export's manifest says int8 (what trt-run then uses)
-    System("ours-int4", "ours `--weights int4`, fp32 activations (block 32)", None, "run_ours.py", "ours-int4",
-           exact=False),
+    System("ours-int4", "ours `--weights int4`, fp32 activations (block 32; qwen_vl::MatMulInt4)", None, "run_ours.py",
+           "ours-int4", exact=False),
+    System("ours-int4-b128", "ours `--weights int4 --int4-block-size 128`, fp32 activations (qwen_vl::MatMulInt4)",
+           None, "run_ours.py", "ours-int4-b128", exact=False),
+    System("ours-int4-mlas", "ours `--weights int4 --int4-kernel mlas` (block 32; MatMulNBits level 1)", None,
+           "run_ours.py", "ours-int4", {"int4_kernel": "mlas"}, exact=False),
     System("ours-int4-a8", "ours `--weights int4 --int4-activations int8` (block 128)", None, "run_ours.py",
            "ours-int4-a8", exact=False),
     System("ours-fp32-cached", "ours fp32, warm `--ort-cache` (all three graphs)", None, "run_ours.py",
@@ -209,8 +213,10 @@ class Builder:
         names = {s.name for s in systems}
         if names & {"ours-fp32", "ours-fp32-mapped", "ours-fp32-cached", "ortgenai-fp32", "ortgenai-int4"}:
             self.ours("dense")
-        if names & {"ours-int4", "ours-int4-cached"}:
+        if names & {"ours-int4", "ours-int4-mlas", "ours-int4-cached"}:
             self.ours("int4")
+        if "ours-int4-b128" in names:
+            self.ours("int4", "b128", ["--int4-block-size", "128"])
         if "ours-int4-a8" in names:
             self.ours("int4", "a8", ["--int4-activations", "int8"])
         for p in ("fp32", "int4"):

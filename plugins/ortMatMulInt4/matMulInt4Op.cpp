@@ -16,6 +16,7 @@
 
 #include "matMulInt4Kernel.h"
 
+#include <cstdlib>
 #include <mutex>
 #include <stdexcept>
 #include <string>
@@ -35,7 +36,8 @@ struct OrtRunner
 
 void ortParallelFor(void* runner, void (*fn)(void*, size_t), size_t count, void* arg)
 {
-    static_cast<OrtRunner*>(runner)->context->ParallelFor(fn, count, 0, arg);
+    static const size_t batches = getenv("QB") ? atoi(getenv("QB")) : 0;
+    static_cast<OrtRunner*>(runner)->context->ParallelFor(fn, count, batches, arg);
 }
 
 class MatMulInt4Kernel

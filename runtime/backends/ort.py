@@ -109,6 +109,7 @@ class OrtSession:
             load, tmp = ort_cache.cached_model(cache_dir, path, providers, config, self.ort.__version__)
         except OSError:  # a cache folder that cannot be made (read-only, full): run without the cache
             return self._create(path, opts, providers, graph_capture)
+        renamed_now = False  # a miss with int4_kernel: the entry is written (renamed) first, then loaded like a hit
         if tmp is not None and self.int4_kernel is not None:
             try:
                 self._write_renamed_entry(path, tmp, config)
@@ -117,11 +118,10 @@ class OrtSession:
                 return self._create(path, opts, providers, graph_capture)
             ort_cache.commit(tmp, cache_dir, path, providers, config, self.ort.__version__)
             load, tmp = ort_cache.cached_model(cache_dir, path, providers, config, self.ort.__version__)
-            self.cache_hit = False
-            if tmp is not None:  # the entry could not be renamed into place: write it the usual way
+            if tmp is not None:  # the entry could not be renamed into place: the graph as exported
                 ort_cache.discard(tmp)
                 return self._create(path, opts, providers, graph_capture)
-            return self._create(load, opts, providers, graph_capture)
+            renamed_now = True
         if tmp is not None:
             ort_cache.save_options(opts, tmp, self.ort)
         try:
@@ -135,7 +135,7 @@ class OrtSession:
             return self._create(path, opts, providers, graph_capture)
         if tmp is not None:
             ort_cache.commit(tmp, cache_dir, path, providers, config, self.ort.__version__)
-        self.cache_hit = tmp is None
+        self.cache_hit = tmp is None and not renamed_now
         return sess
 
     def _write_renamed_entry(self, path: Path, tmp: Path, config: dict) -> None:

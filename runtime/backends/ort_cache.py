@@ -10,6 +10,8 @@ The key is a sha256 over everything that decides what ONNX Runtime's optimizer w
   each by name, size and mtime (a re-export rewrites them);
 - ONNX Runtime's version, the providers in order, the session config entries set on the session (e.g. the
   MatMulNBits accuracy level, which the DequantizeLinear + MatMul -> MatMulNBits fusion bakes in).
+- `qwen_vl.int4_kernel`: an INT4 decoder whose MatMulNBits nodes runtime/backends/ort_int4_kernel.py renamed to our
+  qwen_vl::MatMulInt4 has its own entry (ort.OrtSession writes it with a session that only optimizes, then renames).
 The intra-op thread count is not part of it: neither the optimized graph nor prepack_order.py's reordered graph
 depends on it (no prepacked blob is cached, see below).
 The optimized model is saved at ORT_ENABLE_EXTENDED (hardware-independent: ONNX Runtime's layout
