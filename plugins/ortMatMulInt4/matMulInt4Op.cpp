@@ -16,7 +16,6 @@
 
 #include "matMulInt4Kernel.h"
 
-#include <cstdlib>
 #include <mutex>
 #include <stdexcept>
 #include <string>
@@ -36,8 +35,7 @@ struct OrtRunner
 
 void ortParallelFor(void* runner, void (*fn)(void*, size_t), size_t count, void* arg)
 {
-    static const size_t batches = getenv("QB") ? atoi(getenv("QB")) : 0;
-    static_cast<OrtRunner*>(runner)->context->ParallelFor(fn, count, batches, arg);
+    static_cast<OrtRunner*>(runner)->context->ParallelFor(fn, count, 0, arg); // 0: ONNX Runtime splits the tasks
 }
 
 class MatMulInt4Kernel
