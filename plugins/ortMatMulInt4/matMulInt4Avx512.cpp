@@ -9,7 +9,7 @@
 //   one FMA each (gemvSymmetric: x is permuted to that order instead); the scales of the 128 weights' blocks are
 //   applied per lane once per 128. Otherwise each 16-byte chunk -> 2 x 16 weights by a table permute -> 2 FMAs
 //   (gemvColumns, in the 32-order above).
-//   M > 1 (prefill): gemm. A task dequantizes 16 columns into an fp32 panel in L2, then a 48 x 4 register tile runs
+//   M > 1 (prefill): gemm. A task dequantizes 16 columns into an fp32 panel in L2, then a 48 x 8 register tile runs
 //   over K with the rows of x^T as vectors and the panel's weights broadcast.
 #include "matMulInt4Kernel.h"
 
@@ -27,7 +27,7 @@ namespace
 constexpr int64_t kChunk = 32;           //!< k values in one 16-byte chunk of packed weights
 constexpr int64_t kGemvTaskColumns = 64; //!< columns per parallel task at M = 1
 constexpr int64_t kGemmTaskColumns = 16; //!< columns per parallel task at M > 1 (one dequantized panel)
-constexpr int64_t kTileColumns = 4;      //!< columns of the gemm register tile
+constexpr int64_t kTileColumns = 8;      //!< columns of the gemm register tile
 constexpr int64_t kTileRows = 48;        //!< rows of the gemm register tile (3 vectors)
 
 //! The 16 fp32 weights of the nibble values 0..15 in (column, block): (u - zero point) * scale.
@@ -137,7 +137,7 @@ void dequantizePanel(const Int4Weight& w, int64_t n0, float* panel)
     }
 }
 
-//! tile[j][r] = sum_k xT[k][r] * panel[j][k] for R x 16 rows and 4 columns.
+//! tile[j][r] = sum_k xT[k][r] * panel[j][k] for R x 16 rows and kTileColumns (8) columns: 24 accumulators at R = 3.
 template <int R>
 void gemmTile(const float* xT, int64_t ldm, const float* panel, int64_t k, float* tile)
 {
