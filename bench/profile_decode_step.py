@@ -85,7 +85,8 @@ def main(argv=None) -> int:
         b = wb.get(name, 0)
         print(f"| {name} | {op} | {us / 1e3:.2f} | {b / 1e6:.0f} | {b / us / 1e3:.1f} |" if b else
               f"| {name} | {op} | {us / 1e3:.2f} | - | - |")
-    mm = [(n, us) for (n, op), us in per_node.items() if op in ("MatMul", "Gemm", "MatMulNBits", "MatMulInt4", "FusedMatMul")]
+    products = ("MatMul", "Gemm", "MatMulNBits", "MatMulInt4", "FusedMatMul")
+    mm = [(n, us) for (n, op), us in per_node.items() if op in products]
     b = sum(wb.get(n, 0) for n, _ in mm)
     t = sum(us for _, us in mm)
     print(f"\nall weight products: {b / 1e9:.2f} GB in {t / 1e3:.1f} ms a step = {b / t / 1e3:.1f} GB/s")

@@ -41,7 +41,8 @@ if [ "${1:-}" != "--force" ] && [ -f "$LIB" ] && \
 fi
 case "$(uname -m)" in
   x86_64) ;;
-  *) echo "ort kernels: skipped on $(uname -m) (AVX-512 kernels only; ONNX Runtime's MatMulNBits runs instead)"; exit 0 ;;
+  *) echo "ort kernels: skipped on $(uname -m) (AVX-512 kernels only; ONNX Runtime's MatMulNBits runs instead)"
+     exit 0 ;;
 esac
 
 # -Wno-(maybe-)uninitialized: GCC 12 flags its own _mm512_undefined_ps inside avx512fintrin.h
@@ -49,9 +50,9 @@ ORT_INC="$(find_ort_include)"
 mkdir -p "$OUT/obj"
 FLAGS="-std=c++17 -O3 -fPIC -fvisibility=hidden -fvisibility-inlines-hidden -Wall -Wextra -I$SRC -I$ORT_INC"
 "$CXX" $FLAGS -c "$SRC/matMulInt4Kernel.cpp" -o "$OUT/obj/matMulInt4Kernel.o"
-"$CXX" $FLAGS -mavx512f -Wno-uninitialized -Wno-maybe-uninitialized -c "$SRC/matMulInt4Avx512.cpp" -o "$OUT/obj/matMulInt4Avx512.o"
-"$CXX" $FLAGS -mavx512f -mavx512bw -mavx512vnni -Wno-uninitialized -Wno-maybe-uninitialized -c "$SRC/matMulInt4Vnni.cpp" \
-  -o "$OUT/obj/matMulInt4Vnni.o"
+AVX512="-mavx512f -Wno-uninitialized -Wno-maybe-uninitialized"
+"$CXX" $FLAGS $AVX512 -c "$SRC/matMulInt4Avx512.cpp" -o "$OUT/obj/matMulInt4Avx512.o"
+"$CXX" $FLAGS $AVX512 -mavx512bw -mavx512vnni -c "$SRC/matMulInt4Vnni.cpp" -o "$OUT/obj/matMulInt4Vnni.o"
 "$CXX" $FLAGS -c "$SRC/matMulInt4Op.cpp" -o "$OUT/obj/matMulInt4Op.o"
 "$CXX" -shared -o "$LIB.tmp" "$OUT"/obj/matMulInt4*.o -Wl,--no-undefined -Wl,-z,defs
 mv "$LIB.tmp" "$LIB"

@@ -16,7 +16,8 @@ namespace qwen_vl
 //! One MatMulNBits weight of 4 bits, as the contrib op stores it (onnxruntime ContribOperators.md).
 struct Int4Weight
 {
-    const uint8_t* packed;     //!< [N, K / block, block / 2]: byte i of a block holds k = 2i (low nibble), 2i + 1 (high)
+    //! [N, K / block, block / 2]: byte i of a block holds k = 2i (low nibble) and 2i + 1 (high nibble)
+    const uint8_t* packed;
     const float* scales;       //!< [N, K / block]
     const uint8_t* zeroPoints; //!< [N, ceil(K / block / 2)], 4 bits each, low nibble first; nullptr: 8 everywhere
     int64_t n;                 //!< output features N
