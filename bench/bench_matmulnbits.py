@@ -4,10 +4,11 @@ export defaults to ship, and how our qwen_vl::MatMulInt4 kernel compares).
 
   python bench/bench_matmulnbits.py [--layers 4] [--hidden 2048] [--inter 6144] [--q 2048] [--kv 1024]
       [--vocab 151936] [--blocks 32 64 128] [--levels 0 1 4 ours] [--threads 2] [--rounds 5] [--calls 10]
-      [--layouts split fused] [--zero-points no yes] [--lm-head] [--m 1]
+      [--layouts split fused down gate_up] [--zero-points no yes] [--lm-head] [--m 1]
 
 `--levels ours`: the same graph with its nodes renamed to qwen_vl::MatMulInt4 (runtime/backends/ort_int4_kernel.py,
-fp32 activations; needs build/ort/libqwen_vl_ort_kernels.so).
+fp32 activations; needs build/ort/libqwen_vl_ort_kernels.so). `ours=LIB` loads the op from the library LIB instead
+(two builds of the kernel timed round robin in one run: `--levels ours ours=/tmp/variant.so`).
 
 Each configuration is one graph of `--layers` decoder layers' products as com.microsoft.MatMulNBits nodes in the
 layout export/int4.py writes (B uint8 [N, K/B, B/2], scales fp32 [N * K/B]; no zero-point input = the kernel's
@@ -15,6 +16,7 @@ default 8, i.e. symmetric):
 - `split`: q, k, v, o, gate, up, down: seven products per layer (what decoder.onnx holds);
 - `fused`: q|k|v as one product of width q + 2 kv, gate|up as one of width 2 * inter, o, down: four per layer
   (export/int4.py `fuse_int4_products` on decoder.ort.onnx);
+- `down`, `gate_up`: only that product of each layer (one shape, to time a kernel on it);
 - `--zero-points yes`: the same with an explicit packed uint4 zero point 8 per block.
 `--lm-head`: one more graph per (block, zero points): lm_head alone ([1, hidden] @ [hidden, vocab]).
 
@@ -49,7 +51,8 @@ def products(layout: str, hidden: int, inter: int, q: int, kv: int, layers: int)
     per = {"split": [("q", hidden, q), ("k", hidden, kv), ("v", hidden, kv), ("o", q, hidden),
                      ("gate", hidden, inter), ("up", hidden, inter), ("down", inter, hidden)],
            "fused": [("qkv", hidden, q + 2 * kv), ("o", q, hidden), ("gate_up", hidden, 2 * inter),
-                     ("down", inter, hidden)]}[layout]
+                     ("down", inter, hidden)],
+           "down": [("down", inter, hidden)], "gate_up": [("gate_up", hidden, 2 * inter)]}[layout]
     return [(f"l{i}.{n}", k, nn) for i in range(layers) for n, k, nn in per]
 
 
@@ -89,7 +92,7 @@ def dequantized(packed, scales, block: int) -> np.ndarray:
 
 def session(path: Path, level: str, threads: int):
     """A session whose MatMulNBits nodes all run at `level` (the attribute is set in a copy of the graph), or, for
-    level "ours", as qwen_vl::MatMulInt4."""
+    level "ours", as qwen_vl::MatMulInt4 (level "ours=LIB": from the library LIB, e.g. a variant build to A/B)."""
     import onnx
     import onnxruntime as ort
 
@@ -97,19 +100,31 @@ def session(path: Path, level: str, threads: int):
 
     model = onnx.load(str(path), load_external_data=False)
     for node in model.graph.node:
-        node.attribute.append(onnx.helper.make_attribute("accuracy_level", 1 if level == "ours" else int(level)))
+        node.attribute.append(onnx.helper.make_attribute("accuracy_level", 1 if ours(level) else int(level)))
     opts = ort.SessionOptions()
-    if level == "ours":
-        library = ort_int4_kernel.library()
+    if ours(level):
+        library = Path(level.split("=", 1)[1]) if "=" in level else ort_int4_kernel.library()
         if library is None:
             raise SystemExit("--levels ours: build/ort/libqwen_vl_ort_kernels.so is not built (bash "
                              "plugins/ortMatMulInt4/build.sh) or this CPU has no AVX-512F")
         assert ort_int4_kernel.rename_matmul_nbits(model) == len(model.graph.node)
         opts.register_custom_ops_library(str(library))
-    leveled = path.with_name(f"{path.stem}.l{level}.onnx")
+    leveled = path.with_name(f"{path.stem}.l{len(list(path.parent.glob(path.stem + '.l*')))}.onnx")
     onnx.save_model(model, str(leveled))
     opts.intra_op_num_threads = threads
     return ort.InferenceSession(str(leveled), opts, providers=["CPUExecutionProvider"])
+
+
+def ours(level: str) -> bool:
+    """Whether `level` names our kernel: "ours" (build/ort's library) or "ours=LIB"."""
+    return level == "ours" or level.startswith("ours=")
+
+
+def level_name(level: str) -> str:
+    """A --levels value that parses: 0-4, ours, or ours=PATH to a library."""
+    if level in ("0", "1", "2", "3", "4") or ours(level):
+        return level
+    raise argparse.ArgumentTypeError(f"{level!r}: a level is 0-4, ours or ours=PATH")
 
 
 def main(argv=None) -> int:
@@ -121,9 +136,11 @@ def main(argv=None) -> int:
     ap.add_argument("--kv", type=int, default=1024)
     ap.add_argument("--vocab", type=int, default=151936)
     ap.add_argument("--blocks", type=int, nargs="+", default=[32, 64, 128])
-    ap.add_argument("--levels", nargs="+", default=["0", "1", "4"], choices=["0", "1", "2", "3", "4", "ours"])
+    ap.add_argument("--levels", nargs="+", default=["0", "1", "4"], type=level_name,
+                    help="MatMulNBits accuracy levels 0-4; ours = qwen_vl::MatMulInt4 (build/ort's library); "
+                         "ours=LIB: the same from the library LIB (same-run A/B of two builds)")
     ap.add_argument("--m", type=int, default=1, help="rows of the activations (1: a decode step)")
-    ap.add_argument("--layouts", nargs="*", default=["split", "fused"], choices=["split", "fused"])
+    ap.add_argument("--layouts", nargs="*", default=["split", "fused"], choices=["split", "fused", "down", "gate_up"])
     ap.add_argument("--zero-points", nargs="+", default=["no"], choices=["no", "yes"])
     ap.add_argument("--lm-head", action="store_true", help="also lm_head alone, per block and zero points")
     ap.add_argument("--threads", type=int, default=2)
@@ -166,7 +183,7 @@ def main(argv=None) -> int:
     print("|---|---|---|---|---|---|---|")
     first = {}
     for (lay, block, zp, level), ts in times.items():
-        base = first.setdefault("lm_head" if lay == "lm_head" else "layers", ts)
+        base = first.setdefault("layers" if lay in ("split", "fused") else lay, ts)
         ratio = statistics.median(t / b for t, b in zip(ts, base))
         print(f"| {lay} | {block} | {zp} | {level} | {statistics.median(ts):.2f} ({min(ts):.2f}-{max(ts):.2f}) | "
               f"{ratio:.2f} | {errors[(lay, block, zp, level)]:.1e} |")

@@ -183,14 +183,15 @@ def _timings(request, result, t0, t_vision, t_first, t_end, backend) -> dict:
 
 def load_model(directory, backend: str = "auto", *, io_binding: bool = True, threads: int = 0,
                cuda_graph: bool = True, ort_fused: bool = True, int4_activations: str | None = None,
-               ort_cache=None, ort_prepack: bool = True, int4_kernel: str = "auto", started=None) -> Model:
+               ort_cache=None, ort_prepack: bool = True, int4_kernel: str = "auto", dense_kernel: str = "auto",
+               started=None) -> Model:
     """Read and verify ARTIFACTS/manifest.json, then open the three sessions of `backend` (auto picks
     TensorRT when the engines exist and a TensorRT runtime and a GPU can run them, else ONNX Runtime).
     `io_binding` False: ONNX Runtime with plain numpy feeds (runtime/backends/decode_io.py HostIO); `cuda_graph` False:
     no CUDA graph capture of the decode step; `ort_fused` False: ONNX Runtime runs decoder.onnx instead of
     decoder.ort.onnx (export/ort_fused.py); `int4_activations` fp32 | int8: overrides manifest.json's for ONNX
     Runtime's INT4 MatMulNBits (runtime/backends/ort.py `int4_accuracy`);
-    `ort_cache`, `ort_prepack`, `int4_kernel`, `started`: runtime/backends/loader.py open_sessions."""
+    `ort_cache`, `ort_prepack`, `int4_kernel`, `dense_kernel`, `started`: runtime/backends/loader.py open_sessions."""
     from qwen_vl_trt.model.manifest import load_manifest
 
     from .backends.loader import open_sessions
@@ -198,5 +199,6 @@ def load_model(directory, backend: str = "auto", *, io_binding: bool = True, thr
     manifest = load_manifest(directory)
     used, sessions = open_sessions(manifest, backend, io_binding=io_binding, threads=threads, cuda_graph=cuda_graph,
                                    ort_fused=ort_fused, int4_activations=int4_activations, ort_cache=ort_cache,
-                                   ort_prepack=ort_prepack, int4_kernel=int4_kernel, started=started)
+                                   ort_prepack=ort_prepack, int4_kernel=int4_kernel, dense_kernel=dense_kernel,
+                                   started=started)
     return Model(sessions, manifest, used)

@@ -127,7 +127,8 @@ def hf_dense_tokens(qwen3_vl_ckpt, hf_qwen3_vl):
 
 
 def test_dense_decoder_is_prepacked_largest_weight_first_and_matches_hf(dense_export, hf_dense_tokens, tmp_path):
-    """A dense decoder on the CPU: the default cache holds its graph with the node of the largest weight first and
+    """A dense decoder on ONNX Runtime's MatMul / Gemm (dense_kernel="mlas"; the default on CPUs where
+    qwen_vl::MatMulF32 runs is tests/test_ort_f32_kernel.py's): the default cache holds its graph with the node of the largest weight first and
     the others in their order (runtime/backends/prepack_order.py; no weights copied), the next start reads it; every
     node and initializer is kept; tokens == HF fp32 greedy, and the decoder's outputs equal the as-exported
     session's (same kernels, same weights: only the order ONNX Runtime prepacks them in differs; fp32, rtol 1e-6)."""
@@ -135,11 +136,11 @@ def test_dense_decoder_is_prepacked_largest_weight_first_and_matches_hf(dense_ex
     import onnx
 
     art = shutil.copytree(dense_export, tmp_path / "dense")
-    first = load_model(art, "onnxruntime")
+    first = load_model(art, "onnxruntime", dense_kernel="mlas")
     assert hits(first) == {"vision": None, "embed": None, "decoder": False}
     (entry,) = (art / ".ort-cache").iterdir()
     assert entry.name.startswith("decoder.ort.onnx-") and [p.name for p in entry.iterdir()] == ["graph.pb"]
-    model, pre = load_model_and_preprocessor(art, "onnxruntime")
+    model, pre = load_model_and_preprocessor(art, "onnxruntime", dense_kernel="mlas")
     assert hits(model) == {"vision": None, "embed": None, "decoder": True}
     exported = onnx.load(str(art / "decoder.ort.onnx"), load_external_data=False)
     ordered = onnx.ModelProto.FromString((entry / "graph.pb").read_bytes())
@@ -157,7 +158,8 @@ def test_dense_decoder_is_prepacked_largest_weight_first_and_matches_hf(dense_ex
     assert greedy(model, pre) == hf
     assert greedy(load_model(art, "onnxruntime", ort_cache=False)) == hf
     # one 9-token prefill step on seeded random embeddings, through both decoders (numpy feeds: host outputs)
-    plain, ordered_model = (load_model(art, "onnxruntime", io_binding=False, **kw) for kw in ({"ort_cache": False}, {}))
+    plain, ordered_model = (load_model(art, "onnxruntime", io_binding=False, dense_kernel="mlas", **kw)
+                            for kw in ({"ort_cache": False}, {}))
     assert hits(ordered_model)["decoder"] is True
     rng = np.random.default_rng(0)
     spec, seq = plain.spec, 9
@@ -190,9 +192,10 @@ def test_symlinked_graph_files_load_as_exported(dense_export, hf_dense_tokens, t
 
 
 def test_no_default_cache_off_the_prepacked_cpu_path(dense_export, tmp_path):
-    """Mapped weights (ort_prepack=False: nothing is prepacked) and --ort-cache off write nothing."""
+    """Mapped weights on ONNX Runtime's kernels (ort_prepack=False, dense_kernel="mlas": nothing is prepacked) and
+    --ort-cache off write nothing."""
     art = shutil.copytree(dense_export, tmp_path / "dense")
-    for kwargs in ({"ort_prepack": False}, {"ort_cache": False}):
+    for kwargs in ({"ort_prepack": False, "dense_kernel": "mlas"}, {"ort_cache": False}):
         assert set(hits(load_model(art, "onnxruntime", **kwargs)).values()) == {None}
     assert not (art / ".ort-cache").exists()
 

@@ -53,7 +53,10 @@ FLAGS="-std=c++17 -O3 -fPIC -fvisibility=hidden -fvisibility-inlines-hidden -Wal
 AVX512="-mavx512f -Wno-uninitialized -Wno-maybe-uninitialized"
 "$CXX" $FLAGS $AVX512 -c "$SRC/matMulInt4Avx512.cpp" -o "$OUT/obj/matMulInt4Avx512.o"
 "$CXX" $FLAGS $AVX512 -mavx512bw -mavx512vnni -c "$SRC/matMulInt4Vnni.cpp" -o "$OUT/obj/matMulInt4Vnni.o"
-"$CXX" $FLAGS -c "$SRC/matMulInt4Op.cpp" -o "$OUT/obj/matMulInt4Op.o"
-"$CXX" -shared -o "$LIB.tmp" "$OUT"/obj/matMulInt4*.o -Wl,--no-undefined -Wl,-z,defs
+"$CXX" $FLAGS $AVX512 -c "$SRC/matMulF32Avx512.cpp" -o "$OUT/obj/matMulF32Avx512.o"
+for unit in matMulInt4Op matMulF32Kernel matMulF32Op ortRegister; do
+  "$CXX" $FLAGS -c "$SRC/$unit.cpp" -o "$OUT/obj/$unit.o"
+done
+"$CXX" -shared -o "$LIB.tmp" "$OUT"/obj/*.o -Wl,--no-undefined -Wl,-z,defs
 mv "$LIB.tmp" "$LIB"
 echo "ort kernels: built $LIB (ONNX Runtime headers: $ORT_INC)"

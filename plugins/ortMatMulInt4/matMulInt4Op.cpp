@@ -9,14 +9,10 @@
 //   Y           fp32  [..., N]
 //   attributes  K, N, bits (4), block_size (a multiple of 32 for the vectorized kernel); accuracy_level is ignored:
 //               the activations stay fp32.
-// Built against the C/C++ API headers of ONNX Runtime 1.21 (API version 21): any later ONNX Runtime loads it.
-#define ORT_API_MANUAL_INIT
-#include <onnxruntime_cxx_api.h>
-#undef ORT_API_MANUAL_INIT
+#include "ortOps.h"
 
 #include "matMulInt4Kernel.h"
 
-#include <mutex>
 #include <stdexcept>
 #include <string>
 #include <vector>
@@ -25,18 +21,6 @@ namespace qwen_vl
 {
 namespace
 {
-
-constexpr char kDomain[] = "qwen_vl";
-
-struct OrtRunner
-{
-    const Ort::KernelContext* context;
-};
-
-void ortParallelFor(void* runner, void (*fn)(void*, size_t), size_t count, void* arg)
-{
-    static_cast<OrtRunner*>(runner)->context->ParallelFor(fn, count, 0, arg); // 0: ONNX Runtime splits the tasks
-}
 
 class MatMulInt4Kernel
 {
@@ -167,32 +151,14 @@ struct MatMulInt4Op : Ort::CustomOpBase<MatMulInt4Op, MatMulInt4Kernel, true>
 };
 
 } // namespace
-} // namespace qwen_vl
 
-//! ONNX Runtime's entry point (SessionOptions.register_custom_ops_library).
-extern "C" __attribute__((visibility("default"))) OrtStatus* ORT_API_CALL RegisterCustomOps(
-    OrtSessionOptions* options, const OrtApiBase* apiBase)
+const OrtCustomOp* matMulInt4Op()
 {
-    static std::once_flag once;
-    static qwen_vl::MatMulInt4Op op;
-    static Ort::CustomOpDomain* domain = nullptr;
-    try
-    {
-        std::call_once(once,
-            [&]
-            {
-                Ort::InitApi(apiBase->GetApi(ORT_API_VERSION));
-                domain = new Ort::CustomOpDomain(qwen_vl::kDomain);
-                domain->Add(&op);
-            });
-        Ort::UnownedSessionOptions(options).Add(*domain);
-        return nullptr;
-    }
-    catch (const std::exception& e)
-    {
-        return Ort::GetApi().CreateStatus(ORT_FAIL, e.what());
-    }
+    static const MatMulInt4Op op;
+    return &op;
 }
+
+} // namespace qwen_vl
 
 //! 1 when MatMulInt4 runs its AVX-512 kernels on this CPU, 0 when it falls back to the scalar reference.
 extern "C" __attribute__((visibility("default"))) int qwen_vl_matmul_int4_vectorized()

@@ -82,9 +82,72 @@ bool int4Digits(const float* x, int64_t k, Int4SpanDigits* spans)
     return true;
 }
 
-void gemvDigits(const Int4Weight& w, const Int4SpanDigits* spans, int64_t n0, int64_t n1, float* y)
+#ifndef QWEN_VL_GEMV_COLUMNS
+#define QWEN_VL_GEMV_COLUMNS 4
+#endif
+
+namespace
+{
+
+//! y[n], y[n + stride], ... (C columns, `stride` apart) of a one-row product: C sequential streams whose digit loads are
+//! shared, so the L1 reads per weight byte fall by C (K = 6144: the digits, 24 KB, no longer fit beside the streams).
+template <int C>
+void gemvDigitsColumns(const Int4Weight& w, const Int4SpanDigits* spans, int64_t n, int64_t stride, __m512i scaleIndex,
+    __mmask16 scaleMask, float* y)
 {
     const int64_t blocks = w.k / w.block;
+    const __m512i low4 = _mm512_set1_epi8(0x0F);
+    const uint8_t* column[C];
+    const float* scales[C];
+    __m512 acc[C];
+    for (int c = 0; c < C; ++c)
+    {
+        column[c] = w.packed + (n + c * stride) * (w.k / 2);
+        scales[c] = w.scales + (n + c * stride) * blocks;
+        acc[c] = _mm512_setzero_ps();
+    }
+    for (int64_t s = 0; s < w.k / kSpan; ++s)
+    {
+        const Int4SpanDigits& x = spans[s];
+        const __m512i d00 = _mm512_load_si512(x.digit[0][0]);
+        const __m512i d10 = _mm512_load_si512(x.digit[1][0]);
+        const __m512i d20 = _mm512_load_si512(x.digit[2][0]);
+        const __m512i d01 = _mm512_load_si512(x.digit[0][1]);
+        const __m512i d11 = _mm512_load_si512(x.digit[1][1]);
+        const __m512i d21 = _mm512_load_si512(x.digit[2][1]);
+        const __m512i zeroPointSum = _mm512_load_si512(x.zeroPointSum);
+        const __m512 runScale = _mm512_load_ps(x.scale);
+        for (int c = 0; c < C; ++c)
+        {
+            const __m512i packed = _mm512_loadu_si512(column[c] + s * (kSpan / 2));
+            const __m512i low = _mm512_and_si512(packed, low4);
+            const __m512i high = _mm512_and_si512(_mm512_srli_epi16(packed, 4), low4);
+            __m512i a0 = _mm512_dpbusd_epi32(_mm512_setzero_si512(), low, d00);
+            __m512i a1 = _mm512_dpbusd_epi32(_mm512_setzero_si512(), low, d10);
+            __m512i a2 = _mm512_dpbusd_epi32(_mm512_setzero_si512(), low, d20);
+            a0 = _mm512_dpbusd_epi32(a0, high, d01);
+            a1 = _mm512_dpbusd_epi32(a1, high, d11);
+            a2 = _mm512_dpbusd_epi32(a2, high, d21);
+            // |sum u * X| <= 8 * 15 * 2^22 < 2^29: exact in int32
+            const __m512i a = _mm512_sub_epi32(
+                _mm512_add_epi32(_mm512_add_epi32(_mm512_slli_epi32(a2, 16), _mm512_slli_epi32(a1, 8)), a0),
+                zeroPointSum);
+            const __m512 laneScale = _mm512_mul_ps(
+                _mm512_permutexvar_ps(scaleIndex, _mm512_maskz_loadu_ps(scaleMask, scales[c] + s * kSpan / w.block)),
+                runScale);
+            acc[c] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(a), laneScale, acc[c]);
+        }
+    }
+    for (int c = 0; c < C; ++c)
+    {
+        y[n + c * stride] = _mm512_reduce_add_ps(acc[c]);
+    }
+}
+
+} // namespace
+
+void gemvDigits(const Int4Weight& w, const Int4SpanDigits* spans, int64_t n0, int64_t n1, float* y)
+{
     const int64_t blocksPerSpan = std::max<int64_t>(kSpan / w.block, 1);
     alignas(64) int32_t laneBlock[16];
     for (int lane = 0; lane < 16; ++lane)
@@ -93,35 +156,17 @@ void gemvDigits(const Int4Weight& w, const Int4SpanDigits* spans, int64_t n0, in
     }
     const __m512i scaleIndex = _mm512_load_si512(laneBlock);
     const __mmask16 scaleMask = static_cast<__mmask16>((1U << blocksPerSpan) - 1U);
-    const __m512i low4 = _mm512_set1_epi8(0x0F);
-    // one column after the other: one sequential stream (K slabs that keep the digits in L1 for K = 6144 were slower)
-    for (int64_t n = n0; n < n1; ++n)
+    // QWEN_VL_GEMV_COLUMNS streams: the task's columns split into that many contiguous runs, walked side by side
+    constexpr int kStreams = QWEN_VL_GEMV_COLUMNS;
+    const int64_t stride = (n1 - n0) / kStreams;
+    int64_t n = n0;
+    for (; n < n0 + stride; ++n)
     {
-        const uint8_t* column = w.packed + n * (w.k / 2);
-        const float* scales = w.scales + n * blocks;
-        __m512 acc = _mm512_setzero_ps();
-        for (int64_t s = 0; s < w.k / kSpan; ++s)
-        {
-            const Int4SpanDigits& x = spans[s];
-            const __m512i packed = _mm512_loadu_si512(column + s * (kSpan / 2));
-            const __m512i low = _mm512_and_si512(packed, low4);
-            const __m512i high = _mm512_and_si512(_mm512_srli_epi16(packed, 4), low4);
-            __m512i a0 = _mm512_dpbusd_epi32(_mm512_setzero_si512(), low, _mm512_load_si512(x.digit[0][0]));
-            __m512i a1 = _mm512_dpbusd_epi32(_mm512_setzero_si512(), low, _mm512_load_si512(x.digit[1][0]));
-            __m512i a2 = _mm512_dpbusd_epi32(_mm512_setzero_si512(), low, _mm512_load_si512(x.digit[2][0]));
-            a0 = _mm512_dpbusd_epi32(a0, high, _mm512_load_si512(x.digit[0][1]));
-            a1 = _mm512_dpbusd_epi32(a1, high, _mm512_load_si512(x.digit[1][1]));
-            a2 = _mm512_dpbusd_epi32(a2, high, _mm512_load_si512(x.digit[2][1]));
-            // |sum u * X| <= 8 * 15 * 2^22 < 2^29: exact in int32
-            const __m512i a = _mm512_sub_epi32(
-                _mm512_add_epi32(_mm512_add_epi32(_mm512_slli_epi32(a2, 16), _mm512_slli_epi32(a1, 8)), a0),
-                _mm512_load_si512(x.zeroPointSum));
-            const __m512 laneScale = _mm512_mul_ps(
-                _mm512_permutexvar_ps(scaleIndex, _mm512_maskz_loadu_ps(scaleMask, scales + s * kSpan / w.block)),
-                _mm512_load_ps(x.scale));
-            acc = _mm512_fmadd_ps(_mm512_cvtepi32_ps(a), laneScale, acc);
-        }
-        y[n] = _mm512_reduce_add_ps(acc);
+        gemvDigitsColumns<kStreams>(w, spans, n, stride, scaleIndex, scaleMask, y);
+    }
+    for (n = n0 + kStreams * stride; n < n1; ++n)
+    {
+        gemvDigitsColumns<1>(w, spans, n, 0, scaleIndex, scaleMask, y);
     }
 }
 

@@ -36,7 +36,7 @@ def tensorrt_available() -> tuple[bool, str]:
 
 def open_sessions(manifest, backend: str = "auto", *, io_binding: bool = True, threads: int = 0,
                   cuda_graph: bool = True, ort_fused: bool = True, int4_activations: str | None = None,
-                  ort_cache=None, ort_prepack: bool = True, int4_kernel: str = "auto",
+                  ort_cache=None, ort_prepack: bool = True, int4_kernel: str = "auto", dense_kernel: str = "auto",
                   started=None) -> tuple[str, dict]:
     """-> (backend used, {"vision"|"embed"|"decoder": Session}). `backend`: auto | tensorrt | onnxruntime.
     `io_binding` False: ONNX Runtime with plain numpy feeds (the simple reference path); `cuda_graph` False: no
@@ -53,6 +53,10 @@ def open_sessions(manifest, backend: str = "auto", *, io_binding: bool = True, t
     `int4_kernel` (auto | mlas): auto runs an INT4 decoder's products with fp32 activations by qwen_vl::MatMulInt4
     (runtime/backends/ort_int4_kernel.py) where its library is built, the CPU has AVX-512F and a cache folder holds
     the renamed graph; mlas, or anywhere else: ONNX Runtime's MatMulNBits.
+    `dense_kernel` (auto | mlas): auto runs a dense fp32 decoder's products by qwen_vl::MatMulF32 on its
+    memory-mapped weights (runtime/backends/ort_f32_kernel.py) where the same library runs, on ONNX Runtime's CPU
+    provider with a cache folder (the default one unless `ort_cache` is False); the decoder then needs no
+    prepacking whatever `ort_prepack` says. mlas, or anywhere else: ONNX Runtime's MatMul / Gemm.
     `started` (a threading.Event): set once the sessions' creation has begun (ort.open_ort; at once on the other
     paths), for runtime/startup.py."""
     formats = manifest.weight_formats()
@@ -88,13 +92,22 @@ def open_sessions(manifest, backend: str = "auto", *, io_binding: bool = True, t
         (ort_cache, None, ()) if ort_cache is not None else default_ort_cache(manifest, formats, ort_prepack)
     if int4_kernel not in ("auto", "mlas"):
         raise UserError(f"--int4-kernel {int4_kernel}: use auto or mlas")
-    kernel = None
+    if dense_kernel not in ("auto", "mlas"):
+        raise UserError(f"--dense-kernel {dense_kernel}: use auto or mlas")
+    kernel = dense = None
     if int4_kernel == "auto" and not formats.is_dense and formats.accuracy_level != 4 and cache_dir is not None:
         kernel = ort_int4_kernel.library()
+    if dense_kernel == "auto" and formats.is_dense and manifest.dtype == "float32" and ort_cache is not False \
+            and ort_providers() == ("CPUExecutionProvider",):
+        dense = ort_int4_kernel.library()  # the same library holds qwen_vl::MatMulF32
+        if dense is not None:
+            cache_dir = cache_dir if cache_dir is not None else optimized_cache.default_dir(manifest.directory)
+            ordered = frozenset(ordered) - {"decoder"}
     return "onnxruntime", open_ort(manifest.graph_paths(fused=ort_fused), manifest.contracts, io_binding=io_binding,
                                    threads=threads, cuda_graph=cuda_graph, kv_in_place=in_place,
                                    int4_accuracy_level=formats.accuracy_level, mapped=mapped, cache_dir=cache_dir,
-                                   cached=cached, prepack_order=ordered, int4_kernel=kernel, started=started)
+                                   cached=cached, prepack_order=ordered, int4_kernel=kernel, f32_kernel=dense,
+                                   started=started)
 
 
 def default_ort_cache(manifest, formats, prepack: bool = True) -> tuple:

@@ -19,8 +19,9 @@ import numpy as np
 
 from qwen_vl_trt.model.errors import ArtifactError, BackendUnavailable, UserError
 
-from . import ort_int4_kernel
+from . import ort_f32_kernel, ort_int4_kernel
 from .base import check_io
+from .prepack_order import ORDER, reordered
 from .cuda import check as _check
 from .cuda import cudart as _cudart
 from .kv_cache import numpy_dtype
@@ -42,7 +43,7 @@ class OrtSession:
     def __init__(self, path: Path, contract, *, providers=("CPUExecutionProvider",), io_binding: bool = True,
                  resident=(), threads: int = 0, graph_capture: bool = False, int4_accuracy_level: int = 1,
                  mapped: bool = False, cache_dir: Path | None = None, prepack_order: bool = False,
-                 int4_kernel: Path | None = None):
+                 int4_kernel: Path | None = None, f32_kernel: Path | None = None):
         import onnxruntime as ort
 
         self.ort = ort
@@ -61,9 +62,17 @@ class OrtSession:
         self.int4_kernel = int4_kernel if int4_kernel is not None and cache_dir is not None and cpu_only else None
         if self.int4_kernel is not None:
             opts.register_custom_ops_library(str(self.int4_kernel))
+        # qwen_vl::MatMulF32 (runtime/backends/ort_f32_kernel.py): a dense decoder's products on its mapped weights
+        self.f32_kernel = f32_kernel if f32_kernel is not None and cache_dir is not None and cpu_only else None
+        if self.f32_kernel is not None:
+            opts.register_custom_ops_library(str(self.f32_kernel))
+            weights_mapped(opts)
         try:
-            if prepack_order and cache_dir is not None and not mapped:
-                self.sess = self._create_ordered(Path(path), opts, providers, cache_dir)
+            if self.f32_kernel is not None:
+                self.sess = self._create_from_graph(Path(path), opts, providers, cache_dir, ort_f32_kernel.VERSION,
+                                                    ort_f32_kernel.renamed)
+            elif prepack_order and cache_dir is not None and not mapped:
+                self.sess = self._create_from_graph(Path(path), opts, providers, cache_dir, ORDER, reordered)
             else:
                 self.sess = self._create_cached(Path(path), opts, providers, graph_capture, cache_dir)
         except Exception as e:  # onnxruntime raises its own exception types for unreadable models
@@ -153,21 +162,29 @@ class OrtSession:
         self.ort.InferenceSession(str(path), writer, providers=["CPUExecutionProvider"])
         ort_int4_kernel.rewrite_saved_model(tmp / ort_cache.MODEL)
 
-    def _create_ordered(self, path: Path, opts, providers, cache_dir: Path):
-        """The graph with the node of its largest weight first, so that ONNX Runtime prepacks it first
-        (runtime/backends/prepack_order.py: a lower peak RSS), loaded from memory on the weights of its folder."""
-        from .ort_cache import graph_files
-        from .prepack_order import graph_bytes
+    def _create_from_graph(self, path: Path, opts, providers, cache_dir: Path, what: dict, make):
+        """The session of `make(path)`, a graph protobuf without weights kept in the cache (ort_cache.cached_graph;
+        `what` names it in the key): prepack_order.reordered (the node of the largest weight first, so that ONNX
+        Runtime prepacks it first: a lower peak RSS) or ort_f32_kernel.renamed. Loaded from memory on the weights
+        of the graph's folder; the graph as exported where that cannot be done."""
+        from .ort_cache import cached_graph, graph_files
 
         if any(p.is_symlink() for p in graph_files(path)):  # ONNX Runtime refuses in-memory graphs' weights that
-            return self._create(path, opts, providers, False)  # resolve outside their folder: no reordering
-        blob, self.cache_hit = graph_bytes(cache_dir, path, providers, session_config(opts), self.ort.__version__)
+            self._unrenamed()                                  # resolve outside their folder: the graph as exported
+            return self._create(path, opts, providers, False)
+        blob, self.cache_hit = cached_graph(cache_dir, path, providers, session_config(opts), self.ort.__version__,
+                                            what, make)
         opts.add_session_config_entry("session.model_external_initializers_file_folder_path", str(path.parent))
         try:
             return self._create(blob, opts, providers, False)
         except Exception:  # a damaged entry, or weights ONNX Runtime refuses to read from memory (e.g. a .onnx.data
             self.cache_hit = None  # symlinked from elsewhere): the graph as exported (its own error, if it has one)
+            self._unrenamed()
             return self._create(path, opts, providers, False)
+
+    def _unrenamed(self) -> None:
+        """The graph as exported runs: no MatMulF32 node (its weights stay mapped: no prepacking was asked for)."""
+        self.f32_kernel = None
 
     def _create(self, path, opts, providers, graph_capture: bool):
         cuda = "CUDAExecutionProvider" in providers
@@ -300,6 +317,7 @@ def weights_mapped(opts) -> None:
 
 
 _CACHE_KEYS = ("session.qdq_matmulnbits_accuracy_level", "session.disable_prepacking")
+
 _INT4_KERNEL_KEY = "qwen_vl.int4_kernel"  # the cache key's part for an entry whose INT4 products are MatMulInt4
 
 
@@ -358,7 +376,7 @@ def ort_providers() -> tuple[str, ...]:
 def open_ort(paths: dict, contracts: dict, *, io_binding: bool = True, threads: int = 0,
              cuda_graph: bool = True, kv_in_place: bool = False, int4_accuracy_level: int = 1, mapped=(),
              cache_dir: Path | None = None, cached=None, prepack_order=(), int4_kernel: Path | None = None,
-             started: threading.Event | None = None) -> dict:
+             f32_kernel: Path | None = None, started: threading.Event | None = None) -> dict:
     """The three ORT sessions; with `cuda_graph` the decoder captures its decode step (CUDA EP only);
     `int4_accuracy_level`: MatMulNBits accuracy level of ONNX Runtime's INT4 fusion (`int4_accuracy`).
     `kv_in_place`: the decoder writes its cache into the past buffers when present is bound to them
@@ -367,7 +385,9 @@ def open_ort(paths: dict, contracts: dict, *, io_binding: bool = True, threads: 
     `cache_dir`: ONNX Runtime's optimized models cached there (runtime/backends/ort_cache.py), of the graphs named in
     `cached` (None: all); `prepack_order`: the graphs whose largest weight ONNX Runtime prepacks first, through
     cache_dir (runtime/backends/prepack_order.py); `int4_kernel`: the library of qwen_vl::MatMulInt4, which runs the
-    decoder's INT4 products (fp32 activations) from its cached optimized model (runtime/backends/ort_int4_kernel.py).
+    decoder's INT4 products (fp32 activations) from its cached optimized model (runtime/backends/ort_int4_kernel.py);
+    `f32_kernel`: the same library, whose qwen_vl::MatMulF32 runs a dense fp32 decoder's products on its mapped
+    weights, through cache_dir (runtime/backends/ort_f32_kernel.py).
     On the CPU provider the sessions are created concurrently (`_open_concurrently`); `started` is set once every
     session's creation has begun (runtime/startup.py loads the tokenizer then)."""
     providers = ort_providers()
@@ -378,7 +398,9 @@ def open_ort(paths: dict, contracts: dict, *, io_binding: bool = True, threads: 
                           graph_capture=cuda_graph and name == "decoder", int4_accuracy_level=int4_accuracy_level,
                           mapped=name in mapped, prepack_order=name in prepack_order,
                           int4_kernel=int4_kernel if name == "decoder" else None,
-                          cache_dir=cache_dir if cached is None or name in cached or name in prepack_order else None)
+                          f32_kernel=f32_kernel if name == "decoder" else None,
+                          cache_dir=cache_dir if cached is None or name in cached or name in prepack_order
+                          or (name == "decoder" and f32_kernel is not None) else None)
 
     sessions = _open_concurrently(open_one, list(paths), list(providers) == ["CPUExecutionProvider"], started)
     if "decoder" in sessions:

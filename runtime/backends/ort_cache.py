@@ -18,6 +18,10 @@ The optimized model is saved at ORT_ENABLE_EXTENDED (hardware-independent: ONNX 
 transformations at ORT_ENABLE_ALL may depend on the CPU) and loaded at the default level, which then applies only
 what EXTENDED left.
 
+`cached_graph` keeps, in an entry of the same key (plus what makes it), a graph protobuf without weights that a session
+loads from memory on the weights of the artifact folder: runtime/backends/prepack_order.py's reordered decoder and
+runtime/backends/ort_f32_kernel.py's decoder with renamed products (87 KB, not a copy of the weights).
+
 A stale entry is never reused (another key); it is not deleted either (a cache folder the user owns).
 
 The default cache (`default_dir`, used by runtime/backends/loader.py on the CPU provider when no folder is given):
@@ -42,8 +46,10 @@ import os
 import shutil
 import tempfile
 from pathlib import Path
+from typing import Callable
 
 MODEL = "model.onnx"
+GRAPH = "graph.pb"
 
 
 def default_dir(artifacts: Path, environ=os.environ) -> Path:
@@ -104,3 +110,25 @@ def commit(tmp_dir: Path, cache_dir: Path, graph_path: Path, providers, config: 
 
 def discard(tmp_dir: Path) -> None:
     shutil.rmtree(tmp_dir, ignore_errors=True)
+
+
+def cached_graph(cache_dir: Path, graph_path: Path, providers, config: dict, ort_version: str, what: dict,
+                 make: Callable[[Path], bytes]) -> tuple[bytes, bool]:
+    """(make(graph_path), whether it came from the cache): a graph protobuf without weights, kept in the entry of
+    config + `what` (what makes it, part of the key). A cache folder that cannot be written only costs the make."""
+    entry = entry_dir(cache_dir, graph_path, providers, {**config, **what}, ort_version)
+    try:
+        return (entry / GRAPH).read_bytes(), True
+    except OSError:
+        pass
+    blob = make(graph_path)
+    try:
+        entry.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(prefix=f".{GRAPH}-", dir=entry)
+        with os.fdopen(fd, "wb") as f:
+            f.write(blob)
+        os.chmod(tmp, 0o644)  # mkstemp's 0600 would hide it from other users of the artifact folder
+        os.replace(tmp, entry / GRAPH)  # atomic: a reader sees the whole file or none
+    except OSError:
+        pass
+    return blob, False

@@ -13,7 +13,7 @@ put all MLP weights before all attention weights and cost about 2 % of the decod
 
 ONNX Runtime sorts the nodes itself before it runs them (the node list is not its execution order), so the graph
 computes the same thing; the reordered node list breaks ONNX's topological-order rule for files, so it is never
-written as a model of its own: `graph_bytes` keeps the reordered graph protobuf (no weights: its initializers still
+written as a model of its own: ort_cache.cached_graph keeps the reordered graph protobuf (no weights: its initializers still
 name the artifact folder's `.onnx.data` file) in the cache folder, and the session loads it from memory with
 `session.model_external_initializers_file_folder_path` set to the graph's folder (OrtSession, runtime/backends/ort.py).
 The cache entry is keyed like ort_cache.py's (graph files, ONNX Runtime version, providers, session config), so a
@@ -21,35 +21,10 @@ re-export makes a new one; `onnx` is imported only to write an entry, not on a w
 """
 from __future__ import annotations
 
-import os
-import tempfile
 from pathlib import Path
-
-from . import ort_cache
 
 # part of the cache key: another order is another entry
 ORDER = {"qwen_vl.prepack_order": "largest-weight-first-then-graph-order"}
-GRAPH = "graph.pb"
-
-
-def graph_bytes(cache_dir: Path, graph_path: Path, providers, config: dict, ort_version: str) -> tuple[bytes, bool]:
-    """(the graph's protobuf with the nodes of its largest weights first, whether it came from the cache)."""
-    entry = ort_cache.entry_dir(cache_dir, graph_path, providers, {**config, **ORDER}, ort_version)
-    try:
-        return (entry / GRAPH).read_bytes(), True
-    except OSError:
-        pass
-    blob = reordered(graph_path)
-    try:
-        entry.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(prefix=f".{GRAPH}-", dir=entry)
-        with os.fdopen(fd, "wb") as f:
-            f.write(blob)
-        os.chmod(tmp, 0o644)  # mkstemp's 0600 would hide it from other users of the artifact folder
-        os.replace(tmp, entry / GRAPH)  # atomic: a reader sees the whole file or none
-    except OSError:
-        pass  # a cache folder that cannot be written: the session still loads the reordered graph from memory
-    return blob, False
 
 
 def reordered(graph_path: Path) -> bytes:

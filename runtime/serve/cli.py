@@ -26,6 +26,7 @@ class RunConfig:
     ort_cache: str | bool | None = None  # a folder; None: the default cache (runtime/backends/loader.py); False: off
     ort_prepack: bool = True  # False (--ort-weights mapped): dense weights used where they are memory-mapped
     int4_kernel: str = "auto"  # --int4-kernel: auto (qwen_vl::MatMulInt4 where it runs) | mlas
+    dense_kernel: str = "auto"  # --dense-kernel: auto (qwen_vl::MatMulF32 where it runs) | mlas
 
     @classmethod
     def from_args(cls, args: argparse.Namespace) -> "RunConfig":
@@ -42,7 +43,8 @@ class RunConfig:
             raise UserError(f"--{e.field.replace('_', '-')} {e.value}: must be {e.need}") from None
         return cls(args.model_dir, requests, args.backend, args.json, args.ort_graphs, args.device,
                    args.int4_activations, _ort_cache(getattr(args, "ort_cache", None)),
-                   getattr(args, "ort_weights", "prepacked") == "prepacked", getattr(args, "int4_kernel", "auto"))
+                   getattr(args, "ort_weights", "prepacked") == "prepacked", getattr(args, "int4_kernel", "auto"),
+                   getattr(args, "dense_kernel", "auto"))
 
 
 def _ort_cache(value: str | None):
@@ -120,6 +122,11 @@ def parser() -> argparse.ArgumentParser:
                     help="ONNX Runtime on the CPU, INT4 weights with fp32 activations: auto = our MatMulInt4 kernel "
                          "(build/ort/libqwen_vl_ort_kernels.so, AVX-512; needs the optimized-graph cache) where it "
                          "runs, else ONNX Runtime's MatMulNBits; mlas = always MatMulNBits")
+    ap.add_argument("--dense-kernel", choices=("auto", "mlas"), default="auto",
+                    help="ONNX Runtime on the CPU, a dense fp32 decoder: auto = our MatMulF32 kernel on the weights "
+                         "where they are memory-mapped (start-up without ONNX Runtime's weight copy, decode at the "
+                         "memory bandwidth; build/ort/libqwen_vl_ort_kernels.so, AVX-512) where it runs; mlas = "
+                         "ONNX Runtime's MatMul / Gemm (weights as --ort-weights says)")
     ap.add_argument("--json", action="store_true", help="print one JSON object instead of streaming text")
     return ap
 
@@ -137,7 +144,8 @@ def run(cfg: RunConfig, out=sys.stdout, err=sys.stderr) -> list:
 
     model, pre = load_model_and_preprocessor(cfg.model_dir, cfg.backend, ort_fused=cfg.ort_graphs == "fused",
                                              int4_activations=cfg.int4_activations, ort_cache=cfg.ort_cache,
-                                             ort_prepack=cfg.ort_prepack, int4_kernel=cfg.int4_kernel)
+                                             ort_prepack=cfg.ort_prepack, int4_kernel=cfg.int4_kernel,
+                                             dense_kernel=cfg.dense_kernel)
     if cfg.device == "cuda":
         require_on_gpu(model.sessions)
     requests = [pre.prepare(r) for r in cfg.requests]
