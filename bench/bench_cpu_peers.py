@@ -107,9 +107,12 @@ class System:
 
 CACHE = {"ort_cache": "ort-cache"}  # ONNX Runtime's optimized models (a full copy of each graph's weights on disk)
 SYSTEMS = [
-    System("ours-fp32", "ours fp32 (decoder.ort.onnx, prepacked)", None, "run_ours.py", "ours-dense"),
-    System("ours-fp32-mapped", "ours fp32, memory-mapped weights (ort_prepack=False)", None, "run_ours.py",
-           "ours-dense", {"prepack": "0"}),
+    System("ours-fp32", "ours fp32 (decoder.ort.onnx; qwen_vl::MatMulF32 on mapped weights)", None, "run_ours.py",
+           "ours-dense"),
+    System("ours-fp32-mlas", "ours fp32 `--dense-kernel mlas` (MLAS, prepacked)", None, "run_ours.py", "ours-dense",
+           {"dense_kernel": "mlas"}),
+    System("ours-fp32-mapped", "ours fp32 `--dense-kernel mlas --ort-weights mapped` (MLAS on mapped weights)", None,
+           "run_ours.py", "ours-dense", {"prepack": "0", "dense_kernel": "mlas"}),
     # INT4: each activation type with its own export, since the default block differs (fp32: 32, int8: 128;
     # model/weight_formats.py DEFAULT_INT4_BLOCK); the int8 export's manifest says int8 (what trt-run then uses)
     System("ours-int4", "ours `--weights int4`, fp32 activations (block 32; qwen_vl::MatMulInt4)", None, "run_ours.py",
@@ -211,7 +214,8 @@ class Builder:
 
     def build(self, systems: list[System]) -> None:
         names = {s.name for s in systems}
-        if names & {"ours-fp32", "ours-fp32-mapped", "ours-fp32-cached", "ortgenai-fp32", "ortgenai-int4"}:
+        if names & {"ours-fp32", "ours-fp32-mlas", "ours-fp32-mapped", "ours-fp32-cached", "ortgenai-fp32",
+                    "ortgenai-int4"}:
             self.ours("dense")
         if names & {"ours-int4", "ours-int4-mlas", "ours-int4-cached"}:
             self.ours("int4")

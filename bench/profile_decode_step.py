@@ -1,12 +1,15 @@
 """Where a decode step of ours goes on the CPU: ONNX Runtime's per-node profile of decoder.ort.onnx, as bytes read.
 
   python bench/profile_decode_step.py ARTIFACTS [--image IMG] [--tokens 24] [--threads 2] [--mapped]
+      [--dense-kernel auto|mlas]
 
 Runs one greedy request (the image, "Describe this image.") with ONNX Runtime profiling on (bench/benchlib.py
 ort_profiling), drops the prefill run, and sums the kernel times of the decode runs per op type and for the
 largest nodes; for the MatMul / Gemm / MatMulNBits nodes, the bytes of their weight initializers (from the graph)
 over their time, in GB/s. Also the wall time per step and the host time between steps (step wall time - the
-run's time inside ONNX Runtime). `--mapped`: memory-mapped dense weights (prepacking off) instead of ONNX Runtime's default.
+run's time inside ONNX Runtime). `--dense-kernel` (trt-run's): a dense fp32 decoder's products as qwen_vl::MatMulF32 on
+mapped weights (auto, the default where it runs) or ONNX Runtime's MatMul / Gemm (mlas); `--mapped`: with mlas,
+memory-mapped dense weights (prepacking off) instead of ONNX Runtime's default.
 The profiler's own cost is about 5 us per node (~350 nodes: ~2 ms a step), not subtracted.
 """
 from __future__ import annotations
@@ -50,6 +53,7 @@ def main(argv=None) -> int:
     ap.add_argument("--tokens", type=int, default=24)
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--mapped", action="store_true", help="load_model(ort_prepack=False)")
+    ap.add_argument("--dense-kernel", choices=("auto", "mlas"), default="auto")
     args = ap.parse_args(argv)
     from qwen_vl_trt.runtime.generate import generate, load_model
     from qwen_vl_trt.runtime.pipeline import Preprocessor
@@ -57,7 +61,8 @@ def main(argv=None) -> int:
     from qwen_vl_trt.runtime.sampling import Sampler, SamplingConfig
 
     with tempfile.TemporaryDirectory() as tmp, ort_profiling(tmp):
-        model = load_model(args.artifacts, "onnxruntime", threads=args.threads, ort_prepack=not args.mapped)
+        model = load_model(args.artifacts, "onnxruntime", threads=args.threads, ort_prepack=not args.mapped,
+                           dense_kernel=args.dense_kernel)
         req = Preprocessor(model.manifest).prepare(Request("Describe this image.", (args.image,)))
         res = generate(model, [req], Sampler(SamplingConfig(temperature=0)), args.tokens, ignore_eos=True)[0]
         events = json.loads(Path(model.sessions["decoder"].sess.end_profiling()).read_text())
@@ -73,7 +78,8 @@ def main(argv=None) -> int:
     run_us = sum(b - a for a, b in runs) / steps
     wb = weight_bytes(args.artifacts / "decoder.ort.onnx")
     print(f"# decode step profile -- {utc_now()}\nmachine: {machine()}; {args.threads} threads; "
-          f"{'mapped' if args.mapped else 'prepacked'} weights; {steps} decode steps")
+          f"{'mapped' if args.mapped else 'prepacked'} weights, --dense-kernel {args.dense_kernel} (MatMulF32: "
+          f"{'yes' if getattr(model.sessions['decoder'], 'f32_kernel', None) else 'no'}); {steps} decode steps")
     print(f"wall per step {1e3 / res.timings['decode_tok_per_s']:.1f} ms; inside ONNX Runtime {run_us / 1e3:.1f} ms; "
           f"kernels {sum(per_op.values()) / 1e3:.1f} ms")
     print("\n| op type | ms / step | share |\n|---|---|---|")
@@ -85,7 +91,7 @@ def main(argv=None) -> int:
         b = wb.get(name, 0)
         print(f"| {name} | {op} | {us / 1e3:.2f} | {b / 1e6:.0f} | {b / us / 1e3:.1f} |" if b else
               f"| {name} | {op} | {us / 1e3:.2f} | - | - |")
-    products = ("MatMul", "Gemm", "MatMulNBits", "MatMulInt4", "FusedMatMul")
+    products = ("MatMul", "Gemm", "MatMulNBits", "MatMulInt4", "MatMulF32", "FusedMatMul")
     mm = [(n, us) for (n, op), us in per_node.items() if op in products]
     b = sum(wb.get(n, 0) for n, _ in mm)
     t = sum(us for _, us in mm)

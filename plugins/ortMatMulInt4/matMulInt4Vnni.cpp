@@ -9,8 +9,10 @@
 //   A = sum over the lane's 8 k of (u - 8) * X, exactly, in int32: three VPDPBUSD pairs (u8 nibbles x int8 digits),
 //       shifts and adds, minus 8 * sum X (precomputed per lane);
 //   y += float(A) * (scale of the lane's block) * 2^(e - 22).
-// One sequential stream per column (the columns of a task one after the other): interleaving several columns'
-// streams defeats the hardware prefetcher (bench/bench_matmulnbits.py, docs/benchmarks.md).
+// A task's 64 columns are walked as 4 runs of 16 side by side (columns n, n + 16, n + 32, n + 48): each run is one
+// sequential stream, and the digits of x, loaded once per span, serve four columns. Interleaving neighbouring
+// columns' streams instead (n, n + 1, ...: many short streams) defeated the hardware prefetcher, and one column at a
+// time read the digits (6 loads per 64 weight bytes) from L2 once K = 6144 pushed them out of L1.
 #include "matMulInt4Kernel.h"
 
 #include <immintrin.h>
@@ -82,10 +84,6 @@ bool int4Digits(const float* x, int64_t k, Int4SpanDigits* spans)
     return true;
 }
 
-#ifndef QWEN_VL_GEMV_COLUMNS
-#define QWEN_VL_GEMV_COLUMNS 4
-#endif
-
 namespace
 {
 
@@ -156,8 +154,10 @@ void gemvDigits(const Int4Weight& w, const Int4SpanDigits* spans, int64_t n0, in
     }
     const __m512i scaleIndex = _mm512_load_si512(laneBlock);
     const __mmask16 scaleMask = static_cast<__mmask16>((1U << blocksPerSpan) - 1U);
-    // QWEN_VL_GEMV_COLUMNS streams: the task's columns split into that many contiguous runs, walked side by side
-    constexpr int kStreams = QWEN_VL_GEMV_COLUMNS;
+    // the task's columns split into kStreams contiguous runs, walked side by side: each run one sequential stream
+    // (so the hardware prefetcher still sees long streams), the digit loads shared by the four (measured against
+    // 1, 2 and 8: docs/benchmarks.md)
+    constexpr int kStreams = 4;
     const int64_t stride = (n1 - n0) / kStreams;
     int64_t n = n0;
     for (; n < n0 + stride; ++n)
