@@ -2,8 +2,8 @@
 //
 // ONNX Runtime's MatMul / Gemm copy every fp32 weight into MLAS's packed layout when a session is created: for a
 // 2.86 GB decoder that is seconds of single-threaded copying and page faults on every start (docs/benchmarks.md).
-// Without that copy (session.disable_prepacking) MLAS reads the weight strided, one short run of each row per
-// thread, and a decode step ran about 10 % slower. These kernels need no copy made in advance:
+// Without that copy (session.disable_prepacking) MLAS's decode step ran about 10 % slower. These kernels need no
+// copy made in advance:
 //   M = 1, W [K, N] (MatMul): the rows of W are split among the tasks, each task one sequential stream of whole
 //     rows, four rows at a time, into its own partial sum of y; the partial sums are added at the end.
 //   W [N, K] (Gemm with transB, lm_head): one dot product per row of W and row of x, rows of W in sequence.

@@ -3,8 +3,7 @@
 
 ONNX Runtime copies every MatMul / Gemm weight into MLAS's packed layout when it creates a session: for the 2.86 GB
 fp32 decoder of the benchmark checkpoint, seconds of single-threaded copying on every start. Without the copy
-(`session.disable_prepacking`) MLAS reads the weights strided and a decode step ran about 10 % slower
-(docs/benchmarks.md). MatMulF32 reads each weight where ONNX Runtime memory-maps it, as sequential streams, so the
+(`session.disable_prepacking`) MLAS's decode step ran about 10 % slower (docs/benchmarks.md). MatMulF32 reads each weight where ONNX Runtime memory-maps it, as sequential streams, so the
 session starts on mapped weights and decodes at the memory bandwidth.
 
 The switch is a rename of the decoder's nodes in the graph protobuf the session loads (kept in the default cache

@@ -113,11 +113,11 @@ def parser() -> argparse.ArgumentParser:
                          "for a lower peak memory, in ARTIFACTS/.ort-cache (or the user's cache folder when ARTIFACTS "
                          "is read-only); off: no cache")
     ap.add_argument("--ort-weights", choices=("prepacked", "mapped"), default="prepacked",
-                    help="ONNX Runtime on the CPU, dense weights: prepacked = copied into MLAS's packed layout at "
-                         "start-up (the fastest steps; seconds of start-up for GB of weights), mapped = used where "
-                         "they are memory-mapped from the .onnx.data files (start-up in under a second, shared page "
-                         "cache; decode about 10%% slower: docs/benchmarks.md). An INT4 decoder is prepacked either "
-                         "way")
+                    help="ONNX Runtime on the CPU, dense weights of vision, embed and (with --dense-kernel mlas) the "
+                         "decoder: prepacked = copied into MLAS's packed layout at start-up (seconds of start-up for "
+                         "GB of weights), mapped = used where they are memory-mapped from the .onnx.data files (no "
+                         "copy, shared page cache; MLAS's steps slower: docs/benchmarks.md). A dense fp32 decoder on "
+                         "MatMulF32 (--dense-kernel auto) is always mapped; an INT4 decoder is never")
     ap.add_argument("--int4-kernel", choices=("auto", "mlas"), default="auto",
                     help="ONNX Runtime on the CPU, INT4 weights with fp32 activations: auto = our MatMulInt4 kernel "
                          "(build/ort/libqwen_vl_ort_kernels.so, AVX-512; needs the optimized-graph cache) where it "
