@@ -6,6 +6,9 @@ tests/test_generate.py. A cached session must give HF's tokens, and its outputs 
 within fp32 rounding (same kernels; the optimizer's passes are split between the save at ORT_ENABLE_EXTENDED and the
 load, which may reorder a fused op's summation: rtol 1e-5, atol 1e-6). The cache must miss when the graph files,
 ONNX Runtime's version, the providers or the session config change.
+These tests are of ONNX Runtime's own kernels (MLAS, prepacked or on mapped weights): every load passes
+dense_kernel="mlas" (`--dense-kernel mlas`); the dense decoder on qwen_vl::MatMulF32, which always runs on mapped
+weights, is tests/test_ort_f32_kernel.py's.
 """
 from __future__ import annotations
 
@@ -59,12 +62,12 @@ def entries(cache) -> list[str]:
 
 def test_second_load_hits_the_cache_and_matches_hf(artifacts, hf_tokens, tmp_path):
     cache = tmp_path / "ort-cache"
-    first = load_model(artifacts, "onnxruntime", ort_cache=cache)
+    first = load_model(artifacts, "onnxruntime", dense_kernel="mlas", ort_cache=cache)
     assert hits(first) == {"vision": False, "embed": False, "decoder": False}
     names = entries(cache)
     assert len(names) == 3 and not any(n.startswith(".") for n in names)  # no half-written entry left
     assert all((cache / n / "model.onnx").is_file() and (cache / n / "model.onnx.data").is_file() for n in names)
-    second = load_model(artifacts, "onnxruntime", ort_cache=cache)
+    second = load_model(artifacts, "onnxruntime", dense_kernel="mlas", ort_cache=cache)
     assert hits(second) == {"vision": True, "embed": True, "decoder": True}
     assert entries(cache) == names
     assert greedy(first) == hf_tokens
@@ -75,9 +78,9 @@ def test_cached_decoder_outputs_equal_the_uncached_ones(artifacts, tmp_path, rng
     """One 9-token prefill step of decoder.ort.onnx (seeded random embeddings, empty 64-row cache) through the plain
     session and through a cache hit: logits and the written cache rows."""
     cache = tmp_path / "ort-cache"
-    load_model(artifacts, "onnxruntime", ort_cache=cache)
-    models = [load_model(artifacts, "onnxruntime", io_binding=False),
-              load_model(artifacts, "onnxruntime", io_binding=False, ort_cache=cache)]
+    load_model(artifacts, "onnxruntime", dense_kernel="mlas", ort_cache=cache)
+    models = [load_model(artifacts, "onnxruntime", dense_kernel="mlas", io_binding=False),
+              load_model(artifacts, "onnxruntime", dense_kernel="mlas", io_binding=False, ort_cache=cache)]
     assert models[1].sessions["decoder"].cache_hit
     spec, seq, cache_len = models[0].spec, 9, 64
     t = spec.text
@@ -97,20 +100,20 @@ def test_cached_decoder_outputs_equal_the_uncached_ones(artifacts, tmp_path, rng
 
 def test_cache_misses_when_a_graph_file_changes(artifacts, tmp_path):
     cache = tmp_path / "ort-cache"
-    load_model(artifacts, "onnxruntime", ort_cache=cache)
+    load_model(artifacts, "onnxruntime", dense_kernel="mlas", ort_cache=cache)
     data = artifacts / "decoder.onnx.data"
     st = data.stat()
     os.utime(data, ns=(st.st_atime_ns, st.st_mtime_ns + 1_000_000_000))  # a re-export rewrites the file
-    again = load_model(artifacts, "onnxruntime", ort_cache=cache)
+    again = load_model(artifacts, "onnxruntime", dense_kernel="mlas", ort_cache=cache)
     assert hits(again) == {"vision": True, "embed": True, "decoder": False}
     assert len(entries(cache)) == 4
 
 
 def test_cache_misses_when_onnxruntime_version_changes(artifacts, tmp_path, monkeypatch):
     cache = tmp_path / "ort-cache"
-    load_model(artifacts, "onnxruntime", ort_cache=cache)
+    load_model(artifacts, "onnxruntime", dense_kernel="mlas", ort_cache=cache)
     monkeypatch.setattr(onnxruntime, "__version__", onnxruntime.__version__ + ".other")
-    again = load_model(artifacts, "onnxruntime", ort_cache=cache)
+    again = load_model(artifacts, "onnxruntime", dense_kernel="mlas", ort_cache=cache)
     assert hits(again) == {"vision": False, "embed": False, "decoder": False}
     assert len(entries(cache)) == 6
 
@@ -118,8 +121,8 @@ def test_cache_misses_when_onnxruntime_version_changes(artifacts, tmp_path, monk
 def test_cache_misses_when_session_config_changes(artifacts, tmp_path):
     """Prepacked (ort_prepack) and memory-mapped sessions are different entries."""
     cache = tmp_path / "ort-cache"
-    load_model(artifacts, "onnxruntime", ort_cache=cache)
-    again = load_model(artifacts, "onnxruntime", ort_cache=cache, ort_prepack=False)
+    load_model(artifacts, "onnxruntime", dense_kernel="mlas", ort_cache=cache)
+    again = load_model(artifacts, "onnxruntime", dense_kernel="mlas", ort_cache=cache, ort_prepack=False)
     assert hits(again) == {"vision": False, "embed": False, "decoder": False}
 
 
@@ -138,8 +141,8 @@ def test_cache_key_covers_providers_version_config_and_files(artifacts):
 def test_dense_graphs_run_on_mapped_weights_on_the_cpu(artifacts):
     """Dense graphs on the CPU provider with ort_prepack=False: prepacking off (weights used where ONNX Runtime maps
     them); the default keeps ONNX Runtime's prepacking."""
-    mapped = load_model(artifacts, "onnxruntime", ort_prepack=False)
-    packed = load_model(artifacts, "onnxruntime")
+    mapped = load_model(artifacts, "onnxruntime", dense_kernel="mlas", ort_prepack=False)
+    packed = load_model(artifacts, "onnxruntime", dense_kernel="mlas")
     for name in ("vision", "embed", "decoder"):
         opts = mapped.sessions[name].sess.get_session_options()
         assert opts.get_session_config_entry("session.disable_prepacking") == "1"
@@ -164,7 +167,7 @@ def test_trt_run_ort_weights_mapped_runs_on_mapped_weights_and_matches_hf(artifa
 
     monkeypatch.setattr(startup, "load_model_and_preprocessor", spy)
     flags = ["--model-dir", str(artifacts), "--prompt", PROMPT, "--temperature", "0", "--max-new-tokens", str(N_NEW),
-             "--ignore-eos", "--json", "--backend", "onnxruntime"]
+             "--ignore-eos", "--json", "--backend", "onnxruntime", "--dense-kernel", "mlas"]
     for extra, mapped in (([], False), (["--ort-weights", "mapped"], True)):
         results = cli.run(cli.RunConfig.from_args(cli.parser().parse_args(flags + extra)), io.StringIO(), io.StringIO())
         assert results[0].token_ids == hf_tokens
