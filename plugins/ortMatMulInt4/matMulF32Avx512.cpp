@@ -17,7 +17,9 @@ constexpr int64_t kRowTasks = 4;         //!< tasks of a [K, N] gemv: K split in
 constexpr int64_t kRowsAtOnce = 4;       //!< rows of W one pass of a gemv task reads side by side
 constexpr int64_t kReduceColumns = 1024; //!< columns per task of the partial sums' reduction
 constexpr int64_t kDotTaskRows = 64;     //!< rows of a [N, K] W per task of the dot-product kernel
-constexpr int64_t kPanelColumns = 32;    //!< columns of a gemm panel and of its register tile (2 vectors)
+constexpr int64_t kTaskColumns = 128;    //!< columns of W per gemm task (512 bytes of each row at a time)
+constexpr int64_t kDepth = 256;          //!< rows of W per gemm panel: [256, 128] fp32 = 128 KB (L2)
+constexpr int64_t kPanelColumns = 32;    //!< columns of the gemm register tile (2 vectors)
 constexpr int64_t kTileRows = 12;        //!< rows of the gemm register tile: 24 accumulators
 
 inline __mmask16 tailMask(int64_t count)
@@ -145,9 +147,11 @@ void dotRowsTask(void* arg, size_t task)
     }
 }
 
-//! y[m0 .. m0 + R, n0 .. n0 + columns) = x[m0 .. m0 + R, :] @ panel, panel [K, 32] (columns past N zero)
+//! y[m0 .. m0 + R, n0 .. n0 + columns) (+)= x[m0 .. m0 + R, k0 .. k0 + depth) @ panel: the panel is [depth, 32] with
+//! row stride kTaskColumns (columns past N zero); the first K block stores y, the later ones add to it.
 template <int R>
-void gemmTile(const F32Product& p, const float* panel, int64_t m0, int64_t n0, int64_t columns)
+void gemmTile(const F32Product& p, const float* panel, int64_t depth, int64_t m0, int64_t k0, int64_t n0,
+    int64_t columns, bool first)
 {
     __m512 acc[R][2];
     for (int r = 0; r < R; ++r)
@@ -155,11 +159,11 @@ void gemmTile(const F32Product& p, const float* panel, int64_t m0, int64_t n0, i
         acc[r][0] = _mm512_setzero_ps();
         acc[r][1] = _mm512_setzero_ps();
     }
-    const float* x = p.x + m0 * p.k;
-    for (int64_t i = 0; i < p.k; ++i)
+    const float* x = p.x + m0 * p.k + k0;
+    for (int64_t i = 0; i < depth; ++i)
     {
-        const __m512 b0 = _mm512_load_ps(panel + i * kPanelColumns);
-        const __m512 b1 = _mm512_load_ps(panel + i * kPanelColumns + 16);
+        const __m512 b0 = _mm512_load_ps(panel + i * kTaskColumns);
+        const __m512 b1 = _mm512_load_ps(panel + i * kTaskColumns + 16);
         for (int r = 0; r < R; ++r)
         {
             const __m512 a = _mm512_set1_ps(x[r * p.k + i]);
@@ -172,45 +176,62 @@ void gemmTile(const F32Product& p, const float* panel, int64_t m0, int64_t n0, i
     for (int r = 0; r < R; ++r)
     {
         float* y = p.y + (m0 + r) * p.n + n0;
+        if (!first)
+        {
+            acc[r][0] = _mm512_add_ps(acc[r][0], _mm512_maskz_loadu_ps(mask0, y));
+            acc[r][1] = _mm512_add_ps(acc[r][1], _mm512_maskz_loadu_ps(mask1, y + 16));
+        }
         _mm512_mask_storeu_ps(y, mask0, acc[r][0]);
         _mm512_mask_storeu_ps(y + 16, mask1, acc[r][1]);
     }
 }
 
-//! y[:, n0 .. n0 + 32): the panel of W's columns n0.. copied to [K, 32], then the rows of x in register tiles
+//! y[:, n0 .. n0 + 128): per block of kDepth rows of W, its 128 columns copied to a [kDepth, 128] panel (L2; 512
+//! contiguous bytes per row of W read at a time), then for each 32 of them the rows of x in register tiles
 void gemmTask(void* arg, size_t task)
 {
     const Job& job = *static_cast<const Job*>(arg);
     const F32Product& p = *job.product;
-    const int64_t n0 = static_cast<int64_t>(task) * kPanelColumns;
-    const int64_t columns = std::min(kPanelColumns, p.n - n0);
+    const int64_t n0 = static_cast<int64_t>(task) * kTaskColumns;
+    const int64_t columns = std::min(kTaskColumns, p.n - n0);
     thread_local std::vector<float> storage;
-    storage.resize(static_cast<size_t>(p.k * kPanelColumns + 16));
+    storage.resize(static_cast<size_t>(kDepth * kTaskColumns + 16));
     float* panel = reinterpret_cast<float*>((reinterpret_cast<uintptr_t>(storage.data()) + 63) & ~uintptr_t{63});
-    const __mmask16 mask0 = tailMask(std::min<int64_t>(16, columns));
-    const __mmask16 mask1 = columns > 16 ? tailMask(std::min<int64_t>(16, columns - 16)) : 0;
-    for (int64_t i = 0; i < p.k; ++i)
+    for (int64_t k0 = 0; k0 < p.k; k0 += kDepth)
     {
-        const float* row = p.w + i * p.n + n0;
-        _mm512_store_ps(panel + i * kPanelColumns, _mm512_maskz_loadu_ps(mask0, row));
-        _mm512_store_ps(panel + i * kPanelColumns + 16, _mm512_maskz_loadu_ps(mask1, row + 16));
-    }
-    int64_t m0 = 0;
-    for (; m0 + kTileRows <= p.m; m0 += kTileRows)
-    {
-        gemmTile<kTileRows>(p, panel, m0, n0, columns);
-    }
-    for (; m0 + 6 <= p.m; m0 += 6)
-    {
-        gemmTile<6>(p, panel, m0, n0, columns);
-    }
-    for (; m0 + 3 <= p.m; m0 += 3)
-    {
-        gemmTile<3>(p, panel, m0, n0, columns);
-    }
-    for (; m0 < p.m; ++m0)
-    {
-        gemmTile<1>(p, panel, m0, n0, columns);
+        const int64_t depth = std::min(kDepth, p.k - k0);
+        for (int64_t i = 0; i < depth; ++i)
+        {
+            const float* row = p.w + (k0 + i) * p.n + n0;
+            float* out = panel + i * kTaskColumns;
+            for (int64_t j = 0; j < kTaskColumns; j += 16)
+            {
+                _mm512_store_ps(out + j, _mm512_maskz_loadu_ps(tailMask(std::clamp<int64_t>(columns - j, 0, 16)), row + j));
+            }
+        }
+        for (int64_t g = 0; g < columns; g += kPanelColumns)
+        {
+            const float* sub = panel + g;
+            const int64_t width = std::min(kPanelColumns, columns - g);
+            const bool first = k0 == 0;
+            int64_t m0 = 0;
+            for (; m0 + kTileRows <= p.m; m0 += kTileRows)
+            {
+                gemmTile<kTileRows>(p, sub, depth, m0, k0, n0 + g, width, first);
+            }
+            for (; m0 + 6 <= p.m; m0 += 6)
+            {
+                gemmTile<6>(p, sub, depth, m0, k0, n0 + g, width, first);
+            }
+            for (; m0 + 3 <= p.m; m0 += 3)
+            {
+                gemmTile<3>(p, sub, depth, m0, k0, n0 + g, width, first);
+            }
+            for (; m0 < p.m; ++m0)
+            {
+                gemmTile<1>(p, sub, depth, m0, k0, n0 + g, width, first);
+            }
+        }
     }
 }
 
@@ -240,7 +261,7 @@ void matMulF32Avx512(const F32Product& product, ParallelFor parallelFor, void* r
         parallelFor(runner, gemvReduceTask, tasksOf(product.n, kReduceColumns), &job);
         return;
     }
-    parallelFor(runner, gemmTask, tasksOf(product.n, kPanelColumns), &job);
+    parallelFor(runner, gemmTask, tasksOf(product.n, kTaskColumns), &job);
 }
 
 } // namespace qwen_vl

@@ -7,8 +7,8 @@
 //   M = 1, W [K, N] (MatMul): the rows of W are split among the tasks, each task one sequential stream of whole
 //     rows, four rows at a time, into its own partial sum of y; the partial sums are added at the end.
 //   W [N, K] (Gemm with transB, lm_head): one dot product per row of W and row of x, rows of W in sequence.
-//   M > 1, W [K, N]: panels of 32 columns are copied to a [K, 32] buffer (L2) and a 12 x 32 register tile runs
-//     over K with x broadcast (MLAS's own SGEMM shape).
+//   M > 1, W [K, N]: 128 columns per task, copied 256 rows at a time into a [256, 128] panel (L2), and a 12 x 32
+//     register tile runs over each block with x broadcast, adding into y (MLAS's own SGEMM shape).
 #pragma once
 
 #include "matMulInt4Kernel.h"
