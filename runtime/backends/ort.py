@@ -94,6 +94,19 @@ class OrtSession:
         self.io_binding = io_binding or has_bf16 or self.device == "cuda"
         self.resident = frozenset(resident) if self.io_binding else frozenset()
 
+    def warm_up(self) -> None:
+        """One run on zeros: every symbolic dimension 1, `cache_len` 16 (the decoder's inputs: zero embeddings at
+        position 0 with an empty cache). A decoder on MatMulF32 reads its weights where ONNX Runtime has mapped them
+        and nothing has touched them yet, so the first request would take the page faults of all of them (the
+        benchmark's 2.86 GB decoder: its first prefill 1103 ms against 735 ms for the second,
+        bench/first_request_profile.py, docs/benchmarks.md); this run takes them at start-up instead, on the
+        session's own thread, while the other sessions are created."""
+        feeds = {}
+        for i in self.sess.get_inputs():
+            dims = [d if isinstance(d, int) else 16 if d == "cache_len" else 1 for d in i.shape]
+            feeds[i.name] = np.zeros(dims, np.int64 if i.type == "tensor(int64)" else np.float32)
+        self.sess.run(None, feeds)
+
     def decode_io(self, model, batch: int, cache_len: int):
         """The decode IO of this (decoder) session: bound once with I/O binding (ort_io.py), else host feeds."""
         if not self.io_binding:
@@ -393,6 +406,12 @@ def open_ort(paths: dict, contracts: dict, *, io_binding: bool = True, threads: 
     providers = ort_providers()
 
     def open_one(name: str) -> OrtSession:
+        session = open_session(name)
+        if session.f32_kernel is not None:
+            session.warm_up()  # its mapped weights' page faults at start-up, not in the first request (warm_up)
+        return session
+
+    def open_session(name: str) -> OrtSession:
         return OrtSession(paths[name], contracts[name], providers=providers, io_binding=io_binding,
                           resident=_cache_outputs(contracts[name]), threads=threads,
                           graph_capture=cuda_graph and name == "decoder", int4_accuracy_level=int4_accuracy_level,
