@@ -96,11 +96,11 @@ class OrtSession:
 
     def warm_up(self) -> None:
         """One run on zeros: every symbolic dimension 1, `cache_len` 16 (the decoder's inputs: zero embeddings at
-        position 0 with an empty cache). A decoder on MatMulF32 reads its weights where ONNX Runtime has mapped them
-        and nothing has touched them yet, so the first request would take the page faults of all of them (the
-        benchmark's 2.86 GB decoder: its first prefill 1103 ms against 735 ms for the second,
-        bench/first_request_profile.py, docs/benchmarks.md); this run takes them at start-up instead, on the
-        session's own thread, while the other sessions are created."""
+        position 0 with an empty cache). A decoder on MatMulF32 or MatMulInt4 reads its weights where ONNX Runtime
+        has mapped them (nothing is prepacked) and nothing has touched them yet, so the first request would take the
+        page faults of all of them (the benchmark's 2.86 GB fp32 decoder: its first prefill 1103 ms against 735 ms
+        for the second, bench/first_request_profile.py, docs/benchmarks.md); this run takes them at start-up
+        instead, on the session's own thread, while the other sessions are created."""
         feeds = {}
         for i in self.sess.get_inputs():
             dims = [d if isinstance(d, int) else 16 if d == "cache_len" else 1 for d in i.shape]
@@ -407,7 +407,7 @@ def open_ort(paths: dict, contracts: dict, *, io_binding: bool = True, threads: 
 
     def open_one(name: str) -> OrtSession:
         session = open_session(name)
-        if session.f32_kernel is not None:
+        if session.f32_kernel is not None or session.int4_kernel is not None:
             session.warm_up()  # its mapped weights' page faults at start-up, not in the first request (warm_up)
         return session
 
