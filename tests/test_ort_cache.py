@@ -19,6 +19,7 @@ import onnxruntime
 import pytest
 
 import hf_processor as H
+from decoder_feeds import prefill_feeds
 from hf_reference import hf_greedy_new_tokens
 from qwen_vl_trt.model.contracts import Limits
 from qwen_vl_trt.runtime.backends import ort_cache
@@ -82,16 +83,7 @@ def test_cached_decoder_outputs_equal_the_uncached_ones(artifacts, tmp_path, rng
     models = [load_model(artifacts, "onnxruntime", dense_kernel="mlas", io_binding=False),
               load_model(artifacts, "onnxruntime", dense_kernel="mlas", io_binding=False, ort_cache=cache)]
     assert models[1].sessions["decoder"].cache_hit
-    spec, seq, cache_len = models[0].spec, 9, 64
-    t = spec.text
-    feeds = {"inputs_embeds": rng.standard_normal((1, seq, t.hidden_size)).astype(np.float32),
-             "position_ids": np.broadcast_to(np.arange(seq, dtype=np.int64), (3, 1, seq)).copy(),
-             "past_lengths": np.zeros(1, np.int64), "logits_index": np.array([seq - 1], np.int64)}
-    if spec.num_deepstack:
-        feeds["deepstack_embeds"] = rng.standard_normal((spec.num_deepstack, 1, seq, t.hidden_size)).astype(np.float32)
-    for i in range(t.num_hidden_layers):
-        for kind in ("key", "value"):
-            feeds[f"past_{kind}.{i}"] = np.zeros((1, t.num_key_value_heads, cache_len, t.head_dim), np.float32)
+    feeds = prefill_feeds(models[0].spec, rng)
     plain, cached = (m.sessions["decoder"].run(dict(feeds)) for m in models)
     assert set(plain) == set(cached)
     for name in plain:

@@ -146,6 +146,7 @@ def test_runtime_runs_the_dense_decoder_on_matmul_f32_and_generates_like_hf(dens
     states pass 2 layers of products summed in other orders). dense_kernel="mlas" and QWEN_VL_ORT_KERNELS=off keep
     ONNX Runtime's kernels."""
     import hf_processor as H
+    from decoder_feeds import prefill_feeds
     from hf_reference import hf_greedy_new_tokens
     from qwen_vl_trt.runtime.generate import generate, load_model
     from qwen_vl_trt.runtime.pipeline import Preprocessor
@@ -181,17 +182,7 @@ def test_runtime_runs_the_dense_decoder_on_matmul_f32_and_generates_like_hf(dens
     mlas = load_model(art, "onnxruntime", dense_kernel="mlas", io_binding=False)
     assert mlas.sessions["decoder"].f32_kernel is None
     ours = load_model(art, "onnxruntime", io_binding=False)
-    rng = np.random.default_rng(0)
-    t, seq = ours.spec.text, 9
-    feeds = {"inputs_embeds": rng.standard_normal((1, seq, t.hidden_size)).astype(np.float32),
-             "position_ids": np.broadcast_to(np.arange(seq, dtype=np.int64), (3, 1, seq)).copy(),
-             "past_lengths": np.zeros(1, np.int64), "logits_index": np.array([seq - 1], np.int64)}
-    if ours.spec.num_deepstack:
-        feeds["deepstack_embeds"] = rng.standard_normal((ours.spec.num_deepstack, 1, seq, t.hidden_size)).astype(
-            np.float32)
-    for i in range(t.num_hidden_layers):
-        for kind in ("key", "value"):
-            feeds[f"past_{kind}.{i}"] = np.zeros((1, t.num_key_value_heads, 64, t.head_dim), np.float32)
+    feeds = prefill_feeds(ours.spec, np.random.default_rng(0))
     a, b = (m.sessions["decoder"].run(dict(feeds)) for m in (mlas, ours))
     assert set(a) == set(b)
     for key in a:

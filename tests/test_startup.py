@@ -19,6 +19,7 @@ import pytest
 import torch
 
 import hf_processor as H
+from decoder_feeds import prefill_feeds
 from qwen_vl_trt.model.errors import ArtifactError, BackendUnavailable
 from qwen_vl_trt.runtime.backends import ort_cache
 from qwen_vl_trt.runtime.generate import generate, load_model
@@ -161,17 +162,7 @@ def test_dense_decoder_is_prepacked_largest_weight_first_and_matches_hf(dense_ex
     plain, ordered_model = (load_model(art, "onnxruntime", io_binding=False, dense_kernel="mlas", **kw)
                             for kw in ({"ort_cache": False}, {}))
     assert hits(ordered_model)["decoder"] is True
-    rng = np.random.default_rng(0)
-    spec, seq = plain.spec, 9
-    t = spec.text
-    feeds = {"inputs_embeds": rng.standard_normal((1, seq, t.hidden_size)).astype(np.float32),
-             "position_ids": np.broadcast_to(np.arange(seq, dtype=np.int64), (3, 1, seq)).copy(),
-             "past_lengths": np.zeros(1, np.int64), "logits_index": np.array([seq - 1], np.int64)}
-    if spec.num_deepstack:
-        feeds["deepstack_embeds"] = rng.standard_normal((spec.num_deepstack, 1, seq, t.hidden_size)).astype(np.float32)
-    for i in range(t.num_hidden_layers):
-        for kind in ("key", "value"):
-            feeds[f"past_{kind}.{i}"] = np.zeros((1, t.num_key_value_heads, 64, t.head_dim), np.float32)
+    feeds = prefill_feeds(plain.spec, np.random.default_rng(0))
     a, b = (m.sessions["decoder"].run(dict(feeds)) for m in (plain, ordered_model))
     assert set(a) == set(b)
     for key in a:

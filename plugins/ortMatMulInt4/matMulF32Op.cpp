@@ -43,18 +43,9 @@ public:
 
     OrtStatusPtr ComputeV2(OrtKernelContext* rawContext)
     {
-        try
-        {
-            compute(rawContext);
-            return nullptr;
-        }
-        catch (const std::exception& e)
-        {
-            return Ort::GetApi().CreateStatus(ORT_RUNTIME_EXCEPTION, e.what());
-        }
+        return computeStatus(*this, rawContext);
     }
 
-private:
     void compute(OrtKernelContext* rawContext) const
     {
         Ort::KernelContext context(rawContext);
@@ -95,6 +86,7 @@ private:
         matMulF32(product, ortParallelFor, &runner);
     }
 
+private:
     bool mTransposed{false};
 };
 
@@ -102,15 +94,7 @@ struct MatMulF32Op : Ort::CustomOpBase<MatMulF32Op, MatMulF32Kernel, true>
 {
     OrtStatusPtr CreateKernelV2(const OrtApi& api, const OrtKernelInfo* info, void** kernel) const
     {
-        try
-        {
-            *kernel = new MatMulF32Kernel(api, info);
-            return nullptr;
-        }
-        catch (const std::exception& e)
-        {
-            return api.CreateStatus(ORT_INVALID_ARGUMENT, e.what());
-        }
+        return createKernel<MatMulF32Kernel>(api, info, kernel);
     }
 
     const char* GetName() const
@@ -160,14 +144,5 @@ extern "C" __attribute__((visibility("default"))) void qwen_vl_matmul_f32(const 
         qwen_vl::matMulF32Reference(product);
         return;
     }
-    qwen_vl::matMulF32(
-        product,
-        [](void*, void (*fn)(void*, size_t), size_t count, void* arg)
-        {
-            for (size_t i = 0; i < count; ++i)
-            {
-                fn(arg, i);
-            }
-        },
-        nullptr);
+    qwen_vl::matMulF32(product, qwen_vl::serialParallelFor, nullptr);
 }

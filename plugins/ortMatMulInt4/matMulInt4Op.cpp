@@ -43,18 +43,9 @@ public:
 
     OrtStatusPtr ComputeV2(OrtKernelContext* rawContext)
     {
-        try
-        {
-            compute(rawContext);
-            return nullptr;
-        }
-        catch (const std::exception& e)
-        {
-            return Ort::GetApi().CreateStatus(ORT_RUNTIME_EXCEPTION, e.what());
-        }
+        return computeStatus(*this, rawContext);
     }
 
-private:
     void compute(OrtKernelContext* rawContext) const
     {
         Ort::KernelContext context(rawContext);
@@ -99,6 +90,7 @@ private:
         matMulInt4(product, ortParallelFor, &runner);
     }
 
+private:
     int64_t mK{0};
     int64_t mN{0};
     int64_t mBlock{0};
@@ -108,15 +100,7 @@ struct MatMulInt4Op : Ort::CustomOpBase<MatMulInt4Op, MatMulInt4Kernel, true>
 {
     OrtStatusPtr CreateKernelV2(const OrtApi& api, const OrtKernelInfo* info, void** kernel) const
     {
-        try
-        {
-            *kernel = new MatMulInt4Kernel(api, info);
-            return nullptr;
-        }
-        catch (const std::exception& e)
-        {
-            return api.CreateStatus(ORT_INVALID_ARGUMENT, e.what());
-        }
+        return createKernel<MatMulInt4Kernel>(api, info, kernel);
     }
 
     const char* GetName() const
@@ -182,15 +166,6 @@ extern "C" __attribute__((visibility("default"))) int qwen_vl_matmul_int4(const 
         qwen_vl::matMulInt4Reference(product);
         return 0;
     }
-    qwen_vl::matMulInt4(
-        product,
-        [](void*, void (*fn)(void*, size_t), size_t count, void* arg)
-        {
-            for (size_t i = 0; i < count; ++i)
-            {
-                fn(arg, i);
-            }
-        },
-        nullptr);
+    qwen_vl::matMulInt4(product, qwen_vl::serialParallelFor, nullptr);
     return 0;
 }

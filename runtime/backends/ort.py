@@ -183,7 +183,7 @@ class OrtSession:
         from .ort_cache import cached_graph, graph_files
 
         if any(p.is_symlink() for p in graph_files(path)):  # ONNX Runtime refuses in-memory graphs' weights that
-            self._unrenamed()                                  # resolve outside their folder: the graph as exported
+            self.f32_kernel = None                             # resolve outside their folder: the graph as exported
             return self._create(path, opts, providers, False)
         blob, self.cache_hit = cached_graph(cache_dir, path, providers, session_config(opts), self.ort.__version__,
                                             what, make)
@@ -192,12 +192,8 @@ class OrtSession:
             return self._create(blob, opts, providers, False)
         except Exception:  # a damaged entry, or weights ONNX Runtime refuses to read from memory (e.g. a .onnx.data
             self.cache_hit = None  # symlinked from elsewhere): the graph as exported (its own error, if it has one)
-            self._unrenamed()
+            self.f32_kernel = None  # no MatMulF32 node then (its weights stay mapped: no prepacking was asked for)
             return self._create(path, opts, providers, False)
-
-    def _unrenamed(self) -> None:
-        """The graph as exported runs: no MatMulF32 node (its weights stay mapped: no prepacking was asked for)."""
-        self.f32_kernel = None
 
     def _create(self, path, opts, providers, graph_capture: bool):
         cuda = "CUDAExecutionProvider" in providers
@@ -330,7 +326,6 @@ def weights_mapped(opts) -> None:
 
 
 _CACHE_KEYS = ("session.qdq_matmulnbits_accuracy_level", "session.disable_prepacking")
-
 _INT4_KERNEL_KEY = "qwen_vl.int4_kernel"  # the cache key's part for an entry whose INT4 products are MatMulInt4
 
 

@@ -27,12 +27,6 @@ OP = "MatMulF32"
 VERSION = {"qwen_vl.f32_kernel": "MatMulF32/1"}  # part of the cache key of the renamed graph
 
 
-def _attrs(node) -> dict:
-    from onnx import helper
-
-    return {a.name: helper.get_attribute_value(a) for a in node.attribute}
-
-
 def eligible(node, weights: set) -> bool:
     """Whether MatMulF32 runs this node: a MatMul on a 2-D fp32 initializer, or lm_head's Gemm (transB, no C)."""
     inputs = list(node.input)
@@ -41,7 +35,7 @@ def eligible(node, weights: set) -> bool:
     if node.op_type == "MatMul":
         return len(inputs) == 2
     if node.op_type == "Gemm":
-        a = _attrs(node)
+        a = ort_int4_kernel.node_attributes(node)
         return (len(inputs) == 2 or not inputs[2]) and a.get("transB", 0) == 1 and a.get("transA", 0) == 0 \
             and float(a.get("alpha", 1.0)) == 1.0
     return False

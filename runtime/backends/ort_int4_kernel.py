@@ -47,7 +47,7 @@ def _vectorized(path: str) -> bool:
     return bool(lib.qwen_vl_matmul_int4_vectorized())
 
 
-def _attrs(node) -> dict:
+def node_attributes(node) -> dict:
     from onnx import helper
 
     return {a.name: helper.get_attribute_value(a) for a in node.attribute}
@@ -58,7 +58,7 @@ def eligible(node, float_names: set) -> bool:
     accuracy level is not 4), no g_idx or bias, a block that is a multiple of 32."""
     if node.op_type != "MatMulNBits" or node.domain != "com.microsoft":
         return False
-    a = _attrs(node)
+    a = node_attributes(node)
     inputs = list(node.input)
     return (a.get("bits", 4) == 4 and a.get("accuracy_level", 0) != 4 and a.get("block_size", 0) % 32 == 0
             and len(inputs) >= 3 and inputs[2] in float_names and all(not name for name in inputs[4:]))
