@@ -108,6 +108,63 @@ def test_matmul_int4_keeps_leading_dims_and_handles_many_columns():
         assert np.abs(y - want).max() <= RTOL * np.abs(want).max()
 
 
+@pytest.mark.parametrize("block", [32, 64, 128])
+@pytest.mark.parametrize("k", [384, 640, 1024])
+def test_decode_kernel_over_spans_and_a_half_span_tail(k, block):
+    """M = 1 with K = 384 and 640 (K % 256 == 128: the decode kernel's last span of 256 k is half a span, whose
+    second 64 bytes belong to the next column) and 1024 (whole spans); N = 200: tasks of 64 columns walked as 4
+    streams of 16, and a last task of 8 (4 streams of 2). Tolerance as above (K up to 1024: sqrt(K) * 6e-8 * a few
+    is still under 2e-6 of the largest |y|)."""
+    rng = np.random.default_rng(k + block)
+    packed, scales, _ = random_weight(rng, 200, k, block, False)
+    x = rng.standard_normal((1, k)).astype(np.float32)
+    want = definition(x, packed, scales, None, block)
+    ours = one_node_session_k("qwen_vl", "MatMulInt4", packed, scales, block, k).run(None, {"A": x})[0]
+    assert np.abs(ours - want).max() <= RTOL * np.abs(want).max()
+
+
+@pytest.mark.parametrize("block", [32, 128])
+def test_decode_kernel_keeps_each_activation_to_its_32_group(block):
+    """The decode kernel's precision contract (matMulInt4Vnni.cpp): every activation is kept to 2^-22 of the largest
+    |x| among the 32 aligned k around it (it scales groups of 16 inside them by powers of two), then fp32 sums. Each
+    32 k of the activations get their own magnitude, 2^-30 .. 2^30, and column n has nonzero weights (u != 8) in
+    one group of 32 only, n % (K / 32): its output is that group's alone, so a coarser grouping (one scale per 128
+    or 256 k, per block or per tensor) rounds a small group next to a large one away and breaks the bound: per n,
+        |y - y_def| <= 2^-22 * sum_k max32(k) |w_nk| + (K / 16 + 8) * 2^-24 * sum_k |x_k w_nk|,
+    the second term the fp32 rounding of the conversions, the scalings and the sums (K / 16 lane sums a column)."""
+    k, n = 640, 60
+    rng = np.random.default_rng(block)
+    packed, scales, _ = random_weight(rng, n, k, block, False)
+    flat = packed.reshape(n, k // 2)
+    for column in range(n):
+        group = column % (k // 32)
+        flat[column, :16 * group] = 0x88
+        flat[column, 16 * (group + 1):] = 0x88
+    x = (rng.standard_normal((1, k)) * np.repeat(2.0 ** rng.integers(-30, 31, size=k // 32), 32)).astype(np.float32)
+    want = definition(x, packed, scales, None, block)
+    ours = one_node_session_k("qwen_vl", "MatMulInt4", packed, scales, block, k).run(None, {"A": x})[0]
+    u = np.empty((n, k), np.int32)
+    u[:, 0::2], u[:, 1::2] = flat & 15, flat >> 4
+    w = np.abs((u - 8).astype(np.float64) * np.repeat(scales, block, axis=1))
+    group_max = np.repeat(np.abs(x[0].astype(np.float64)).reshape(-1, 32).max(axis=1), 32)
+    bound = 2.0 ** -22 * (w @ group_max) + (k / 16 + 8) * 2.0 ** -24 * (w @ np.abs(x[0].astype(np.float64)))
+    assert np.all(np.abs(ours[0] - want[0]) <= bound)
+
+
+def one_node_session_k(domain: str, op: str, packed, scales, block: int, k: int):
+    """one_node_session for a K other than the module's."""
+    n = packed.shape[0]
+    inits = [onnx.numpy_helper.from_array(packed, "B"), onnx.numpy_helper.from_array(scales.reshape(-1), "scales")]
+    node = helper.make_node(op, ["A", "B", "scales"], ["Y"], domain=domain, K=k, N=n, bits=4, block_size=block)
+    graph = helper.make_graph([node], "g", [helper.make_tensor_value_info("A", TensorProto.FLOAT, ["m", k])],
+                              [helper.make_tensor_value_info("Y", TensorProto.FLOAT, None)], initializer=inits)
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 21), helper.make_opsetid(domain, 1)])
+    opts = ort.SessionOptions()
+    opts.intra_op_num_threads = 2
+    opts.register_custom_ops_library(str(LIBRARY))
+    return ort.InferenceSession(model.SerializeToString(), opts, providers=["CPUExecutionProvider"])
+
+
 def test_scalar_reference_kernel_equals_the_definition():
     """The fallback of CPUs without AVX-512F (qwen_vl_matmul_int4 with reference=1), and the vectorized kernels
     called without ONNX Runtime, agree with the definition."""

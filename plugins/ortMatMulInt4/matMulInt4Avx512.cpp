@@ -3,12 +3,9 @@
 // Both kernels take K in a permuted order inside every run of 32 (one 16-byte chunk of packed weights): the 16 low
 // nibbles (k = 0, 2, ..., 30) first, then the 16 high nibbles (k = 1, 3, ..., 31). The weights dequantize into that
 // order with no shuffle, and the activations are permuted to match once per call.
-//   M = 1 (decode): gemv. Four columns side by side. Without zero points (symmetric weights, our exports) and K a
-//   multiple of 128, a column's 64 bytes (128 weights) are one load: lane L of the 16 dwords holds k = 8L .. 8L + 7,
-//   so nibble t of every lane is 16 weights (k = 8L + t) taken by two shifts and a conversion, with no shuffle, and
-//   one FMA each (gemvSymmetric: x is permuted to that order instead); the scales of the 128 weights' blocks are
-//   applied per lane once per 128. Otherwise each 16-byte chunk -> 2 x 16 weights by a table permute -> 2 FMAs
-//   (gemvColumns, in the 32-order above).
+//   M = 1 (decode): without zero points (symmetric weights, our exports), K a multiple of 128 and AVX512-VNNI,
+//   gemvDigits (matMulInt4Vnni.cpp: integer products on x held as three int8 digits). Otherwise gemvColumns, four
+//   columns side by side: each 16-byte chunk -> 2 x 16 weights by a table permute -> 2 FMAs (in the 32-order above).
 //   M > 1 (prefill): gemm. A task dequantizes 16 columns into an fp32 panel in L2, then a 48 x 8 register tile runs
 //   over K with the rows of x^T as vectors and the panel's weights broadcast.
 #include "matMulInt4Kernel.h"
@@ -261,7 +258,7 @@ void matMulInt4Avx512(const Int4Product& product, ParallelFor parallelFor, void*
     if (product.m == 1 && matMulInt4HasVnni() && int4DigitsRun(w))
     {
         thread_local std::vector<Int4SpanDigits> digits;
-        digits.resize(static_cast<size_t>(w.k / 128));
+        digits.resize(static_cast<size_t>((w.k + kInt4DigitSpan - 1) / kInt4DigitSpan));
         if (int4Digits(product.x, w.k, digits.data()))
         {
             job.digits = digits.data();

@@ -50,22 +50,38 @@ void matMulInt4Reference(const Int4Product& product);
 //! The AVX-512 kernels (matMulInt4Avx512.cpp, built with -mavx512f).
 void matMulInt4Avx512(const Int4Product& product, ParallelFor parallelFor, void* runner);
 
-//! x of one run of 128 k for gemvDigits (matMulInt4Vnni.cpp): per lane L (k = 8L .. 8L + 7) a power-of-two scale and
-//! the three int8 digits of x / scale, laid out as the packed weights' nibbles (digit[r][0]: even k, the low
-//! nibbles; digit[r][1]: odd k), and 8 * the sum of the lane's integers (the zero point's share).
+//! k values of x per Int4SpanDigits: one span is 128 bytes (2 x 64) of every column's packed weights.
+constexpr int64_t kInt4DigitSpan = 256;
+
+//! x of one span of 256 k for gemvDigits (matMulInt4Vnni.cpp). A column's 128 bytes of the span are loaded as two
+//! 64-byte halves h0, h1 and interleaved by dwords (VPUNPCKLDQ / VPUNPCKHDQ) into a and b: lane 4q + i of both takes
+//! dwords of half i & 1 in its 16-byte group q, a dword 4q + (i >> 1) and b dword 4q + 2 + (i >> 1), so each lane
+//! holds 16 weights of one block of 32 or more (int4SpanLaneK). Per lane a power-of-two scale and the three int8
+//! digits of x / scale for its 16 k, laid out as those nibbles: digit[r][0] and [1] the low (even k) and high (odd
+//! k) nibbles of a, [2] and [3] those of b; and 8 * the sum of the lane's integers (the zero point's share).
 struct alignas(64) Int4SpanDigits
 {
-    int8_t digit[3][2][64];
+    int8_t digit[3][4][64];
     int32_t zeroPointSum[16];
     float scale[16];
 };
+
+//! The k (0 .. 255, within its span) of byte j (0 .. 3) of lane (0 .. 15) in part (0 .. 3) of Int4SpanDigits.
+inline int int4SpanLaneK(int lane, int part, int j)
+{
+    const int group = lane / 4;
+    const int half = lane % 2;
+    const int dword = 4 * group + (lane % 4) / 2 + (part >= 2 ? 2 : 0);
+    return 128 * half + 8 * dword + 2 * j + part % 2;
+}
 
 //! Whether gemvDigits runs a weight: no zero points (8 everywhere), K a multiple of 128, blocks of 32 or more.
 inline bool int4DigitsRun(const Int4Weight& w)
 {
     return w.zeroPoints == nullptr && w.k % 128 == 0 && w.block >= 32;
 }
-//! x [K] -> its digits (K / 128 spans); false when x has an infinity or NaN (the fp32 kernels run it then).
+//! x [K] -> its digits (ceil(K / 256) spans; a last span of 128 k has zero digits above); false when x has an
+//! infinity or NaN (the fp32 kernels run it then).
 bool int4Digits(const float* x, int64_t k, Int4SpanDigits* spans);
 //! y[n0 .. n1) of a one-row product (AVX512-VNNI).
 void gemvDigits(const Int4Weight& w, const Int4SpanDigits* spans, int64_t n0, int64_t n1, float* y);
