@@ -17,8 +17,8 @@ from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
 ROOT = HERE.parent
-INT4_BLOCK = 128  # --weights int4: the block these GPU exports ask for (export_all.sh's default is 32 with fp32
-# activations since issue 24, a CPU kernel choice: model/weight_formats.py DEFAULT_INT4_BLOCK)
+INT4_BLOCK = 128  # --weights int4: the block these GPU exports ask for (also export_all.sh's default:
+# model/weight_formats.py DEFAULT_INT4_BLOCK; named here so that a change of that default leaves these exports be)
 # disk a config's checkpoint + bf16 graphs take (measured here: 2B 4.26 + 4.88 GB, 8B 17.53 + 17.54 GB,
 # docs/benchmarks.md "Export: time and peak RSS"); HEADROOM keeps the filesystem usable for logs and images
 NEED_BYTES = {"2B": int(8.6 * 2**30), "8B": int(35e9)}

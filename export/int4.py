@@ -17,9 +17,9 @@ Graph: `DequantizeLinear(q, s, axis=0, block_size=B)` [K, N] in the graph dtype 
 weight-only block quantization. ONNX Runtime fuses the pair into its `MatMulNBits` kernel (runtime/backends/ort.py asks
 for accuracy level 1, fp32 activations, unless the manifest says `int4_activations: int8`), TensorRT reads it as INT4
 weight-only quantization, and every other runtime still computes x @ (q * s) exactly. In decoder.ort.onnx the
-products of one activation are one wider product (`fuse_int4_products`). B defaults to 32 with fp32 activations and
-128 with int8 ones (model/weight_formats.py DEFAULT_INT4_BLOCK: ONNX Runtime's fastest CPU kernel for each). No calibration: this is RTN, so expect some accuracy loss against the
-bf16 model on real weights (not measured here: no real checkpoint on these machines).
+products of one activation are one wider product (`fuse_int4_products`). B defaults to 128 with either activation
+type (model/weight_formats.py DEFAULT_INT4_BLOCK). No calibration: this is RTN, so expect some accuracy loss against
+the bf16 model on real weights (not measured here: no real checkpoint on these machines).
 """
 from __future__ import annotations
 

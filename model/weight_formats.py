@@ -42,11 +42,11 @@ INT4_BLOCK_SIZES = (16, 32, 64, 128)
 FP8_BLOCK = 128
 INT4_ACTIVATIONS = ("fp32", "int8")  # ONNX Runtime MatMulNBits accuracy level 1 (exact product) / 4 (int8)
 ACCURACY_LEVEL = {"fp32": 1, "int8": 4}  # int4_activations -> MatMulNBits `accuracy_level`
-# The INT4 block when --int4-block-size is not given, per int4_activations: what ONNX Runtime 1.32's CPU
-# MatMulNBits runs fastest for one token on AVX-512 (bench/bench_matmulnbits.py, docs/benchmarks.md "INT4 block
-# size and fused products"): with fp32 activations (level 1) block 32 took 0.75-0.85x the time of block 128 per
-# decode product and lm_head; with int8 activations (level 4) block 128 took 0.80-0.85x the time of block 32.
-DEFAULT_INT4_BLOCK = {"fp32": 32, "int8": 128}
+# The INT4 block when --int4-block-size is not given, for both activation types, so one INT4 export serves both
+# (trt-run --int4-activations picks at run time): the group size of the field's INT4 checkpoints (AWQ / GPTQ g128),
+# one of the two TensorRT documents for INT4, and the faster one on the CPU for a decode step with either activation
+# type (docs/benchmarks.md "MatMulInt4 reads at the memory's pace"; block 32 stores 18 % more bytes a weight).
+DEFAULT_INT4_BLOCK = 128
 METADATA_KEY = "qwen_vl.weights"  # ONNX metadata key of decoder.onnx / embed.onnx: json.dumps(to_json())
 _ATTENTION = ("q_proj", "k_proj", "v_proj", "o_proj")
 _MLP = ("gate_proj", "up_proj", "down_proj")
@@ -65,9 +65,9 @@ class WeightFormats:
     @classmethod
     def parse(cls, text: str, int4_block: int | None = None, int4_activations: str = "fp32") -> "WeightFormats":
         """`--weights TEXT` (grammar in the module docstring) -> WeightFormats; a UserError names what is wrong.
-        `int4_block` None: DEFAULT_INT4_BLOCK of `int4_activations` (32 for fp32, 128 for int8)."""
+        `int4_block` None: DEFAULT_INT4_BLOCK (128)."""
         if int4_block is None:
-            int4_block = DEFAULT_INT4_BLOCK.get(int4_activations, 128)  # an unknown value is refused by check()
+            int4_block = DEFAULT_INT4_BLOCK
         chosen: dict[str, str] = {}
         for i, item in enumerate(p.strip() for p in (text or "dense").split(",")):
             if item in SHORTHANDS and i == 0:

@@ -47,11 +47,12 @@ def test_manifest_round_trip_and_old_string():
     assert WeightFormats.from_json("dense").is_dense
 
 
-def test_int4_block_default_follows_the_activations():
-    """Without --int4-block-size: block 32 for fp32 activations, 128 for int8 (DEFAULT_INT4_BLOCK: the faster ONNX
-    Runtime CPU MatMulNBits block of each, docs/benchmarks.md); a given block is kept either way."""
-    assert WeightFormats.parse("int4").int4_block == 32
+def test_int4_block_default_is_one_for_both_activations():
+    """Without --int4-block-size: block 128 for fp32 and for int8 activations (DEFAULT_INT4_BLOCK: one export serves
+    both, docs/benchmarks.md); a given block is kept either way."""
+    assert WeightFormats.parse("int4").int4_block == 128
     assert WeightFormats.parse("int4", int4_activations="int8").int4_block == 128
+    assert WeightFormats.parse("int4", int4_block=32).int4_block == 32
     assert WeightFormats.parse("int4", int4_block=64, int4_activations="int8").int4_block == 64
     with pytest.raises(UserError, match="--int4-activations 'int2'"):
         WeightFormats.parse("int4", int4_activations="int2")
@@ -64,6 +65,6 @@ def test_export_flags_default_block():
 
     ap = argparse.ArgumentParser()
     add_weight_arguments(ap)
-    assert weight_formats(ap.parse_args(["--weights", "int4"])).int4_block == 32
+    assert weight_formats(ap.parse_args(["--weights", "int4"])).int4_block == 128
     assert weight_formats(ap.parse_args(["--weights", "int4", "--int4-activations", "int8"])).int4_block == 128
-    assert weight_formats(ap.parse_args(["--weights", "int4", "--int4-block-size", "128"])).int4_block == 128
+    assert weight_formats(ap.parse_args(["--weights", "int4", "--int4-block-size", "32"])).int4_block == 32
