@@ -15,8 +15,8 @@
 // A task's 64 columns are walked as 4 runs of 16 side by side (columns n, n + 16, n + 32, n + 48): each run is one
 // sequential stream, and the digits of x, loaded once per span, serve four columns. Interleaving neighbouring
 // columns' streams instead (n, n + 1, ...: many short streams) defeated the hardware prefetcher, and one column at a
-// time read the digits from L2 once K = 6144 pushed them out of L1. Each stream is also prefetched 1 KB ahead: with
-// it the kernel reads at the rate of a plain streaming read of the same bytes (docs/benchmarks.md).
+// time read the digits from L2 once K = 6144 pushed them out of L1. Each stream is also prefetched 1 KB ahead (the
+// distance of 512 B to 4 KB that a one-off scratch comparison found best; docs/benchmarks.md).
 #include "matMulInt4Kernel.h"
 
 #include <immintrin.h>
@@ -105,7 +105,7 @@ namespace
 
 //! The block scales of one span of a column, where lane l's block is element l / 2, / 4, ... of the vector (the
 //! permute in gemvDigitsColumns picks them): B = 8, 4, 2, 1 blocks per span (block 32, 64, 128, 256 or more). Whole
-//! loads, no mask: a masked load reaching past the 64 bytes it needs was measured slower (docs/benchmarks.md).
+//! loads, no mask: the masked 64-byte load of one scale that the kernel did before made block 128 slower than 32.
 template <int B>
 inline __m512 spanScales(const float* scales)
 {
