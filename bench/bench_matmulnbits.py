@@ -4,7 +4,7 @@ export defaults to ship, and how our qwen_vl::MatMulInt4 kernel compares).
 
   python bench/bench_matmulnbits.py [--layers 4] [--hidden 2048] [--inter 6144] [--q 2048] [--kv 1024]
       [--vocab 151936] [--blocks 32 64 128] [--levels 0 1 4 ours] [--threads 2] [--rounds 5] [--calls 10]
-      [--layouts split fused down gate_up] [--zero-points no yes] [--lm-head] [--m 1]
+      [--layouts split fused down gate_up] [--zero-points no yes] [--lm-head] [--m 1] [--no-spin]
 
 `--levels ours`: the same graph with its nodes renamed to qwen_vl::MatMulInt4 (runtime/backends/ort_int4_kernel.py,
 fp32 activations; needs build/ort/libqwen_vl_ort_kernels.so). `ours=LIB` loads the op from the library LIB instead
@@ -19,6 +19,9 @@ default 8, i.e. symmetric):
 - `down`, `gate_up`: only that product of each layer (one shape, to time a kernel on it);
 - `--zero-points yes`: the same with an explicit packed uint4 zero point 8 per block.
 `--lm-head`: one more graph per (block, zero points): lm_head alone ([1, hidden] @ [hidden, vocab]).
+`--no-spin`: the sessions' intra-op threads do not spin after a run. All sessions live in this one process; with
+spinning (ONNX Runtime's default, what a decoder runs with) the idle sessions' threads keep the 2 cores busy for a
+while after their turn and slow the session being timed (1.5-2x, docs/benchmarks.md): use it for kernel A/Bs.
 
 Every session of one graph (the levels) and every graph are timed round robin: `--rounds` rounds, each round
 `--calls` calls of every session in turn, so a busy machine slows all of them alike; the table gives the median
@@ -90,7 +93,7 @@ def dequantized(packed, scales, block: int) -> np.ndarray:
     return (q * scales[..., None].astype(np.float64)).reshape(n, nb * block).T
 
 
-def session(path: Path, level: str, threads: int):
+def session(path: Path, level: str, threads: int, spin: bool = True):
     """A session whose MatMulNBits nodes all run at `level` (the attribute is set in a copy of the graph), or, for
     level "ours", as qwen_vl::MatMulInt4 (level "ours=LIB": from the library LIB, e.g. a variant build to A/B)."""
     import onnx
@@ -112,6 +115,8 @@ def session(path: Path, level: str, threads: int):
     leveled = path.with_name(f"{path.stem}.l{len(list(path.parent.glob(path.stem + '.l*')))}.onnx")
     onnx.save_model(model, str(leveled))
     opts.intra_op_num_threads = threads
+    if not spin:  # idle sessions' pool threads stop spinning (they share 2 cores with the session being timed)
+        opts.add_session_config_entry("session.intra_op.allow_spinning", "0")
     return ort.InferenceSession(str(leveled), opts, providers=["CPUExecutionProvider"])
 
 
@@ -144,6 +149,8 @@ def main(argv=None) -> int:
     ap.add_argument("--zero-points", nargs="+", default=["no"], choices=["no", "yes"])
     ap.add_argument("--lm-head", action="store_true", help="also lm_head alone, per block and zero points")
     ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--no-spin", action="store_true",
+                    help="sessions' intra-op threads do not spin between runs (session.intra_op.allow_spinning 0)")
     ap.add_argument("--rounds", type=int, default=5)
     ap.add_argument("--calls", type=int, default=10)
     args = ap.parse_args(argv)
@@ -162,7 +169,7 @@ def main(argv=None) -> int:
             ref = feeds[f"x{k}"].astype(np.float64) @ dequantized(*weights[name], block)
             del weights
             for level in args.levels:
-                sess = session(path, level, args.threads)
+                sess = session(path, level, args.threads, spin=not args.no_spin)
                 y = sess.run([f"y_{name}"], feeds)[0]
                 errors[(lay, block, zp, level)] = float(np.abs(y - ref).max() / np.abs(ref).max())
                 sessions[(lay, block, zp, level)] = (sess, feeds)

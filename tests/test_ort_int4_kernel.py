@@ -108,16 +108,17 @@ def test_matmul_int4_keeps_leading_dims_and_handles_many_columns():
         assert np.abs(y - want).max() <= RTOL * np.abs(want).max()
 
 
+@pytest.mark.parametrize("m", [1, 13])
 @pytest.mark.parametrize("block", [32, 64, 128])
 @pytest.mark.parametrize("k", [384, 640, 1024])
-def test_decode_kernel_over_spans_and_a_half_span_tail(k, block):
-    """M = 1 with K = 384 and 640 (K % 256 == 128: the decode kernel's last span of 256 k is half a span, whose
-    second 64 bytes belong to the next column) and 1024 (whole spans); N = 200: tasks of 64 columns walked as 4
-    streams of 16, and a last task of 8 (4 streams of 2). Tolerance as above (K up to 1024: sqrt(K) * 6e-8 * a few
-    is still under 2e-6 of the largest |y|)."""
-    rng = np.random.default_rng(k + block)
+def test_kernels_over_spans_and_their_tails(k, block, m):
+    """K = 384 and 640 (K % 256 == 128) and 1024. M = 1: the decode kernel's last span of 256 k is then half a span,
+    whose second 64 bytes belong to the next column; N = 200: tasks of 64 columns walked as 4 streams of 16, and a
+    last task of 8 (4 streams of 2). M = 13: the prefill kernel over the same K (one tile of 16 rows, 13 of them
+    real). Tolerance as above (K up to 1024: sqrt(K) * 6e-8 * a few is still under 2e-6 of the largest |y|)."""
+    rng = np.random.default_rng(k + block + m)
     packed, scales, _ = random_weight(rng, 200, k, block, False)
-    x = rng.standard_normal((1, k)).astype(np.float32)
+    x = rng.standard_normal((m, k)).astype(np.float32)
     want = definition(x, packed, scales, None, block)
     ours = one_node_session_k("qwen_vl", "MatMulInt4", packed, scales, block, k).run(None, {"A": x})[0]
     assert np.abs(ours - want).max() <= RTOL * np.abs(want).max()
