@@ -66,7 +66,8 @@ def one_node_session(domain: str, op: str, packed, scales, zp, block: int, rank:
     node = helper.make_node(op, inputs, ["Y"], domain=domain, K=blocks * block, N=n, bits=4, block_size=block,
                             **extra)
     dims = ["b", "m"][-(rank - 1):] if rank > 1 else []
-    graph = helper.make_graph([node], "g", [helper.make_tensor_value_info("A", TensorProto.FLOAT, [*dims, K])],
+    a = helper.make_tensor_value_info("A", TensorProto.FLOAT, [*dims, blocks * block])
+    graph = helper.make_graph([node], "g", [a],
                               [helper.make_tensor_value_info("Y", TensorProto.FLOAT, None)], initializer=inits)
     model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 21), helper.make_opsetid(domain, 1)])
     opts = ort.SessionOptions()
@@ -120,7 +121,7 @@ def test_kernels_over_spans_and_their_tails(k, block, m):
     packed, scales, _ = random_weight(rng, 200, k, block, False)
     x = rng.standard_normal((m, k)).astype(np.float32)
     want = definition(x, packed, scales, None, block)
-    ours = one_node_session_k("qwen_vl", "MatMulInt4", packed, scales, block, k).run(None, {"A": x})[0]
+    ours = one_node_session("qwen_vl", "MatMulInt4", packed, scales, None, block).run(None, {"A": x})[0]
     assert np.abs(ours - want).max() <= RTOL * np.abs(want).max()
 
 
@@ -143,27 +144,13 @@ def test_decode_kernel_keeps_each_activation_to_its_32_group(block):
         flat[column, 16 * (group + 1):] = 0x88
     x = (rng.standard_normal((1, k)) * np.repeat(2.0 ** rng.integers(-30, 31, size=k // 32), 32)).astype(np.float32)
     want = definition(x, packed, scales, None, block)
-    ours = one_node_session_k("qwen_vl", "MatMulInt4", packed, scales, block, k).run(None, {"A": x})[0]
+    ours = one_node_session("qwen_vl", "MatMulInt4", packed, scales, None, block).run(None, {"A": x})[0]
     u = np.empty((n, k), np.int32)
     u[:, 0::2], u[:, 1::2] = flat & 15, flat >> 4
     w = np.abs((u - 8).astype(np.float64) * np.repeat(scales, block, axis=1))
     group_max = np.repeat(np.abs(x[0].astype(np.float64)).reshape(-1, 32).max(axis=1), 32)
     bound = 2.0 ** -22 * (w @ group_max) + (k / 16 + 8) * 2.0 ** -24 * (w @ np.abs(x[0].astype(np.float64)))
     assert np.all(np.abs(ours[0] - want[0]) <= bound)
-
-
-def one_node_session_k(domain: str, op: str, packed, scales, block: int, k: int):
-    """one_node_session for a K other than the module's."""
-    n = packed.shape[0]
-    inits = [onnx.numpy_helper.from_array(packed, "B"), onnx.numpy_helper.from_array(scales.reshape(-1), "scales")]
-    node = helper.make_node(op, ["A", "B", "scales"], ["Y"], domain=domain, K=k, N=n, bits=4, block_size=block)
-    graph = helper.make_graph([node], "g", [helper.make_tensor_value_info("A", TensorProto.FLOAT, ["m", k])],
-                              [helper.make_tensor_value_info("Y", TensorProto.FLOAT, None)], initializer=inits)
-    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 21), helper.make_opsetid(domain, 1)])
-    opts = ort.SessionOptions()
-    opts.intra_op_num_threads = 2
-    opts.register_custom_ops_library(str(LIBRARY))
-    return ort.InferenceSession(model.SerializeToString(), opts, providers=["CPUExecutionProvider"])
 
 
 def test_scalar_reference_kernel_equals_the_definition():

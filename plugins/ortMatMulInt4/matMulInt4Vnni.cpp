@@ -127,6 +127,18 @@ inline __m512 spanScales(const float* scales)
     }
 }
 
+//! The span's digits as gemvDigitsColumns holds them in registers.
+inline void loadDigits(const Int4SpanDigits& x, __m512i (&digit)[3][4])
+{
+    for (int r = 0; r < 3; ++r)
+    {
+        for (int part = 0; part < 4; ++part)
+        {
+            digit[r][part] = _mm512_load_si512(x.digit[r][part]);
+        }
+    }
+}
+
 //! One column's 16 lane sums of a span from its packed bytes, A = sum (u - 8) * X exactly (|A| <= 16 * 8 * 2^22 =
 //! 2^29). `full` false: the last span of K % 256 == 128, whose second 64 bytes are not the column's (its digits
 //! there are zero).
@@ -179,13 +191,7 @@ void gemvDigitsColumns(const Int4Weight& w, const Int4SpanDigits* spans, int64_t
     {
         const Int4SpanDigits& x = spans[s];
         __m512i digit[3][4];
-        for (int r = 0; r < 3; ++r)
-        {
-            for (int part = 0; part < 4; ++part)
-            {
-                digit[r][part] = _mm512_load_si512(x.digit[r][part]);
-            }
-        }
+        loadDigits(x, digit);
         const __m512i zeroPointSum = _mm512_load_si512(x.zeroPointSum);
         const __m512 runScale = _mm512_load_ps(x.scale);
         for (int c = 0; c < C; ++c)
@@ -203,13 +209,7 @@ void gemvDigitsColumns(const Int4Weight& w, const Int4SpanDigits* spans, int64_t
     {
         const Int4SpanDigits& x = spans[fullSpans];
         __m512i digit[3][4];
-        for (int r = 0; r < 3; ++r)
-        {
-            for (int part = 0; part < 4; ++part)
-            {
-                digit[r][part] = _mm512_load_si512(x.digit[r][part]);
-            }
-        }
+        loadDigits(x, digit);
         const __mmask16 halfBlocks = static_cast<__mmask16>((1U << std::max(B / 2, 1)) - 1U);
         for (int c = 0; c < C; ++c)
         {
