@@ -494,6 +494,48 @@ def table(systems: list[System], runs: dict, ref: list, bw: dict, nbytes: dict) 
     return "\n".join(rows)
 
 
+# Same-round ratios: a round runs every system once within a few minutes, so a ratio of two systems' figures in
+# one round shares that phase of the machine, where the medians of the table above can come from different ones
+# (this machine's figures move by tens of percent between phases). Higher is better for decode, lower for the rest.
+METRICS = (("decode_tok_s", "decode", max), ("ttft_ms", "TTFT", min), ("startup_s", "start-up", min),
+           ("peak_rss_gb", "peak RSS", min))
+
+
+def round_ratios(ours: str, peers: list[str], runs: dict) -> dict:
+    """{metric: [ours / best peer of the round]} over the rounds where `ours` and at least one peer ran; the best
+    peer of a round is the fastest (decode) or the lowest (TTFT, start-up, peak RSS) of that round."""
+    out = {key: [] for key, _, _ in METRICS}
+    for i, mine in enumerate(runs[ours]):
+        theirs = [runs[p][i] for p in peers if i < len(runs[p]) and "error" not in runs[p][i]]
+        if "error" in mine:
+            continue
+        for key, _, best in METRICS:
+            values = [r[key] for r in theirs if r.get(key)]
+            if mine.get(key) and values:
+                out[key].append(mine[key] / best(values))
+    return out
+
+
+def ratio_table(systems: list[System], runs: dict) -> str:
+    """Each of ours against the best peer of its kind (exact: the fp32 peers; quantized: the quantized ones), as
+    the median (min-max) of the same-round ratios and the rounds that meet the target (decode >= 1, others <= 1)."""
+    peers = {kind: [s.name for s in systems if not s.name.startswith("ours") and s.exact == kind]
+             for kind in (True, False)}
+    rows = ["| system | vs peers | " + " | ".join(f"{label} (rounds met)" for _, label, _ in METRICS) + " |",
+            "|---|---|" + "---|" * len(METRICS)]
+    for s in systems:
+        if not s.name.startswith("ours") or not peers[s.exact]:
+            continue
+        ratios = round_ratios(s.name, peers[s.exact], runs)
+        cells = []
+        for key, _, best in METRICS:
+            r = ratios[key]
+            met = sum((x >= 1) if best is max else (x <= 1) for x in r)
+            cells.append(f"{summarize(r)} ({met}/{len(r)})" if r else "-")
+        rows.append(f"| {s.label} | {', '.join(peers[s.exact])} | " + " | ".join(cells) + " |")
+    return "\n".join(rows)
+
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--systems", default=",".join(s.name for s in SYSTEMS if "cached" not in s.name),
@@ -512,7 +554,14 @@ def main(argv=None) -> int:
                          "--vision-depth 8")
     ap.add_argument("--quiet-wait", type=float, default=120.0, help="seconds to wait for a quiet machine per round")
     ap.add_argument("--out", type=Path, default=None, help="also write the markdown report here")
+    ap.add_argument("--ratios-of", type=Path, default=None, metavar="RUNS_JSON",
+                    help="print only the same-round ratio table of a saved run (CACHE/artifacts/<key>/last-runs.json, "
+                         "copied after each run), then stop")
     args = ap.parse_args(argv)
+    if args.ratios_of is not None:
+        saved = json.loads(args.ratios_of.read_text())["runs"]
+        print(ratio_table([s for s in SYSTEMS if s.name in saved], saved))
+        return 0
     by_name = {s.name: s for s in SYSTEMS}
     unknown = [n for n in args.systems.split(",") if n not in by_name]
     if unknown:
@@ -575,7 +624,10 @@ def main(argv=None) -> int:
         f"bandwidth roofline: {bw['best']:.1f} GB/s (gemv {bw['gemv']:.1f}, sum {bw['sum']:.1f}; CPU busy "
         f"{busy_bw:.0%} before it)",
         "cells: median (min-max) over the timed rounds", "",
-        table(systems, runs, ref, bw, nbytes), ""])
+        table(systems, runs, ref, bw, nbytes), "",
+        "Same-round ratios, ours / the best peer of that round and kind (decode: higher is better; TTFT, start-up, "
+        "peak RSS: lower): median (min-max) over the rounds, and the rounds that meet the target", "",
+        ratio_table(systems, runs), ""])
     print(report)
     if args.out:
         args.out.write_text(report)
