@@ -46,6 +46,13 @@ def weight_bytes(graph: Path) -> dict:
     return {n.name: sum(size.get(i, 0) + dq.get(i, 0) for i in n.input) for n in model.graph.node}
 
 
+def decode_runs_from(runs: list) -> int:
+    """Index of the first decode step among the decoder's runs [(start, end)] in time order: the one after the
+    prefill (the longest of them)."""
+    longest = max(range(len(runs)), key=lambda i: runs[i][1] - runs[i][0])
+    return longest + 1
+
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("artifacts", type=Path)
@@ -67,7 +74,10 @@ def main(argv=None) -> int:
         res = generate(model, [req], Sampler(SamplingConfig(temperature=0)), args.tokens, ignore_eos=True)[0]
         events = json.loads(Path(model.sessions["decoder"].sess.end_profiling()).read_text())
     runs = sorted((e["ts"], e["ts"] + e["dur"]) for e in events if e.get("cat") == "Session"
-                  and e.get("name") == "model_run")[1:]  # the first run is the prefill
+                  and e.get("name") == "model_run")
+    # the decode steps are the runs after the prefill, the longest run by far; before it, a decoder on MatMulF32 /
+    # MatMulInt4 has a warm-up run on zeros at start-up (runtime/backends/ort.py OrtSession.warm_up)
+    runs = runs[decode_runs_from(runs):]
     nodes = [e for e in events if e.get("cat") == "Node" and e["name"].endswith("_kernel_time")
              and any(a <= e["ts"] <= b for a, b in runs)]
     steps = len(runs)
