@@ -506,9 +506,9 @@ def round_ratios(ours: str, peers: list[str], runs: dict) -> dict:
     peer of a round is the fastest (decode) or the lowest (TTFT, start-up, peak RSS) of that round."""
     out = {key: [] for key, _, _ in METRICS}
     for i, mine in enumerate(runs[ours]):
-        theirs = [runs[p][i] for p in peers if i < len(runs[p]) and "error" not in runs[p][i]]
         if "error" in mine:
             continue
+        theirs = [runs[p][i] for p in peers if i < len(runs[p]) and "error" not in runs[p][i]]
         for key, _, best in METRICS:
             values = [r[key] for r in theirs if r.get(key)]
             if mine.get(key) and values:
@@ -556,7 +556,7 @@ def main(argv=None) -> int:
     ap.add_argument("--out", type=Path, default=None, help="also write the markdown report here")
     ap.add_argument("--ratios-of", type=Path, default=None, metavar="RUNS_JSON",
                     help="print only the same-round ratio table of a saved run (CACHE/artifacts/<key>/last-runs.json, "
-                         "copied after each run), then stop")
+                         "rewritten by every run: copy it to keep one), then stop")
     args = ap.parse_args(argv)
     if args.ratios_of is not None:
         saved = json.loads(args.ratios_of.read_text())["runs"]

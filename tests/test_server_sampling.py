@@ -20,6 +20,7 @@ from __future__ import annotations
 import json
 import re
 import threading
+import time
 
 import jsonschema
 import numpy as np
@@ -231,8 +232,6 @@ def test_constrained_and_unconstrained_share_the_batch(server, media, hf_qwen3_v
     The engine admits the two together: left to arrival times, the short JSON stream could end before the image
     request's preprocessing and vision were done (seen once on CI: no shared step), which tests the clock, not
     the batch. Admission is held until both wait (at most 120 s; past that the overlap assertion fails)."""
-    import time
-
     engine = server.scheduler.engine
     together, decode, admit = [], engine._decode, engine._admit
     deadline = time.monotonic() + 120
